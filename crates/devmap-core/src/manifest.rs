@@ -1,0 +1,162 @@
+//! The `devmap-manifest/1` format: a model's tensor table as any PyTorch model can export it
+//! (see `scripts/export_manifest.py` and docs/formats.md).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::{Model, ModelBuilder, TensorKind, TensorSpec};
+
+/// The format tag a manifest must carry.
+pub const MANIFEST_FORMAT: &str = "devmap-manifest/1";
+
+/// A manifest as stored on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Must be [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// Model name.
+    #[serde(default)]
+    pub name: String,
+    /// The model's default dtype (informational).
+    #[serde(default)]
+    pub dtype: Option<String>,
+    /// Class of the root module.
+    #[serde(default)]
+    pub root_class: Option<String>,
+    /// Every named module in registration order, root excluded.
+    #[serde(default)]
+    pub modules: Vec<ManifestModule>,
+    /// Every parameter, then every buffer, in registration order.
+    pub tensors: Vec<ManifestTensor>,
+    /// Groups of tensor names sharing one storage.
+    #[serde(default)]
+    pub tied: Vec<Vec<String>>,
+    /// Module classes that must stay on one device.
+    #[serde(default)]
+    pub no_split: Vec<String>,
+    /// Activation width.
+    #[serde(default)]
+    pub hidden_size: Option<u64>,
+}
+
+/// A module entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestModule {
+    /// Full dotted name.
+    pub name: String,
+    /// Class name.
+    pub class: String,
+}
+
+/// A tensor entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestTensor {
+    /// Full dotted name.
+    pub name: String,
+    /// Safetensors dtype spelling.
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// `param` or `buffer` (default `param`).
+    #[serde(default = "default_kind")]
+    pub kind: TensorKind,
+}
+
+fn default_kind() -> TensorKind {
+    TensorKind::Param
+}
+
+impl Manifest {
+    /// Parse manifest JSON; `origin` names the file in errors.
+    pub fn from_json(text: &str, origin: &Path) -> Result<Manifest> {
+        let manifest: Manifest =
+            serde_json::from_str(text).map_err(|e| Error::json(origin, e.to_string()))?;
+        if manifest.format != MANIFEST_FORMAT {
+            return Err(Error::json(
+                origin,
+                format!(
+                    "format is {:?}, expected {MANIFEST_FORMAT:?}",
+                    manifest.format
+                ),
+            ));
+        }
+        Ok(manifest)
+    }
+
+    /// Read a manifest file.
+    pub fn read(path: &Path) -> Result<Manifest> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Manifest::from_json(&text, path)
+    }
+
+    /// Build the model it describes.
+    pub fn into_model(self, origin: &Path) -> Result<Model> {
+        let mut b = ModelBuilder::new(if self.name.is_empty() {
+            origin.display().to_string()
+        } else {
+            self.name
+        })
+        .root_class(self.root_class.unwrap_or_default())
+        .no_split_classes(self.no_split)
+        .hidden_size(self.hidden_size);
+        for m in self.modules {
+            b = b.module(m.name, m.class);
+        }
+        for t in self.tensors {
+            let dtype = DType::parse(&t.dtype).map_err(|_| {
+                Error::json(
+                    origin,
+                    format!("tensor {:?} has unknown dtype {:?}", t.name, t.dtype),
+                )
+            })?;
+            b = b.tensor(TensorSpec {
+                name: t.name,
+                dtype,
+                shape: t.shape,
+                kind: t.kind,
+                source: None,
+            });
+        }
+        for g in self.tied {
+            b = b.tied(g);
+        }
+        b.build().map_err(|e| Error::json(origin, e.to_string()))
+    }
+
+    /// Describe an existing model as a manifest.
+    pub fn from_model(model: &Model) -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT.to_string(),
+            name: model.name.clone(),
+            dtype: model.tensors().first().map(|t| t.dtype.to_string()),
+            root_class: Some(model.module(0).class.clone()).filter(|c| !c.is_empty()),
+            modules: model.modules()[1..]
+                .iter()
+                .map(|m| ManifestModule {
+                    name: m.name.clone(),
+                    class: m.class.clone(),
+                })
+                .collect(),
+            tensors: model
+                .tensors()
+                .iter()
+                .map(|t| ManifestTensor {
+                    name: t.name.clone(),
+                    dtype: t.dtype.to_string(),
+                    shape: t.shape.clone(),
+                    kind: t.kind,
+                })
+                .collect(),
+            tied: model
+                .tied_groups()
+                .iter()
+                .map(|g| g.iter().map(|&t| model.tensor(t).name.clone()).collect())
+                .collect(),
+            no_split: model.no_split_classes(),
+            hidden_size: model.hidden_size,
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Checking a device map against a model and budgets: what `devmap check` reports, and the
+//! invariants every strategy's output must satisfy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use crate::budget::{format_bytes, Device, MemoryBudgets};
+use crate::device_map::DeviceMap;
+use crate::model::{Model, ModuleId, SizeRules, TensorId};
+
+/// One thing wrong with (or worth knowing about) a map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// A key that names no module or tensor of the model.
+    UnknownKey(String),
+    /// Two keys where one is a prefix of the other, so a tensor would be mapped twice.
+    OverlappingKeys {
+        /// The outer key.
+        outer: String,
+        /// The key inside it.
+        inner: String,
+    },
+    /// Tensors no key covers (at most the first 20 named; `count` is the total).
+    Uncovered {
+        /// Some of the tensor names.
+        tensors: Vec<String>,
+        /// How many there are.
+        count: usize,
+    },
+    /// A no-split module whose tensors are on several devices.
+    SplitNoSplit {
+        /// The module.
+        module: String,
+        /// The devices it spans.
+        devices: Vec<Device>,
+    },
+    /// Tensors sharing one storage mapped to different devices (a warning: the storage is held on each).
+    TiedAcrossDevices {
+        /// Where each member went.
+        members: Vec<(String, Device)>,
+    },
+    /// A device holding more than its budget.
+    OverBudget {
+        /// The device.
+        device: Device,
+        /// Bytes mapped to it.
+        used: u64,
+        /// Its budget.
+        budget: u64,
+    },
+    /// A device used by the map that has no budget.
+    NoBudget(Device),
+}
+
+impl Problem {
+    /// Whether the problem makes the map unusable (as opposed to a warning).
+    pub fn is_error(&self) -> bool {
+        !matches!(self, Problem::TiedAcrossDevices { .. })
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::UnknownKey(k) => write!(f, "key {k:?} names no module or tensor of the model"),
+            Problem::OverlappingKeys { outer, inner } => {
+                write!(f, "keys {outer:?} and {inner:?} overlap: {inner:?} lies inside {outer:?}")
+            }
+            Problem::Uncovered { tensors, count } => {
+                write!(f, "{count} tensor(s) have no device: {}", tensors.join(", "))?;
+                if *count > tensors.len() {
+                    write!(f, ", ...")?;
+                }
+                Ok(())
+            }
+            Problem::SplitNoSplit { module, devices } => {
+                let d: Vec<String> = devices.iter().map(Device::to_string).collect();
+                write!(f, "no-split module {module:?} is divided across devices {}", d.join(", "))
+            }
+            Problem::TiedAcrossDevices { members } => {
+                let m: Vec<String> = members.iter().map(|(n, d)| format!("{n} -> {d}")).collect();
+                write!(f, "tied tensors are on different devices (storage held on each): {}", m.join(", "))
+            }
+            Problem::OverBudget { device, used, budget } => write!(
+                f,
+                "device {device} holds {} but its budget is {} (over by {})",
+                format_bytes(*used),
+                format_bytes(*budget),
+                format_bytes(used - budget)
+            ),
+            Problem::NoBudget(d) => write!(f, "device {d} is used by the map but has no memory budget"),
+        }
+    }
+}
+
+/// The result of checking a map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Errors and warnings, errors first.
+    pub problems: Vec<Problem>,
+    /// Bytes per device (tied storage counted once per device that holds a member).
+    pub usage: BTreeMap<Device, u64>,
+    /// The device of each tensor (`None` when uncovered).
+    pub tensor_devices: Vec<Option<Device>>,
+}
+
+impl Report {
+    /// Whether the map has no errors.
+    pub fn is_valid(&self) -> bool {
+        !self.problems.iter().any(Problem::is_error)
+    }
+    /// The errors.
+    pub fn errors(&self) -> impl Iterator<Item = &Problem> {
+        self.problems.iter().filter(|p| p.is_error())
+    }
+}
+
+/// The device of every tensor under `map` (longest matching key).
+pub fn tensor_devices(model: &Model, map: &DeviceMap) -> Vec<Option<Device>> {
+    let keys: HashMap<&str, Device> = map.entries().iter().map(|(k, d)| (k.as_str(), *d)).collect();
+    model
+        .tensors()
+        .iter()
+        .map(|t| {
+            let name = t.name.as_str();
+            if let Some(d) = keys.get(name) {
+                return Some(*d);
+            }
+            let mut end = name.len();
+            while let Some(pos) = name[..end].rfind('.') {
+                if let Some(d) = keys.get(&name[..pos]) {
+                    return Some(*d);
+                }
+                end = pos;
+            }
+            keys.get("").copied()
+        })
+        .collect()
+}
+
+/// Bytes per device given each tensor's device; a tied storage counts once on every device holding a member.
+pub fn device_usage(model: &Model, sizes: &[u64], devices: &[Option<Device>]) -> BTreeMap<Device, u64> {
+    let mut usage: BTreeMap<Device, u64> = BTreeMap::new();
+    for (id, d) in devices.iter().enumerate() {
+        if let Some(d) = d {
+            *usage.entry(*d).or_default() += sizes[id];
+        }
+    }
+    for group in model.tied_groups() {
+        let owner = *group.iter().min().expect("tied groups are non-empty");
+        let storage = sizes[owner];
+        let mut held: Vec<Device> = group.iter().filter_map(|&t| devices[t]).collect();
+        held.sort();
+        held.dedup();
+        for d in held {
+            if Some(d) != devices[owner] {
+                *usage.entry(d).or_default() += storage;
+            }
+        }
+    }
+    usage
+}
+
+/// Check `map` against `model` and, when given, `budgets`.
+pub fn validate(model: &Model, map: &DeviceMap, budgets: Option<&MemoryBudgets>, rules: SizeRules) -> Report {
+    let mut problems = Vec::new();
+    let key_set: HashMap<&str, Device> = map.entries().iter().map(|(k, d)| (k.as_str(), *d)).collect();
+    for (k, _) in map.entries() {
+        if !k.is_empty() && model.node(k).is_none() {
+            problems.push(Problem::UnknownKey(k.clone()));
+        }
+        // Any proper prefix of k that is also a key overlaps with it.
+        if !k.is_empty() {
+            if key_set.contains_key("") {
+                problems.push(Problem::OverlappingKeys {
+                    outer: String::new(),
+                    inner: k.clone(),
+                });
+            }
+            let mut end = k.len();
+            while let Some(pos) = k[..end].rfind('.') {
+                if key_set.contains_key(&k[..pos]) {
+                    problems.push(Problem::OverlappingKeys {
+                        outer: k[..pos].to_string(),
+                        inner: k.clone(),
+                    });
+                }
+                end = pos;
+            }
+        }
+    }
+    let devices = tensor_devices(model, map);
+    let uncovered: Vec<TensorId> = (0..devices.len()).filter(|&i| devices[i].is_none()).collect();
+    if !uncovered.is_empty() {
+        problems.push(Problem::Uncovered {
+            tensors: uncovered.iter().take(20).map(|&i| model.tensor(i).name.clone()).collect(),
+            count: uncovered.len(),
+        });
+    }
+    // No-split modules: every tensor under the outermost no-split module on one device.
+    let mut spans: BTreeMap<ModuleId, Vec<Device>> = BTreeMap::new();
+    for (id, t) in model.tensors().iter().enumerate() {
+        if let (Some(ns), Some(d)) = (model.no_split_ancestor(t.module), devices[id]) {
+            let v = spans.entry(ns).or_default();
+            if !v.contains(&d) {
+                v.push(d);
+            }
+        }
+    }
+    for (m, mut ds) in spans {
+        if ds.len() > 1 {
+            ds.sort();
+            problems.push(Problem::SplitNoSplit {
+                module: model.module(m).name.clone(),
+                devices: ds,
+            });
+        }
+    }
+    let sizes = model.tensor_sizes(rules);
+    let usage = device_usage(model, &sizes, &devices);
+    if let Some(b) = budgets {
+        for (&d, &used) in &usage {
+            match b.get(d) {
+                // A disk tier without a budget is unbounded, as in accelerate.
+                None if d == Device::Disk => {}
+                None => problems.push(Problem::NoBudget(d)),
+                Some(budget) if used > budget => problems.push(Problem::OverBudget { device: d, used, budget }),
+                Some(_) => {}
+            }
+        }
+    }
+    for group in model.tied_groups() {
+        let members: Vec<(String, Device)> = group
+            .iter()
+            .filter_map(|&t| devices[t].map(|d| (model.tensor(t).name.clone(), d)))
+            .collect();
+        if members.iter().any(|(_, d)| *d != members[0].1) {
+            problems.push(Problem::TiedAcrossDevices { members });
+        }
+    }
+    problems.sort_by_key(|p| !p.is_error());
+    Report {
+        problems,
+        usage,
+        tensor_devices: devices,
+    }
+}
