@@ -37,6 +37,12 @@ impl DeviceMap {
         }
     }
 
+    /// Append an entry without checking for an existing key (the caller guarantees uniqueness);
+    /// linear-time construction for planners that emit many keys.
+    pub fn push_unchecked(&mut self, key: String, device: Device) {
+        self.entries.push((key, device));
+    }
+
     /// Entries in order.
     pub fn entries(&self) -> &[(String, Device)] {
         &self.entries

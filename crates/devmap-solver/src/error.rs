@@ -1,0 +1,57 @@
+//! The one error type of devmap-solver.
+
+use devmap_core::{format_bytes, Device};
+
+/// Why a strategy produced no plan.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model does not fit the named devices and no disk budget was given.
+    #[error(
+        "the model does not fit: {} would have to go to disk, which has no budget{} \
+         (add disk=SIZE to --max-memory to allow disk offload, or pass --compat to spill like Hugging Face)",
+        format_bytes(*shortfall),
+        by_device_note(devices)
+    )]
+    DoesNotFit {
+        /// Bytes that found no room.
+        shortfall: u64,
+        /// Devices that had budgets, with their budgets.
+        devices: Vec<(Device, u64)>,
+    },
+    /// A strategy name devmap does not know (or one not available yet).
+    #[error("unknown strategy {name:?}{note}; available: {available}")]
+    UnknownStrategy {
+        /// The name as given.
+        name: String,
+        /// Why, when known.
+        note: String,
+        /// The available names.
+        available: String,
+    },
+    /// A `--compat` value other than transformers/accelerate.
+    #[error("unknown compat path {0:?}; expected \"transformers\" or \"accelerate\"")]
+    UnknownCompat(String),
+    /// A case where Hugging Face itself raises; reproduced as an error with the reason.
+    #[error("Hugging Face's planner fails here: {0}")]
+    HfRaises(String),
+    /// A strategy asked for a device that has no budget.
+    #[error("device {0} has no memory budget (give it one in --max-memory)")]
+    NoBudget(Device),
+    /// A budget set with no device at all.
+    #[error("no devices: give at least one budget in --max-memory")]
+    NoDevices,
+    /// Input data error from devmap-core.
+    #[error(transparent)]
+    Core(#[from] devmap_core::Error),
+}
+
+fn by_device_note(devices: &[(Device, u64)]) -> String {
+    if devices.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = devices
+        .iter()
+        .map(|(d, b)| format!("{d}={}", format_bytes(*b)))
+        .collect();
+    format!(" (budgets: {})", parts.join(", "))
+}
