@@ -240,7 +240,10 @@ impl MemoryBudgets {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| Error::json(origin, e.to_string()))?;
         let serde_json::Value::Object(map) = value else {
-            return Err(Error::json(origin, "expected a JSON object of device -> size"));
+            return Err(Error::json(
+                origin,
+                "expected a JSON object of device -> size",
+            ));
         };
         let mut pairs = Vec::new();
         for (key, v) in &map {
@@ -249,8 +252,9 @@ impl MemoryBudgets {
                 serde_json::Value::String(s) => parse_memory_size(s)?,
                 serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| Error::MemorySize {
                     text: n.to_string(),
-                    reason: "sizes must be non-negative integers of bytes or strings like \"20GiB\""
-                        .into(),
+                    reason:
+                        "sizes must be non-negative integers of bytes or strings like \"20GiB\""
+                            .into(),
                 })?,
                 other => {
                     return Err(Error::MemorySize {
@@ -362,7 +366,9 @@ mod tests {
 
     #[test]
     fn bad_sizes_quote_the_text() {
-        for bad in ["20G", "20TX", "-1GiB", "abcGB", "", "nanGB", "infGiB", "1e30TB"] {
+        for bad in [
+            "20G", "20TX", "-1GiB", "abcGB", "", "nanGB", "infGiB", "1e30TB",
+        ] {
             let err = parse_memory_size(bad).unwrap_err().to_string();
             assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
         }
@@ -376,16 +382,21 @@ mod tests {
             vec![Device::Gpu(0), Device::Gpu(1), Device::Cpu, Device::Disk]
         );
         assert_eq!(b.get(Device::Gpu(0)), Some(22 * (1 << 30)));
-        let j = MemoryBudgets::from_json_str(r#"{"cpu": 1000, "0": "1KiB"}"#, Path::new("x")).unwrap();
+        let j =
+            MemoryBudgets::from_json_str(r#"{"cpu": 1000, "0": "1KiB"}"#, Path::new("x")).unwrap();
         assert_eq!(j.devices(), vec![Device::Gpu(0), Device::Cpu]);
         assert_eq!(j.get(Device::Cpu), Some(1000));
     }
 
     #[test]
     fn bad_budget_specs() {
-        let e = MemoryBudgets::parse("0=22GiB,gpu7=1GB").unwrap_err().to_string();
+        let e = MemoryBudgets::parse("0=22GiB,gpu7=1GB")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"gpu7\""), "{e}");
-        let e = MemoryBudgets::parse("0=22GiB,0=1GB").unwrap_err().to_string();
+        let e = MemoryBudgets::parse("0=22GiB,0=1GB")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("twice"), "{e}");
         let e = MemoryBudgets::parse("0:22GiB").unwrap_err().to_string();
         assert!(e.contains("0:22GiB"), "{e}");

@@ -26,7 +26,10 @@ impl ModelConfig {
     }
 
     fn lookup(&self, keys: &[&str]) -> Option<&serde_json::Value> {
-        for scope in [Some(&self.raw), self.raw.get("text_config")].into_iter().flatten() {
+        for scope in [Some(&self.raw), self.raw.get("text_config")]
+            .into_iter()
+            .flatten()
+        {
             for k in keys {
                 if let Some(v) = scope.get(*k) {
                     if !v.is_null() {

@@ -117,8 +117,8 @@ impl DeviceMap {
             if map.get(&k).is_some() {
                 return Err(Error::DeviceMap(format!("key {k:?} appears twice")));
             }
-            let d = Device::from_json(&v)
-                .map_err(|e| Error::DeviceMap(format!("key {k:?}: {e}")))?;
+            let d =
+                Device::from_json(&v).map_err(|e| Error::DeviceMap(format!("key {k:?}: {e}")))?;
             map.entries.push((k, d));
         }
         Ok(map)
@@ -141,7 +141,11 @@ pub fn covers(key: &str, name: &str) -> bool {
         || (name.len() > key.len() && name.starts_with(key) && name.as_bytes()[key.len()] == b'.')
 }
 
-fn clean_rec(module: &str, items: &[(usize, &str, Device)], out: &mut Vec<(usize, String, Device)>) {
+fn clean_rec(
+    module: &str,
+    items: &[(usize, &str, Device)],
+    out: &mut Vec<(usize, String, Device)>,
+) {
     // `items` are the keys strictly under `module` (or all keys at the root), plus possibly `module`
     // itself, which accelerate's prefix test does not count as "under".
     let (exact, under): (Vec<_>, Vec<_>) = items.iter().partition(|(_, k, _)| *k == module);
@@ -154,7 +158,11 @@ fn clean_rec(module: &str, items: &[(usize, &str, Device)], out: &mut Vec<(usize
         return;
     }
     // Group by the next name component, keeping first-seen order.
-    let skip = if module.is_empty() { 0 } else { module.len() + 1 };
+    let skip = if module.is_empty() {
+        0
+    } else {
+        module.len() + 1
+    };
     let mut groups: Vec<(String, Vec<(usize, &str, Device)>)> = Vec::new();
     for &&(i, k, d) in &under {
         let rest = &k[skip..];
@@ -240,8 +248,10 @@ mod tests {
 
     #[test]
     fn json_round_trip_and_resolution() {
-        let m = DeviceMap::from_json_str(r#"{"model.embed": 0, "model.layers": "cuda:1", "lm_head": "cpu", "x": "disk"}"#)
-            .unwrap();
+        let m = DeviceMap::from_json_str(
+            r#"{"model.embed": 0, "model.layers": "cuda:1", "lm_head": "cpu", "x": "disk"}"#,
+        )
+        .unwrap();
         assert_eq!(m.get("model.layers"), Some(Device::Gpu(1)));
         assert_eq!(
             m.to_json().to_string(),
@@ -249,9 +259,13 @@ mod tests {
         );
         assert_eq!(m.resolve("model.layers.3.w"), Some(Device::Gpu(1)));
         assert_eq!(m.resolve("model.layersX"), None);
-        let e = DeviceMap::from_json_str(r#"{"a": 0, "a": 1}"#).unwrap_err().to_string();
+        let e = DeviceMap::from_json_str(r#"{"a": 0, "a": 1}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"a\""), "{e}");
-        let e = DeviceMap::from_json_str(r#"{"a": "gpu"}"#).unwrap_err().to_string();
+        let e = DeviceMap::from_json_str(r#"{"a": "gpu"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"gpu\""), "{e}");
     }
 }

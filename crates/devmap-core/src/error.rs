@@ -55,7 +55,9 @@ pub enum Error {
         reason: String,
     },
     /// A device name that is neither a GPU index, `cuda:N`, `cpu` nor `disk`.
-    #[error("unknown device {0:?} (expected a GPU index such as 0, \"cuda:0\", \"cpu\" or \"disk\")")]
+    #[error(
+        "unknown device {0:?} (expected a GPU index such as 0, \"cuda:0\", \"cpu\" or \"disk\")"
+    )]
     UnknownDevice(String),
     /// A `--max-memory` specification that is malformed.
     #[error("invalid memory budget specification {spec:?}: {reason}")]

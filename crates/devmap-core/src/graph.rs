@@ -58,7 +58,11 @@ pub fn units(model: &Model) -> Vec<Unit> {
             }
             if !tensors.is_empty() {
                 tensors.sort_unstable();
-                out.push(Unit { module: id, whole: true, tensors });
+                out.push(Unit {
+                    module: id,
+                    whole: true,
+                    tensors,
+                });
             }
             return;
         }
@@ -83,14 +87,22 @@ impl ModelGraph {
     /// Build the graph; `activation` is the dtype of activations (defaults to the model's first float dtype).
     pub fn build(model: &Model, activation: Option<DType>) -> ModelGraph {
         let mut graph = DiGraph::with_capacity(model.modules().len(), model.modules().len() * 2);
-        let nodes: Vec<NodeIndex> = (0..model.modules().len()).map(|id| graph.add_node(id)).collect();
+        let nodes: Vec<NodeIndex> = (0..model.modules().len())
+            .map(|id| graph.add_node(id))
+            .collect();
         for (id, m) in model.modules().iter().enumerate() {
             for &c in &m.children {
                 graph.add_edge(nodes[id], nodes[c], Edge::Contains);
             }
         }
         let act = activation
-            .or_else(|| model.tensors().iter().map(|t| t.dtype).find(|d| d.is_float()))
+            .or_else(|| {
+                model
+                    .tensors()
+                    .iter()
+                    .map(|t| t.dtype)
+                    .find(|d| d.is_float())
+            })
             .unwrap_or(DType::F16);
         let bytes_per_token = model.hidden_size.unwrap_or(0) * act.size_bytes();
         let units = units(model);
@@ -103,7 +115,11 @@ impl ModelGraph {
                 );
             }
         }
-        ModelGraph { graph, nodes, units }
+        ModelGraph {
+            graph,
+            nodes,
+            units,
+        }
     }
 
     /// Whether the graph (containment plus data flow) is acyclic.
@@ -138,7 +154,11 @@ mod tests {
             .build()
             .unwrap();
         let g = ModelGraph::build(&m, None);
-        let names: Vec<&str> = g.units.iter().map(|u| m.module(u.module).name.as_str()).collect();
+        let names: Vec<&str> = g
+            .units
+            .iter()
+            .map(|u| m.module(u.module).name.as_str())
+            .collect();
         assert_eq!(names, vec!["embed", "layers.0", "layers.1", "head"]);
         assert_eq!(g.units[1].tensors.len(), 2);
         assert!(g.is_acyclic());

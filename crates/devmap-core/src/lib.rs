@@ -47,5 +47,7 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use load::load_model;
 pub use manifest::Manifest;
-pub use model::{Model, ModelBuilder, Module, ModuleId, Node, SizeRules, Tensor, TensorId, TensorKind};
+pub use model::{
+    Model, ModelBuilder, Module, ModuleId, Node, SizeRules, Tensor, TensorId, TensorKind,
+};
 pub use validate::{validate, Problem, Report};

@@ -21,7 +21,10 @@ pub fn load_model(path: &Path) -> Result<Model> {
         let headers = read_folder(path)?;
         return from_headers(path, headers, find_config(path)?);
     }
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     let dir = path.parent().unwrap_or(Path::new("."));
     if name.ends_with(".safetensors") {
         let header = Header::read(path)?;
@@ -114,7 +117,14 @@ fn component_rank(c: &str) -> u8 {
         "embed_in",
         "weight",
     ];
-    const LAST: [&str; 6] = ["lm_head", "head", "score", "classifier", "output", "embed_out"];
+    const LAST: [&str; 6] = [
+        "lm_head",
+        "head",
+        "score",
+        "classifier",
+        "output",
+        "embed_out",
+    ];
     if FIRST.contains(&c) {
         0
     } else if LAST.contains(&c) {
@@ -136,8 +146,14 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
             (Some(_), None) => return Ordering::Greater,
             (Some(x), Some(y)) if x == y => continue,
             (Some(x), Some(y)) => {
-                let nx = x.parse::<u64>().ok().filter(|_| x.bytes().all(|c| c.is_ascii_digit()));
-                let ny = y.parse::<u64>().ok().filter(|_| y.bytes().all(|c| c.is_ascii_digit()));
+                let nx = x
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|_| x.bytes().all(|c| c.is_ascii_digit()));
+                let ny = y
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|_| y.bytes().all(|c| c.is_ascii_digit()));
                 return match (nx, ny) {
                     (Some(p), Some(q)) => p.cmp(&q).then(x.cmp(y)),
                     (Some(_), None) => Ordering::Less,

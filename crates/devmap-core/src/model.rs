@@ -289,11 +289,9 @@ impl ModelBuilder {
                             ids.push(*id)
                         }
                     }
-                    _ => {
-                        return Err(Error::Model(format!(
-                            "tied group {group:?} names {name:?}, which is not a tensor of the model"
-                        )))
-                    }
+                    _ => return Err(Error::Model(format!(
+                        "tied group {group:?} names {name:?}, which is not a tensor of the model"
+                    ))),
                 }
             }
             if ids.len() < 2 {
@@ -322,7 +320,9 @@ impl ModelBuilder {
 
 fn check_name(name: &str, what: &str) -> Result<()> {
     if name.is_empty() || name.split('.').any(str::is_empty) {
-        return Err(Error::Model(format!("{what} name {name:?} has an empty component")));
+        return Err(Error::Model(format!(
+            "{what} name {name:?} has an empty component"
+        )));
     }
     if name.contains('\0') {
         return Err(Error::Model(format!("{what} name {name:?} contains NUL")));
@@ -372,7 +372,9 @@ impl Model {
         for entry in classes_or_patterns {
             let mut matched = false;
             for (id, m) in self.modules.iter().enumerate() {
-                if (!m.class.is_empty() && m.class == *entry) || (id != 0 && glob_match(entry, &m.name)) {
+                if (!m.class.is_empty() && m.class == *entry)
+                    || (id != 0 && glob_match(entry, &m.name))
+                {
                     flags[id] = true;
                     matched = true;
                 }

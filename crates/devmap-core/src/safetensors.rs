@@ -64,7 +64,10 @@ impl<'de> Deserialize<'de> for RawHeader {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object of tensor name -> {dtype, shape, data_offsets}")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<RawHeader, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<RawHeader, A::Error> {
                 let mut out: Vec<(String, serde_json::Value)> = Vec::new();
                 let mut seen = std::collections::HashSet::new();
                 while let Some(key) = map.next_key::<String>()? {
@@ -96,7 +99,8 @@ impl Header {
             )));
         }
         let mut len_bytes = [0u8; 8];
-        file.read_exact(&mut len_bytes).map_err(|e| Error::io(path, e))?;
+        file.read_exact(&mut len_bytes)
+            .map_err(|e| Error::io(path, e))?;
         let n = u64::from_le_bytes(len_bytes);
         if n > MAX_HEADER_BYTES {
             return Err(bad(format!(
@@ -126,9 +130,10 @@ impl Header {
                 json.len()
             ))
         })?;
-        let text = std::str::from_utf8(json).map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
-        let raw: RawHeader =
-            serde_json::from_str(text.trim_end_matches([' ', '\0'])).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let text =
+            std::str::from_utf8(json).map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
+        let raw: RawHeader = serde_json::from_str(text.trim_end_matches([' ', '\0']))
+            .map_err(|e| bad(format!("invalid JSON: {e}")))?;
         let mut metadata = BTreeMap::new();
         let mut tensors = Vec::with_capacity(raw.0.len());
         for (name, value) in raw.0 {
@@ -137,10 +142,14 @@ impl Header {
                     .map_err(|e| bad(format!("__metadata__ must map strings to strings: {e}")))?;
                 continue;
             }
-            let entry: RawEntry = serde_json::from_value(value)
-                .map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
-            let dtype = DType::parse(&entry.dtype)
-                .map_err(|_| bad(format!("tensor {name:?} has unknown dtype {:?}", entry.dtype)))?;
+            let entry: RawEntry =
+                serde_json::from_value(value).map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
+            let dtype = DType::parse(&entry.dtype).map_err(|_| {
+                bad(format!(
+                    "tensor {name:?} has unknown dtype {:?}",
+                    entry.dtype
+                ))
+            })?;
             let numel = element_count(&entry.shape).ok_or_else(|| {
                 bad(format!(
                     "tensor {name:?}: shape {:?} overflows a 64-bit element count",
@@ -178,7 +187,10 @@ impl Header {
                 byte_range: data_start + begin..data_start + end,
             });
         }
-        let mut by_offset: Vec<&HeaderEntry> = tensors.iter().filter(|t| !t.byte_range.is_empty()).collect();
+        let mut by_offset: Vec<&HeaderEntry> = tensors
+            .iter()
+            .filter(|t| !t.byte_range.is_empty())
+            .collect();
         by_offset.sort_by_key(|t| t.byte_range.start);
         for pair in by_offset.windows(2) {
             if pair[1].byte_range.start < pair[0].byte_range.end {
@@ -233,7 +245,10 @@ pub fn read_folder(dir: &Path) -> Result<Vec<Header>> {
         ));
     }
     files.sort();
-    let headers = files.iter().map(|f| Header::read(f)).collect::<Result<Vec<_>>>()?;
+    let headers = files
+        .iter()
+        .map(|f| Header::read(f))
+        .collect::<Result<Vec<_>>>()?;
     check_no_duplicates(&headers)?;
     Ok(headers)
 }
@@ -254,7 +269,11 @@ pub fn read_index(index_path: &Path) -> Result<Vec<Header>> {
     let mut headers = Vec::with_capacity(shards.len());
     for shard in &shards {
         let rel = Path::new(shard);
-        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
             return Err(Error::json(
                 index_path,
                 format!("shard {shard:?} is not a plain file name inside the checkpoint folder"),
@@ -275,7 +294,9 @@ pub fn read_index(index_path: &Path) -> Result<Vec<Header>> {
             _ => {
                 return Err(Error::json(
                     index_path,
-                    format!("tensor {tensor:?} is indexed in {shard:?} but that shard does not hold it"),
+                    format!(
+                        "tensor {tensor:?} is indexed in {shard:?} but that shard does not hold it"
+                    ),
                 ))
             }
         }
@@ -291,11 +312,7 @@ fn check_no_duplicates(headers: &[Header]) -> Result<()> {
             if let Some(prev) = seen.insert(&t.name, &h.path) {
                 return Err(Error::SafetensorsHeader {
                     path: h.path.clone(),
-                    reason: format!(
-                        "tensor {:?} is also in {}",
-                        t.name,
-                        prev.display()
-                    ),
+                    reason: format!("tensor {:?} is also in {}", t.name, prev.display()),
                 });
             }
         }
@@ -323,7 +340,8 @@ pub fn write_file(path: &Path, tensors: &[(&str, DType, Vec<u64>, Vec<u8>)]) -> 
     }
     let mut f = std::io::BufWriter::new(File::create(path).map_err(|e| Error::io(path, e))?);
     let io = |e| Error::io(path, e);
-    f.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+    f.write_all(&(json.len() as u64).to_le_bytes())
+        .map_err(io)?;
     f.write_all(&json).map_err(io)?;
     for (_, _, _, data) in tensors {
         f.write_all(data).map_err(io)?;

@@ -64,10 +64,17 @@ impl fmt::Display for Problem {
         match self {
             Problem::UnknownKey(k) => write!(f, "key {k:?} names no module or tensor of the model"),
             Problem::OverlappingKeys { outer, inner } => {
-                write!(f, "keys {outer:?} and {inner:?} overlap: {inner:?} lies inside {outer:?}")
+                write!(
+                    f,
+                    "keys {outer:?} and {inner:?} overlap: {inner:?} lies inside {outer:?}"
+                )
             }
             Problem::Uncovered { tensors, count } => {
-                write!(f, "{count} tensor(s) have no device: {}", tensors.join(", "))?;
+                write!(
+                    f,
+                    "{count} tensor(s) have no device: {}",
+                    tensors.join(", ")
+                )?;
                 if *count > tensors.len() {
                     write!(f, ", ...")?;
                 }
@@ -75,20 +82,34 @@ impl fmt::Display for Problem {
             }
             Problem::SplitNoSplit { module, devices } => {
                 let d: Vec<String> = devices.iter().map(Device::to_string).collect();
-                write!(f, "no-split module {module:?} is divided across devices {}", d.join(", "))
+                write!(
+                    f,
+                    "no-split module {module:?} is divided across devices {}",
+                    d.join(", ")
+                )
             }
             Problem::TiedAcrossDevices { members } => {
                 let m: Vec<String> = members.iter().map(|(n, d)| format!("{n} -> {d}")).collect();
-                write!(f, "tied tensors are on different devices (storage held on each): {}", m.join(", "))
+                write!(
+                    f,
+                    "tied tensors are on different devices (storage held on each): {}",
+                    m.join(", ")
+                )
             }
-            Problem::OverBudget { device, used, budget } => write!(
+            Problem::OverBudget {
+                device,
+                used,
+                budget,
+            } => write!(
                 f,
                 "device {device} holds {} but its budget is {} (over by {})",
                 format_bytes(*used),
                 format_bytes(*budget),
                 format_bytes(used - budget)
             ),
-            Problem::NoBudget(d) => write!(f, "device {d} is used by the map but has no memory budget"),
+            Problem::NoBudget(d) => {
+                write!(f, "device {d} is used by the map but has no memory budget")
+            }
         }
     }
 }
@@ -117,7 +138,11 @@ impl Report {
 
 /// The device of every tensor under `map` (longest matching key).
 pub fn tensor_devices(model: &Model, map: &DeviceMap) -> Vec<Option<Device>> {
-    let keys: HashMap<&str, Device> = map.entries().iter().map(|(k, d)| (k.as_str(), *d)).collect();
+    let keys: HashMap<&str, Device> = map
+        .entries()
+        .iter()
+        .map(|(k, d)| (k.as_str(), *d))
+        .collect();
     model
         .tensors()
         .iter()
@@ -139,7 +164,11 @@ pub fn tensor_devices(model: &Model, map: &DeviceMap) -> Vec<Option<Device>> {
 }
 
 /// Bytes per device given each tensor's device; a tied storage counts once on every device holding a member.
-pub fn device_usage(model: &Model, sizes: &[u64], devices: &[Option<Device>]) -> BTreeMap<Device, u64> {
+pub fn device_usage(
+    model: &Model,
+    sizes: &[u64],
+    devices: &[Option<Device>],
+) -> BTreeMap<Device, u64> {
     let mut usage: BTreeMap<Device, u64> = BTreeMap::new();
     for (id, d) in devices.iter().enumerate() {
         if let Some(d) = d {
@@ -162,9 +191,18 @@ pub fn device_usage(model: &Model, sizes: &[u64], devices: &[Option<Device>]) ->
 }
 
 /// Check `map` against `model` and, when given, `budgets`.
-pub fn validate(model: &Model, map: &DeviceMap, budgets: Option<&MemoryBudgets>, rules: SizeRules) -> Report {
+pub fn validate(
+    model: &Model,
+    map: &DeviceMap,
+    budgets: Option<&MemoryBudgets>,
+    rules: SizeRules,
+) -> Report {
     let mut problems = Vec::new();
-    let key_set: HashMap<&str, Device> = map.entries().iter().map(|(k, d)| (k.as_str(), *d)).collect();
+    let key_set: HashMap<&str, Device> = map
+        .entries()
+        .iter()
+        .map(|(k, d)| (k.as_str(), *d))
+        .collect();
     for (k, _) in map.entries() {
         if !k.is_empty() && model.node(k).is_none() {
             problems.push(Problem::UnknownKey(k.clone()));
@@ -190,10 +228,16 @@ pub fn validate(model: &Model, map: &DeviceMap, budgets: Option<&MemoryBudgets>,
         }
     }
     let devices = tensor_devices(model, map);
-    let uncovered: Vec<TensorId> = (0..devices.len()).filter(|&i| devices[i].is_none()).collect();
+    let uncovered: Vec<TensorId> = (0..devices.len())
+        .filter(|&i| devices[i].is_none())
+        .collect();
     if !uncovered.is_empty() {
         problems.push(Problem::Uncovered {
-            tensors: uncovered.iter().take(20).map(|&i| model.tensor(i).name.clone()).collect(),
+            tensors: uncovered
+                .iter()
+                .take(20)
+                .map(|&i| model.tensor(i).name.clone())
+                .collect(),
             count: uncovered.len(),
         });
     }
@@ -224,7 +268,11 @@ pub fn validate(model: &Model, map: &DeviceMap, budgets: Option<&MemoryBudgets>,
                 // A disk tier without a budget is unbounded, as in accelerate.
                 None if d == Device::Disk => {}
                 None => problems.push(Problem::NoBudget(d)),
-                Some(budget) if used > budget => problems.push(Problem::OverBudget { device: d, used, budget }),
+                Some(budget) if used > budget => problems.push(Problem::OverBudget {
+                    device: d,
+                    used,
+                    budget,
+                }),
                 Some(_) => {}
             }
         }

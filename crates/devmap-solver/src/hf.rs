@@ -18,7 +18,9 @@
 //!   keeps its budget; `balanced_low_0` gives GPU 0 only what the others cannot hold;
 //! - an unbounded `disk` tier always follows the named devices.
 
-use devmap_core::{Device, DeviceMap, DType, MemoryBudgets, Model, ModuleId, Node, SizeRules, TensorId};
+use devmap_core::{
+    DType, Device, DeviceMap, MemoryBudgets, Model, ModuleId, Node, SizeRules, TensorId,
+};
 
 use crate::error::Error;
 
@@ -106,7 +108,12 @@ pub fn balanced_budgets(
     }
     let low_zero = low_zero && num_devices > 1;
     let total = sizes.modules[0];
-    let mut per_gpu = total / if low_zero { num_devices - 1 } else { num_devices };
+    let mut per_gpu = total
+        / if low_zero {
+            num_devices - 1
+        } else {
+            num_devices
+        };
 
     let buffer_base = match compat {
         Compat::Transformers => {
@@ -154,7 +161,9 @@ pub fn balanced_budgets(
             })?;
         }
         let zero = out.get(Device::Gpu(0)).ok_or_else(|| {
-            Error::HfRaises("balanced_low_0 needs a budget for GPU 0 (Hugging Face raises KeyError)".into())
+            Error::HfRaises(
+                "balanced_low_0 needs a budget for GPU 0 (Hugging Face raises KeyError)".into(),
+            )
         })?;
         out.set(Device::Gpu(0), total.saturating_sub(others).min(zero));
     }
@@ -286,7 +295,11 @@ impl WorkList {
 }
 
 /// Largest "layer" among `entries` (childless entries and no-split modules), with every entry reaching it.
-fn max_layer(model: &Model, sizes: &HfSizes, entries: impl Iterator<Item = Entry>) -> (u64, Vec<Entry>) {
+fn max_layer(
+    model: &Model,
+    sizes: &HfSizes,
+    entries: impl Iterator<Item = Entry>,
+) -> (u64, Vec<Entry>) {
     let mut max = 0u64;
     let mut names: Vec<Entry> = Vec::new();
     let mut stack: Vec<Entry> = entries.collect();
@@ -309,7 +322,14 @@ fn max_layer(model: &Model, sizes: &HfSizes, entries: impl Iterator<Item = Entry
                 names.push(e);
             }
         } else if let Entry::Module(m) = e {
-            stack.extend(model.module(m).children.iter().rev().map(|&c| Entry::Module(c)));
+            stack.extend(
+                model
+                    .module(m)
+                    .children
+                    .iter()
+                    .rev()
+                    .map(|&c| Entry::Module(c)),
+            );
         }
     }
     (max, names)
@@ -360,14 +380,16 @@ pub fn infer_auto_device_map(
     work.prepend(&initial);
 
     let mut placed: Vec<(Entry, Device)> = Vec::new();
-    let mut placed_index: std::collections::HashMap<Entry, usize> = std::collections::HashMap::new();
-    let mut place = |e: Entry, d: Device, placed: &mut Vec<(Entry, Device)>| match placed_index.get(&e) {
-        Some(&i) => placed[i].1 = d,
-        None => {
-            placed_index.insert(e, placed.len());
-            placed.push((e, d));
-        }
-    };
+    let mut placed_index: std::collections::HashMap<Entry, usize> =
+        std::collections::HashMap::new();
+    let mut place =
+        |e: Entry, d: Device, placed: &mut Vec<(Entry, Device)>| match placed_index.get(&e) {
+            Some(&i) => placed[i].1 = d,
+            None => {
+                placed_index.insert(e, placed.len());
+                placed.push((e, d));
+            }
+        };
     let mut current = 0usize;
     let mut used: Vec<i128> = vec![0; devices.len()];
     let (mut max_layer_size, mut max_layer_names) = max_layer(model, sizes, work.iter());
@@ -394,7 +416,9 @@ pub fn infer_auto_device_map(
         }
 
         let Some(&(device, cap)) = devices.get(current) else {
-            return Err(Error::HfRaises("ran out of devices (Hugging Face raises IndexError)".into()));
+            return Err(Error::HfRaises(
+                "ran out of devices (Hugging Face raises IndexError)".into(),
+            ));
         };
         let mut current_max: Option<i128> = cap.map(|c| c as i128);
         let mut reserved: i128 = 0;

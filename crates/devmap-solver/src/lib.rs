@@ -110,7 +110,12 @@ pub struct Plan {
 
 impl Plan {
     /// Wrap a map, computing usage with the request's size rules.
-    pub fn from_map(strategy: String, req: &PlanRequest<'_>, map: DeviceMap, budgets_used: MemoryBudgets) -> Plan {
+    pub fn from_map(
+        strategy: String,
+        req: &PlanRequest<'_>,
+        map: DeviceMap,
+        budgets_used: MemoryBudgets,
+    ) -> Plan {
         let size_rules = SizeRules {
             target_dtype: req.target_dtype,
             bool_as_bits: false,
@@ -242,7 +247,12 @@ impl Strategy for SingleDevice {
 
     fn plan(&self, req: &PlanRequest<'_>) -> Result<Plan, Error> {
         let start = Instant::now();
-        let mut plan = Plan::from_map(self.name(), req, DeviceMap::whole(self.0), req.budgets.clone());
+        let mut plan = Plan::from_map(
+            self.name(),
+            req,
+            DeviceMap::whole(self.0),
+            req.budgets.clone(),
+        );
         let need = plan.bytes_on(self.0);
         if let Some(budget) = req.budgets.get(self.0) {
             if need > budget {

@@ -32,7 +32,8 @@ fn maps_equal_hugging_face_references() {
     refs.sort();
     assert_eq!(refs.len(), 7, "expected the 7 reference files");
     for path in refs {
-        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
         let model = load_model(&fixtures().join("models").join(format!("{stem}.json"))).unwrap();
         for run in reference["runs"].as_array().unwrap() {
@@ -42,7 +43,9 @@ fn maps_equal_hugging_face_references() {
                 run["strategy"].as_str().unwrap(),
                 run["path"].as_str().unwrap()
             );
-            let budgets = MemoryBudgets::from_json_str(&run["max_memory"].to_string(), path.as_ref()).unwrap();
+            let budgets =
+                MemoryBudgets::from_json_str(&run["max_memory"].to_string(), path.as_ref())
+                    .unwrap();
             let compat = match run["path"].as_str().unwrap() {
                 "transformers" => Compat::Transformers,
                 _ => Compat::Accelerate,
@@ -56,7 +59,10 @@ fn maps_equal_hugging_face_references() {
             checked += 1;
             if run["device_map"].is_null() {
                 if result.is_ok() {
-                    failures.push(format!("{label}: Hugging Face raised {:?}, devmap planned", run["error"]));
+                    failures.push(format!(
+                        "{label}: Hugging Face raised {:?}, devmap planned",
+                        run["error"]
+                    ));
                 }
                 continue;
             }
@@ -75,7 +81,11 @@ fn maps_equal_hugging_face_references() {
                     .iter()
                     .filter(|(k, v)| got.get(*k) != Some(v))
                     .map(|(k, v)| format!("{k}: want {v} got {:?}", got.get(k)))
-                    .chain(got.iter().filter(|(k, _)| !want.contains_key(*k)).map(|(k, v)| format!("{k}: extra {v}")))
+                    .chain(
+                        got.iter()
+                            .filter(|(k, _)| !want.contains_key(*k))
+                            .map(|(k, v)| format!("{k}: extra {v}")),
+                    )
                     .take(6)
                     .collect();
                 failures.push(format!("{label}: map differs: {}", diff.join("; ")));
@@ -92,11 +102,18 @@ fn maps_equal_hugging_face_references() {
                 .map(|b| (b.device.to_string(), b.bytes))
                 .collect();
             if inferred != ours {
-                failures.push(format!("{label}: budgets differ: want {inferred:?} got {ours:?}"));
+                failures.push(format!(
+                    "{label}: budgets differ: want {inferred:?} got {ours:?}"
+                ));
             }
             let _ = Device::Cpu;
         }
     }
     assert!(checked >= 400, "only {checked} runs checked");
-    assert!(failures.is_empty(), "{} of {checked} cases differ:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} cases differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
