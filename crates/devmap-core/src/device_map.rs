@@ -134,6 +134,69 @@ impl DeviceMap {
     }
 }
 
+impl DeviceMap {
+    /// The smallest map giving every tensor the device in `devices` (indexed by tensor id): a module
+    /// whose tensors all share a device becomes one key, otherwise its direct tensors get their own
+    /// keys and its children are visited. Modules without tensors take the device of the tensor
+    /// before them in registration order (the first tensor's device at the start), so every module
+    /// is mapped, as in Hugging Face's maps.
+    pub fn from_tensor_devices(model: &crate::model::Model, devices: &[Device]) -> DeviceMap {
+        use crate::model::ModuleId;
+        let n = model.modules().len();
+        // Per module: Some(device) if every tensor under it has that device, None if mixed or empty.
+        let mut uniform: Vec<Option<Option<Device>>> = vec![None; n]; // None = no tensors yet
+        let mut mixed = vec![false; n];
+        for (t, tensor) in model.tensors().iter().enumerate() {
+            let mut cur = Some(tensor.module);
+            while let Some(m) = cur {
+                match uniform[m] {
+                    None => uniform[m] = Some(Some(devices[t])),
+                    Some(Some(d)) if d != devices[t] => mixed[m] = true,
+                    _ => {}
+                }
+                cur = model.module(m).parent;
+            }
+        }
+        let first = devices.first().copied().unwrap_or(Device::Cpu);
+        let mut map = DeviceMap::new();
+        let mut last = first;
+        fn visit(
+            model: &crate::model::Model,
+            m: ModuleId,
+            devices: &[Device],
+            uniform: &[Option<Option<Device>>],
+            mixed: &[bool],
+            last: &mut Device,
+            map: &mut DeviceMap,
+        ) {
+            let module = model.module(m);
+            match uniform[m] {
+                None => {
+                    if m != 0 {
+                        map.push_unchecked(module.name.clone(), *last);
+                    }
+                    return;
+                }
+                Some(Some(d)) if !mixed[m] => {
+                    map.push_unchecked(module.name.clone(), d);
+                    *last = d;
+                    return;
+                }
+                _ => {}
+            }
+            for &t in module.params.iter().chain(&module.buffers) {
+                map.push_unchecked(model.tensor(t).name.clone(), devices[t]);
+                *last = devices[t];
+            }
+            for &c in &module.children {
+                visit(model, c, devices, uniform, mixed, last, map);
+            }
+        }
+        visit(model, 0, devices, &uniform, &mixed, &mut last, &mut map);
+        map
+    }
+}
+
 /// Whether map key `key` covers the module or tensor `name`.
 pub fn covers(key: &str, name: &str) -> bool {
     key.is_empty()

@@ -30,6 +30,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod cost;
 pub mod device_map;
 pub mod dtype;
 pub mod error;
@@ -42,6 +43,7 @@ pub mod validate;
 
 pub use budget::{format_bytes, parse_memory_size, Device, MemoryBudget, MemoryBudgets};
 pub use config::ModelConfig;
+pub use cost::{CostModel, Estimate, Exec, KvCacheSpec, Objective, Topology};
 pub use device_map::DeviceMap;
 pub use dtype::DType;
 pub use error::{Error, Result};

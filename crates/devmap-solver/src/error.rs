@@ -40,6 +40,15 @@ pub enum Error {
     /// A budget set with no device at all.
     #[error("no devices: give at least one budget in --max-memory")]
     NoDevices,
+    /// A `--pin` that matches nothing, conflicts, or cannot be honoured.
+    #[error("{0}")]
+    BadPin(String),
+    /// No placement satisfies the budgets (with the shortfall when the total is short).
+    #[error("no placement fits the budgets: {0}")]
+    Infeasible(String),
+    /// HiGHS failed.
+    #[error("solver: {0}")]
+    Solver(String),
     /// Input data error from devmap-core.
     #[error(transparent)]
     Core(#[from] devmap_core::Error),

@@ -52,8 +52,12 @@
 //! }
 //! ```
 
+pub mod auto;
+pub mod dp;
 pub mod error;
 pub mod hf;
+pub mod instance;
+pub mod mip;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -61,6 +65,7 @@ use std::time::{Duration, Instant};
 use devmap_core::validate::{device_usage, tensor_devices};
 use devmap_core::{DType, Device, DeviceMap, MemoryBudgets, Model, SizeRules};
 
+pub use auto::{Auto, AutoOptions, SolveReport};
 pub use error::Error;
 pub use hf::Compat;
 
@@ -106,6 +111,8 @@ pub struct Plan {
     pub size_rules: SizeRules,
     /// Time spent planning.
     pub elapsed: Duration,
+    /// How the optimal strategy solved it (objective, bound, gap), for `auto`.
+    pub solve: Option<SolveReport>,
 }
 
 impl Plan {
@@ -140,6 +147,7 @@ impl Plan {
             usage,
             size_rules,
             elapsed: Duration::ZERO,
+            solve: None,
         }
     }
 

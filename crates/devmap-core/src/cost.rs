@@ -1,0 +1,530 @@
+//! The cost model: the estimated time of one decode step (batch 1) when accelerate's runtime
+//! executes a device map. docs/cost-model.md explains every term and default.
+//!
+//! - A unit on a GPU reads its weights at that GPU's memory bandwidth.
+//! - A unit on `cpu` runs on the main GPU (the first GPU), its weights streamed over that GPU's
+//!   host link on every step, then read there; `disk` adds the disk read before that.
+//! - Each change of execution device between consecutive units moves the activation bytes over
+//!   the link between the two devices, plus the link's latency.
+//!
+//! Objectives: [`Objective::Latency`] sums everything; [`Objective::Throughput`] is the busiest
+//! execution device's share, what bounds a pipelined server.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::budget::Device;
+use crate::device_map::DeviceMap;
+use crate::error::{Error, Result};
+use crate::graph::units;
+use crate::model::{Model, SizeRules};
+use crate::validate::tensor_devices;
+
+/// A link's sustained bandwidth and fixed latency.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    /// Bytes per second.
+    pub bandwidth: f64,
+    /// Seconds per transfer.
+    pub latency: f64,
+}
+
+/// One GPU's profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuProfile {
+    /// A name for reports.
+    #[serde(default)]
+    pub name: String,
+    /// Memory bandwidth, bytes per second.
+    pub memory_bandwidth: f64,
+    /// Link to the host (PCIe), used to stream cpu/disk-mapped weights.
+    #[serde(default)]
+    pub host_link: Option<Link>,
+}
+
+/// Device profiles and links. Defaults are in [`Topology::default`]; `--topology FILE` overrides them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Topology {
+    /// Per-GPU profiles by index; GPUs not listed use `default_gpu`.
+    #[serde(default)]
+    pub gpus: BTreeMap<u32, GpuProfile>,
+    /// Profile of unlisted GPUs.
+    pub default_gpu: GpuProfile,
+    /// Host link of GPUs that do not give one.
+    pub default_host_link: Link,
+    /// GPU-to-GPU links by `"a-b"` (symmetric); unlisted pairs use `default_peer_link`.
+    #[serde(default)]
+    pub peer_links: BTreeMap<String, Link>,
+    /// GPU-to-GPU link of unlisted pairs.
+    pub default_peer_link: Link,
+    /// Host memory bandwidth (used only when no GPU exists and the cpu executes).
+    pub cpu_memory_bandwidth: f64,
+    /// Disk read bandwidth, bytes per second.
+    pub disk_read_bandwidth: f64,
+}
+
+const GB: f64 = 1e9;
+
+impl Default for Topology {
+    /// Defaults (sources in docs/cost-model.md): a generic data-center GPU at 2.0 TB/s (between
+    /// A100-80GB's 2.04 and H100-PCIe's 2.0 TB/s), PCIe 4.0 x16 host links at 25 GB/s sustained with
+    /// 10 µs per transfer, GPU peers over PCIe at 20 GB/s and 15 µs, host RAM at 50 GB/s, NVMe at 5 GB/s.
+    fn default() -> Self {
+        Topology {
+            gpus: BTreeMap::new(),
+            default_gpu: GpuProfile {
+                name: "generic GPU".into(),
+                memory_bandwidth: 2000.0 * GB,
+                host_link: None,
+            },
+            default_host_link: Link {
+                bandwidth: 25.0 * GB,
+                latency: 10e-6,
+            },
+            peer_links: BTreeMap::new(),
+            default_peer_link: Link {
+                bandwidth: 20.0 * GB,
+                latency: 15e-6,
+            },
+            cpu_memory_bandwidth: 50.0 * GB,
+            disk_read_bandwidth: 5.0 * GB,
+        }
+    }
+}
+
+impl Topology {
+    /// Read a topology JSON file (see docs/cost-model.md); missing fields take the defaults.
+    pub fn read(path: &Path) -> Result<Topology> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::json(path, e.to_string()))?;
+        let defaults = serde_json::to_value(Topology::default())
+            .map_err(|e| Error::json(path, e.to_string()))?;
+        let (Some(obj), Some(def)) = (value.as_object_mut(), defaults.as_object()) else {
+            return Err(Error::json(path, "a topology must be a JSON object"));
+        };
+        for (k, v) in def {
+            obj.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let topo: Topology =
+            serde_json::from_value(value).map_err(|e| Error::json(path, e.to_string()))?;
+        topo.check().map_err(|reason| Error::json(path, reason))?;
+        Ok(topo)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let positive = |what: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{what} must be a positive number, got {v}"))
+            }
+        };
+        positive(
+            "default_gpu.memory_bandwidth",
+            self.default_gpu.memory_bandwidth,
+        )?;
+        for (i, g) in &self.gpus {
+            positive(&format!("gpus.{i}.memory_bandwidth"), g.memory_bandwidth)?;
+        }
+        positive("cpu_memory_bandwidth", self.cpu_memory_bandwidth)?;
+        positive("disk_read_bandwidth", self.disk_read_bandwidth)?;
+        positive(
+            "default_host_link.bandwidth",
+            self.default_host_link.bandwidth,
+        )?;
+        positive(
+            "default_peer_link.bandwidth",
+            self.default_peer_link.bandwidth,
+        )?;
+        for k in self.peer_links.keys() {
+            if parse_pair(k).is_none() {
+                return Err(format!(
+                    "peer_links key {k:?} is not \"A-B\" with GPU indices"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Memory bandwidth of GPU `i`.
+    pub fn gpu_bandwidth(&self, i: u32) -> f64 {
+        self.gpus
+            .get(&i)
+            .map_or(self.default_gpu.memory_bandwidth, |g| g.memory_bandwidth)
+    }
+
+    /// Host link of GPU `i`.
+    pub fn host_link(&self, i: u32) -> Link {
+        self.gpus
+            .get(&i)
+            .and_then(|g| g.host_link)
+            .unwrap_or(self.default_host_link)
+    }
+
+    /// Link between GPUs `a` and `b`.
+    pub fn peer_link(&self, a: u32, b: u32) -> Link {
+        for (k, l) in &self.peer_links {
+            if let Some((x, y)) = parse_pair(k) {
+                if (x, y) == (a, b) || (x, y) == (b, a) {
+                    return *l;
+                }
+            }
+        }
+        self.default_peer_link
+    }
+}
+
+fn parse_pair(k: &str) -> Option<(u32, u32)> {
+    let (a, b) = k.split_once('-')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
+/// What a plan is judged by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Time of one decode step: everything summed.
+    #[default]
+    Latency,
+    /// The busiest execution device's time (pipelined serving).
+    Throughput,
+}
+
+/// Where a unit executes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Exec {
+    /// On a GPU.
+    Gpu(u32),
+    /// On the host (only when the plan has no GPU).
+    Cpu,
+}
+
+/// The cost model: a topology, an objective, the main GPU, and the activation size per token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CostModel {
+    /// Device profiles and links.
+    pub topology: Topology,
+    /// What is minimised.
+    pub objective: Objective,
+    /// The GPU that executes cpu/disk-mapped units (accelerate's main device); `None` when there is no GPU.
+    pub main_gpu: Option<u32>,
+    /// Activation bytes moved per device change (hidden size × activation dtype bytes × tokens).
+    pub activation_bytes: u64,
+}
+
+impl CostModel {
+    /// A cost model for `model` on `devices` (the main GPU is the first GPU listed).
+    pub fn new(
+        model: &Model,
+        devices: &[Device],
+        topology: Topology,
+        objective: Objective,
+    ) -> CostModel {
+        let act_dtype = model
+            .tensors()
+            .iter()
+            .map(|t| t.dtype)
+            .find(|d| d.is_float())
+            .map_or(2, |d| d.size_bytes());
+        CostModel {
+            topology,
+            objective,
+            main_gpu: devices.iter().find_map(|d| match d {
+                Device::Gpu(i) => Some(*i),
+                _ => None,
+            }),
+            activation_bytes: model.hidden_size.unwrap_or(0) * act_dtype,
+        }
+    }
+
+    /// Where a unit mapped to `device` executes.
+    pub fn exec(&self, device: Device) -> Exec {
+        match device {
+            Device::Gpu(i) => Exec::Gpu(i),
+            _ => self.main_gpu.map_or(Exec::Cpu, Exec::Gpu),
+        }
+    }
+
+    /// Seconds to run a unit reading `bytes` of weights that are mapped to `device`.
+    pub fn unit_seconds(&self, bytes: u64, device: Device) -> f64 {
+        let b = bytes as f64;
+        let t = &self.topology;
+        let run_on_exec = match self.exec(device) {
+            Exec::Gpu(i) => b / t.gpu_bandwidth(i),
+            Exec::Cpu => b / t.cpu_memory_bandwidth,
+        };
+        let stream = match (device, self.main_gpu) {
+            (Device::Gpu(_), _) => 0.0,
+            (Device::Cpu, Some(m)) => b / t.host_link(m).bandwidth + t.host_link(m).latency,
+            (Device::Cpu, None) => 0.0,
+            (Device::Disk, Some(m)) => {
+                b / t.disk_read_bandwidth + b / t.host_link(m).bandwidth + t.host_link(m).latency
+            }
+            (Device::Disk, None) => b / t.disk_read_bandwidth,
+        };
+        run_on_exec + stream
+    }
+
+    /// Seconds to move the activations from one execution device to another (0 if the same).
+    pub fn transfer_seconds(&self, from: Exec, to: Exec) -> f64 {
+        let link = match (from, to) {
+            _ if from == to => return 0.0,
+            (Exec::Gpu(a), Exec::Gpu(b)) => self.topology.peer_link(a, b),
+            (Exec::Gpu(a), Exec::Cpu) | (Exec::Cpu, Exec::Gpu(a)) => self.topology.host_link(a),
+            (Exec::Cpu, Exec::Cpu) => return 0.0,
+        };
+        self.activation_bytes as f64 / link.bandwidth + link.latency
+    }
+
+    /// Estimate a device map (see [`Estimate`]). Uncovered tensors are treated as on the main device.
+    pub fn evaluate(&self, model: &Model, map: &DeviceMap, rules: SizeRules) -> Estimate {
+        // Weights are read under every name, tied duplicates included (lm_head reads the embedding).
+        let read: Vec<u64> = model
+            .tensors()
+            .iter()
+            .map(|t| {
+                let per = match rules.target_dtype {
+                    Some(d) if t.dtype.is_float() => t.dtype.size_bytes().min(d.size_bytes()),
+                    _ => t.dtype.size_bytes(),
+                };
+                t.numel.saturating_mul(per)
+            })
+            .collect();
+        let devices = tensor_devices(model, map);
+        let fallback = self.main_gpu.map_or(Device::Cpu, Device::Gpu);
+        let mut steps: Vec<(Device, u64)> = Vec::new();
+        for unit in units(model) {
+            let mut groups: Vec<(Device, u64)> = Vec::new();
+            for &t in &unit.tensors {
+                let d = devices[t].unwrap_or(fallback);
+                match groups.iter_mut().find(|(g, _)| *g == d) {
+                    Some(g) => g.1 += read[t],
+                    None => groups.push((d, read[t])),
+                }
+            }
+            steps.extend(groups);
+        }
+        self.estimate_steps(&steps)
+    }
+
+    /// Estimate a sequence of (device, bytes read) steps in execution order.
+    pub fn estimate_steps(&self, steps: &[(Device, u64)]) -> Estimate {
+        let mut est = Estimate::default();
+        let mut busy: BTreeMap<Exec, f64> = BTreeMap::new();
+        let mut prev: Option<Exec> = None;
+        for &(device, bytes) in steps {
+            let exec = self.exec(device);
+            let mut t = self.unit_seconds(bytes, device);
+            if let Some(p) = prev {
+                if p != exec {
+                    est.device_changes += 1;
+                    t += self.transfer_seconds(p, exec);
+                }
+            }
+            if matches!(device, Device::Cpu | Device::Disk) && self.main_gpu.is_some() {
+                est.streamed_bytes += bytes;
+            }
+            *busy.entry(exec).or_default() += t;
+            est.latency_seconds += t;
+            prev = Some(exec);
+        }
+        est.busiest_seconds = busy.values().copied().fold(0.0, f64::max);
+        est.objective_seconds = match self.objective {
+            Objective::Latency => est.latency_seconds,
+            Objective::Throughput => est.busiest_seconds,
+        };
+        est
+    }
+}
+
+/// The estimate of one decode step.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Estimate {
+    /// The objective's value, seconds.
+    pub objective_seconds: f64,
+    /// Sum of all unit and transfer times, seconds.
+    pub latency_seconds: f64,
+    /// Time of the busiest execution device, seconds.
+    pub busiest_seconds: f64,
+    /// Number of execution-device changes along the chain.
+    pub device_changes: u32,
+    /// Bytes streamed from cpu/disk on every step.
+    pub streamed_bytes: u64,
+}
+
+/// KV-cache sizing: `batch=B,seq=S[,dtype=...]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheSpec {
+    /// Batch size.
+    pub batch: u64,
+    /// Sequence length (prompt + generated tokens).
+    pub seq: u64,
+    /// Cache dtype (defaults to the model's float dtype).
+    pub dtype: Option<crate::dtype::DType>,
+}
+
+impl KvCacheSpec {
+    /// Parse `batch=1,seq=4096,dtype=bf16`.
+    pub fn parse(text: &str) -> Result<KvCacheSpec> {
+        let bad = |reason: String| Error::BudgetSpec {
+            spec: text.to_string(),
+            reason,
+        };
+        let mut spec = KvCacheSpec {
+            batch: 1,
+            seq: 0,
+            dtype: None,
+        };
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{item:?} is not KEY=VALUE")))?;
+            match k.trim() {
+                "batch" => {
+                    spec.batch = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad(format!("batch {v:?} is not an integer")))?
+                }
+                "seq" => {
+                    spec.seq = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad(format!("seq {v:?} is not an integer")))?
+                }
+                "dtype" => spec.dtype = Some(crate::dtype::DType::parse(v)?),
+                other => {
+                    return Err(bad(format!(
+                        "unknown key {other:?} (expected batch, seq, dtype)"
+                    )))
+                }
+            }
+        }
+        if spec.seq == 0 {
+            return Err(bad("seq must be given and positive".into()));
+        }
+        Ok(spec)
+    }
+
+    /// Bytes of K and V for one decoder layer, from config.json (KV heads × head dim).
+    pub fn bytes_per_layer(&self, model: &Model) -> Result<u64> {
+        let cfg = model.config.as_ref().ok_or_else(|| {
+            Error::Model(format!(
+                "--kv-cache needs the model's config.json (KV heads, head dim); none was found for {}",
+                model.name
+            ))
+        })?;
+        let kv_heads = cfg.num_key_value_heads().ok_or_else(|| {
+            Error::Model("config.json has no num_key_value_heads / num_attention_heads".into())
+        })?;
+        let head_dim = cfg.head_dim().ok_or_else(|| {
+            Error::Model("config.json has no head_dim and no hidden_size/heads".into())
+        })?;
+        let dtype_bytes = self.dtype.map_or_else(
+            || {
+                model
+                    .tensors()
+                    .iter()
+                    .map(|t| t.dtype)
+                    .find(|d| d.is_float())
+                    .map_or(2, |d| d.size_bytes())
+            },
+            |d| d.size_bytes(),
+        );
+        Ok(2 * self.batch * self.seq * kv_heads * head_dim * dtype_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::model::ModelBuilder;
+
+    fn chain() -> Model {
+        ModelBuilder::new("t")
+            .module("a", "L")
+            .module("b", "L")
+            .param("a.weight", DType::F16, &[1000])
+            .param("b.weight", DType::F16, &[1000])
+            .hidden_size(Some(10))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn cpu_units_stream_over_host_link() {
+        let m = chain();
+        let cm = CostModel::new(
+            &m,
+            &[Device::Gpu(0), Device::Cpu],
+            Topology::default(),
+            Objective::Latency,
+        );
+        let mut all_gpu = DeviceMap::new();
+        all_gpu.insert("a", Device::Gpu(0));
+        all_gpu.insert("b", Device::Gpu(0));
+        let mut half = DeviceMap::new();
+        half.insert("a", Device::Gpu(0));
+        half.insert("b", Device::Cpu);
+        let e1 = cm.evaluate(&m, &all_gpu, SizeRules::default());
+        let e2 = cm.evaluate(&m, &half, SizeRules::default());
+        assert_eq!(e1.device_changes, 0);
+        assert_eq!(e2.device_changes, 0, "cpu units execute on the main GPU");
+        assert_eq!(e2.streamed_bytes, 2000);
+        let expected = 2000.0 / 2000e9 + 2000.0 / 2000e9 + 2000.0 / 25e9 + 10e-6;
+        assert!((e2.latency_seconds - expected).abs() < 1e-12);
+        assert!(e2.objective_seconds > e1.objective_seconds);
+    }
+
+    #[test]
+    fn device_changes_pay_the_link() {
+        let m = chain();
+        let cm = CostModel::new(
+            &m,
+            &[Device::Gpu(0), Device::Gpu(1)],
+            Topology::default(),
+            Objective::Latency,
+        );
+        let mut split = DeviceMap::new();
+        split.insert("a", Device::Gpu(0));
+        split.insert("b", Device::Gpu(1));
+        let e = cm.evaluate(&m, &split, SizeRules::default());
+        assert_eq!(e.device_changes, 1);
+        let expected = 4000.0 / 2000e9 + 20.0 / 20e9 + 15e-6;
+        assert!((e.latency_seconds - expected).abs() < 1e-12);
+        let tp = CostModel {
+            objective: Objective::Throughput,
+            ..cm
+        };
+        let e = tp.evaluate(&m, &split, SizeRules::default());
+        assert!((e.objective_seconds - (2000.0 / 2000e9 + 20.0 / 20e9 + 15e-6)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn kv_cache_spec() {
+        let s = KvCacheSpec::parse("batch=2,seq=4096,dtype=f16").unwrap();
+        assert_eq!((s.batch, s.seq, s.dtype), (2, 4096, Some(DType::F16)));
+        let e = KvCacheSpec::parse("batch=2,len=5").unwrap_err().to_string();
+        assert!(e.contains("\"len\""), "{e}");
+    }
+
+    #[test]
+    fn topology_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("devmap-topo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.json");
+        std::fs::write(&p, r#"{"gpus": {"1": {"memory_bandwidth": 1e12}}, "peer_links": {"0-1": {"bandwidth": 4.5e11, "latency": 5e-6}}}"#).unwrap();
+        let t = Topology::read(&p).unwrap();
+        assert_eq!(t.gpu_bandwidth(1), 1e12);
+        assert_eq!(t.gpu_bandwidth(0), 2000e9);
+        assert_eq!(t.peer_link(1, 0).bandwidth, 4.5e11);
+        std::fs::write(&p, r#"{"disk_read_bandwidth": -1}"#).unwrap();
+        let e = Topology::read(&p).unwrap_err().to_string();
+        assert!(e.contains("disk_read_bandwidth"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

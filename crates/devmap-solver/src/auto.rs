@@ -1,0 +1,425 @@
+//! `auto`: the placement that minimises the cost model's objective under the memory rules.
+//!
+//! Steps: build the [`Instance`]; collect feasible starting points (Hugging Face's three greedy maps
+//! when they keep units whole and fit devmap's memory rules, and the contiguous DP optimum); run the
+//! MIP warm-started from the best of them; return the best plan found with HiGHS' bound and gap.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use devmap_core::cost::{CostModel, Objective, Topology};
+use devmap_core::{format_bytes, Device, KvCacheSpec, Model};
+
+use crate::instance::{Instance, InstanceOptions};
+use crate::mip::{self, MipOptions};
+use crate::{dp, Compat, Error, HfGreedy, HfKind, Plan, PlanRequest, Strategy};
+
+/// Options of the `auto` strategy (a builder).
+#[derive(Debug, Clone)]
+pub struct AutoOptions {
+    /// Device profiles and links.
+    pub topology: Topology,
+    /// What to minimise.
+    pub objective: Objective,
+    /// Bytes to keep free per device.
+    pub reserve: Vec<(Device, u64)>,
+    /// KV cache to charge per decoder layer.
+    pub kv_cache: Option<KvCacheSpec>,
+    /// `(map key, device)` pins.
+    pub pins: Vec<(String, Device)>,
+    /// HiGHS time limit.
+    pub time_limit: Duration,
+    /// Relative gap at which HiGHS stops.
+    pub mip_rel_gap: f64,
+}
+
+impl Default for AutoOptions {
+    fn default() -> Self {
+        AutoOptions {
+            topology: Topology::default(),
+            objective: Objective::Latency,
+            reserve: Vec::new(),
+            kv_cache: None,
+            pins: Vec::new(),
+            time_limit: Duration::from_secs(10),
+            mip_rel_gap: 5e-4,
+        }
+    }
+}
+
+impl AutoOptions {
+    /// Set the topology.
+    pub fn topology(mut self, t: Topology) -> Self {
+        self.topology = t;
+        self
+    }
+    /// Set the objective.
+    pub fn objective(mut self, o: Objective) -> Self {
+        self.objective = o;
+        self
+    }
+    /// Keep `bytes` free on `device`.
+    pub fn reserve(mut self, device: Device, bytes: u64) -> Self {
+        self.reserve.push((device, bytes));
+        self
+    }
+    /// Charge a KV cache.
+    pub fn kv_cache(mut self, spec: Option<KvCacheSpec>) -> Self {
+        self.kv_cache = spec;
+        self
+    }
+    /// Pin a module or tensor to a device.
+    pub fn pin(mut self, key: impl Into<String>, device: Device) -> Self {
+        self.pins.push((key.into(), device));
+        self
+    }
+    /// HiGHS time limit.
+    pub fn time_limit(mut self, d: Duration) -> Self {
+        self.time_limit = d;
+        self
+    }
+}
+
+/// How `auto` solved a case.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SolveReport {
+    /// Objective of the returned plan, seconds.
+    pub objective_seconds: f64,
+    /// Proven lower bound, seconds.
+    pub bound_seconds: f64,
+    /// Relative gap.
+    pub gap: f64,
+    /// HiGHS status (or why HiGHS was not needed).
+    pub status: String,
+    /// Which start the solve began from.
+    pub start: String,
+    /// Number of units.
+    pub units: usize,
+    /// MIP columns and rows.
+    pub size: (usize, usize),
+    /// Reserved bytes per device (KV cache, streaming reserve, tied copies, `--reserve`).
+    pub overhead: BTreeMap<Device, u64>,
+}
+
+/// devmap's optimal strategy.
+#[derive(Debug, Clone, Default)]
+pub struct Auto {
+    /// Its options.
+    pub options: AutoOptions,
+}
+
+impl Auto {
+    /// `auto` with options.
+    pub fn new(options: AutoOptions) -> Auto {
+        Auto { options }
+    }
+
+    /// The instance `auto` solves for a request.
+    pub fn instance(&self, req: &PlanRequest<'_>) -> Result<Instance, Error> {
+        let devices = req.budgets.devices();
+        let cost_model = CostModel::new(
+            req.model,
+            &devices,
+            self.options.topology.clone(),
+            self.options.objective,
+        );
+        let opts = InstanceOptions {
+            reserve: self.options.reserve.clone(),
+            kv_cache: self.options.kv_cache,
+            pins: self.options.pins.clone(),
+            rules: devmap_core::SizeRules {
+                target_dtype: req.target_dtype,
+                bool_as_bits: false,
+            },
+        };
+        Instance::new(req.model, req.budgets, cost_model, &opts)
+    }
+
+    /// Feasible starting points: (label, assignment, cost).
+    fn candidates(&self, req: &PlanRequest<'_>, inst: &Instance) -> Vec<(String, Vec<usize>, f64)> {
+        let mut out = Vec::new();
+        for compat in [Compat::Transformers, Compat::Accelerate] {
+            for kind in [HfKind::Sequential, HfKind::Balanced, HfKind::BalancedLow0] {
+                let s = HfGreedy {
+                    kind,
+                    compat,
+                    spill_to_disk: true,
+                };
+                let Ok(plan) = s.plan(req) else { continue };
+                if let Some(a) = inst.from_map(req.model, &plan.map) {
+                    if inst.feasible(&a) {
+                        let cost = inst.evaluate(&a);
+                        out.push((format!("{} ({compat:?})", s.name()), a, cost));
+                    }
+                }
+            }
+        }
+        if let Some((a, cost)) = dp::solve_contiguous(inst) {
+            out.push(("contiguous DP".to_string(), a, cost));
+        }
+        out
+    }
+}
+
+impl Strategy for Auto {
+    fn name(&self) -> String {
+        "auto".into()
+    }
+
+    fn plan(&self, req: &PlanRequest<'_>) -> Result<Plan, Error> {
+        let started = Instant::now();
+        let trace = std::env::var_os("DEVMAP_TRACE").is_some();
+        let inst = self.instance(req)?;
+        check_pins(&inst)?;
+        if trace {
+            eprintln!("trace: instance {:?}", started.elapsed());
+        }
+        let mut candidates = self.candidates(req, &inst);
+        if trace {
+            eprintln!("trace: candidates {:?}", started.elapsed());
+        }
+        candidates.sort_by(|a, b| a.2.total_cmp(&b.2));
+        let best_start = candidates
+            .first()
+            .map(|(l, a, c)| (l.clone(), mip::canonical(&inst, a), *c));
+        let opts = MipOptions {
+            time_limit: self.options.time_limit,
+            mip_rel_gap: self.options.mip_rel_gap,
+            contiguous: false,
+        };
+        // A start that meets the combinatorial lower bound is optimal: no MIP needed.
+        let lower = lower_bound(&inst);
+        let certified = best_start
+            .as_ref()
+            .is_some_and(|(_, _, c)| *c <= lower * (1.0 + self.options.mip_rel_gap) + 1e-12);
+        let result = if certified {
+            let (label, a, c) = best_start.clone().expect("certified implies a start");
+            mip::MipResult {
+                assignment: Some(a),
+                objective_seconds: c,
+                bound_seconds: lower,
+                gap: 0.0,
+                status: format!("Optimal (start {label} meets the lower bound)"),
+                optimal: true,
+                elapsed: Duration::ZERO,
+                size: (0, 0),
+            }
+        } else {
+            mip::solve(&inst, best_start.as_ref().map(|s| s.1.as_slice()), opts)?
+        };
+        if trace {
+            eprintln!(
+                "trace: mip {:?} (highs {:?}, {:?})",
+                started.elapsed(),
+                result.elapsed,
+                result.size
+            );
+        }
+        let (assignment, start_label) = match (&result.assignment, &best_start) {
+            (Some(_), Some((label, s, c))) if *c < result.objective_seconds => {
+                (s.clone(), label.clone())
+            }
+            (Some(a), start) => (
+                a.clone(),
+                start.as_ref().map_or("none".into(), |s| s.0.clone()),
+            ),
+            (None, Some((label, s, _))) => (s.clone(), label.clone()),
+            (None, None) => return Err(infeasible(req.model, &inst)),
+        };
+        let assignment = repair_offload(&inst, assignment);
+        let objective = inst.evaluate(&assignment);
+        let bound = result.bound_seconds.min(objective);
+        let gap = if objective > 0.0 && bound.is_finite() {
+            ((objective - bound) / objective).max(0.0)
+        } else if bound.is_finite() {
+            0.0
+        } else {
+            1.0
+        };
+        let usage = inst.usage(&assignment);
+        let mut overhead = BTreeMap::new();
+        for (b, d) in inst.devices.iter().enumerate() {
+            let reserve: u64 = self
+                .options
+                .reserve
+                .iter()
+                .filter(|(x, _)| x == d)
+                .map(|(_, r)| *r)
+                .sum();
+            overhead.insert(*d, usage.overhead[b] + reserve);
+        }
+        let map = inst.to_map(req.model, &assignment);
+        let mut plan = Plan::from_map(self.name(), req, map, req.budgets.clone());
+        plan.elapsed = started.elapsed();
+        plan.solve = Some(SolveReport {
+            objective_seconds: objective,
+            bound_seconds: bound,
+            gap,
+            status: result.status.clone(),
+            start: start_label,
+            units: inst.n(),
+            size: result.size,
+            overhead,
+        });
+        Ok(plan)
+    }
+}
+
+/// Move every unit left on cpu or disk onto a GPU that still has room for it (exact byte check,
+/// reserves included), choosing the GPU that costs least. The MIP stops within its relative gap and
+/// keeps a few KiB of margin per device, so a unit whose offload costs microseconds can be left
+/// behind; devmap promises no avoidable offload, so this pass finishes the job.
+pub fn repair_offload(inst: &Instance, mut a: Vec<usize>) -> Vec<usize> {
+    loop {
+        let mut moved = false;
+        let mut streamed: Vec<usize> = (0..inst.n())
+            .filter(|&i| !inst.devices[a[i]].is_gpu())
+            .collect();
+        streamed.sort_by_key(|&i| std::cmp::Reverse(inst.mem[i]));
+        for i in streamed {
+            let mut best: Option<(f64, usize)> = None;
+            for g in
+                (0..inst.devices.len()).filter(|&g| inst.devices[g].is_gpu() && inst.allowed[i][g])
+            {
+                let from = a[i];
+                a[i] = g;
+                if inst.feasible(&a) {
+                    let c = inst.evaluate(&a);
+                    if best.is_none_or(|b| c < b.0) {
+                        best = Some((c, g));
+                    }
+                }
+                a[i] = from;
+            }
+            if let Some((_, g)) = best {
+                a[i] = g;
+                moved = true;
+            }
+        }
+        if !moved {
+            return a;
+        }
+    }
+}
+
+/// A lower bound on any feasible placement's latency objective (0 for other objectives):
+/// every unit on its cheapest allowed device; plus, when the GPUs cannot hold everything, the
+/// excess bytes streamed at the cheapest streaming rate; plus, when no single execution device can
+/// hold the model, one device change per extra device needed, at the cheapest link.
+pub fn lower_bound(inst: &Instance) -> f64 {
+    if inst.cost_model.objective != devmap_core::Objective::Latency {
+        return 0.0;
+    }
+    let n = inst.n();
+    let gpu_rows: Vec<usize> = (0..inst.devices.len())
+        .filter(|&b| inst.devices[b].is_gpu())
+        .collect();
+    let mut lb: f64 = (0..n)
+        .map(|i| {
+            (0..inst.devices.len())
+                .filter(|&b| inst.allowed[i][b])
+                .map(|b| inst.cost[i][b])
+                .fold(f64::INFINITY, f64::min)
+        })
+        .sum();
+    let total: u64 = (0..n).map(|i| inst.mem[i] + inst.kv[i]).sum();
+    let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
+    if let (Some(m), false) = (inst.main, gpu_rows.is_empty()) {
+        let streamed: Vec<usize> = (0..inst.devices.len())
+            .filter(|&b| inst.is_streamed(b))
+            .collect();
+        if total > gpu_total && !streamed.is_empty() {
+            // The cheapest extra seconds per streamed byte, over units and streamed devices.
+            let per_byte = (0..n)
+                .filter(|&i| inst.read[i] > 0)
+                .flat_map(|i| {
+                    let gpu_min = gpu_rows
+                        .iter()
+                        .map(|&g| inst.cost[i][g])
+                        .fold(f64::INFINITY, f64::min);
+                    streamed
+                        .iter()
+                        .map(move |&b| (inst.cost[i][b] - gpu_min) / inst.read[i] as f64)
+                })
+                .fold(f64::INFINITY, f64::min);
+            let excess = total - gpu_total;
+            if per_byte.is_finite() && per_byte > 0.0 {
+                lb += excess as f64 * per_byte;
+            }
+            let _ = m;
+        }
+    }
+    // Device changes: with k execution devices needed, at least k − 1 changes.
+    let mut caps: Vec<u64> = gpu_rows.iter().map(|&b| inst.caps[b]).collect();
+    caps.sort_unstable_by(|a, b| b.cmp(a));
+    let gpu_demand = total.min(gpu_total);
+    let mut k = 0usize;
+    let mut held = 0u64;
+    for c in caps {
+        if held >= gpu_demand {
+            break;
+        }
+        held += c;
+        k += 1;
+    }
+    if k > 1 {
+        let t_min = (0..inst.execs.len())
+            .flat_map(|a| {
+                (0..inst.execs.len())
+                    .filter(move |&b| b != a)
+                    .map(move |b| (a, b))
+            })
+            .map(|(a, b)| inst.trans[a][b])
+            .fold(f64::INFINITY, f64::min);
+        if t_min.is_finite() {
+            lb += (k - 1) as f64 * t_min;
+        }
+    }
+    lb
+}
+
+fn check_pins(inst: &Instance) -> Result<(), Error> {
+    for (b, d) in inst.devices.iter().enumerate() {
+        let pinned: u64 = (0..inst.n())
+            .filter(|&i| inst.allowed[i].iter().filter(|x| **x).count() == 1 && inst.allowed[i][b])
+            .map(|i| inst.mem[i] + inst.kv[i])
+            .sum();
+        if pinned > inst.caps[b] {
+            return Err(Error::BadPin(format!(
+                "the units pinned to device {d} need {} but its budget is {} (short by {})",
+                format_bytes(pinned),
+                format_bytes(inst.caps[b]),
+                format_bytes(pinned - inst.caps[b])
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn infeasible(model: &Model, inst: &Instance) -> Error {
+    let total: u64 = inst.mem.iter().sum::<u64>() + inst.kv.iter().sum::<u64>();
+    let caps: u64 = inst.caps.iter().sum();
+    if total > caps {
+        return Error::DoesNotFit {
+            shortfall: total - caps,
+            devices: inst
+                .devices
+                .iter()
+                .zip(&inst.caps)
+                .map(|(d, c)| (*d, *c))
+                .collect(),
+        };
+    }
+    let largest = (0..inst.n())
+        .max_by_key(|&i| inst.mem[i] + inst.kv[i])
+        .map(|i| inst.names[i].clone())
+        .unwrap_or_default();
+    Error::Infeasible(format!(
+        "{} needs {} and the budgets total {}, but no packing of its units fits (the largest unit is {:?}; \
+         streamed units also need room on the main GPU)",
+        model.name,
+        format_bytes(total),
+        format_bytes(caps),
+        largest
+    ))
+}
