@@ -5,13 +5,15 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use devmap_core::cost::{CostModel, KvCacheSpec, Objective, Topology};
 use devmap_core::{
     format_bytes, load_model, validate, DType, Device, DeviceMap, MemoryBudgets, Model, SizeRules,
 };
-use devmap_solver::{strategy_by_name, Compat, Plan, PlanRequest};
+use devmap_solver::{strategy_by_name, Auto, AutoOptions, Compat, Plan, PlanRequest, Strategy};
 
 mod report;
 
@@ -29,6 +31,8 @@ enum Command {
     Plan(PlanArgs),
     /// Validate a hand-written device map against a model and budgets.
     Check(CheckArgs),
+    /// Run every strategy on one model and budget set and print them side by side.
+    Compare(CompareArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +48,35 @@ struct ModelArgs {
     no_split: Vec<String>,
 }
 
+/// Options of the cost model and of `auto`.
+#[derive(clap::Args, Debug, Clone)]
+struct CostArgs {
+    /// Device profiles and links (JSON, see docs/cost-model.md); defaults otherwise.
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
+    /// What `auto` minimises: one decode step's latency, or the busiest device's time (pipelined serving).
+    #[arg(long, value_enum, default_value = "latency")]
+    objective: ObjectiveArg,
+    /// Memory to keep free per device, `0=2GiB,cpu=8GiB` (accelerate's size syntax).
+    #[arg(long, value_name = "SPEC")]
+    reserve: Option<String>,
+    /// KV cache to make room for, charged per decoder layer where it executes: `batch=1,seq=4096[,dtype=bf16]`.
+    #[arg(long = "kv-cache", value_name = "SPEC")]
+    kv_cache: Option<String>,
+    /// Fix a module or tensor to a device and let `auto` place the rest: `--pin lm_head=1`; repeatable.
+    #[arg(long, value_name = "KEY=DEVICE")]
+    pin: Vec<String>,
+    /// Time limit for the MIP solver, seconds (the best plan found and its proven gap are returned).
+    #[arg(long = "time-limit", default_value_t = 10.0)]
+    time_limit: f64,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ObjectiveArg {
+    Latency,
+    Throughput,
+}
+
 #[derive(clap::Args, Debug)]
 struct PlanArgs {
     #[command(flatten)]
@@ -51,9 +84,11 @@ struct PlanArgs {
     /// Memory budgets in accelerate's syntax, `0=22GiB,1=22GiB,cpu=64GiB,disk=1TB`, or a JSON file of the same dict.
     #[arg(long = "max-memory", value_name = "SPEC")]
     max_memory: Option<String>,
-    /// sequential, balanced, balanced_low_0, single:N, cpu.
-    #[arg(long, default_value = "balanced")]
+    /// auto (optimal), sequential, balanced, balanced_low_0, single:N, cpu.
+    #[arg(long, default_value = "auto")]
     strategy: String,
+    #[command(flatten)]
+    cost: CostArgs,
     /// Reproduce a Hugging Face implementation exactly, including spilling to disk without a disk budget.
     #[arg(long, value_enum)]
     compat: Option<CompatArg>,
@@ -72,6 +107,17 @@ struct CheckArgs {
     /// Budgets to check the map against.
     #[arg(long = "max-memory", value_name = "SPEC")]
     max_memory: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct CompareArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Memory budgets (as for `plan`).
+    #[arg(long = "max-memory", value_name = "SPEC")]
+    max_memory: Option<String>,
+    #[command(flatten)]
+    cost: CostArgs,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -95,6 +141,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(args) => plan(args),
         Command::Check(args) => check(args),
+        Command::Compare(args) => compare(args),
     };
     match result {
         Ok(code) => code,
@@ -131,7 +178,12 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
         CompatArg::Transformers => Compat::Transformers,
         CompatArg::Accelerate => Compat::Accelerate,
     });
-    let strategy = strategy_by_name(&args.strategy, compat)?;
+    let auto_options = auto_options(&args.cost, &model)?;
+    let strategy: Box<dyn Strategy> = if args.strategy == "auto" {
+        Box::new(Auto::new(auto_options.clone()))
+    } else {
+        strategy_by_name(&args.strategy, compat)?
+    };
     let request = PlanRequest::new(&model, &budgets).with_dtype(args.model.dtype);
     let plan: Plan = strategy.plan(&request)?;
     let mut out = std::io::stdout().lock();
@@ -141,10 +193,93 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
             writeln!(out)?;
         }
         Format::Table => {
-            let text = report::plan_table(&model, &plan, &budgets, compat);
+            let cost_model = CostModel::new(
+                &model,
+                &budgets.devices(),
+                auto_options.topology.clone(),
+                auto_options.objective,
+            );
+            let estimate = cost_model.evaluate(&model, &plan.map, plan.size_rules);
+            let text = report::plan_table(&model, &plan, &budgets, compat, &estimate);
             out.write_all(text.as_bytes())?;
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn auto_options(args: &CostArgs, model: &Model) -> Result<AutoOptions> {
+    let mut o = AutoOptions::default();
+    if let Some(path) = &args.topology {
+        o.topology = Topology::read(path)?;
+    }
+    o.objective = match args.objective {
+        ObjectiveArg::Latency => Objective::Latency,
+        ObjectiveArg::Throughput => Objective::Throughput,
+    };
+    if let Some(spec) = &args.reserve {
+        for b in MemoryBudgets::parse(spec)?.iter() {
+            o.reserve.push((b.device, b.bytes));
+        }
+    }
+    if let Some(spec) = &args.kv_cache {
+        let kv = KvCacheSpec::parse(spec)?;
+        kv.bytes_per_layer(model)?; // fail early if config.json is missing
+        o.kv_cache = Some(kv);
+    }
+    for pin in &args.pin {
+        let Some((key, device)) = pin.rsplit_once('=') else {
+            bail!("--pin {pin:?} is not KEY=DEVICE (for example lm_head=1)");
+        };
+        o.pins.push((key.to_string(), Device::parse(device)?));
+    }
+    if !(args.time_limit.is_finite() && args.time_limit > 0.0) {
+        bail!(
+            "--time-limit {} must be a positive number of seconds",
+            args.time_limit
+        );
+    }
+    o.time_limit = Duration::from_secs_f64(args.time_limit);
+    Ok(o)
+}
+
+fn compare(args: CompareArgs) -> Result<ExitCode> {
+    let model = read_model(&args.model)?;
+    let budgets = read_budgets(args.max_memory.as_deref())?;
+    let options = auto_options(&args.cost, &model)?;
+    let request = PlanRequest::new(&model, &budgets).with_dtype(args.model.dtype);
+    let cost_model = CostModel::new(
+        &model,
+        &budgets.devices(),
+        options.topology.clone(),
+        options.objective,
+    );
+    let mut rows = Vec::new();
+    let mut strategies: Vec<(String, Box<dyn Strategy>)> = Vec::new();
+    for compat in [Compat::Transformers, Compat::Accelerate] {
+        for name in ["sequential", "balanced", "balanced_low_0"] {
+            let label = format!(
+                "{name} ({})",
+                if compat == Compat::Transformers {
+                    "transformers"
+                } else {
+                    "accelerate"
+                }
+            );
+            strategies.push((label, strategy_by_name(name, Some(compat))?));
+        }
+    }
+    strategies.push(("auto".to_string(), Box::new(Auto::new(options))));
+    for (label, strategy) in strategies {
+        let row = match strategy.plan(&request) {
+            Ok(plan) => {
+                let est = cost_model.evaluate(&model, &plan.map, plan.size_rules);
+                report::CompareRow::from_plan(label, &plan, &budgets, &est)
+            }
+            Err(e) => report::CompareRow::failed(label, &e.to_string()),
+        };
+        rows.push(row);
+    }
+    print!("{}", report::compare_table(&model, &budgets, &rows));
     Ok(ExitCode::SUCCESS)
 }
 

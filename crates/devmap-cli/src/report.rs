@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use devmap_core::cost::Estimate;
 use devmap_core::{format_bytes, Device, MemoryBudgets, Model};
 use devmap_solver::{Compat, Plan};
 
@@ -13,6 +14,7 @@ pub fn plan_table(
     plan: &Plan,
     budgets: &MemoryBudgets,
     compat: Option<Compat>,
+    estimate: &Estimate,
 ) -> String {
     let mut s = String::new();
     let total: u64 = model.tensor_sizes(plan.size_rules).iter().sum();
@@ -34,6 +36,28 @@ pub fn plan_table(
         plan.strategy,
         plan.elapsed.as_secs_f64() * 1e3
     );
+    match &plan.solve {
+        Some(solve) => {
+            let _ = writeln!(
+                s,
+                "estimate {:.3} ms/token (objective), lower bound {:.3} ms, gap {:.4}%, {} units, {}",
+                solve.objective_seconds * 1e3,
+                solve.bound_seconds * 1e3,
+                solve.gap * 100.0,
+                solve.units,
+                solve.status
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "estimate {:.3} ms/token under devmap's cost model ({} device changes, {} streamed per token)",
+                estimate.objective_seconds * 1e3,
+                estimate.device_changes,
+                format_bytes(estimate.streamed_bytes)
+            );
+        }
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,
@@ -82,6 +106,18 @@ pub fn plan_table(
         if let Some(cap) = planned_cap {
             units = format!("(balanced cap {}) {units}", format_bytes(cap));
         }
+        let reserved = plan
+            .solve
+            .as_ref()
+            .and_then(|sv| sv.overhead.get(&d))
+            .copied()
+            .unwrap_or(0);
+        if reserved > 0 {
+            units = format!(
+                "(+{} reserved: KV cache, streaming, --reserve) {units}",
+                format_bytes(reserved)
+            );
+        }
         let _ = writeln!(
             s,
             "{:<6} {:>11} / {:>11}   {bar}  {units}",
@@ -99,6 +135,94 @@ pub fn plan_table(
         format_bytes(cpu),
         format_bytes(disk)
     );
+    s
+}
+
+/// One line of `devmap compare`.
+pub struct CompareRow {
+    label: String,
+    ms: Option<f64>,
+    per_device: String,
+    offloaded: u64,
+    changes: u32,
+    millis: f64,
+    note: String,
+}
+
+impl CompareRow {
+    /// A row for a plan.
+    pub fn from_plan(
+        label: String,
+        plan: &Plan,
+        budgets: &MemoryBudgets,
+        est: &Estimate,
+    ) -> CompareRow {
+        let per_device: Vec<String> = plan
+            .usage
+            .iter()
+            .filter(|(d, b)| **b > 0 || budgets.contains(**d))
+            .map(|(d, b)| format!("{d}:{:.1}", *b as f64 / (1u64 << 30) as f64))
+            .collect();
+        let offloaded = plan.bytes_on(Device::Cpu) + plan.bytes_on(Device::Disk);
+        let mut note = String::new();
+        if plan.bytes_on(Device::Disk) > 0 && !budgets.contains(Device::Disk) {
+            note = "spills to disk (no disk budget)".into();
+        }
+        if let Some(sv) = &plan.solve {
+            note = format!("gap {:.3}%", sv.gap * 100.0);
+        }
+        CompareRow {
+            label,
+            ms: Some(est.objective_seconds * 1e3),
+            per_device: per_device.join(" "),
+            offloaded,
+            changes: est.device_changes,
+            millis: plan.elapsed.as_secs_f64() * 1e3,
+            note,
+        }
+    }
+
+    /// A row for a strategy that failed.
+    pub fn failed(label: String, error: &str) -> CompareRow {
+        CompareRow {
+            label,
+            ms: None,
+            per_device: String::new(),
+            offloaded: 0,
+            changes: 0,
+            millis: 0.0,
+            note: format!("failed: {error}"),
+        }
+    }
+}
+
+/// Render `devmap compare`.
+pub fn compare_table(model: &Model, budgets: &MemoryBudgets, rows: &[CompareRow]) -> String {
+    let mut s = String::new();
+    let budget_text: Vec<String> = budgets
+        .iter()
+        .map(|b| format!("{}={}", b.device, format_bytes(b.bytes)))
+        .collect();
+    let _ = writeln!(
+        s,
+        "model   {}\nbudgets {}\n",
+        model.name,
+        budget_text.join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "{:<30} {:>10} {:>10} {:>8} {:>9}  {:<40} note",
+        "strategy", "ms/token", "offload", "changes", "plan ms", "GiB per device"
+    );
+    for r in rows {
+        let ms = r.ms.map_or_else(|| "-".to_string(), |m| format!("{m:.3}"));
+        let off = format!("{:.2} GiB", r.offloaded as f64 / (1u64 << 30) as f64);
+        let _ = writeln!(
+            s,
+            "{:<30} {:>10} {:>10} {:>8} {:>9.2}  {:<40} {}",
+            r.label, ms, off, r.changes, r.millis, r.per_device, r.note
+        );
+    }
     s
 }
 

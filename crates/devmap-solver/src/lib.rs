@@ -6,6 +6,7 @@
 //!
 //! | name | what it does |
 //! |---|---|
+//! | `auto` | the optimal placement under the cost model ([`auto`]: MIP over HiGHS, DP cross-check) |
 //! | `sequential`, `balanced`, `balanced_low_0` | Hugging Face's greedy planner, bit for bit ([`hf`]) |
 //! | `single:N`, `cpu` | the whole model on one device (`{"": N}`, `{"": "cpu"}`) |
 //!
@@ -276,7 +277,7 @@ impl Strategy for SingleDevice {
 }
 
 /// Names [`strategy_by_name`] accepts.
-pub const STRATEGY_NAMES: &str = "sequential, balanced, balanced_low_0, single:N, cpu";
+pub const STRATEGY_NAMES: &str = "auto, sequential, balanced, balanced_low_0, single:N, cpu";
 
 /// Choose a strategy by name. `compat` selects the Hugging Face implementation to reproduce; when it
 /// is given, what does not fit spills to disk as in Hugging Face, otherwise it is an error.
@@ -293,6 +294,7 @@ pub fn strategy_by_name(name: &str, compat: Option<Compat>) -> Result<Box<dyn St
         "balanced" => return Ok(hf(HfKind::Balanced)),
         "balanced_low_0" => return Ok(hf(HfKind::BalancedLow0)),
         "cpu" => return Ok(Box::new(SingleDevice(Device::Cpu))),
+        "auto" => return Ok(Box::new(Auto::default())),
         _ => {}
     }
     if let Some(rest) = name.strip_prefix("single:") {
@@ -300,13 +302,9 @@ pub fn strategy_by_name(name: &str, compat: Option<Compat>) -> Result<Box<dyn St
             return Ok(Box::new(SingleDevice(device)));
         }
     }
-    let note = match name {
-        "auto" => " (devmap's optimal planner is not available yet; Hugging Face's \"auto\" is \"balanced\")",
-        _ => "",
-    };
     Err(Error::UnknownStrategy {
         name: name.to_string(),
-        note: note.to_string(),
+        note: String::new(),
         available: STRATEGY_NAMES.to_string(),
     })
 }
