@@ -204,6 +204,9 @@ pub fn covers(key: &str, name: &str) -> bool {
         || (name.len() > key.len() && name.starts_with(key) && name.as_bytes()[key.len()] == b'.')
 }
 
+/// A map key with its original position, for `clean`.
+type Keyed<'a> = (usize, &'a str, Device);
+
 fn clean_rec(
     module: &str,
     items: &[(usize, &str, Device)],
@@ -226,7 +229,7 @@ fn clean_rec(
     } else {
         module.len() + 1
     };
-    let mut groups: Vec<(String, Vec<(usize, &str, Device)>)> = Vec::new();
+    let mut groups: Vec<(String, Vec<Keyed<'_>>)> = Vec::new();
     for &&(i, k, d) in &under {
         let rest = &k[skip..];
         let head = rest.split('.').next().unwrap_or(rest);

@@ -18,6 +18,9 @@
 //! The objective is scaled to microseconds; the solve is warm-started from the best feasible
 //! candidate, bounded by a time limit and a relative gap, and HiGHS' dual bound is reported.
 
+// Index loops mirror the formulation's subscripts (x[i][b], f[i][e][e']).
+#![allow(clippy::needless_range_loop)]
+
 use std::time::{Duration, Instant};
 
 use good_lp::solvers::highs::highs;
