@@ -182,16 +182,42 @@ impl Strategy for Auto {
         let best_start = candidates
             .first()
             .map(|(l, a, c)| (l.clone(), mip::canonical(&inst, a), *c));
+        let lower = lower_bound(&inst);
         let opts = MipOptions {
             time_limit: self.options.time_limit,
             mip_rel_gap: self.options.mip_rel_gap,
             contiguous: false,
+            objective_floor: Some(lower),
         };
         // A start that meets the combinatorial lower bound is optimal: no MIP needed.
-        let lower = lower_bound(&inst);
         let certified = best_start
             .as_ref()
             .is_some_and(|(_, _, c)| *c <= lower * (1.0 + self.options.mip_rel_gap) + 1e-12);
+        // Not certified: polish the best start by local search before handing it to HiGHS.
+        let best_start = if certified {
+            best_start
+        } else {
+            best_start.map(|(label, a, c)| {
+                let (b, cb) =
+                    local_search(&inst, a.clone(), c, started + self.options.time_limit / 4);
+                if cb < c {
+                    (
+                        format!("{label} + local search"),
+                        mip::canonical(&inst, &b),
+                        cb,
+                    )
+                } else {
+                    (label, a, c)
+                }
+            })
+        };
+        let certified = certified
+            || best_start
+                .as_ref()
+                .is_some_and(|(_, _, c)| *c <= lower * (1.0 + self.options.mip_rel_gap) + 1e-12);
+        if trace {
+            eprintln!("trace: local search {:?}", started.elapsed());
+        }
         let result = if certified {
             let (label, a, c) = best_start.clone().expect("certified implies a start");
             mip::MipResult {
@@ -324,7 +350,7 @@ pub fn lower_bound(inst: &Instance) -> f64 {
         .sum();
     let total: u64 = (0..n).map(|i| inst.mem[i] + inst.kv[i]).sum();
     let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
-    if let (Some(m), false) = (inst.main, gpu_rows.is_empty()) {
+    if inst.main.is_some() && !gpu_rows.is_empty() {
         let streamed: Vec<usize> = (0..inst.devices.len())
             .filter(|&b| inst.is_streamed(b))
             .collect();
@@ -342,11 +368,10 @@ pub fn lower_bound(inst: &Instance) -> f64 {
                         .map(move |&b| (inst.cost[i][b] - gpu_min) / inst.read[i] as f64)
                 })
                 .fold(f64::INFINITY, f64::min);
-            let excess = total - gpu_total;
+            let packed = max_gpu_packing(inst, &gpu_rows).min(gpu_total);
             if per_byte.is_finite() && per_byte > 0.0 {
-                lb += excess as f64 * per_byte;
+                lb += (total - packed) as f64 * per_byte;
             }
-            let _ = m;
         }
     }
     // Device changes: with k execution devices needed, at least k − 1 changes.
@@ -376,6 +401,174 @@ pub fn lower_bound(inst: &Instance) -> f64 {
         }
     }
     lb
+}
+
+/// First-improvement local search over single-unit moves and two-unit swaps, with exact feasibility
+/// and cost; stops at a local optimum or at `deadline`.
+pub fn local_search(
+    inst: &Instance,
+    mut a: Vec<usize>,
+    mut cost: f64,
+    deadline: Instant,
+) -> (Vec<usize>, f64) {
+    let n = inst.n();
+    let k = inst.devices.len();
+    let better = |c: f64, cost: f64| c < cost * (1.0 - 1e-12);
+    loop {
+        let mut improved = false;
+        for i in 0..n {
+            for b in 0..k {
+                if b == a[i] || !inst.allowed[i][b] {
+                    continue;
+                }
+                let from = a[i];
+                a[i] = b;
+                if inst.feasible(&a) {
+                    let c = inst.evaluate(&a);
+                    if better(c, cost) {
+                        cost = c;
+                        improved = true;
+                        continue;
+                    }
+                }
+                a[i] = from;
+            }
+        }
+        for i in 0..n {
+            if Instant::now() > deadline {
+                return (a, cost);
+            }
+            for j in i + 1..n {
+                let (bi, bj) = (a[i], a[j]);
+                if bi == bj
+                    || inst.mem[i] == inst.mem[j]
+                    || !inst.allowed[i][bj]
+                    || !inst.allowed[j][bi]
+                {
+                    continue;
+                }
+                a[i] = bj;
+                a[j] = bi;
+                if inst.feasible(&a) {
+                    let c = inst.evaluate(&a);
+                    if better(c, cost) {
+                        cost = c;
+                        improved = true;
+                        continue;
+                    }
+                }
+                a[i] = bi;
+                a[j] = bj;
+            }
+        }
+        if !improved || Instant::now() > deadline {
+            return (a, cost);
+        }
+    }
+}
+
+/// An upper bound on the bytes the GPUs can hold at once: an exact multiple-knapsack over the
+/// (at most four) largest unit-size classes, smaller units counted as fluid. The main GPU loses the
+/// reserve every feasible placement needs when something must be streamed.
+fn max_gpu_packing(inst: &Instance, gpu_rows: &[usize]) -> u64 {
+    let n = inst.n();
+    let w: Vec<u64> = (0..n).map(|i| inst.mem[i] + inst.kv[i]).collect();
+    let mut classes: Vec<(u64, u64)> = Vec::new(); // (size, count), descending
+    let mut sorted: Vec<u64> = w.iter().copied().filter(|&x| x > 0).collect();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    for x in sorted {
+        match classes.last_mut() {
+            Some((s, c)) if *s == x => *c += 1,
+            _ => classes.push((x, 1)),
+        }
+    }
+    let caps: Vec<u64> = gpu_rows
+        .iter()
+        .map(|&b| {
+            if Some(b) == inst.main {
+                inst.caps[b].saturating_sub(crate::mip::forced_stream_reserve(inst))
+            } else {
+                inst.caps[b]
+            }
+        })
+        .collect();
+    let smallest_cap = caps.iter().copied().min().unwrap_or(0);
+    // Big classes: the largest ones, as long as the state space stays small.
+    let mut big: Vec<(u64, u64)> = Vec::new();
+    let mut states = 1u64;
+    for &(size, count) in &classes {
+        if big.len() == 4
+            || size.saturating_mul(100) < smallest_cap
+            || states * (count + 1) > 20_000
+        {
+            break;
+        }
+        states *= count + 1;
+        big.push((size, count));
+    }
+    let total: u64 = w.iter().sum();
+    if big.is_empty() {
+        return total;
+    }
+    let big_total: u64 = big.iter().map(|(s, c)| s * c).sum();
+    let fluid = total - big_total;
+    // DP over GPUs: best[state] = big bytes packed, state = counts used per class (mixed radix).
+    let radix: Vec<u64> = big.iter().map(|(_, c)| c + 1).collect();
+    let n_states = radix.iter().product::<u64>() as usize;
+    let decode = |mut idx: usize| -> Vec<u64> {
+        radix
+            .iter()
+            .map(|&r| {
+                let v = idx as u64 % r;
+                idx /= r as usize;
+                v
+            })
+            .collect()
+    };
+    let encode = |v: &[u64]| -> usize {
+        let mut idx = 0usize;
+        for (j, &r) in radix.iter().enumerate().rev() {
+            idx = idx * r as usize + v[j] as usize;
+        }
+        idx
+    };
+    let mut reachable = vec![false; n_states];
+    reachable[0] = true;
+    for &cap in &caps {
+        // Per-GPU count vectors that fit.
+        let mut fits: Vec<Vec<u64>> = Vec::new();
+        for idx in 0..n_states {
+            let v = decode(idx);
+            let bytes: u64 = v.iter().zip(&big).map(|(c, (s, _))| c * s).sum();
+            if bytes <= cap {
+                fits.push(v);
+            }
+        }
+        let mut next = vec![false; n_states];
+        for idx in (0..n_states).filter(|&i| reachable[i]) {
+            let used = decode(idx);
+            for f in &fits {
+                let sum: Vec<u64> = used.iter().zip(f).map(|(a, b)| a + b).collect();
+                if sum.iter().zip(&big).all(|(s, (_, c))| s <= c) {
+                    next[encode(&sum)] = true;
+                }
+            }
+        }
+        reachable = next;
+    }
+    let packed_big = (0..n_states)
+        .filter(|&i| reachable[i])
+        .map(|i| {
+            decode(i)
+                .iter()
+                .zip(&big)
+                .map(|(c, (s, _))| c * s)
+                .sum::<u64>()
+        })
+        .max()
+        .unwrap_or(0);
+    let cap_total: u64 = caps.iter().sum();
+    packed_big + fluid.min(cap_total.saturating_sub(packed_big))
 }
 
 fn check_pins(inst: &Instance) -> Result<(), Error> {

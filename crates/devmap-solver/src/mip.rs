@@ -42,6 +42,8 @@ pub struct MipOptions {
     pub mip_rel_gap: f64,
     /// Restrict to contiguous runs in device order (what the DP solves).
     pub contiguous: bool,
+    /// A proven lower bound on the objective (seconds), added as a valid cut.
+    pub objective_floor: Option<f64>,
 }
 
 impl Default for MipOptions {
@@ -50,6 +52,7 @@ impl Default for MipOptions {
             time_limit: Duration::from_secs(10),
             mip_rel_gap: 1e-4,
             contiguous: false,
+            objective_floor: None,
         }
     }
 }
@@ -339,6 +342,12 @@ pub fn solve(
     if std::env::var_os("DEVMAP_TRACE").is_some() {
         eprintln!("trace:   mip built in {:?}", started.elapsed());
     }
+    if let Some(floor) = opts.objective_floor.filter(|f| f.is_finite() && *f > 0.0) {
+        // Slightly below the bound so rounding never cuts off the optimum.
+        constraints.push(constraint!(
+            objective.clone() >= floor * SCALE * (1.0 - 1e-9)
+        ));
+    }
     let rows = constraints.len();
     let ncols = cols.len();
     let mut problem = vars.minimise(objective).using(highs);
@@ -474,7 +483,7 @@ fn lifted_cuts(inst: &Instance, b: usize) -> Vec<(Vec<f64>, f64)> {
 }
 
 /// The smallest streaming reserve any feasible placement needs (0 if the GPUs could hold everything).
-fn forced_stream_reserve(inst: &Instance) -> u64 {
+pub(crate) fn forced_stream_reserve(inst: &Instance) -> u64 {
     let gpu_caps: u64 = (0..inst.devices.len())
         .filter(|&b| inst.devices[b].is_gpu())
         .map(|b| inst.caps[b])

@@ -1,0 +1,27 @@
+//! Time `auto` on one model and budget set: `cargo run --release --example trace -- MODEL SPEC`
+//! (set DEVMAP_TRACE=1 for the phases).
+use devmap_core::{load_model, MemoryBudgets};
+use devmap_solver::{Auto, PlanRequest, Strategy};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(model), Some(spec)) = (args.get(1), args.get(2)) else {
+        eprintln!("usage: trace MODEL MAX_MEMORY");
+        std::process::exit(2);
+    };
+    let t = std::time::Instant::now();
+    let model = load_model(model.as_ref()).expect("model");
+    let budgets = MemoryBudgets::parse(spec).expect("budgets");
+    let plan = Auto::default()
+        .plan(&PlanRequest::new(&model, &budgets))
+        .expect("plan");
+    let solve = plan.solve.expect("auto reports its solve");
+    println!(
+        "{:.1} ms total, objective {:.4} ms, bound {:.4} ms, gap {:.2e}, {}",
+        t.elapsed().as_secs_f64() * 1e3,
+        solve.objective_seconds * 1e3,
+        solve.bound_seconds * 1e3,
+        solve.gap,
+        solve.status
+    );
+}
