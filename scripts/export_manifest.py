@@ -160,6 +160,9 @@ def manifest(model, name: str, torch_dtype) -> dict:
         "modules": modules,
         "tensors": tensors,
         "tied": tied_groups(model, params),
+        # The names transformers treats as tie targets (it never counts their size, which drops a
+        # shared storage entirely when a target is registered before its source).
+        "tied_targets": sorted(k for k in (getattr(model, "all_tied_weights_keys", None) or {}) if k in set(params)),
         "no_split": sorted(no_split),
         "hidden_size": hidden_size(model.config),
     }

@@ -34,6 +34,10 @@ pub struct Manifest {
     /// Groups of tensor names sharing one storage.
     #[serde(default)]
     pub tied: Vec<Vec<String>>,
+    /// Names transformers treats as tie targets (`all_tied_weights_keys`): it never counts their
+    /// size, so a storage whose first-registered name is a target counts 0 bytes in its planner.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tied_targets: Vec<String>,
     /// Module classes that must stay on one device.
     #[serde(default)]
     pub no_split: Vec<String>,
@@ -123,6 +127,7 @@ impl Manifest {
         for g in self.tied {
             b = b.tied(g);
         }
+        b = b.tied_targets(self.tied_targets);
         b.build().map_err(|e| Error::json(origin, e.to_string()))
     }
 
@@ -154,6 +159,10 @@ impl Manifest {
                 .tied_groups()
                 .iter()
                 .map(|g| g.iter().map(|&t| model.tensor(t).name.clone()).collect())
+                .collect(),
+            tied_targets: (0..model.tensors().len())
+                .filter(|&t| model.is_tied_target(t))
+                .map(|t| model.tensor(t).name.clone())
                 .collect(),
             no_split: model.no_split_classes(),
             hidden_size: model.hidden_size,

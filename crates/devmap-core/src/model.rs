@@ -108,6 +108,7 @@ pub struct Model {
     tensors: Vec<Tensor>,
     tied: Vec<Vec<TensorId>>,
     tied_duplicate: Vec<bool>,
+    tied_target: Vec<bool>,
     by_name: HashMap<String, Node>,
     /// Width of the activations passed between blocks, when known.
     pub hidden_size: Option<u64>,
@@ -138,6 +139,7 @@ pub struct ModelBuilder {
     modules: Vec<(String, String)>,
     tensors: Vec<TensorSpec>,
     tied: Vec<Vec<String>>,
+    tied_targets: Vec<String>,
     no_split_classes: Vec<String>,
     hidden_size: Option<u64>,
     config: Option<ModelConfig>,
@@ -191,6 +193,11 @@ impl ModelBuilder {
         self.tied.push(group);
         self
     }
+    /// Names transformers treats as tie targets (see [`Model::is_tied_target`]).
+    pub fn tied_targets(mut self, names: Vec<String>) -> Self {
+        self.tied_targets = names;
+        self
+    }
     /// Module classes that must not be split.
     pub fn no_split_classes(mut self, classes: Vec<String>) -> Self {
         self.no_split_classes = classes;
@@ -223,6 +230,7 @@ impl ModelBuilder {
             tensors: Vec::with_capacity(self.tensors.len()),
             tied: Vec::new(),
             tied_duplicate: Vec::new(),
+            tied_target: Vec::new(),
             by_name: HashMap::with_capacity(self.modules.len() + self.tensors.len() + 1),
             hidden_size: self.hidden_size,
             config: self.config,
@@ -289,9 +297,11 @@ impl ModelBuilder {
                             ids.push(*id)
                         }
                     }
-                    _ => return Err(Error::Model(format!(
+                    _ => {
+                        return Err(Error::Model(format!(
                         "tied group {group:?} names {name:?}, which is not a tensor of the model"
-                    ))),
+                    )))
+                    }
                 }
             }
             if ids.len() < 2 {
@@ -312,6 +322,17 @@ impl ModelBuilder {
             }
             ids.sort_by(|a, b| model.tensors[*a].name.cmp(&model.tensors[*b].name));
             model.tied.push(ids);
+        }
+        model.tied_target = vec![false; model.tensors.len()];
+        for name in &self.tied_targets {
+            match model.by_name.get(name) {
+                Some(Node::Tensor(id)) => model.tied_target[*id] = true,
+                _ => {
+                    return Err(Error::Model(format!(
+                        "tied target {name:?} is not a tensor of the model"
+                    )))
+                }
+            }
         }
         model.apply_no_split_classes(&self.no_split_classes);
         Ok(model)
@@ -443,6 +464,11 @@ impl Model {
     /// Whether the tensor is a second (or later) name of a shared storage.
     pub fn is_tied_duplicate(&self, id: TensorId) -> bool {
         self.tied_duplicate[id]
+    }
+    /// Whether transformers treats the tensor as a tie target (`all_tied_weights_keys`), whose size
+    /// it never counts.
+    pub fn is_tied_target(&self, id: TensorId) -> bool {
+        self.tied_target[id]
     }
     /// Look a name up.
     pub fn node(&self, name: &str) -> Option<Node> {

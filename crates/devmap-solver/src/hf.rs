@@ -65,7 +65,16 @@ pub struct HfSizes {
 impl HfSizes {
     /// Compute sizes for `model` under `compat`'s rules.
     pub fn new(model: &Model, compat: Compat, target_dtype: Option<DType>) -> HfSizes {
-        let tensors = model.tensor_sizes(compat.size_rules(target_dtype));
+        let mut tensors = model.tensor_sizes(compat.size_rules(target_dtype));
+        if compat == Compat::Transformers {
+            // transformers skips every tie target by name; when a target is the first name
+            // registered, the shared storage is never counted at all.
+            for (t, size) in tensors.iter_mut().enumerate() {
+                if model.is_tied_target(t) {
+                    *size = 0;
+                }
+            }
+        }
         let modules = model.module_sizes(&tensors);
         HfSizes { tensors, modules }
     }
@@ -128,7 +137,7 @@ pub fn balanced_budgets(
             // Leaves: modules owning tensors directly, by the tensors they own (top-level tensors excluded).
             let mut leaf = vec![0u64; model.modules().len()];
             for (id, t) in model.tensors().iter().enumerate() {
-                if !model.is_tied_duplicate(id) && t.module != 0 {
+                if !model.is_tied_duplicate(id) && !model.is_tied_target(id) && t.module != 0 {
                     leaf[t.module] += sizes.tensors[id];
                 }
             }
