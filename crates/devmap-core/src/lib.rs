@@ -6,6 +6,7 @@
 //! - [`device_map`]: [`DeviceMap`], accelerate's device-map dict, with `clean`.
 //! - [`validate`]: what is wrong with a map (coverage, overlaps, no-split, ties, budgets).
 //! - [`graph`]: the petgraph DAG of modules and placement units.
+//! - [`synthetic`]: generated dense, MoE and encoder-decoder models and budgets for benches and tests.
 //!
 //! No solver and no CUDA live here; `devmap-solver`, `devmap-offload` and `devmap-cuda` build on it.
 //!
@@ -39,6 +40,7 @@ pub mod load;
 pub mod manifest;
 pub mod model;
 pub mod safetensors;
+pub mod synthetic;
 pub mod validate;
 
 pub use budget::{format_bytes, parse_memory_size, Device, MemoryBudget, MemoryBudgets};
