@@ -101,7 +101,8 @@ fn from_headers(origin: &Path, headers: Vec<Header>, config: Option<ModelConfig>
     for g in tied {
         b = b.tied(g);
     }
-    let mut model = b.build()?;
+    // Name the checkpoint: the builder's errors (a tensor named "a..b"...) only name the tensor.
+    let mut model = b.build().map_err(|e| Error::json(origin, e.to_string()))?;
     model.infer_no_split_blocks();
     Ok(model)
 }

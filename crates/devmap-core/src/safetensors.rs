@@ -281,6 +281,8 @@ pub fn read_index(index_path: &Path) -> Result<Vec<Header>> {
         }
         headers.push(Header::read(&dir.join(rel))?);
     }
+    // Before the index check: a tensor in two shards would otherwise be reported as missing from one.
+    check_no_duplicates(&headers)?;
     let mut location: HashMap<&str, &Path> = HashMap::new();
     for h in &headers {
         for t in &h.tensors {
@@ -301,7 +303,6 @@ pub fn read_index(index_path: &Path) -> Result<Vec<Header>> {
             }
         }
     }
-    check_no_duplicates(&headers)?;
     Ok(headers)
 }
 
