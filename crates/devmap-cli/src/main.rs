@@ -179,10 +179,11 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
         CompatArg::Accelerate => Compat::Accelerate,
     });
     let auto_options = auto_options(&args.cost, &model)?;
-    let strategy: Box<dyn Strategy> = if args.strategy == "auto" {
-        Box::new(Auto::new(auto_options.clone()))
-    } else {
-        strategy_by_name(&args.strategy, compat)?
+    let strategy: Box<dyn Strategy> = match (args.strategy.as_str(), compat) {
+        ("auto", None) => Box::new(Auto::new(auto_options.clone())),
+        // --compat reproduces Hugging Face, whose device_map="auto" is "balanced".
+        ("auto", Some(_)) => strategy_by_name("balanced", compat)?,
+        (name, _) => strategy_by_name(name, compat)?,
     };
     let request = PlanRequest::new(&model, &budgets).with_dtype(args.model.dtype);
     let plan: Plan = strategy.plan(&request)?;
