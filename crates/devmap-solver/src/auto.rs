@@ -573,8 +573,9 @@ fn max_gpu_packing(inst: &Instance, gpu_rows: &[usize]) -> u64 {
 
 fn check_pins(inst: &Instance) -> Result<(), Error> {
     for (b, d) in inst.devices.iter().enumerate() {
+        // Pinned: a pin removed every other device (a lone device restricts nothing).
         let pinned: u64 = (0..inst.n())
-            .filter(|&i| inst.allowed[i].iter().filter(|x| **x).count() == 1 && inst.allowed[i][b])
+            .filter(|&i| inst.allowed[i].iter().any(|x| !*x) && inst.allowed[i][b])
             .map(|i| inst.mem[i] + inst.kv[i])
             .sum();
         if pinned > inst.caps[b] {
