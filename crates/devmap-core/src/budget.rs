@@ -246,21 +246,30 @@ impl MemoryBudgets {
             ));
         };
         let mut pairs = Vec::new();
+        // Every error names the file and the device key as well as the value.
+        let in_file = |key: &str, e: Error| Error::json(origin, format!("device {key:?}: {e}"));
         for (key, v) in &map {
-            let device = Device::parse(key)?;
+            let device = Device::parse(key).map_err(|e| in_file(key, e))?;
             let bytes = match v {
-                serde_json::Value::String(s) => parse_memory_size(s)?,
-                serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| Error::MemorySize {
-                    text: n.to_string(),
-                    reason:
-                        "sizes must be non-negative integers of bytes or strings like \"20GiB\""
-                            .into(),
+                serde_json::Value::String(s) => parse_memory_size(s).map_err(|e| in_file(key, e))?,
+                serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| {
+                    in_file(
+                        key,
+                        Error::MemorySize {
+                            text: n.to_string(),
+                            reason: "sizes must be non-negative integers of bytes or strings like \"20GiB\""
+                                .into(),
+                        },
+                    )
                 })?,
                 other => {
-                    return Err(Error::MemorySize {
-                        text: other.to_string(),
-                        reason: format!("budget of device {key:?} must be a string or an integer"),
-                    })
+                    return Err(in_file(
+                        key,
+                        Error::MemorySize {
+                            text: other.to_string(),
+                            reason: "a budget must be a string or an integer".into(),
+                        },
+                    ))
                 }
             };
             pairs.push((device, bytes));
