@@ -12,7 +12,7 @@
 //! three maps under the same cost model, with the bytes each leaves on cpu + disk. Then the synthetic
 //! models (an 80-layer dense, the 170k-tensor MoE, an encoder-decoder).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use devmap_benches::{
@@ -343,13 +343,15 @@ fn synthetic_rows(args: &Args) {
     ];
     let runs = args.runs.min(5);
     let auto_runs = args.auto_runs.min(3);
-    println!("### Synthetic models (ms; median of {runs} runs, auto {auto_runs})\n");
+    println!(
+        "### Synthetic models (ms; median of {runs} runs, auto {auto_runs}, build {})\n",
+        runs.min(3)
+    );
     println!("| model | tensors | GiB | budgets | build | sequential | balanced | auto | auto ms/token | gap | HF best ms/token | offload auto GiB | offload HF GiB |");
     println!("|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for (label, make, budgets) in cases {
-        let started = Instant::now();
-        let model = make();
-        let build = started.elapsed();
+        // Median of a few builds: the first allocation after freeing a large model is slow.
+        let (build, model) = time_median(runs.min(3), make);
         let total = model.total_bytes(Default::default());
         eprintln!(
             "{label}: {} tensors, built in {}",
