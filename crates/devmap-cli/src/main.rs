@@ -15,6 +15,7 @@ use devmap_core::{
 };
 use devmap_solver::{strategy_by_name, Auto, AutoOptions, Compat, Plan, PlanRequest, Strategy};
 
+mod offload_cmd;
 mod report;
 
 /// Plan where every weight of a neural network lives: GPUs, CPU RAM or disk.
@@ -33,6 +34,8 @@ enum Command {
     Check(CheckArgs),
     /// Run every strategy on one model and budget set and print them side by side.
     Compare(CompareArgs),
+    /// Write the tensors a plan maps to disk as an accelerate offload folder, or verify one.
+    Offload(offload_cmd::OffloadArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -142,6 +145,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan(args),
         Command::Check(args) => check(args),
         Command::Compare(args) => compare(args),
+        Command::Offload(args) => offload_cmd::run(args),
     };
     match result {
         Ok(code) => code,
