@@ -46,7 +46,8 @@ pub enum Form {
     #[default]
     Reference,
     /// One `{name}.dat` file per tensor (`{"dtype", "shape"}`, the form accelerate's
-    /// `offload_state_dict` writes).
+    /// `offload_state_dict` writes). The few tensors accelerate cannot read back from a `.dat`
+    /// file (no elements; 0-d uint64) keep a reference entry.
     Copy,
 }
 
@@ -219,8 +220,10 @@ pub fn offload_tensors(
         .map(|&i| {
             let job = &jobs[i];
             let outcome = match options.form {
-                Form::Reference => Outcome::Referenced(ctx.hash_source(job)?),
-                Form::Copy => ctx.copy(job, known.get(job.name))?,
+                Form::Copy if dat_loadable_by_accelerate(job) => {
+                    ctx.copy(job, known.get(job.name))?
+                }
+                _ => Outcome::Referenced(ctx.hash_source(job)?),
             };
             Ok((i, outcome))
         })
@@ -275,6 +278,14 @@ pub fn offload_tensors(
         sync_folder(folder)?;
     }
     Ok(report)
+}
+
+/// Whether accelerate 1.15's `load_offloaded_weight` can read this tensor from a `.dat` file. It
+/// cannot when the tensor has no elements (numpy cannot map an empty file) or is a 0-d uint64
+/// (`torch.tensor` rejects the `numpy.uint64` scalar it gets); such tensors keep a reference entry,
+/// which accelerate reads through safetensors.
+fn dat_loadable_by_accelerate(job: &Job<'_>) -> bool {
+    job.bytes() > 0 && !(job.shape.is_empty() && job.dtype == DType::U64)
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -54,13 +54,18 @@ fn every_dtype_copy_form_is_byte_identical_with_accelerate_conventions() {
     )
     .unwrap();
     let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
+    // accelerate cannot read these from a .dat file: they stay references.
+    let not_dat = |t: &Gen| t.data.is_empty() || (t.shape.is_empty() && t.dtype == DType::U64);
+    let empty = tensors.iter().filter(|t| not_dat(t)).count();
+    assert_eq!(empty, DType::ALL.len() + 1);
     assert_eq!(
         report,
         OffloadReport {
             tensors: tensors.len(),
-            written: tensors.len(),
+            written: tensors.len() - empty,
+            referenced: empty,
             bytes: total,
-            bytes_written: total,
+            bytes_written: total - 8, // the 0-d uint64
             ..OffloadReport::default()
         }
     );
@@ -70,6 +75,11 @@ fn every_dtype_copy_form_is_byte_identical_with_accelerate_conventions() {
     assert_eq!(index.len(), tensors.len());
     for t in &tensors {
         let e = &index[&t.name];
+        if not_dat(t) {
+            assert_eq!(e["weight_name"], t.name.as_str());
+            assert!(!folder.join(format!("{}.dat", t.name)).exists());
+            continue;
+        }
         let dtype = e["dtype"].as_str().unwrap();
         let expected = match t.dtype {
             DType::BF16 => "bfloat16",
@@ -109,7 +119,7 @@ fn every_dtype_copy_form_is_byte_identical_with_accelerate_conventions() {
     assert_reads_back(&opened, &refs);
     // Only the index, the checksums and the .dat files remain: no journal, no temporary file.
     let files = listing(&folder);
-    assert_eq!(files.len(), tensors.len() + 2, "{files:?}");
+    assert_eq!(files.len(), tensors.len() - empty + 2, "{files:?}");
     assert!(files.contains(&"devmap-checksums.json".to_string()));
 }
 
