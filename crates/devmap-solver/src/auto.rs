@@ -198,8 +198,9 @@ impl Strategy for Auto {
             best_start
         } else {
             best_start.map(|(label, a, c)| {
-                let (b, cb) =
-                    local_search(&inst, a.clone(), c, started + self.options.time_limit / 4);
+                // A short polish: HiGHS takes over if it does not reach the bound.
+                let budget = (self.options.time_limit / 4).min(Duration::from_millis(20));
+                let (b, cb) = local_search(&inst, a.clone(), c, Instant::now() + budget);
                 if cb < c {
                     (
                         format!("{label} + local search"),
@@ -216,7 +217,11 @@ impl Strategy for Auto {
                 .as_ref()
                 .is_some_and(|(_, _, c)| *c <= lower * (1.0 + self.options.mip_rel_gap) + 1e-12);
         if trace {
-            eprintln!("trace: local search {:?}", started.elapsed());
+            eprintln!(
+                "trace: local search {:?}; lower bound {lower}, best start {:?}",
+                started.elapsed(),
+                best_start.as_ref().map(|s| (s.0.clone(), s.2))
+            );
         }
         let result = if certified {
             let (label, a, c) = best_start.clone().expect("certified implies a start");
@@ -350,29 +355,8 @@ pub fn lower_bound(inst: &Instance) -> f64 {
         .sum();
     let total: u64 = (0..n).map(|i| inst.mem[i] + inst.kv[i]).sum();
     let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
-    if inst.main.is_some() && !gpu_rows.is_empty() {
-        let streamed: Vec<usize> = (0..inst.devices.len())
-            .filter(|&b| inst.is_streamed(b))
-            .collect();
-        if total > gpu_total && !streamed.is_empty() {
-            // The cheapest extra seconds per streamed byte, over units and streamed devices.
-            let per_byte = (0..n)
-                .filter(|&i| inst.read[i] > 0)
-                .flat_map(|i| {
-                    let gpu_min = gpu_rows
-                        .iter()
-                        .map(|&g| inst.cost[i][g])
-                        .fold(f64::INFINITY, f64::min);
-                    streamed
-                        .iter()
-                        .map(move |&b| (inst.cost[i][b] - gpu_min) / inst.read[i] as f64)
-                })
-                .fold(f64::INFINITY, f64::min);
-            let packed = max_gpu_packing(inst, &gpu_rows).min(gpu_total);
-            if per_byte.is_finite() && per_byte > 0.0 {
-                lb += (total - packed) as f64 * per_byte;
-            }
-        }
+    if inst.main.is_some() && !gpu_rows.is_empty() && total > gpu_total {
+        lb += streaming_extra(inst, &gpu_rows, total);
     }
     // Device changes: with k execution devices needed, at least k − 1 changes.
     let mut caps: Vec<u64> = gpu_rows.iter().map(|&b| inst.caps[b]).collect();
@@ -417,6 +401,9 @@ pub fn local_search(
     loop {
         let mut improved = false;
         for i in 0..n {
+            if Instant::now() > deadline {
+                return (a, cost);
+            }
             for b in 0..k {
                 if b == a[i] || !inst.allowed[i][b] {
                     continue;
@@ -467,11 +454,88 @@ pub fn local_search(
     }
 }
 
-/// An upper bound on the bytes the GPUs can hold at once: an exact multiple-knapsack over the
-/// (at most four) largest unit-size classes, smaller units counted as fluid. The main GPU loses the
-/// reserve every feasible placement needs when something must be streamed.
-fn max_gpu_packing(inst: &Instance, gpu_rows: &[usize]) -> u64 {
+/// A lower bound on the extra seconds streaming costs when the GPUs cannot hold everything.
+///
+/// Tiers are the streamed devices ordered by their cheapest extra seconds per byte; the most
+/// expensive one (disk, usually) is the sink and is treated as unbounded. Every other device is a
+/// bin (GPUs save the sink's whole rate per byte, cpu the difference): an exact multiple-knapsack
+/// over the (at most four) largest unit-size classes maximises the saving, smaller units count as
+/// fluid at the best rate. Capacities lose the reserves any feasible placement needs.
+fn streaming_extra(inst: &Instance, gpu_rows: &[usize], total: u64) -> f64 {
+    // The main GPU's reserve R is the largest streamed unit: enumerate R over the unit sizes at or
+    // above the forced minimum; units larger than R must then stay on GPUs.
+    let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
+    let forced = crate::mip::forced_reserve(inst, gpu_total);
+    let mut levels: Vec<u64> = (0..inst.n())
+        .map(|i| inst.read[i])
+        .filter(|&r| r >= forced)
+        .collect();
+    levels.sort_unstable();
+    levels.dedup();
+    levels.truncate(8);
+    if levels.is_empty() {
+        levels.push(forced);
+    }
+    levels
+        .into_iter()
+        .map(|r| streaming_extra_at(inst, gpu_rows, total, r))
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// [`streaming_extra`] for a given main-GPU reserve `reserve` (see there).
+fn streaming_extra_at(inst: &Instance, gpu_rows: &[usize], total: u64, reserve: u64) -> f64 {
     let n = inst.n();
+    let streamed: Vec<usize> = (0..inst.devices.len())
+        .filter(|&b| inst.is_streamed(b))
+        .collect();
+    let rate = |b: usize| -> f64 {
+        (0..n)
+            .filter(|&i| inst.read[i] > 0)
+            .map(|i| {
+                let gpu_min = gpu_rows
+                    .iter()
+                    .map(|&g| inst.cost[i][g])
+                    .fold(f64::INFINITY, f64::min);
+                (inst.cost[i][b] - gpu_min) / inst.read[i] as f64
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let mut tiers: Vec<(f64, usize)> = streamed
+        .iter()
+        .map(|&b| (rate(b), b))
+        .filter(|(r, _)| r.is_finite() && *r > 0.0)
+        .collect();
+    if tiers.is_empty() {
+        return 0.0;
+    }
+    tiers.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (sink_rate, _) = *tiers.last().expect("non-empty");
+    let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
+    // Bins: (capacity, saving per byte).
+    let mut bins: Vec<(u64, f64)> = gpu_rows
+        .iter()
+        .map(|&b| {
+            let cap = if Some(b) == inst.main {
+                inst.caps[b].saturating_sub(reserve)
+            } else {
+                inst.caps[b]
+            };
+            (cap, sink_rate)
+        })
+        .collect();
+    let mut before = gpu_total;
+    for &(r, b) in &tiers[..tiers.len() - 1] {
+        // A tier ahead of the sink keeps room for the largest unit the sink will stream through it
+        // (the cpu for disk units), which the sink must take once these capacities are full.
+        let cap = inst.caps[b];
+        let reserve = if inst.devices[b] == devmap_core::Device::Cpu {
+            crate::mip::forced_reserve(inst, before + cap)
+        } else {
+            0
+        };
+        bins.push((cap.saturating_sub(reserve), sink_rate - r));
+        before += cap;
+    }
     let w: Vec<u64> = (0..n).map(|i| inst.mem[i] + inst.kv[i]).collect();
     let mut classes: Vec<(u64, u64)> = Vec::new(); // (size, count), descending
     let mut sorted: Vec<u64> = w.iter().copied().filter(|&x| x > 0).collect();
@@ -482,39 +546,33 @@ fn max_gpu_packing(inst: &Instance, gpu_rows: &[usize]) -> u64 {
             _ => classes.push((x, 1)),
         }
     }
-    let caps: Vec<u64> = gpu_rows
+    // A class is pinned to the GPU bins when every unit of it reads more than the reserve.
+    let on_gpu = |size: u64| {
+        (0..n)
+            .filter(|&i| w[i] == size)
+            .all(|i| inst.read[i] > reserve)
+    };
+    let smallest_cap = bins
         .iter()
-        .map(|&b| {
-            if Some(b) == inst.main {
-                inst.caps[b].saturating_sub(crate::mip::forced_stream_reserve(inst))
-            } else {
-                inst.caps[b]
-            }
-        })
-        .collect();
-    let smallest_cap = caps.iter().copied().min().unwrap_or(0);
-    // Big classes: the largest ones, as long as the state space stays small.
+        .map(|b| b.0)
+        .filter(|&c| c > 0)
+        .min()
+        .unwrap_or(0);
     let mut big: Vec<(u64, u64)> = Vec::new();
     let mut states = 1u64;
     for &(size, count) in &classes {
-        if big.len() == 4
-            || size.saturating_mul(100) < smallest_cap
-            || states * (count + 1) > 20_000
+        if big.len() == 4 || size.saturating_mul(100) < smallest_cap || states * (count + 1) > 5_000
         {
             break;
         }
         states *= count + 1;
         big.push((size, count));
     }
-    let total: u64 = w.iter().sum();
-    if big.is_empty() {
-        return total;
-    }
     let big_total: u64 = big.iter().map(|(s, c)| s * c).sum();
     let fluid = total - big_total;
-    // DP over GPUs: best[state] = big bytes packed, state = counts used per class (mixed radix).
+    let best_rate = bins.iter().map(|b| b.1).fold(0.0, f64::max);
     let radix: Vec<u64> = big.iter().map(|(_, c)| c + 1).collect();
-    let n_states = radix.iter().product::<u64>() as usize;
+    let n_states = radix.iter().product::<u64>().max(1) as usize;
     let decode = |mut idx: usize| -> Vec<u64> {
         radix
             .iter()
@@ -526,49 +584,84 @@ fn max_gpu_packing(inst: &Instance, gpu_rows: &[usize]) -> u64 {
             .collect()
     };
     let encode = |v: &[u64]| -> usize {
-        let mut idx = 0usize;
-        for (j, &r) in radix.iter().enumerate().rev() {
-            idx = idx * r as usize + v[j] as usize;
-        }
-        idx
+        radix
+            .iter()
+            .zip(v)
+            .rev()
+            .fold(0usize, |acc, (&r, &x)| acc * r as usize + x as usize)
     };
-    let mut reachable = vec![false; n_states];
-    reachable[0] = true;
-    for &cap in &caps {
-        // Per-GPU count vectors that fit.
-        let mut fits: Vec<Vec<u64>> = Vec::new();
-        for idx in 0..n_states {
-            let v = decode(idx);
-            let bytes: u64 = v.iter().zip(&big).map(|(c, (s, _))| c * s).sum();
-            if bytes <= cap {
-                fits.push(v);
-            }
-        }
-        let mut next = vec![false; n_states];
-        for idx in (0..n_states).filter(|&i| reachable[i]) {
-            let used = decode(idx);
-            for f in &fits {
-                let sum: Vec<u64> = used.iter().zip(f).map(|(a, b)| a + b).collect();
-                if sum.iter().zip(&big).all(|(s, (_, c))| s <= c) {
-                    next[encode(&sum)] = true;
+    let bytes_of = |v: &[u64]| -> u64 { v.iter().zip(&big).map(|(c, (s, _))| c * s).sum() };
+    let vectors: Vec<Vec<u64>> = (0..n_states).map(decode).collect();
+    let mut best = vec![f64::NEG_INFINITY; n_states];
+    best[0] = 0.0;
+    let gpu_bins = gpu_rows.len();
+    let forced_full: Vec<bool> = big.iter().map(|(s, _)| on_gpu(*s)).collect();
+    // Units larger than the reserve but too small to be "big" classes are not tracked (relaxation).
+    for (bin, &(cap, saving)) in bins.iter().enumerate() {
+        if bin == gpu_bins {
+            // Past the GPU bins: forced classes must all be placed already.
+            for (st, v) in best.iter_mut().enumerate() {
+                let full = vectors[st]
+                    .iter()
+                    .zip(&big)
+                    .zip(&forced_full)
+                    .all(|((x, (_, c)), f)| !f || x == c);
+                if !full {
+                    *v = f64::NEG_INFINITY;
                 }
             }
         }
-        reachable = next;
+        // Only maximal packings of this bin matter: sums are clamped to the class counts, which
+        // covers every smaller packing (the saving grows with the bytes placed).
+        let fits: Vec<usize> = (0..n_states)
+            .filter(|&i| {
+                let v = &vectors[i];
+                let bytes = bytes_of(v);
+                bytes <= cap
+                    && big
+                        .iter()
+                        .zip(v)
+                        .all(|((size, count), x)| x == count || bytes + size > cap)
+            })
+            .collect();
+        let mut next = best.clone(); // an empty bin
+        for st in (0..n_states).filter(|&st| best[st].is_finite()) {
+            for &f in &fits {
+                let sum: Vec<u64> = vectors[st]
+                    .iter()
+                    .zip(&vectors[f])
+                    .zip(&big)
+                    .map(|((a, b), (_, c))| (a + b).min(*c))
+                    .collect();
+                let added = bytes_of(&sum) - bytes_of(&vectors[st]);
+                let v = best[st] + saving * added as f64;
+                let t = encode(&sum);
+                if v > next[t] {
+                    next[t] = v;
+                }
+            }
+        }
+        best = next;
     }
-    let packed_big = (0..n_states)
-        .filter(|&i| reachable[i])
-        .map(|i| {
-            decode(i)
+    if bins.len() == gpu_bins {
+        for (st, v) in best.iter_mut().enumerate() {
+            let full = vectors[st]
                 .iter()
                 .zip(&big)
-                .map(|(c, (s, _))| c * s)
-                .sum::<u64>()
-        })
-        .max()
-        .unwrap_or(0);
-    let cap_total: u64 = caps.iter().sum();
-    packed_big + fluid.min(cap_total.saturating_sub(packed_big))
+                .zip(&forced_full)
+                .all(|((x, (_, c)), f)| !f || x == c);
+            if !full {
+                *v = f64::NEG_INFINITY;
+            }
+        }
+    }
+    if best.iter().all(|v| !v.is_finite()) {
+        return f64::INFINITY; // this reserve level admits no placement
+    }
+    let big_saving = best.iter().copied().fold(0.0, f64::max);
+    let cap_saving: f64 = bins.iter().map(|(c, s)| *c as f64 * s).sum();
+    let saving = (big_saving + fluid as f64 * best_rate).min(cap_saving);
+    (sink_rate * total as f64 - saving).max(0.0)
 }
 
 fn check_pins(inst: &Instance) -> Result<(), Error> {

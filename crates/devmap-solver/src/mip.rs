@@ -361,6 +361,22 @@ pub fn solve(
     model.set_option("time_limit", opts.time_limit.as_secs_f64());
     model.set_option("mip_rel_gap", opts.mip_rel_gap);
     model.set_option("threads", 1);
+    if let Ok(extra) = std::env::var("DEVMAP_HIGHS_OPTIONS") {
+        // Debugging aid: `name=value,...` passed to HiGHS as is.
+        for kv in extra.split(',').filter(|s| !s.is_empty()) {
+            if let Some((k, v)) = kv.split_once('=') {
+                if let Ok(i) = v.parse::<i32>() {
+                    model.set_option(k, i);
+                } else if let Ok(f) = v.parse::<f64>() {
+                    model.set_option(k, f);
+                } else if let Ok(b) = v.parse::<bool>() {
+                    model.set_option(k, b);
+                } else {
+                    model.set_option(k, v);
+                }
+            }
+        }
+    }
     // A start that violates the symmetry rows is relabelled by HiGHS' own check; skip it then.
     let warm_ok =
         start.is_some() && symmetry_respected(inst, start.expect("checked"), opts.contiguous);
@@ -488,21 +504,25 @@ pub(crate) fn forced_stream_reserve(inst: &Instance) -> u64 {
         .filter(|&b| inst.devices[b].is_gpu())
         .map(|b| inst.caps[b])
         .sum();
+    forced_reserve(inst, gpu_caps)
+}
+
+/// When devices of total capacity `capacity` cannot hold every unit, the units left over must cover
+/// the excess, so they include one at least as large as the unit where ascending sizes first add up
+/// to it: the read size of the smallest such unit (0 when nothing is left over).
+pub(crate) fn forced_reserve(inst: &Instance, capacity: u64) -> u64 {
     let total: u64 = (0..inst.n()).map(|i| inst.mem[i] + inst.kv[i]).sum();
-    let Some(excess) = total.checked_sub(gpu_caps).filter(|e| *e > 0) else {
+    let Some(excess) = total.checked_sub(capacity).filter(|e| *e > 0) else {
         return 0;
     };
-    let mut order: Vec<usize> = (0..inst.n()).collect();
-    order.sort_by_key(|&i| inst.mem[i] + inst.kv[i]);
+    let mut order: Vec<u64> = (0..inst.n()).map(|i| inst.mem[i] + inst.kv[i]).collect();
+    order.sort_unstable();
     let mut cum = 0u64;
-    for (pos, &i) in order.iter().enumerate() {
-        cum += inst.mem[i] + inst.kv[i];
+    for w in order {
+        cum += w;
         if cum >= excess {
-            let threshold = inst.mem[i] + inst.kv[i];
-            // Units strictly smaller than the threshold cannot cover the excess on their own.
-            let _ = pos;
             return (0..inst.n())
-                .filter(|&u| inst.mem[u] + inst.kv[u] >= threshold)
+                .filter(|&u| inst.mem[u] + inst.kv[u] >= w)
                 .map(|u| inst.read[u])
                 .min()
                 .unwrap_or(0);
