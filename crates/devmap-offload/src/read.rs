@@ -211,15 +211,27 @@ impl OffloadFolder {
         &self.checksums
     }
 
-    /// A zero-copy view of `name`'s bytes.
+    /// A zero-copy view of `name`'s bytes, its pages faulted in up front (`MAP_POPULATE`): a view
+    /// meant to be read whole, such as a copy to a GPU, reads at page-cache speed without a page
+    /// fault every few pages. [`OffloadFolder::get_lazy`] maps without reading.
     pub fn get(&self, name: &str) -> Result<TensorView> {
+        self.view(name, true)
+    }
+
+    /// A zero-copy view of `name`'s bytes whose pages are read when first touched: for reading a
+    /// part of a large tensor.
+    pub fn get_lazy(&self, name: &str) -> Result<TensorView> {
+        self.view(name, false)
+    }
+
+    fn view(&self, name: &str, populate: bool) -> Result<TensorView> {
         let entry = self.entry(name).ok_or_else(|| Error::NotInIndex {
             index: self.index_path.clone(),
             tensor: name.to_string(),
         })?;
         let (path, range) = entry.file_and_range();
         let file = self.open_checked(entry, path, &range)?;
-        let map = map_range(&file, path, range, false)?;
+        let map = map_range(&file, path, range, populate)?;
         Ok(TensorView {
             name: entry.name.clone(),
             dtype: entry.dtype,
