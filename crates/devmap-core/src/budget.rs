@@ -176,7 +176,13 @@ pub struct MemoryBudget {
     pub bytes: u64,
 }
 
+/// Largest budget a device keeps: 2⁵² bytes (4 PiB). Larger values (`u64::MAX` as "unlimited")
+/// are capped to it, which changes no plan (a model holds at most [`crate::model::MAX_MODEL_BYTES`],
+/// 1 PiB) and keeps sums of budgets over thousands of devices inside 64 bits.
+pub const MAX_BUDGET_BYTES: u64 = 1 << 52;
+
 /// The budgets of every device a plan may use, in accelerate's order: GPUs by index, then cpu, then disk.
+/// Each is capped at [`MAX_BUDGET_BYTES`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MemoryBudgets {
     budgets: Vec<MemoryBudget>,
@@ -193,7 +199,10 @@ impl MemoryBudgets {
                     reason: format!("device {device} is given twice"),
                 });
             }
-            budgets.push(MemoryBudget { device, bytes });
+            budgets.push(MemoryBudget {
+                device,
+                bytes: bytes.min(MAX_BUDGET_BYTES),
+            });
         }
         budgets.sort_by_key(|b| b.device);
         Ok(MemoryBudgets { budgets })
@@ -295,8 +304,9 @@ impl MemoryBudgets {
         self.get(device).is_some()
     }
 
-    /// Set (or add) the budget of a device, keeping the order.
+    /// Set (or add) the budget of a device, keeping the order (capped at [`MAX_BUDGET_BYTES`]).
     pub fn set(&mut self, device: Device, bytes: u64) {
+        let bytes = bytes.min(MAX_BUDGET_BYTES);
         if let Some(b) = self.budgets.iter_mut().find(|b| b.device == device) {
             b.bytes = bytes;
         } else {

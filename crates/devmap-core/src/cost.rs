@@ -131,20 +131,33 @@ impl Topology {
         }
         positive("cpu_memory_bandwidth", self.cpu_memory_bandwidth)?;
         positive("disk_read_bandwidth", self.disk_read_bandwidth)?;
-        positive(
-            "default_host_link.bandwidth",
-            self.default_host_link.bandwidth,
-        )?;
-        positive(
-            "default_peer_link.bandwidth",
-            self.default_peer_link.bandwidth,
-        )?;
-        for k in self.peer_links.keys() {
+        // Every link, not only the defaults: a zero bandwidth or a negative latency anywhere gives
+        // infinite or negative times, which the MIP cannot use.
+        let link = |what: &str, l: &Link| {
+            positive(&format!("{what}.bandwidth"), l.bandwidth)?;
+            if l.latency.is_finite() && l.latency >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what}.latency must be a non-negative number, got {}",
+                    l.latency
+                ))
+            }
+        };
+        link("default_host_link", &self.default_host_link)?;
+        link("default_peer_link", &self.default_peer_link)?;
+        for (i, g) in &self.gpus {
+            if let Some(l) = &g.host_link {
+                link(&format!("gpus.{i}.host_link"), l)?;
+            }
+        }
+        for (k, l) in &self.peer_links {
             if parse_pair(k).is_none() {
                 return Err(format!(
                     "peer_links key {k:?} is not \"A-B\" with GPU indices"
                 ));
             }
+            link(&format!("peer_links.{k}"), l)?;
         }
         Ok(())
     }
@@ -236,7 +249,8 @@ impl CostModel {
                 Device::Gpu(i) => Some(*i),
                 _ => None,
             }),
-            activation_bytes: model.hidden_size.unwrap_or(0) * act_dtype,
+            // Saturating: `hidden_size` comes from a manifest or config.json.
+            activation_bytes: model.hidden_size.unwrap_or(0).saturating_mul(act_dtype),
         }
     }
 
@@ -434,7 +448,22 @@ impl KvCacheSpec {
             },
             |d| d.size_bytes(),
         );
-        Ok(2 * self.batch * self.seq * kv_heads * head_dim * dtype_bytes)
+        // The factors come from config.json and the command line: overflow is an error, not a wrap
+        // (a release build would otherwise reserve a wrapped, possibly zero, cache). The cache of
+        // every no-split block together (the most layers a planner charges) is bounded like a
+        // model's weights, so planners' sums stay inside 64 bits.
+        let blocks = model.modules().iter().filter(|m| m.no_split).count().max(1) as u64;
+        [self.batch, self.seq, kv_heads, head_dim, dtype_bytes]
+            .iter()
+            .try_fold(2u64, |acc, &f| acc.checked_mul(f))
+            .filter(|&per_layer| per_layer.saturating_mul(blocks) <= crate::model::MAX_MODEL_BYTES)
+            .ok_or_else(|| {
+                Error::Model(format!(
+                    "the KV cache of one layer (2 × batch {} × seq {} × {kv_heads} KV heads × head dim \
+                     {head_dim} × {dtype_bytes} bytes) times {blocks} block(s) is more than 1 PiB",
+                    self.batch, self.seq
+                ))
+            })
     }
 }
 

@@ -113,8 +113,10 @@ impl DeviceMap {
         let pairs: OrderedPairs = serde_json::from_str(text)
             .map_err(|e| Error::DeviceMap(format!("not a JSON object of name -> device: {e}")))?;
         let mut map = DeviceMap::new();
+        // A set, not `map.get`: a linear lookup per key made a 170k-key map take minutes.
+        let mut seen = std::collections::HashSet::with_capacity(pairs.0.len());
         for (k, v) in pairs.0 {
-            if map.get(&k).is_some() {
+            if !seen.insert(k.clone()) {
                 return Err(Error::DeviceMap(format!("key {k:?} appears twice")));
             }
             let d =
@@ -230,17 +232,22 @@ fn clean_rec(
         module.len() + 1
     };
     let mut groups: Vec<(String, Vec<Keyed<'_>>)> = Vec::new();
+    // Index of each child's group: a linear search per key was quadratic in a module's children.
+    let mut group_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for &&(i, k, d) in &under {
         let rest = &k[skip..];
         let head = rest.split('.').next().unwrap_or(rest);
-        let child = if module.is_empty() {
-            head.to_string()
-        } else {
-            format!("{module}.{head}")
-        };
-        match groups.iter_mut().find(|(c, _)| *c == child) {
-            Some((_, v)) => v.push((i, k, d)),
-            None => groups.push((child, vec![(i, k, d)])),
+        match group_of.get(head) {
+            Some(&g) => groups[g].1.push((i, k, d)),
+            None => {
+                let child = if module.is_empty() {
+                    head.to_string()
+                } else {
+                    format!("{module}.{head}")
+                };
+                group_of.insert(head, groups.len());
+                groups.push((child, vec![(i, k, d)]));
+            }
         }
     }
     for (child, group) in groups {

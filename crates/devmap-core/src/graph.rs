@@ -104,7 +104,11 @@ impl ModelGraph {
                     .find(|d| d.is_float())
             })
             .unwrap_or(DType::F16);
-        let bytes_per_token = model.hidden_size.unwrap_or(0) * act.size_bytes();
+        // Saturating: `hidden_size` comes from a manifest or config.json.
+        let bytes_per_token = model
+            .hidden_size
+            .unwrap_or(0)
+            .saturating_mul(act.size_bytes());
         let units = units(model);
         for pair in units.windows(2) {
             if pair[0].module != pair[1].module {

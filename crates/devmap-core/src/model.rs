@@ -251,6 +251,7 @@ impl ModelBuilder {
                 }
             }
         }
+        let mut total_bytes = 0u64;
         for spec in self.tensors {
             check_name(&spec.name, "tensor")?;
             if model.by_name.contains_key(&spec.name) {
@@ -263,11 +264,20 @@ impl ModelBuilder {
                 tensor: spec.name.clone(),
                 shape: spec.shape.clone(),
             })?;
-            if numel.checked_mul(spec.dtype.size_bytes()).is_none() {
+            let Some(bytes) = numel.checked_mul(spec.dtype.size_bytes()) else {
                 return Err(Error::ShapeOverflow {
                     tensor: spec.name,
                     shape: spec.shape,
                 });
+            };
+            // Bounded so that every sum planners form (usage per device with tied copies, KV
+            // cache, budgets) stays far from 2⁶⁴: a manifest may declare any shape.
+            total_bytes = total_bytes.saturating_add(bytes);
+            if total_bytes > MAX_MODEL_BYTES {
+                return Err(Error::Model(format!(
+                    "the tensors up to {:?} (shape {:?}) total more than {MAX_MODEL_BYTES} bytes (1 PiB), the most devmap accepts",
+                    spec.name, spec.shape
+                )));
             }
             let parent_name = spec.name.rsplit_once('.').map_or("", |(p, _)| p);
             let module = model.ensure_module(parent_name)?;
@@ -339,10 +349,29 @@ impl ModelBuilder {
     }
 }
 
+/// Most bytes the tensors of a model may total, tied names included: 2⁵⁰ (1 PiB), several hundred
+/// times the largest checkpoints. With budgets capped at [`crate::budget::MAX_BUDGET_BYTES`] it
+/// keeps every sum planners form (usage with tied copies, KV cache, budgets over thousands of
+/// devices) far from 2⁶⁴, whatever shapes a manifest declares.
+pub const MAX_MODEL_BYTES: u64 = 1 << 50;
+
+/// Most dotted components a tensor or module name may have. Real models stay far below it (the
+/// deepest fixture name has 8); every component is a module whose name stores its whole prefix, so
+/// without a bound a single 1 MB name would allocate ~10¹¹ bytes and recurse 500,000 frames deep.
+pub const MAX_NAME_COMPONENTS: usize = 64;
+
 fn check_name(name: &str, what: &str) -> Result<()> {
     if name.is_empty() || name.split('.').any(str::is_empty) {
         return Err(Error::Model(format!(
             "{what} name {name:?} has an empty component"
+        )));
+    }
+    let components = name.split('.').count();
+    if components > MAX_NAME_COMPONENTS {
+        let shown: String = name.chars().take(80).collect();
+        return Err(Error::Model(format!(
+            "{what} name {shown:?}... ({} bytes) has {components} dotted components; devmap accepts at most {MAX_NAME_COMPONENTS}",
+            name.len()
         )));
     }
     if name.contains('\0') {
@@ -428,7 +457,9 @@ impl Model {
                 .collect();
             let container = self.modules[id].name.clone();
             for &c in &self.modules[id].children.clone() {
-                if numbered.len() >= 2 && numbered.contains(&c) {
+                // `is_number`, not `numbered.contains`: that was quadratic in the children (a
+                // header of 10⁶ tensors `x.N.w` took minutes).
+                if numbered.len() >= 2 && is_number(&self.modules[c].name) {
                     let m = &mut self.modules[c];
                     m.no_split = true;
                     if m.class.is_empty() {
