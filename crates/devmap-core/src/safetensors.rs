@@ -91,6 +91,15 @@ impl Header {
             path: path.to_path_buf(),
             reason,
         };
+        // Before opening: opening a FIFO blocks until a writer comes, so a checkpoint folder (or an
+        // offload index) naming one would hang devmap. Only regular files have a header to read.
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(bad(
+                "not a regular file (a folder, FIFO, socket or device): safetensors headers are read from regular files only"
+                    .to_string(),
+            ));
+        }
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if file_len < 8 {

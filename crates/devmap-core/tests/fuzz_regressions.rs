@@ -277,3 +277,40 @@ fn a_100k_key_map_parses_validates_and_cleans_in_linear_time() {
         .to_string();
     assert!(e.contains("\"x.1.w\"") && e.contains("twice"), "{e}");
 }
+
+// ------------------------------------------------------------ hostile files: special files
+
+/// `Header::read` opened whatever a path named: a FIFO among a checkpoint's shards (a tar archive
+/// can carry one) blocked `open` forever, for a `.safetensors` path and for a shard named by an
+/// index alike. Found by review of the `safetensors_header` target, which only writes regular files.
+#[test]
+fn a_fifo_as_a_checkpoint_or_a_shard_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.safetensors");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("mkfifo is not available: skipped");
+        return;
+    }
+    let index = write(
+        dir.path(),
+        "model.safetensors.index.json",
+        br#"{"weight_map": {"w": "model.safetensors"}}"#,
+    );
+    for path in [fifo.clone(), index, dir.path().to_path_buf()] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        // A thread, so that a regression fails the test instead of hanging it.
+        std::thread::spawn(move || {
+            let _ = tx.send(load_model(&p).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let result = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("load_model({}) hangs", path.display()));
+        let e = result.expect_err("a FIFO holds no header");
+        assert!(
+            e.contains(&*fifo.to_string_lossy()) && e.contains("not a regular file"),
+            "{e}"
+        );
+    }
+}
