@@ -15,6 +15,8 @@ use devmap_core::{
 };
 use devmap_solver::{strategy_by_name, Auto, AutoOptions, Compat, Plan, PlanRequest, Strategy};
 
+mod devices_cmd;
+mod load_cmd;
 mod offload_cmd;
 mod report;
 
@@ -36,6 +38,10 @@ enum Command {
     Compare(CompareArgs),
     /// Write the tensors a plan maps to disk as an accelerate offload folder, or verify one.
     Offload(offload_cmd::OffloadArgs),
+    /// List the GPUs the CUDA driver sees, their links, and the default budgets.
+    Devices(devices_cmd::DevicesArgs),
+    /// Load a checkpoint onto the devices a plan names (GPUs, pinned RAM) and report GB/s.
+    Load(load_cmd::LoadArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -146,6 +152,8 @@ fn main() -> ExitCode {
         Command::Check(args) => check(args),
         Command::Compare(args) => compare(args),
         Command::Offload(args) => offload_cmd::run(args),
+        Command::Devices(args) => devices_cmd::run(args),
+        Command::Load(args) => load_cmd::run(args),
     };
     match result {
         Ok(code) => code,
@@ -165,24 +173,25 @@ fn read_model(args: &ModelArgs) -> Result<Model> {
     Ok(model)
 }
 
-fn read_budgets(spec: Option<&str>) -> Result<MemoryBudgets> {
+/// Budgets from `--max-memory`, or discovered from the GPUs here (with their topology).
+fn read_budgets(spec: Option<&str>) -> Result<(MemoryBudgets, Option<Topology>)> {
     match spec {
-        Some(s) => Ok(MemoryBudgets::parse(s)?),
-        None => bail!(
-            "--max-memory is required: give budgets such as --max-memory 0=22GiB,1=22GiB,cpu=64GiB \
-             (reading free GPU memory comes with devmap-cuda)"
-        ),
+        Some(s) => Ok((MemoryBudgets::parse(s)?, None)),
+        None => devices_cmd::discovered_budgets().map(|(b, t)| (b, Some(t))),
     }
 }
 
 fn plan(args: PlanArgs) -> Result<ExitCode> {
     let model = read_model(&args.model)?;
-    let budgets = read_budgets(args.max_memory.as_deref())?;
+    let (budgets, discovered) = read_budgets(args.max_memory.as_deref())?;
     let compat = args.compat.map(|c| match c {
         CompatArg::Transformers => Compat::Transformers,
         CompatArg::Accelerate => Compat::Accelerate,
     });
-    let auto_options = auto_options(&args.cost, &model)?;
+    let mut auto_options = auto_options(&args.cost, &model)?;
+    if let (Some(t), None) = (discovered, &args.cost.topology) {
+        auto_options.topology = t;
+    }
     let strategy: Box<dyn Strategy> = match (args.strategy.as_str(), compat) {
         ("auto", None) => Box::new(Auto::new(auto_options.clone())),
         // --compat reproduces Hugging Face, whose device_map="auto" is "balanced".
@@ -249,8 +258,11 @@ fn auto_options(args: &CostArgs, model: &Model) -> Result<AutoOptions> {
 
 fn compare(args: CompareArgs) -> Result<ExitCode> {
     let model = read_model(&args.model)?;
-    let budgets = read_budgets(args.max_memory.as_deref())?;
-    let options = auto_options(&args.cost, &model)?;
+    let (budgets, discovered) = read_budgets(args.max_memory.as_deref())?;
+    let mut options = auto_options(&args.cost, &model)?;
+    if let (Some(t), None) = (discovered, &args.cost.topology) {
+        options.topology = t;
+    }
     let request = PlanRequest::new(&model, &budgets).with_dtype(args.model.dtype);
     let cost_model = CostModel::new(
         &model,

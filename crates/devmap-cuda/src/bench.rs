@@ -70,8 +70,10 @@ pub fn h2d_bandwidth(
                 driver::PINNED_WRITE_COMBINED
             };
             let mut p = PinnedMemory::alloc(&ctx, gpu, bytes, flags, 0)?;
-            for (i, b) in p.as_mut_slice().iter_mut().enumerate() {
-                *b = (i % 251) as u8;
+            // Whole-block copies: byte-wise writes to write-combined memory would be slow.
+            let block: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+            for chunk in p.as_mut_slice().chunks_mut(block.len()) {
+                chunk.copy_from_slice(&block[..chunk.len()]);
             }
             let ptr = p.ptr() as *const u8;
             pinned = Some(p);

@@ -334,8 +334,11 @@ impl Drop for Stream {
 }
 
 // SAFETY: driver streams may be used from any thread once their context is current (every use
-// binds it first).
+// binds it first), and the driver API is thread-safe: copies queued from several threads are
+// ordered as they were queued.
 unsafe impl Send for Stream {}
+// SAFETY: as above; &Stream only queues work or waits for it.
+unsafe impl Sync for Stream {}
 
 /// An event of one GPU, destroyed on drop.
 pub(crate) struct Event {
@@ -374,6 +377,8 @@ impl Event {
 
 // SAFETY: as for Stream.
 unsafe impl Send for Event {}
+// SAFETY: as for Stream; record and synchronise are thread-safe driver calls.
+unsafe impl Sync for Event {}
 
 impl Drop for Event {
     fn drop(&mut self) {

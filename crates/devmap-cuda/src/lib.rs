@@ -49,6 +49,7 @@
 
 pub mod bench;
 pub mod budgets;
+mod copy;
 pub mod discover;
 mod driver;
 pub mod error;

@@ -20,27 +20,23 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::CudaContext;
 use memmap2::Mmap;
-use rayon::prelude::*;
 use serde::Serialize;
 
 use devmap_core::validate::tensor_devices;
 use devmap_core::{validate, DType, Device, DeviceMap, Model, Problem, SizeRules};
 
-use crate::driver::{self, DeviceMemory, Event, PinnedMemory, Stream};
+use crate::copy::{self, GpuTarget, HostTarget, Knobs, Piece, Sources};
+use crate::driver::{self, DeviceMemory, PinnedMemory};
 use crate::error::{Error, Result};
 
 /// Alignment of every tensor's slot on a device (what `cudaMalloc` guarantees for a fresh block).
 pub const TENSOR_ALIGN: u64 = 256;
-
-/// Bytes one host thread copies at a time while filling a staging buffer.
-const FILL_GRAIN: usize = 2 << 20;
 
 /// Called with the number of bytes just queued for copying (from any thread).
 pub type ProgressFn = Arc<dyn Fn(u64) + Send + Sync>;
@@ -49,41 +45,55 @@ pub type ProgressFn = Arc<dyn Fn(u64) + Send + Sync>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReadMode {
-    /// Copy out of a read-only memory map (page-cache pages are mapped, then copied once).
+    /// Copy out of a read-only memory map into pinned staging buffers.
     #[default]
     Mmap,
-    /// `pread` into the staging buffer (no page-table work; one kernel copy).
+    /// `pread` into the staging buffers (no page-table work for the mapping).
     Pread,
 }
 
 /// Options of [`load`].
 #[derive(Clone)]
 pub struct LoadOptions {
-    /// Bytes per pinned staging buffer (per GPU).
+    /// Bytes per pinned staging buffer.
     pub staging_bytes: usize,
-    /// Staging buffers per GPU: 2 fills one while the other is copied.
+    /// Staging buffers per GPU, a ring: threads fill some while the GPU copies out of others
+    /// (2 is plain double buffering; one per copy thread keeps every thread busy).
     pub staging_buffers: usize,
     /// Host threads that fill staging buffers and copy cpu-mapped tensors (shared by all GPUs).
     pub copy_threads: usize,
     /// How the files are read.
     pub read: ReadMode,
-    /// Allocate staging buffers write-combined (fast for the CPU to write and the GPU to read).
+    /// Allocate staging buffers write-combined (uncached: CPU writes stream to DRAM, the GPU
+    /// reads them from there) instead of cached.
     pub write_combined: bool,
     /// Progress callback.
     pub progress: Option<ProgressFn>,
 }
 
 impl Default for LoadOptions {
-    /// Two 64 MiB write-combined staging buffers per GPU, one copy thread per core, mmap reads.
+    /// One copy thread per core; per GPU a ring of 2 MiB cached staging buffers, 8 more than
+    /// threads (48 MiB with 16 threads: small enough to stay in the CPU's last-level cache,
+    /// so the GPU reads the staged bytes from there); mmap reads. docs/performance.md has the
+    /// measurements behind each choice.
     fn default() -> Self {
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
         LoadOptions {
-            staging_bytes: 64 << 20,
-            staging_buffers: 2,
-            copy_threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
+            staging_bytes: 2 << 20,
+            staging_buffers: LoadOptions::buffers_for(threads),
+            copy_threads: threads,
             read: ReadMode::Mmap,
-            write_combined: true,
+            write_combined: false,
             progress: None,
         }
+    }
+}
+
+impl LoadOptions {
+    /// The default ring size for `threads` copy threads: one buffer each being filled, plus 8
+    /// whose copies are queued on the GPU.
+    pub fn buffers_for(threads: usize) -> usize {
+        threads + 8
     }
 }
 
@@ -315,15 +325,6 @@ struct Src {
     len: u64,
 }
 
-/// One copy from a file range to a contiguous range of a device allocation.
-#[derive(Debug, Clone, Copy)]
-struct Piece {
-    file: usize,
-    src: u64,
-    dst: u64,
-    len: u64,
-}
-
 /// The tensors of one device, laid out in one allocation.
 #[derive(Debug, Default)]
 struct Layout {
@@ -547,92 +548,47 @@ pub fn load(model: &Model, plan: &DeviceMap, options: &LoadOptions) -> Result<Lo
         )?),
         None => None,
     };
-    let flags = if options.write_combined {
-        driver::PINNED_WRITE_COMBINED
-    } else {
-        0
-    };
-    let mut workers = Vec::new();
-    for (k, &g) in gpus.iter().enumerate() {
-        let ctx = ctx_of(g);
-        let layout = &layouts[&Device::Gpu(g)];
-        let staging_len = options
-            .staging_bytes
-            .min(layout.bytes.max(1) as usize)
-            .max(1);
-        let staging = (0..options.staging_buffers)
-            .map(|_| PinnedMemory::alloc(&ctx, g, staging_len, flags, 0))
-            .collect::<Result<Vec<_>>>()?;
-        let events = (0..options.staging_buffers)
-            .map(|_| Event::new(&ctx, g))
-            .collect::<Result<Vec<_>>>()?;
-        let stream = Stream::new(&ctx, g)?;
-        workers.push(GpuWorker {
-            gpu: g,
-            ctx,
-            base: gpu_memory[k].ptr,
-            pieces: layout.pieces.clone(),
+    let targets: Vec<GpuTarget> = gpus
+        .iter()
+        .enumerate()
+        .map(|(k, &g)| {
+            let layout = &layouts[&Device::Gpu(g)];
+            GpuTarget {
+                gpu: g,
+                ctx: ctx_of(g),
+                base: gpu_memory[k].ptr,
+                pieces: layout.pieces.clone(),
+                tensors: layout.tensors,
+            }
+        })
+        .collect();
+    let host = match (&host_memory, layouts.get(&Device::Cpu)) {
+        (Some(h), Some(layout)) => Some(HostTarget {
+            base: h.ptr() as usize,
+            len: h.len(),
+            pieces: &layout.pieces,
             tensors: layout.tensors,
-            bytes: layout.pieces.iter().map(|p| p.len).sum(),
-            staging,
-            events,
-            stream,
-        });
-    }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(options.copy_threads)
-        .thread_name(|i| format!("devmap-copy-{i}"))
-        .build()
-        .map_err(|e| {
-            Error::Options(format!(
-                "cannot start {} copy threads: {e}",
-                options.copy_threads
-            ))
-        })?;
-    let setup_seconds = started.elapsed().as_secs_f64();
-
-    // The copies: one thread per GPU driving its stream, the cpu copy on another, all sharing
-    // the pool of fill threads.
-    let copy_started = Instant::now();
-    let source = Sources {
+        }),
+        _ => None,
+    };
+    let knobs = Knobs {
+        staging_bytes: options.staging_bytes,
+        staging_buffers: options.staging_buffers,
+        threads: options.copy_threads,
+        read: options.read,
+        write_combined: options.write_combined,
+        progress: options.progress.as_ref(),
+    };
+    let sources = Sources {
         maps: &maps,
         files: &files,
-        read: options.read,
     };
-    let progress = options.progress.as_ref();
-    let host_target = host_memory.as_ref().map(|h| (h.ptr() as usize, h.len()));
-    let cpu_layout = layouts.get(&Device::Cpu);
-    let (gpu_stats, cpu_stats) = std::thread::scope(|s| {
-        let handles: Vec<_> = workers
-            .into_iter()
-            .map(|w| {
-                let (pool, source) = (&pool, &source);
-                s.spawn(move || w.run(pool, source, progress))
-            })
-            .collect();
-        let cpu = match (cpu_layout, host_target) {
-            (Some(layout), Some(target)) => {
-                Some(copy_to_host(&pool, &source, layout, target, progress))
-            }
-            _ => None,
-        };
-        let gpus: Vec<Result<DeviceStats>> = handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Options("copy thread panicked".into())))
-            })
-            .collect();
-        (gpus, cpu)
-    });
+    let prepared = copy::prepare(targets, &knobs)?;
+    let setup_seconds = started.elapsed().as_secs_f64();
+
+    let copy_started = Instant::now();
+    let stats = copy::run(prepared, host, &sources, &knobs)?;
     let copy_seconds = copy_started.elapsed().as_secs_f64();
-    let mut stats = Vec::new();
-    for r in gpu_stats {
-        stats.push(r?);
-    }
-    if let Some(r) = cpu_stats {
-        stats.push(r?);
-    }
 
     // Addresses: owners from their slots, aliases from their owners.
     for (i, off) in &offsets {
@@ -717,221 +673,4 @@ fn open_files(files: &[PathBuf], tensors: &[LoadedTensor]) -> Result<Vec<Mmap>> 
         maps.push(map);
     }
     Ok(maps)
-}
-
-/// The opened checkpoint files.
-struct Sources<'a> {
-    maps: &'a [Mmap],
-    files: &'a [PathBuf],
-    read: ReadMode,
-}
-
-impl Sources<'_> {
-    /// Copy `len` bytes at `offset` of file `file` to `dst`.
-    ///
-    /// # Safety
-    /// `dst..dst+len` must be writable memory that nothing else touches during the call.
-    unsafe fn copy(&self, file: usize, offset: u64, dst: *mut u8, len: usize) -> Result<()> {
-        match self.read {
-            ReadMode::Mmap => {
-                let start = offset as usize;
-                let src = &self.maps[file][start..start + len];
-                std::ptr::copy_nonoverlapping(src.as_ptr(), dst, len);
-                Ok(())
-            }
-            ReadMode::Pread => {
-                let out = std::slice::from_raw_parts_mut(dst, len);
-                read_at(&self.files[file], out, offset)
-            }
-        }
-    }
-}
-
-fn read_at(path: &Path, out: &mut [u8], offset: u64) -> Result<()> {
-    // One descriptor per thread and file: no shared file offset, no reopening per read.
-    thread_local! {
-        static OPEN: std::cell::RefCell<HashMap<PathBuf, File>> = std::cell::RefCell::new(HashMap::new());
-    }
-    OPEN.with(|open| {
-        let mut open = open.borrow_mut();
-        let file = match open.get(path) {
-            Some(f) => f,
-            None => {
-                let f = File::open(path).map_err(|e| Error::io(path, e))?;
-                open.entry(path.to_path_buf()).or_insert(f)
-            }
-        };
-        file.read_exact_at(out, offset)
-            .map_err(|e| Error::io(path, e))
-    })
-}
-
-/// One fill task: file bytes to an address.
-#[derive(Clone, Copy)]
-struct Fill {
-    file: usize,
-    src: u64,
-    dst: usize,
-    len: usize,
-}
-
-/// Split copies into grains of at most [`FILL_GRAIN`] bytes so threads share the work evenly.
-fn grains(parts: impl Iterator<Item = Fill>) -> Vec<Fill> {
-    let mut out = Vec::new();
-    for p in parts {
-        let mut done = 0;
-        while done < p.len {
-            let len = (p.len - done).min(FILL_GRAIN);
-            out.push(Fill {
-                file: p.file,
-                src: p.src + done as u64,
-                dst: p.dst + done,
-                len,
-            });
-            done += len;
-        }
-    }
-    out
-}
-
-fn fill(pool: &rayon::ThreadPool, source: &Sources<'_>, tasks: &[Fill]) -> Result<()> {
-    pool.install(|| {
-        tasks.par_iter().try_for_each(|f| {
-            // SAFETY: tasks cover disjoint ranges of a live buffer that no copy is reading
-            // (the caller waited for its event), so each thread writes its own bytes.
-            unsafe { source.copy(f.file, f.src, f.dst as *mut u8, f.len) }
-        })
-    })
-}
-
-/// Everything one GPU's copy thread owns.
-struct GpuWorker {
-    gpu: u32,
-    ctx: Arc<CudaContext>,
-    base: u64,
-    pieces: Vec<Piece>,
-    tensors: usize,
-    bytes: u64,
-    staging: Vec<PinnedMemory>,
-    events: Vec<Event>,
-    stream: Stream,
-}
-
-impl GpuWorker {
-    fn run(
-        self,
-        pool: &rayon::ThreadPool,
-        source: &Sources<'_>,
-        progress: Option<&ProgressFn>,
-    ) -> Result<DeviceStats> {
-        driver::bind(&self.ctx, self.gpu)?;
-        let started = Instant::now();
-        let cap = self.staging[0].len();
-        let mut next = 0; // staging buffer to fill next
-        let mut chunk: Vec<(Piece, usize)> = Vec::new(); // (part of a piece, offset in staging)
-        let mut used = 0usize;
-        let mut pieces = self.pieces.iter().copied();
-        let mut current = pieces.next();
-        loop {
-            // Pack the next chunk: whole pieces or parts of one, up to the buffer's size.
-            while let Some(p) = current {
-                if used == cap {
-                    break;
-                }
-                let take = (p.len as usize).min(cap - used);
-                chunk.push((
-                    Piece {
-                        len: take as u64,
-                        ..p
-                    },
-                    used,
-                ));
-                used += take;
-                current = if take as u64 == p.len {
-                    pieces.next()
-                } else {
-                    Some(Piece {
-                        file: p.file,
-                        src: p.src + take as u64,
-                        dst: p.dst + take as u64,
-                        len: p.len - take as u64,
-                    })
-                };
-            }
-            if chunk.is_empty() {
-                break;
-            }
-            // Wait until the copy that last read this buffer has finished, then refill it.
-            self.events[next].synchronize()?;
-            let buf = self.staging[next].ptr() as usize;
-            let tasks = grains(chunk.iter().map(|(p, off)| Fill {
-                file: p.file,
-                src: p.src,
-                dst: buf + off,
-                len: p.len as usize,
-            }));
-            fill(pool, source, &tasks)?;
-            for (p, off) in &chunk {
-                // SAFETY: the staging bytes stay untouched until events[next] completes (waited
-                // on before the next refill, and the stream is synchronised before the buffers
-                // drop); the destination lies inside this GPU's allocation (layout).
-                unsafe {
-                    self.stream.copy_htod(
-                        self.base + p.dst,
-                        (buf + off) as *const u8,
-                        p.len as usize,
-                    )?
-                };
-            }
-            self.events[next].record(&self.stream)?;
-            if let Some(f) = progress {
-                f(used as u64);
-            }
-            next = (next + 1) % self.staging.len();
-            chunk.clear();
-            used = 0;
-        }
-        self.stream.synchronize()?;
-        Ok(DeviceStats {
-            device: Device::Gpu(self.gpu),
-            tensors: self.tensors,
-            bytes: self.bytes,
-            seconds: started.elapsed().as_secs_f64(),
-        })
-    }
-}
-
-/// Copy the cpu-mapped tensors into pinned host memory (`target`: address and length).
-fn copy_to_host(
-    pool: &rayon::ThreadPool,
-    source: &Sources<'_>,
-    layout: &Layout,
-    target: (usize, usize),
-    progress: Option<&ProgressFn>,
-) -> Result<DeviceStats> {
-    let started = Instant::now();
-    let tasks = grains(layout.pieces.iter().map(|p| Fill {
-        file: p.file,
-        src: p.src,
-        dst: target.0 + p.dst as usize,
-        len: p.len as usize,
-    }));
-    debug_assert!(tasks.iter().all(|t| t.dst + t.len <= target.0 + target.1));
-    pool.install(|| {
-        tasks.par_iter().try_for_each(|f| {
-            // SAFETY: disjoint ranges inside the pinned allocation (layout), which nothing else
-            // uses until load returns.
-            unsafe { source.copy(f.file, f.src, f.dst as *mut u8, f.len) }?;
-            if let Some(p) = progress {
-                p(f.len as u64);
-            }
-            Ok::<(), Error>(())
-        })
-    })?;
-    Ok(DeviceStats {
-        device: Device::Cpu,
-        tensors: layout.tensors,
-        bytes: layout.pieces.iter().map(|p| p.len).sum(),
-        seconds: started.elapsed().as_secs_f64(),
-    })
 }

@@ -302,6 +302,7 @@ fn gpu_load_splits_across_gpu_cpu_and_disk_and_verifies() {
             "model.layers.2": 0, "model.layers.3": "disk", "model.norm": "cpu", "lm_head": 0}"#,
     );
     // Tiny staging buffers force many chunks, pieces split across chunks, and buffer reuse.
+    // Fewer buffers than threads makes threads queue for a buffer.
     for (read, staging, buffers) in [
         (ReadMode::Mmap, 4096, 2),
         (ReadMode::Pread, 5000, 3),
