@@ -296,17 +296,7 @@ impl CostModel {
     /// Estimate a device map (see [`Estimate`]). Uncovered tensors are treated as on the main device.
     pub fn evaluate(&self, model: &Model, map: &DeviceMap, rules: SizeRules) -> Estimate {
         // Weights are read under every name, tied duplicates included (lm_head reads the embedding).
-        let read: Vec<u64> = model
-            .tensors()
-            .iter()
-            .map(|t| {
-                let per = match rules.target_dtype {
-                    Some(d) if t.dtype.is_float() => t.dtype.size_bytes().min(d.size_bytes()),
-                    _ => t.dtype.size_bytes(),
-                };
-                t.numel.saturating_mul(per)
-            })
-            .collect();
+        let read = model.read_sizes(rules);
         let devices = tensor_devices(model, map);
         let fallback = self.main_gpu.map_or(Device::Cpu, Device::Gpu);
         let mut steps: Vec<(Device, u64)> = Vec::new();

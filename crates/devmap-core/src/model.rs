@@ -59,6 +59,20 @@ impl Tensor {
     pub fn stored_bytes(&self) -> u64 {
         self.numel.saturating_mul(self.dtype.size_bytes())
     }
+
+    /// Size under `rules`: floats at `min(target, own)` bytes per element, integers and bools at
+    /// their own size, bool at 1/8 byte (rounded up) when `bool_as_bits`.
+    pub fn bytes(&self, rules: SizeRules) -> u64 {
+        let own = self.dtype.size_bytes();
+        if self.dtype == DType::Bool && rules.bool_as_bits {
+            return self.numel.div_ceil(8);
+        }
+        let per = match rules.target_dtype {
+            Some(target) if self.dtype.is_float() => own.min(target.size_bytes()),
+            _ => own,
+        };
+        self.numel.saturating_mul(per)
+    }
 }
 
 /// One module (`nn.Module`) of the model.
@@ -531,19 +545,18 @@ impl Model {
             .enumerate()
             .map(|(id, t)| {
                 if self.tied_duplicate[id] {
-                    return 0;
+                    0
+                } else {
+                    t.bytes(rules)
                 }
-                let own = t.dtype.size_bytes();
-                if t.dtype == DType::Bool && rules.bool_as_bits {
-                    return t.numel.div_ceil(8);
-                }
-                let per = match rules.target_dtype {
-                    Some(target) if t.dtype.is_float() => own.min(target.size_bytes()),
-                    _ => own,
-                };
-                t.numel.saturating_mul(per)
             })
             .collect()
+    }
+
+    /// Bytes read through every tensor name under `rules`, tied duplicates included (`lm_head`
+    /// reads the embedding matrix): what a forward pass moves, as opposed to what memory holds.
+    pub fn read_sizes(&self, rules: SizeRules) -> Vec<u64> {
+        self.tensors.iter().map(|t| t.bytes(rules)).collect()
     }
 
     /// Size of every module (sum over its subtree) given per-tensor sizes.

@@ -552,15 +552,7 @@ fn streaming_extra_at(inst: &Instance, gpu_rows: &[usize], total: u64, reserve: 
         before += cap;
     }
     let w: Vec<u64> = (0..n).map(|i| inst.mem[i] + inst.kv[i]).collect();
-    let mut classes: Vec<(u64, u64)> = Vec::new(); // (size, count), descending
-    let mut sorted: Vec<u64> = w.iter().copied().filter(|&x| x > 0).collect();
-    sorted.sort_unstable_by(|a, b| b.cmp(a));
-    for x in sorted {
-        match classes.last_mut() {
-            Some((s, c)) if *s == x => *c += 1,
-            _ => classes.push((x, 1)),
-        }
-    }
+    let classes = inst.size_classes();
     // A class is pinned to the GPU bins when every unit of it reads more than the reserve.
     let on_gpu = |size: u64| {
         (0..n)

@@ -98,17 +98,7 @@ impl Instance {
     ) -> Result<Instance, Error> {
         let units = units(model);
         let sizes = model.tensor_sizes(opts.rules);
-        let read_sizes: Vec<u64> = model
-            .tensors()
-            .iter()
-            .map(|t| {
-                let per = match opts.rules.target_dtype {
-                    Some(d) if t.dtype.is_float() => t.dtype.size_bytes().min(d.size_bytes()),
-                    _ => t.dtype.size_bytes(),
-                };
-                t.numel.saturating_mul(per)
-            })
-            .collect();
+        let read_sizes = model.read_sizes(opts.rules);
         let mut devices = Vec::new();
         let mut caps = Vec::new();
         for b in budgets.iter() {
@@ -272,6 +262,24 @@ impl Instance {
     /// Number of units.
     pub fn n(&self) -> usize {
         self.units.len()
+    }
+
+    /// Unit memory needs (weights plus KV cache) grouped by size: `(size, count)`, largest first,
+    /// zero sizes left out. The bounds and cuts reason over these classes.
+    pub fn size_classes(&self) -> Vec<(u64, u64)> {
+        let mut sorted: Vec<u64> = (0..self.n())
+            .map(|i| self.mem[i] + self.kv[i])
+            .filter(|&x| x > 0)
+            .collect();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let mut classes: Vec<(u64, u64)> = Vec::new();
+        for x in sorted {
+            match classes.last_mut() {
+                Some((s, c)) if *s == x => *c += 1,
+                _ => classes.push((x, 1)),
+            }
+        }
+        classes
     }
 
     /// Whether device `b` streams its units to the main GPU (cpu or disk with a GPU present).

@@ -460,15 +460,7 @@ pub fn solve(
 fn lifted_cuts(inst: &Instance, b: usize) -> Vec<(Vec<f64>, f64)> {
     let n = inst.n();
     let w: Vec<u64> = (0..n).map(|i| inst.mem[i] + inst.kv[i]).collect();
-    let mut classes: Vec<(u64, u64)> = Vec::new(); // (size, count), descending size
-    let mut sorted: Vec<u64> = w.iter().copied().filter(|&x| x > 0).collect();
-    sorted.sort_unstable_by(|a, b| b.cmp(a));
-    for x in sorted {
-        match classes.last_mut() {
-            Some((s, c)) if *s == x => *c += 1,
-            _ => classes.push((x, 1)),
-        }
-    }
+    let mut classes = inst.size_classes();
     classes.truncate(4);
     let cap = inst.caps[b];
     let mut cuts = Vec::new();
