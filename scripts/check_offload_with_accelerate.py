@@ -23,9 +23,11 @@ from its embedding); a safetensors entry with its `weight_name`.
 2. `dispatch_model(model, device_map=PLAN, main_device="cpu", offload_dir=FOLDER)` on real
    transformers models (examples/tiny-llama, BF16, and a generated Llama with tied embeddings), with
    the plan printed by `devmap plan --max-memory cpu=...,disk=... --format json` (auto and
-   sequential): the disk-mapped weights of the model in memory are overwritten with garbage before
-   dispatch, so equal logits prove they were read from devmap's folder. Logits must equal those of
-   the same model run without offloading, bit for bit;
+   sequential), twice: on the model loaded whole with its disk-mapped weights overwritten with
+   garbage before dispatch, and on a model built under `init_empty_weights` with only its
+   non-disk weights loaded (docs/offload.md's low-memory recipe). Logits must equal those of the
+   same model run without offloading, bit for bit: the disk weights can only have come from
+   devmap's folder;
 3. the same with a small torch model in float32 (not a transformers class).
 
 Needs torch, safetensors, transformers and accelerate (checked with torch 2.15 CPU, transformers
@@ -44,8 +46,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from accelerate import dispatch_model
-from accelerate.utils import OffloadedWeightsLoader, load_offloaded_weight
+from accelerate import dispatch_model, init_empty_weights
+from accelerate.utils import OffloadedWeightsLoader, load_offloaded_weight, set_module_tensor_to_device
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 DTYPES = [
@@ -145,30 +148,64 @@ def garbage_disk_weights(model: torch.nn.Module, plan: dict, keep: set[str]) -> 
     return n
 
 
-def dispatch_check(model_fn, ckpt_dir: Path, plan_path: Path, folder: Path, inputs: torch.Tensor,
-                   keep: set[str], aliases: dict[str, str], label: str) -> None:
+def plan_device(name: str, plan: dict):
+    key = max((k for k in plan if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    return None if key is None else plan[key]
+
+
+def meta_model_without_disk_weights(meta_fn, sources: list[Path], plan: dict) -> torch.nn.Module:
+    """The low-memory recipe of docs/offload.md: build the model on the meta device, load only the
+    tensors the plan does not send to disk; the disk ones stay on meta until dispatch_model's hooks
+    read them from the offload folder."""
+    with init_empty_weights():
+        model = meta_fn()
+    for src in sources:
+        with safe_open(str(src), framework="pt") as f:
+            for name in f.keys():
+                if plan_device(name, plan) != "disk":
+                    set_module_tensor_to_device(model, name, "cpu", value=f.get_tensor(name))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        out = model(inputs)
+    return getattr(out, "logits", out)
+
+
+def dispatch_check(model_fn, meta_fn, ckpt_dir: Path, plan_path: Path, folder: Path,
+                   inputs: torch.Tensor, aliases: dict[str, str], label: str) -> None:
     plan = json.loads(plan_path.read_text())
     assert "disk" in plan.values(), f"{label}: the plan sends nothing to disk: {plan}"
-    reference = model_fn().eval()
-    with torch.no_grad():
-        expected = reference(inputs)
-    expected = getattr(expected, "logits", expected)
+    sources = sorted(ckpt_dir.glob("*.safetensors"))
+    expected = logits(model_fn().eval(), inputs)
+
+    # 1. A model loaded whole, its disk weights overwritten in memory before dispatch.
     model = model_fn().eval()
-    overwritten = garbage_disk_weights(model, plan, keep)
+    overwritten = garbage_disk_weights(model, plan, set())
     model = dispatch_model(model, device_map=plan, main_device="cpu", offload_dir=str(folder))
-    with torch.no_grad():
-        got = model(inputs)
-    got = getattr(got, "logits", got)
+    got = logits(model, inputs)
     if not torch.equal(got, expected):
         raise AssertionError(f"{label}: logits differ (max abs diff {(got - expected).abs().max()})")
-    sources = sorted(ckpt_dir.glob("*.safetensors"))
+
+    # 2. A model built on meta with only its non-disk weights loaded (the low-memory recipe).
+    model = meta_model_without_disk_weights(meta_fn, sources, plan).eval()
+    on_meta = sum(p.device.type == "meta" for p in model.parameters())
+    model = dispatch_model(model, device_map=plan, main_device="cpu", offload_dir=str(folder))
+    got = logits(model, inputs)
+    if not torch.equal(got, expected):
+        raise AssertionError(f"{label} (meta): logits differ (max abs diff {(got - expected).abs().max()})")
+
     dat, refs = check(folder, sources, aliases)
-    print(f"{label}: dispatch_model forward equals the non-offloaded model bit for bit "
-          f"({overwritten} disk weights overwritten in memory first; index: {dat} .dat, {refs} safetensors)")
+    print(f"{label}: dispatch_model forward equals the non-offloaded model bit for bit, "
+          f"from a loaded model ({overwritten} disk weights overwritten first) and from a meta model "
+          f"({on_meta} weights never loaded); index: {dat} .dat, {refs} safetensors")
 
 
 def selftest_transformers(devmap: str, work: Path, examples: Path) -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     tiny = examples / "tiny-llama"
     inputs = torch.tensor([[1, 5, 9, 200, 3, 77, 12, 400]])
@@ -176,9 +213,11 @@ def selftest_transformers(devmap: str, work: Path, examples: Path) -> None:
         plan = work / f"tiny-llama-{strategy}.json"
         plan.write_text(run([devmap, "plan", str(tiny), "--max-memory", "cpu=200KiB,disk=1GiB",
                              "--strategy", strategy, "--format", "json"]))
+        config = AutoConfig.from_pretrained(str(tiny))
         for form, folder in offload_both(devmap, tiny, plan, work, f"tiny-llama-{strategy}").items():
             dispatch_check(lambda: AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.bfloat16),
-                           tiny, plan, folder, inputs, set(), {},
+                           lambda: AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16),
+                           tiny, plan, folder, inputs, {},
                            f"tiny-llama (bf16, {strategy} plan {plan.read_text().strip()}, {form})")
 
     # Tied embeddings: the checkpoint has no lm_head.weight; devmap restores it from config.json.
@@ -195,7 +234,8 @@ def selftest_transformers(devmap: str, work: Path, examples: Path) -> None:
                                 "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "disk"}))
     for form, folder in offload_both(devmap, tied, plan, work, "tied-llama").items():
         dispatch_check(lambda: AutoModelForCausalLM.from_pretrained(str(tied), dtype=torch.float32),
-                       tied, plan, folder, inputs % 256, set(),
+                       lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32),
+                       tied, plan, folder, inputs % 256,
                        {"lm_head.weight": "model.embed_tokens.weight"},
                        f"tied-llama (f32, embed_tokens and lm_head on disk, {form})")
 
@@ -241,7 +281,7 @@ def selftest_torch(devmap: str, work: Path) -> None:
     plan.write_text(json.dumps({"embed": "cpu", "layers.0": "cpu", "layers.1": "disk", "layers.2": "disk",
                                 "layers.3": "cpu", "norm": "disk", "head": "disk"}))
     for form, folder in offload_both(devmap, d / "model.safetensors", plan, d, "offload").items():
-        dispatch_check(make, d, plan, folder, torch.tensor([[1, 2, 3, 40, 63]]), set(), {},
+        dispatch_check(make, Tiny, d, plan, folder, torch.tensor([[1, 2, 3, 40, 63]]), {},
                        f"tiny torch model (f32, {form})")
 
 

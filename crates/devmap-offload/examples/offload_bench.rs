@@ -5,13 +5,18 @@
 //! ```
 //!
 //! Generates a Llama-shaped BF16 safetensors file of `--size-gib` GiB in `--dir` (default: a
-//! temporary folder under the system's), then, each round, in this order and on the same bytes:
-//! `cp` of the file (then `sync FILE`), devmap's copy form without fsync, devmap's copy form with
-//! fsync (the default), devmap's reference form (hashing only). Each writer starts from a clean
-//! slate (the previous output deleted and the disk synced). Then mmap reads of the `.dat` files,
+//! temporary folder under the system's; `--out-dir` puts the copies elsewhere, e.g. on tmpfs),
+//! then, each round, on the same bytes: `cp` of the file (then `sync FILE`), devmap's copy form
+//! without fsync, devmap's reference form (hashing only), devmap's copy form with fsync (the
+//! default); even rounds run the steps in reverse order. Each writer starts from a clean slate
+//! (the previous output deleted and the disk synced, then `--pause` seconds of quiet: a virtual
+//! disk keeps writing back after `sync` returns, which otherwise slows whichever step comes next). Then mmap reads of the `.dat` files,
 //! warm (page cache) and cold (`dd iflag=nocache` drops each file's cached pages first), with `cat`
 //! as the cold baseline. Peak RSS is the process's VmHWM, reset (`/proc/self/clear_refs`) before
 //! each measured step. Prints a table and deletes every file it made.
+//!
+//! `--generate FILE` only writes the checkpoint (kept), to measure the CLI on it:
+//! `/usr/bin/time -v devmap offload FILE --plan disk.json --folder OUT --copy`.
 
 use std::fs::File;
 use std::io::Write;
@@ -30,6 +35,8 @@ struct Args {
     dir: Option<PathBuf>,
     out_dir: Option<PathBuf>,
     rounds: usize,
+    generate: Option<PathBuf>,
+    pause: Duration,
 }
 
 fn parse_args() -> Args {
@@ -38,6 +45,8 @@ fn parse_args() -> Args {
         dir: None,
         out_dir: None,
         rounds: 2,
+        generate: None,
+        pause: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -53,6 +62,14 @@ fn parse_args() -> Args {
             }
             "--dir" => args.dir = Some(PathBuf::from(value())),
             "--out-dir" => args.out_dir = Some(PathBuf::from(value())),
+            "--generate" => args.generate = Some(PathBuf::from(value())),
+            "--pause" => {
+                args.pause = Duration::from_secs_f64(
+                    value()
+                        .parse()
+                        .unwrap_or_else(|_| usage("--pause takes seconds")),
+                )
+            }
             "--rounds" => {
                 args.rounds = value()
                     .parse()
@@ -66,7 +83,7 @@ fn parse_args() -> Args {
 
 fn usage(msg: &str) -> ! {
     eprintln!(
-        "{msg}\nusage: offload_bench [--size-gib 8] [--dir DIR] [--out-dir DIR] [--rounds 2]"
+        "{msg}\nusage: offload_bench [--size-gib 8] [--dir DIR] [--out-dir DIR] [--rounds 2] [--pause SECONDS] [--generate FILE]"
     );
     std::process::exit(2)
 }
@@ -198,9 +215,10 @@ fn drop_cache(files: &[PathBuf]) {
     }
 }
 
-fn offload_run(model: &Model, out: &Path, form: Form, fsync: bool) -> Row {
+fn offload_run(model: &Model, out: &Path, form: Form, fsync: bool, pause: Duration) -> Row {
     remove(out);
     sync_all();
+    std::thread::sleep(pause);
     let options = OffloadOptions {
         form,
         fsync,
@@ -236,6 +254,12 @@ fn scratch_in(dir: Option<&PathBuf>) -> tempfile::TempDir {
 
 fn main() {
     let args = parse_args();
+    if let Some(path) = &args.generate {
+        // Only write the checkpoint (to measure the CLI on it, e.g. under /usr/bin/time -v).
+        let bytes = generate(path, (args.size_gib * GIB as f64) as u64).expect("generate");
+        println!("{}: {bytes} bytes of tensor data", path.display());
+        return;
+    }
     let scratch = scratch_in(args.dir.as_ref());
     let out_scratch = scratch_in(args.out_dir.as_ref().or(args.dir.as_ref()));
     let dir = scratch.path();
@@ -258,38 +282,57 @@ fn main() {
     let out = out_dir.join("offload");
     let mut rows: Vec<(usize, Row)> = Vec::new();
     for round in 1..=args.rounds {
-        remove(&cp_dest);
-        sync_all();
-        let t = Instant::now();
-        sh(Command::new("cp").arg(&source).arg(&cp_dest));
-        let cp_time = t.elapsed();
-        sh(Command::new("sync").arg(&cp_dest));
-        let cp_sync_time = t.elapsed();
-        rows.push((
-            round,
-            Row {
-                what: "cp (no sync)".into(),
-                bytes: file_bytes,
-                time: cp_time,
-                rss: None,
-            },
-        ));
-        rows.push((
-            round,
-            Row {
-                what: "cp && sync FILE".into(),
-                bytes: file_bytes,
-                time: cp_sync_time,
-                rss: None,
-            },
-        ));
-        remove(&cp_dest);
-        rows.push((round, offload_run(&model, &out, Form::Copy, false)));
-        rows.push((
-            round,
-            offload_run(&model, &out_dir.join("refs"), Form::Reference, true),
-        ));
-        rows.push((round, offload_run(&model, &out, Form::Copy, true)));
+        // Alternate the order, so neither writer always follows the other's writeback.
+        let mut steps = ["cp", "copy-no-fsync", "reference", "copy-fsync"];
+        if round % 2 == 0 {
+            steps.reverse();
+        }
+        for step in steps {
+            match step {
+                "cp" => {
+                    remove(&cp_dest);
+                    sync_all();
+                    std::thread::sleep(args.pause);
+                    let t = Instant::now();
+                    sh(Command::new("cp").arg(&source).arg(&cp_dest));
+                    let cp_time = t.elapsed();
+                    sh(Command::new("sync").arg(&cp_dest));
+                    let cp_sync_time = t.elapsed();
+                    for (what, time) in
+                        [("cp (no sync)", cp_time), ("cp && sync FILE", cp_sync_time)]
+                    {
+                        rows.push((
+                            round,
+                            Row {
+                                what: what.into(),
+                                bytes: file_bytes,
+                                time,
+                                rss: None,
+                            },
+                        ));
+                    }
+                    remove(&cp_dest);
+                }
+                "copy-no-fsync" => rows.push((
+                    round,
+                    offload_run(&model, &out, Form::Copy, false, args.pause),
+                )),
+                "copy-fsync" => rows.push((
+                    round,
+                    offload_run(&model, &out, Form::Copy, true, args.pause),
+                )),
+                _ => rows.push((
+                    round,
+                    offload_run(
+                        &model,
+                        &out_dir.join("refs"),
+                        Form::Reference,
+                        true,
+                        args.pause,
+                    ),
+                )),
+            }
+        }
     }
     // The last copy-form folder stays for the reads.
     let folder = OffloadFolder::open(&out).expect("open");
@@ -370,9 +413,15 @@ fn main() {
             steps.push(&r.what);
         }
     }
+    // The middle value; for an even count, the mean of the two middle ones.
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
     };
     let mut summary = Vec::new();
     for step in &steps {
@@ -397,7 +446,8 @@ fn main() {
         ));
     }
     println!(
-        "checkpoint: {:.2} GiB of BF16 tensor data, {} tensors, {} rayon threads, {} round(s)\n",
+        "checkpoint: {:.2} GiB of BF16 tensor data, {} tensors, {} rayon threads, {} round(s); \
+         steps in the order listed in odd rounds, reversed in even rounds\n",
         data_bytes as f64 / GIB as f64,
         model.tensors().len(),
         rayon::current_num_threads(),

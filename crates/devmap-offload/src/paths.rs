@@ -116,6 +116,16 @@ pub(crate) fn ensure_folder(folder: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Create a new file for writing; fails if anything, a link included, is already at `path`
+/// (`O_CREAT | O_EXCL` never follows a link).
+pub(crate) fn create_new(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
+}
+
 /// Move a finished temporary file onto `dest`, refusing to replace a link (a rename would replace
 /// the link itself, but a link there means someone else arranged the folder: better to say so).
 pub(crate) fn rename_into_place(temp: &Path, dest: &Path) -> Result<()> {
@@ -129,7 +139,7 @@ pub(crate) fn write_atomic(folder: &Path, name: &str, bytes: &[u8], fsync: bool)
     let dest = folder.join(name);
     let temp = temp_path(folder, name);
     let result = (|| {
-        let mut f = File::create(&temp).map_err(|e| Error::io(&temp, e))?;
+        let mut f = create_new(&temp)?;
         f.write_all(bytes).map_err(|e| Error::io(&temp, e))?;
         if fsync {
             f.sync_all().map_err(|e| Error::io(&temp, e))?;

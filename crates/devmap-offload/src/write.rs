@@ -34,8 +34,8 @@ use crate::format::{
 };
 use crate::map::{stream_range, DEFAULT_WINDOW_BYTES};
 use crate::paths::{
-    dat_path, ensure_folder, file_metadata, open_regular, rename_into_place, sync_folder,
-    temp_path, write_atomic,
+    create_new, dat_path, ensure_folder, file_metadata, open_regular, rename_into_place,
+    sync_folder, temp_path, write_atomic,
 };
 
 /// The form of the index entries devmap writes.
@@ -435,7 +435,7 @@ impl RunCtx<'_> {
     }
 
     fn write_temp(&self, job: &Job<'_>, temp: &Path) -> Result<Checksum> {
-        let mut out = File::create(temp).map_err(|e| Error::io(temp, e))?;
+        let mut out = create_new(temp)?;
         let file = &self.sources[&job.file];
         let limit = self.options.fail_after_bytes;
         let checksum = stream_range(
