@@ -1,13 +1,13 @@
 //! devmap-cuda: the real devices behind a plan, and the weights put on them.
 //!
-//! - [`discover`]: every GPU the CUDA driver sees (index, name, UUID, PCI bus id, total and free
+//! - [`discover()`]: every GPU the CUDA driver sees (index, name, UUID, PCI bus id, total and free
 //!   memory, compute capability), the peer-access matrix with P2P performance ranks, and through
 //!   NVML where present the PCIe generation/width and NVLink state.
 //! - [`budgets`]: default memory budgets (free memory minus a documented reserve) and the cost
 //!   model's [`Topology`](devmap_core::Topology) from what discovery found.
 //! - [`load()`]: a checkpoint onto the devices a plan names, through pinned double-buffered staging
 //!   and one stream per GPU, all GPUs at once; [`LoadedModel::verify`] reads it back.
-//! - [`bench`]: host-to-device bandwidth, the ceiling a load is judged against.
+//! - [`bench`](mod@bench): host-to-device bandwidth, the ceiling a load is judged against.
 //!
 //! No CUDA toolkit is needed to build: cudarc loads libcuda at run time. Without a driver every
 //! entry point returns [`Error::DriverNotFound`] (never a panic); without a GPU,
