@@ -314,16 +314,19 @@ fn json_plan_is_one_object_covering_the_model_that_check_accepts() {
 #[test]
 fn checkpoint_and_manifest_plan_alike() {
     let folder = repo().join("examples/tiny-llama");
+    // A deterministic strategy gives the same map from both forms of the model.
     let from_st = devmap(&[
         "plan",
         path_str(&folder),
         "--max-memory",
         FITS,
+        "--strategy",
+        "sequential",
         "--format",
         "json",
     ]);
     assert!(from_st.status.success(), "{}", text(&from_st.stderr));
-    let from_manifest = plan(FITS, &["--format", "json"]);
+    let from_manifest = plan(FITS, &["--strategy", "sequential", "--format", "json"]);
     let mut a: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&from_st.stdout).unwrap();
     let mut b: serde_json::Map<String, serde_json::Value> =
@@ -332,6 +335,21 @@ fn checkpoint_and_manifest_plan_alike() {
     assert!(b.remove("model.rotary_emb").is_some());
     a.remove("model.rotary_emb");
     assert_eq!(a, b);
+    // `auto` may pick either of two equally good plans; their estimates must agree.
+    let estimate = |out: &std::process::Output| -> f64 {
+        let stdout = text(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("estimate "))
+            .unwrap_or_else(|| panic!("no estimate line:\n{stdout}"))
+            .to_string();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let auto_st = devmap(&["plan", path_str(&folder), "--max-memory", FITS]);
+    let auto_manifest = plan(FITS, &[]);
+    assert!(auto_st.status.success() && auto_manifest.status.success());
+    let (x, y) = (estimate(&auto_st), estimate(&auto_manifest));
+    assert!((x - y).abs() <= 0.001 * x.max(y), "{x} vs {y}");
 }
 
 #[test]

@@ -181,11 +181,19 @@ impl Strategy for Auto {
         if trace {
             eprintln!("trace: candidates {:?}", started.elapsed());
         }
+        let (lower, packing) = lower_bound_with_packing(&inst);
+        // The bound's own packing, laid along the chain, is often the best start when offloading.
+        if let Some(a) = packing.as_ref().and_then(|p| packing_start(&inst, p)) {
+            let a = repair_offload(&inst, a, Instant::now() + Duration::from_millis(20));
+            if inst.feasible(&a) {
+                let cost = inst.evaluate(&a);
+                candidates.push(("packing bound".to_string(), a, cost));
+            }
+        }
         candidates.sort_by(|a, b| a.2.total_cmp(&b.2));
         let best_start = candidates
             .first()
             .map(|(l, a, c)| (l.clone(), mip::canonical(&inst, a), *c));
-        let lower = lower_bound(&inst);
         let opts = MipOptions {
             time_limit: self.options.time_limit,
             mip_rel_gap: self.options.mip_rel_gap,
@@ -353,8 +361,13 @@ pub fn repair_offload(inst: &Instance, mut a: Vec<usize>, deadline: Instant) -> 
 /// excess bytes streamed at the cheapest streaming rate; plus, when no single execution device can
 /// hold the model, one device change per extra device needed, at the cheapest link.
 pub fn lower_bound(inst: &Instance) -> f64 {
+    lower_bound_with_packing(inst).0
+}
+
+/// [`lower_bound`], with the packing its streaming term found (when something must be streamed).
+fn lower_bound_with_packing(inst: &Instance) -> (f64, Option<Packing>) {
     if inst.cost_model.objective != devmap_core::Objective::Latency {
-        return 0.0;
+        return (0.0, None);
     }
     let n = inst.n();
     let gpu_rows: Vec<usize> = (0..inst.devices.len())
@@ -370,8 +383,11 @@ pub fn lower_bound(inst: &Instance) -> f64 {
         .sum();
     let total: u64 = (0..n).map(|i| inst.mem[i] + inst.kv[i]).sum();
     let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
+    let mut packing = None;
     if inst.main.is_some() && !gpu_rows.is_empty() && total > gpu_total {
-        lb += streaming_extra(inst, &gpu_rows, total);
+        let (extra, p) = streaming_extra(inst, &gpu_rows, total);
+        lb += extra;
+        packing = p;
     }
     // Device changes: with k execution devices needed, at least k − 1 changes.
     let mut caps: Vec<u64> = gpu_rows.iter().map(|&b| inst.caps[b]).collect();
@@ -399,7 +415,7 @@ pub fn lower_bound(inst: &Instance) -> f64 {
             lb += (k - 1) as f64 * t_min;
         }
     }
-    lb
+    (lb, packing)
 }
 
 /// First-improvement local search over single-unit moves and two-unit swaps, with exact feasibility
@@ -476,7 +492,7 @@ pub fn local_search(
 /// bin (GPUs save the sink's whole rate per byte, cpu the difference): an exact multiple-knapsack
 /// over the (at most four) largest unit-size classes maximises the saving, smaller units count as
 /// fluid at the best rate. Capacities lose the reserves any feasible placement needs.
-fn streaming_extra(inst: &Instance, gpu_rows: &[usize], total: u64) -> f64 {
+fn streaming_extra(inst: &Instance, gpu_rows: &[usize], total: u64) -> (f64, Option<Packing>) {
     // The main GPU's reserve R is the largest streamed unit: enumerate R over the unit sizes at or
     // above the forced minimum; units larger than R must then stay on GPUs.
     let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
@@ -494,11 +510,30 @@ fn streaming_extra(inst: &Instance, gpu_rows: &[usize], total: u64) -> f64 {
     levels
         .into_iter()
         .map(|r| streaming_extra_at(inst, gpu_rows, total, r))
-        .fold(f64::INFINITY, f64::min)
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .unwrap_or((0.0, None))
+}
+
+/// How the packing bound filled the devices: per bin (a device) the count of each big size class.
+#[derive(Debug, Clone)]
+struct Packing {
+    /// Device index of each bin, GPUs first.
+    bins: Vec<usize>,
+    /// The big class sizes.
+    classes: Vec<u64>,
+    /// quotas[bin][class].
+    quotas: Vec<Vec<u64>>,
+    /// The device that takes everything else.
+    sink: usize,
 }
 
 /// [`streaming_extra`] for a given main-GPU reserve `reserve` (see there).
-fn streaming_extra_at(inst: &Instance, gpu_rows: &[usize], total: u64, reserve: u64) -> f64 {
+fn streaming_extra_at(
+    inst: &Instance,
+    gpu_rows: &[usize],
+    total: u64,
+    reserve: u64,
+) -> (f64, Option<Packing>) {
     let n = inst.n();
     let streamed: Vec<usize> = (0..inst.devices.len())
         .filter(|&b| inst.is_streamed(b))
@@ -521,10 +556,12 @@ fn streaming_extra_at(inst: &Instance, gpu_rows: &[usize], total: u64, reserve: 
         .filter(|(r, _)| r.is_finite() && *r > 0.0)
         .collect();
     if tiers.is_empty() {
-        return 0.0;
+        return (0.0, None);
     }
     tiers.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (sink_rate, _) = *tiers.last().expect("non-empty");
+    let (sink_rate, sink) = *tiers.last().expect("non-empty");
+    let mut bin_devices: Vec<usize> = gpu_rows.to_vec();
+    bin_devices.extend(tiers[..tiers.len() - 1].iter().map(|t| t.1));
     let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
     // Bins: (capacity, saving per byte).
     let mut bins: Vec<(u64, f64)> = gpu_rows
@@ -601,6 +638,8 @@ fn streaming_extra_at(inst: &Instance, gpu_rows: &[usize], total: u64, reserve: 
     let vectors: Vec<Vec<u64>> = (0..n_states).map(decode).collect();
     let mut best = vec![f64::NEG_INFINITY; n_states];
     best[0] = 0.0;
+    // back[bin][state] = the state before this bin (for reconstructing the packing).
+    let mut back: Vec<Vec<usize>> = Vec::with_capacity(bins.len());
     let gpu_bins = gpu_rows.len();
     let forced_full: Vec<bool> = big.iter().map(|(s, _)| on_gpu(*s)).collect();
     // Units larger than the reserve but too small to be "big" classes are not tracked (relaxation).
@@ -632,6 +671,7 @@ fn streaming_extra_at(inst: &Instance, gpu_rows: &[usize], total: u64, reserve: 
             })
             .collect();
         let mut next = best.clone(); // an empty bin
+        let mut from: Vec<usize> = (0..n_states).collect();
         for st in (0..n_states).filter(|&st| best[st].is_finite()) {
             for &f in &fits {
                 let sum: Vec<u64> = vectors[st]
@@ -645,10 +685,12 @@ fn streaming_extra_at(inst: &Instance, gpu_rows: &[usize], total: u64, reserve: 
                 let t = encode(&sum);
                 if v > next[t] {
                     next[t] = v;
+                    from[t] = st;
                 }
             }
         }
         best = next;
+        back.push(from);
     }
     if bins.len() == gpu_bins {
         for (st, v) in best.iter_mut().enumerate() {
@@ -663,12 +705,80 @@ fn streaming_extra_at(inst: &Instance, gpu_rows: &[usize], total: u64, reserve: 
         }
     }
     if best.iter().all(|v| !v.is_finite()) {
-        return f64::INFINITY; // this reserve level admits no placement
+        return (f64::INFINITY, None); // this reserve level admits no placement
     }
-    let big_saving = best.iter().copied().fold(0.0, f64::max);
+    let (mut state, big_saving) = best
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("states exist");
     let cap_saving: f64 = bins.iter().map(|(c, s)| *c as f64 * s).sum();
     let saving = (big_saving + fluid as f64 * best_rate).min(cap_saving);
-    (sink_rate * total as f64 - saving).max(0.0)
+    let mut quotas = vec![Vec::new(); bins.len()];
+    for bin in (0..bins.len()).rev() {
+        let prev = back[bin][state];
+        quotas[bin] = vectors[state]
+            .iter()
+            .zip(&vectors[prev])
+            .map(|(a, b)| a - b)
+            .collect();
+        state = prev;
+    }
+    let packing = Packing {
+        bins: bin_devices,
+        classes: big.iter().map(|(size, _)| *size).collect(),
+        quotas,
+        sink,
+    };
+    ((sink_rate * total as f64 - saving).max(0.0), Some(packing))
+}
+
+/// A placement that follows the packing bound's per-device class counts: units in chain order take
+/// the first device (GPUs first, from the current one on) with quota left for their size class;
+/// small units stay with the device before them; what is left goes to the sink. The result is
+/// repaired and polished by the caller; `None` if it does not fit.
+fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<usize>> {
+    let n = inst.n();
+    let mut quotas = packing.quotas.clone();
+    let mut a = vec![packing.sink; n];
+    let mut current = 0usize;
+    for i in 0..n {
+        let w = inst.mem[i] + inst.kv[i];
+        let allowed = |b: usize| inst.allowed[i][b];
+        match packing.classes.iter().position(|&c| c == w) {
+            Some(c) => {
+                let order = (current..quotas.len()).chain(0..current);
+                if let Some(bin) = order
+                    .filter(|&bin| quotas[bin][c] > 0 && allowed(packing.bins[bin]))
+                    .next()
+                {
+                    quotas[bin][c] -= 1;
+                    a[i] = packing.bins[bin];
+                    if inst.devices[a[i]].is_gpu() {
+                        current = bin;
+                    }
+                } else if !allowed(packing.sink) {
+                    return None;
+                }
+            }
+            None => {
+                let here = packing.bins.get(current).copied().unwrap_or(packing.sink);
+                a[i] = if allowed(here) { here } else { packing.sink };
+            }
+        }
+    }
+    if inst.feasible(&a) {
+        return Some(a);
+    }
+    // Small units may not fit where they were put: send them to the sink and let the repair place them.
+    for i in 0..n {
+        let w = inst.mem[i] + inst.kv[i];
+        if !packing.classes.contains(&w) && inst.allowed[i][packing.sink] {
+            a[i] = packing.sink;
+        }
+    }
+    inst.feasible(&a).then_some(a)
 }
 
 fn check_pins(inst: &Instance) -> Result<(), Error> {
