@@ -738,6 +738,8 @@ fn streaming_extra_at(
 /// the first device (GPUs first, from the current one on) with quota left for their size class;
 /// small units stay with the device before them; what is left goes to the sink. The result is
 /// repaired and polished by the caller; `None` if it does not fit.
+// Index loops: units are addressed by index in every per-unit table of the instance.
+#[allow(clippy::needless_range_loop)]
 fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<usize>> {
     let n = inst.n();
     let mut quotas = packing.quotas.clone();
@@ -750,8 +752,8 @@ fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<usize>> {
             Some(c) => {
                 let order = (current..quotas.len()).chain(0..current);
                 if let Some(bin) = order
-                    .filter(|&bin| quotas[bin][c] > 0 && allowed(packing.bins[bin]))
-                    .next()
+                    .into_iter()
+                    .find(|&bin| quotas[bin][c] > 0 && allowed(packing.bins[bin]))
                 {
                     quotas[bin][c] -= 1;
                     a[i] = packing.bins[bin];
