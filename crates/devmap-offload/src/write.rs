@@ -4,10 +4,13 @@
 //! [`crate::OffloadFolder`] read as it was before (or as it is after):
 //!
 //! 1. stale temporary files (`.devmap-tmp-*`) of an interrupted run are removed;
-//! 2. each `.dat` file is streamed into a temporary file, fsynced, renamed into place, and its
-//!    checksum appended to `devmap-checksums.journal` (in parallel across tensors, through bounded
-//!    mmap windows of the source: memory stays bounded whatever the model size);
-//! 3. `devmap-checksums.json` is replaced through a rename;
+//! 2. each `.dat` file is streamed into a temporary file, renamed into place, and its checksum
+//!    appended to `devmap-checksums.journal` (in parallel across tensors, through bounded
+//!    mmap windows of the source: memory stays bounded whatever the model size); a file that
+//!    replaces an existing one is fsynced before its rename, since an index may already name it;
+//! 3. every new `.dat` file and the folder are fsynced (one wait at the end, like `cp && sync`,
+//!    instead of a stall after every file), then `devmap-checksums.json` is replaced through a
+//!    rename;
 //! 4. `index.json` is replaced through a rename, last: only now do readers see the new entries;
 //! 5. the journal is removed.
 //!
@@ -56,8 +59,9 @@ pub enum Form {
 pub struct OffloadOptions {
     /// Reference the source files, or copy into `.dat` files.
     pub form: Form,
-    /// fsync every file before its rename and the folder at the end (durable across power loss,
-    /// not only across a crash of the process).
+    /// Make the data durable before the index names it (across power loss, not only across a
+    /// crash of the process): every `.dat` file is fsynced before `index.json` is written, a file
+    /// replacing an existing one before its rename, and the folder after the renames.
     pub fsync: bool,
     /// Bytes of a source file mapped at a time by each thread.
     pub window_bytes: usize,
@@ -232,6 +236,10 @@ pub fn offload_tensors(
     for (i, o) in outcomes {
         by_job[i] = Some(o);
     }
+    let by_job_kind: Vec<bool> = by_job
+        .iter()
+        .map(|o| matches!(o, Some(Outcome::Written(_))))
+        .collect();
 
     for (job, outcome) in jobs.iter().zip(by_job) {
         let outcome = outcome.expect("every job ran");
@@ -260,6 +268,25 @@ pub fn offload_tensors(
         index.insert(job.name.to_string(), entry);
     }
     drop(ctx);
+    if options.fsync {
+        let written: Vec<&Job<'_>> = jobs
+            .iter()
+            .zip(&by_job_kind)
+            .filter(|(_, w)| **w)
+            .map(|(j, _)| j)
+            .collect();
+        written.par_iter().try_for_each(|job| {
+            let path = dat_path(folder, job.name)?;
+            let f = open_regular(&path)?.ok_or_else(|| {
+                Error::io(
+                    &path,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "vanished before its fsync"),
+                )
+            })?;
+            f.sync_data().map_err(|e| Error::io(&path, e))
+        })?;
+        sync_folder(folder)?;
+    }
     if !jobs.is_empty() {
         write_atomic(
             folder,
@@ -411,7 +438,10 @@ impl RunCtx<'_> {
             return Ok(Outcome::Skipped(c));
         }
         let temp = temp_path(self.folder, &format!("{}.dat", job.name));
-        let result = self.write_temp(job, &temp);
+        // An existing file may be named by the current index: its replacement must be durable
+        // before the rename. A new name is named by no index until step 4, so its fsync can wait.
+        let replaces = file_metadata(&dest)?.is_some();
+        let result = self.write_temp(job, &temp, replaces);
         let checksum = match result {
             Ok(c) => c,
             // A simulated crash leaves the half-written file, as a real one would.
@@ -434,7 +464,7 @@ impl RunCtx<'_> {
         Ok(Outcome::Written(checksum))
     }
 
-    fn write_temp(&self, job: &Job<'_>, temp: &Path) -> Result<Checksum> {
+    fn write_temp(&self, job: &Job<'_>, temp: &Path, sync_now: bool) -> Result<Checksum> {
         let mut out = create_new(temp)?;
         let file = &self.sources[&job.file];
         let limit = self.options.fail_after_bytes;
@@ -459,7 +489,7 @@ impl RunCtx<'_> {
                 Ok(())
             },
         )?;
-        if self.options.fsync {
+        if self.options.fsync && sync_now {
             out.sync_data().map_err(|e| Error::io(temp, e))?;
         }
         Ok(checksum)
