@@ -12,9 +12,13 @@ fn main() {
     let t = std::time::Instant::now();
     let model = load_model(model.as_ref()).expect("model");
     let budgets = MemoryBudgets::parse(spec).expect("budgets");
-    let plan = Auto::default()
-        .plan(&PlanRequest::new(&model, &budgets))
-        .expect("plan");
+    let plan = match Auto::default().plan(&PlanRequest::new(&model, &budgets)) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("{:.1} ms: {e}", t.elapsed().as_secs_f64() * 1e3);
+            std::process::exit(1);
+        }
+    };
     let solve = plan.solve.expect("auto reports its solve");
     println!(
         "{:.1} ms total, objective {:.4} ms, bound {:.4} ms, gap {:.2e}, {}",

@@ -174,6 +174,11 @@ impl Strategy for Auto {
         let trace = std::env::var_os("DEVMAP_TRACE").is_some();
         let inst = self.instance(req)?;
         check_pins(&inst)?;
+        // When the budgets together are short, say so before any search.
+        let need: u64 = (0..inst.n()).map(|i| inst.mem[i] + inst.kv[i]).sum();
+        if need > inst.caps.iter().sum::<u64>() {
+            return Err(infeasible(req.model, &inst));
+        }
         if trace {
             eprintln!("trace: instance {:?}", started.elapsed());
         }
