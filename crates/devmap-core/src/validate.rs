@@ -6,7 +6,7 @@ use std::fmt;
 
 use crate::budget::{format_bytes, Device, MemoryBudgets};
 use crate::device_map::DeviceMap;
-use crate::model::{Model, ModuleId, SizeRules, TensorId};
+use crate::model::{Model, ModuleId, Node, SizeRules, TensorId};
 
 /// One thing wrong with (or worth knowing about) a map.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,30 +137,35 @@ impl Report {
 }
 
 /// The device of every tensor under `map` (longest matching key).
+///
+/// Every dotted prefix of a tensor name is a module of the tree, so the longest matching key is the
+/// nearest keyed ancestor: keys are looked up once and devices flow down the tree (parents have
+/// smaller ids than their children). Keys that name nothing cover nothing.
 pub fn tensor_devices(model: &Model, map: &DeviceMap) -> Vec<Option<Device>> {
-    let keys: HashMap<&str, Device> = map
-        .entries()
-        .iter()
-        .map(|(k, d)| (k.as_str(), *d))
-        .collect();
-    model
-        .tensors()
-        .iter()
-        .map(|t| {
-            let name = t.name.as_str();
-            if let Some(d) = keys.get(name) {
-                return Some(*d);
-            }
-            let mut end = name.len();
-            while let Some(pos) = name[..end].rfind('.') {
-                if let Some(d) = keys.get(&name[..pos]) {
-                    return Some(*d);
-                }
-                end = pos;
-            }
-            keys.get("").copied()
-        })
-        .collect()
+    let mut module_device: Vec<Option<Device>> = vec![None; model.modules().len()];
+    let mut tensor_device: Vec<Option<Device>> = vec![None; model.tensors().len()];
+    for (k, d) in map.entries() {
+        match model.node(k) {
+            Some(Node::Module(m)) => module_device[m] = Some(*d),
+            Some(Node::Tensor(t)) => tensor_device[t] = Some(*d),
+            None => {}
+        }
+    }
+    for m in 1..module_device.len() {
+        if module_device[m].is_none() {
+            let parent = model
+                .module(m)
+                .parent
+                .expect("non-root modules have a parent");
+            module_device[m] = module_device[parent];
+        }
+    }
+    for (t, tensor) in model.tensors().iter().enumerate() {
+        if tensor_device[t].is_none() {
+            tensor_device[t] = module_device[tensor.module];
+        }
+    }
+    tensor_device
 }
 
 /// Bytes per device given each tensor's device; a tied storage counts once on every device holding a member.

@@ -345,10 +345,12 @@ fn max_layer(
 }
 
 fn contains_dotted(haystack: &str, needle: &str) -> bool {
-    // Python: `name + "." in k + "."` (a substring test, quirks included).
-    let h = format!("{haystack}.");
-    let n = format!("{needle}.");
-    h.contains(&n)
+    // Python: `name + "." in k + "."` (a substring test, quirks included): an occurrence of
+    // `needle` followed by a dot or by the end of `haystack`.
+    haystack.match_indices(needle).any(|(i, _)| {
+        let end = i + needle.len();
+        end == haystack.len() || haystack.as_bytes()[end] == b'.'
+    })
 }
 
 fn starts_with_dotted(name: &str, prefix: &str) -> bool {
