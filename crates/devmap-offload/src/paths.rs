@@ -193,6 +193,7 @@ mod tests {
         assert!(err.contains("\"../x\""), "{err}");
     }
 
+    #[cfg(unix)]
     #[test]
     fn links_are_refused() {
         let dir = tempfile::tempdir().unwrap();

@@ -52,6 +52,7 @@ fn names_that_would_leave_the_folder_are_rejected_before_anything_is_written() {
     }
 }
 
+#[cfg(unix)]
 #[test]
 fn the_writer_never_writes_through_a_link() {
     let dir = tempfile::tempdir().unwrap();
@@ -197,6 +198,7 @@ fn the_reader_names_every_broken_entry() {
     }
 }
 
+#[cfg(unix)]
 #[test]
 fn the_reader_refuses_dat_links_and_checks_safetensors_entries() {
     let dir = tempfile::tempdir().unwrap();
