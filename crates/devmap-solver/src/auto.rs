@@ -433,7 +433,24 @@ pub fn local_search(
 ) -> (Vec<usize>, f64) {
     let n = inst.n();
     let k = inst.devices.len();
-    let better = |c: f64, cost: f64| c < cost * (1.0 - 1e-12);
+    // Apply `changes` (unit, device); keep them if the result fits and costs less, else undo.
+    let try_changes = |a: &mut Vec<usize>, cost: &mut f64, changes: &[(usize, usize)]| -> bool {
+        let before: Vec<(usize, usize)> = changes.iter().map(|&(i, _)| (i, a[i])).collect();
+        for &(i, b) in changes {
+            a[i] = b;
+        }
+        if inst.feasible(a) {
+            let c = inst.evaluate(a);
+            if c < *cost * (1.0 - 1e-12) {
+                *cost = c;
+                return true;
+            }
+        }
+        for &(i, b) in &before {
+            a[i] = b;
+        }
+        false
+    };
     loop {
         let mut improved = false;
         for i in 0..n {
@@ -441,20 +458,9 @@ pub fn local_search(
                 return (a, cost);
             }
             for b in 0..k {
-                if b == a[i] || !inst.allowed[i][b] {
-                    continue;
+                if b != a[i] && inst.allowed[i][b] {
+                    improved |= try_changes(&mut a, &mut cost, &[(i, b)]);
                 }
-                let from = a[i];
-                a[i] = b;
-                if inst.feasible(&a) {
-                    let c = inst.evaluate(&a);
-                    if better(c, cost) {
-                        cost = c;
-                        improved = true;
-                        continue;
-                    }
-                }
-                a[i] = from;
             }
         }
         for i in 0..n {
@@ -463,25 +469,14 @@ pub fn local_search(
             }
             for j in i + 1..n {
                 let (bi, bj) = (a[i], a[j]);
-                if bi == bj
-                    || inst.mem[i] == inst.mem[j]
-                    || !inst.allowed[i][bj]
-                    || !inst.allowed[j][bi]
+                // Swapping equal sizes changes nothing but the transfers; moves cover that.
+                if bi != bj
+                    && inst.mem[i] != inst.mem[j]
+                    && inst.allowed[i][bj]
+                    && inst.allowed[j][bi]
                 {
-                    continue;
+                    improved |= try_changes(&mut a, &mut cost, &[(i, bj), (j, bi)]);
                 }
-                a[i] = bj;
-                a[j] = bi;
-                if inst.feasible(&a) {
-                    let c = inst.evaluate(&a);
-                    if better(c, cost) {
-                        cost = c;
-                        improved = true;
-                        continue;
-                    }
-                }
-                a[i] = bi;
-                a[j] = bj;
             }
         }
         if !improved || Instant::now() > deadline {
