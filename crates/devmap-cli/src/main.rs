@@ -75,7 +75,7 @@ struct CostArgs {
     /// Fix a module or tensor to a device and let `auto` place the rest: `--pin lm_head=1`; repeatable.
     #[arg(long, value_name = "KEY=DEVICE")]
     pin: Vec<String>,
-    /// Time limit for the MIP solver, seconds (the best plan found and its proven gap are returned).
+    /// Time limit for `auto`'s whole solve, seconds (the best plan found and its proven gap are returned).
     #[arg(long = "time-limit", default_value_t = 10.0)]
     time_limit: f64,
 }
