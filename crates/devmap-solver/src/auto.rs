@@ -668,20 +668,23 @@ fn streaming_extra_at(
     let mut back: Vec<Vec<usize>> = Vec::with_capacity(bins.len());
     let gpu_bins = gpu_rows.len();
     let forced_full: Vec<bool> = big.iter().map(|(s, _)| on_gpu(*s)).collect();
+    // Once past the GPU bins, states that left a GPU-only class incomplete are dropped.
+    let drop_incomplete = |best: &mut Vec<f64>| {
+        for (st, v) in best.iter_mut().enumerate() {
+            let full = vectors[st]
+                .iter()
+                .zip(&big)
+                .zip(&forced_full)
+                .all(|((x, (_, c)), f)| !f || x == c);
+            if !full {
+                *v = f64::NEG_INFINITY;
+            }
+        }
+    };
     // Units larger than the reserve but too small to be "big" classes are not tracked (relaxation).
     for (bin, &(cap, saving)) in bins.iter().enumerate() {
         if bin == gpu_bins {
-            // Past the GPU bins: forced classes must all be placed already.
-            for (st, v) in best.iter_mut().enumerate() {
-                let full = vectors[st]
-                    .iter()
-                    .zip(&big)
-                    .zip(&forced_full)
-                    .all(|((x, (_, c)), f)| !f || x == c);
-                if !full {
-                    *v = f64::NEG_INFINITY;
-                }
-            }
+            drop_incomplete(&mut best);
         }
         // Only maximal packings of this bin matter: sums are clamped to the class counts, which
         // covers every smaller packing (the saving grows with the bytes placed).
@@ -719,16 +722,7 @@ fn streaming_extra_at(
         back.push(from);
     }
     if bins.len() == gpu_bins {
-        for (st, v) in best.iter_mut().enumerate() {
-            let full = vectors[st]
-                .iter()
-                .zip(&big)
-                .zip(&forced_full)
-                .all(|((x, (_, c)), f)| !f || x == c);
-            if !full {
-                *v = f64::NEG_INFINITY;
-            }
-        }
+        drop_incomplete(&mut best);
     }
     if best.iter().all(|v| !v.is_finite()) {
         return (f64::INFINITY, None); // this reserve level admits no placement
