@@ -349,6 +349,5 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         model.name,
         errors.len()
     );
-    let _ = Device::Cpu;
     Ok(ExitCode::FAILURE)
 }

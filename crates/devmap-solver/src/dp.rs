@@ -133,7 +133,6 @@ struct GpuDp {
     /// back[k][i][state] = (previous i, previous state).
     back: Vec<Vec<Vec<(usize, usize)>>>,
     n_states: usize,
-    exec_index: Vec<usize>,
 }
 
 impl GpuDp {
@@ -193,7 +192,6 @@ impl GpuDp {
             cost,
             back,
             n_states,
-            exec_index: gpus.iter().map(|&b| inst.exec_of[b]).collect(),
         }
     }
 
@@ -226,7 +224,6 @@ impl GpuDp {
             i = pi;
             st = pst;
         }
-        let _ = &self.exec_index;
         out
     }
 }

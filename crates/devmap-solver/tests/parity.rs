@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use devmap_core::{load_model, Device, DeviceMap, MemoryBudgets};
+use devmap_core::{load_model, DeviceMap, MemoryBudgets};
 use devmap_solver::{Compat, HfGreedy, HfKind, PlanRequest, Strategy};
 
 fn fixtures() -> PathBuf {
@@ -113,7 +113,6 @@ fn maps_equal_hugging_face_references() {
                     "{label}: budgets differ: want {inferred:?} got {ours:?}"
                 ));
             }
-            let _ = Device::Cpu;
         }
     }
     assert!(checked >= 21 * 64, "only {checked} runs checked");
