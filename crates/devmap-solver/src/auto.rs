@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use devmap_core::cost::{CostModel, Objective, Topology};
-use devmap_core::{format_bytes, Device, KvCacheSpec, Model};
+use devmap_core::{format_bytes, Device, KvCacheSpec, Model, Workload};
 
 use crate::instance::{Instance, InstanceOptions};
 use crate::mip::{self, MipOptions};
@@ -27,8 +27,8 @@ pub struct AutoOptions {
     pub objective: Objective,
     /// Bytes to keep free per device.
     pub reserve: Vec<(Device, u64)>,
-    /// KV cache to charge per decoder layer.
-    pub kv_cache: Option<KvCacheSpec>,
+    /// The workload whose KV cache and activations are charged (`None`: weights only).
+    pub workload: Option<Workload>,
     /// `(map key, device)` pins.
     pub pins: Vec<(String, Device)>,
     /// Time limit of the whole solve: the work before the MIP counts against it, HiGHS gets what
@@ -45,7 +45,7 @@ impl Default for AutoOptions {
             topology: Topology::default(),
             objective: Objective::Latency,
             reserve: Vec::new(),
-            kv_cache: None,
+            workload: None,
             pins: Vec::new(),
             time_limit: Duration::from_secs(10),
             mip_rel_gap: 5e-4,
@@ -69,9 +69,14 @@ impl AutoOptions {
         self.reserve.push((device, bytes));
         self
     }
-    /// Charge a KV cache.
+    /// Charge a KV cache: the workload `--kv-cache` stands for ([`Workload::from_kv_cache`]).
     pub fn kv_cache(mut self, spec: Option<KvCacheSpec>) -> Self {
-        self.kv_cache = spec;
+        self.workload = spec.as_ref().map(Workload::from_kv_cache);
+        self
+    }
+    /// Charge a workload's KV cache and activations.
+    pub fn workload(mut self, w: Option<Workload>) -> Self {
+        self.workload = w;
         self
     }
     /// Pin a module or tensor to a device.
@@ -131,7 +136,7 @@ impl Auto {
         );
         let opts = InstanceOptions {
             reserve: self.options.reserve.clone(),
-            kv_cache: self.options.kv_cache,
+            workload: self.options.workload,
             pins: self.options.pins.clone(),
             rules: devmap_core::SizeRules {
                 target_dtype: req.target_dtype,
