@@ -184,7 +184,7 @@ impl Strategy for Auto {
         let inst = self.instance(req)?;
         check_pins(&inst)?;
         // When the budgets together are short, say so before any search.
-        let need: u64 = (0..inst.n()).map(|i| inst.mem[i] + inst.kv[i]).sum();
+        let need: u64 = (0..inst.n()).map(|i| inst.unit_bytes(i)).sum();
         if need > inst.caps.iter().sum::<u64>() {
             return Err(infeasible(req.model, &inst));
         }
@@ -423,7 +423,7 @@ fn lower_bound_with_packing(inst: &Instance) -> (f64, Option<Packing>) {
                 .fold(f64::INFINITY, f64::min)
         })
         .sum();
-    let total: u64 = (0..n).map(|i| inst.mem[i] + inst.kv[i]).sum();
+    let total: u64 = (0..n).map(|i| inst.unit_bytes(i)).sum();
     let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
     let mut packing = None;
     if inst.main.is_some() && !gpu_rows.is_empty() && total > gpu_total {
@@ -625,7 +625,7 @@ fn streaming_extra_at(
         bins.push((cap.saturating_sub(reserve), sink_rate - r));
         before += cap;
     }
-    let w: Vec<u64> = (0..n).map(|i| inst.mem[i] + inst.kv[i]).collect();
+    let w: Vec<u64> = (0..n).map(|i| inst.unit_bytes(i)).collect();
     let classes = inst.size_classes();
     // A class is pinned to the GPU bins when every unit of it reads more than the reserve.
     let on_gpu = |size: u64| {
@@ -777,7 +777,7 @@ fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<usize>> {
     let mut a = vec![packing.sink; n];
     let mut current = 0usize;
     for i in 0..n {
-        let w = inst.mem[i] + inst.kv[i];
+        let w = inst.unit_bytes(i);
         let allowed = |b: usize| inst.allowed[i][b];
         match packing.classes.iter().position(|&c| c == w) {
             Some(c) => {
@@ -806,7 +806,7 @@ fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<usize>> {
     }
     // Small units may not fit where they were put: send them to the sink and let the repair place them.
     for i in 0..n {
-        let w = inst.mem[i] + inst.kv[i];
+        let w = inst.unit_bytes(i);
         if !packing.classes.contains(&w) && inst.allowed[i][packing.sink] {
             a[i] = packing.sink;
         }
@@ -819,7 +819,7 @@ fn check_pins(inst: &Instance) -> Result<(), Error> {
         // Pinned: a pin removed every other device (a lone device restricts nothing).
         let pinned: u64 = (0..inst.n())
             .filter(|&i| inst.allowed[i].iter().any(|x| !*x) && inst.allowed[i][b])
-            .map(|i| inst.mem[i] + inst.kv[i])
+            .map(|i| inst.unit_bytes(i))
             .sum();
         if pinned > inst.caps[b] {
             return Err(Error::BadPin(format!(
@@ -848,7 +848,7 @@ fn infeasible(model: &Model, inst: &Instance) -> Error {
         };
     }
     let largest = (0..inst.n())
-        .max_by_key(|&i| inst.mem[i] + inst.kv[i])
+        .max_by_key(|&i| inst.unit_bytes(i))
         .map(|i| inst.names[i].clone())
         .unwrap_or_default();
     Error::Infeasible(format!(

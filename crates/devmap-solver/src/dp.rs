@@ -35,7 +35,7 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
     let mut suffix_kv = vec![0u64; n + 1];
     for i in (0..n).rev() {
         suffix_read_max[i] = suffix_read_max[i + 1].max(inst.read[i]);
-        suffix_kv[i] = suffix_kv[i + 1] + inst.kv[i];
+        suffix_kv[i] = suffix_kv[i + 1] + inst.streamed_bytes_on_main(i);
     }
     let mut gpu_runs: HashMap<u64, GpuDp> = HashMap::new();
     let mut best: Option<(f64, usize, usize, u64)> = None; // (cost, s, t, reduction)
@@ -98,25 +98,15 @@ fn tail_cost(inst: &Instance, s: usize, t: usize) -> Option<f64> {
     let disk_reserve = (t..n).map(|i| inst.read[i]).max().unwrap_or(0);
     let mut cost = 0.0;
     if let Some(c) = inst.cpu {
-        let mem: u64 = (s..t).map(|i| inst.mem[i]).sum();
-        let kv = if inst.main.is_none() {
-            (s..t).map(|i| inst.kv[i]).sum()
-        } else {
-            0
-        };
-        if mem + kv + disk_reserve > inst.caps[c] || (s..t).any(|i| !inst.allowed[i][c]) {
+        let mem: u64 = (s..t).map(|i| inst.unit_bytes_on(i, c)).sum();
+        if mem + disk_reserve > inst.caps[c] || (s..t).any(|i| !inst.allowed[i][c]) {
             return None;
         }
         cost += (s..t).map(|i| inst.cost[i][c]).sum::<f64>();
     }
     if let Some(d) = inst.disk {
-        let mem: u64 = (t..n).map(|i| inst.mem[i]).sum();
-        let kv = if inst.main.is_none() {
-            (t..n).map(|i| inst.kv[i]).sum()
-        } else {
-            0
-        };
-        if mem + kv > inst.caps[d] || (t..n).any(|i| !inst.allowed[i][d]) {
+        let mem: u64 = (t..n).map(|i| inst.unit_bytes_on(i, d)).sum();
+        if mem > inst.caps[d] || (t..n).any(|i| !inst.allowed[i][d]) {
             return None;
         }
         cost += (t..n).map(|i| inst.cost[i][d]).sum::<f64>();
@@ -172,7 +162,7 @@ impl GpuDp {
                         if !inst.allowed[j][b] {
                             break;
                         }
-                        used += inst.mem[j] + inst.kv[j];
+                        used += inst.unit_bytes_on(j, b);
                         if used > cap {
                             break;
                         }

@@ -355,11 +355,41 @@ impl Instance {
         self.units.len()
     }
 
+    /// Bytes unit `unit` takes on the device of row `device_row` when it is placed there: its
+    /// weights, plus its KV cache when that device also executes it (a streamed unit's cache stays
+    /// on the main GPU, see [`Instance::streamed_bytes_on_main`]). Tied copies and the streaming
+    /// buffers are per-device charges, not per unit (see [`Instance::usage`]).
+    pub fn unit_bytes_on(&self, unit: usize, device_row: usize) -> u64 {
+        if self.is_streamed(device_row) {
+            self.mem[unit]
+        } else {
+            self.mem[unit] + self.kv[unit]
+        }
+    }
+
+    /// Bytes unit `unit` adds to the main GPU when it is streamed from cpu or disk (its KV cache).
+    pub fn streamed_bytes_on_main(&self, unit: usize) -> u64 {
+        self.kv[unit]
+    }
+
+    /// Bytes the main GPU holds while it streams unit `unit` from cpu or disk (and cpu holds while
+    /// a disk unit passes through it): the unit's largest one-module group of direct tensors, not
+    /// the whole unit (accelerate loads one hooked module at a time).
+    pub fn stream_buffer(&self, unit: usize) -> u64 {
+        self.stream[unit]
+    }
+
+    /// Bytes unit `unit` needs wherever it is placed (on its device and, when streamed, on the main
+    /// GPU): what the bounds and cuts count when the device is not known.
+    pub fn unit_bytes(&self, unit: usize) -> u64 {
+        self.mem[unit] + self.kv[unit]
+    }
+
     /// Unit memory needs (weights plus KV cache) grouped by size: `(size, count)`, largest first,
     /// zero sizes left out. The bounds and cuts reason over these classes.
     pub fn size_classes(&self) -> Vec<(u64, u64)> {
         let mut sorted: Vec<u64> = (0..self.n())
-            .map(|i| self.mem[i] + self.kv[i])
+            .map(|i| self.unit_bytes(i))
             .filter(|&x| x > 0)
             .collect();
         sorted.sort_unstable_by(|a, b| b.cmp(a));
@@ -425,7 +455,11 @@ impl Instance {
             executes[exec] = true;
             if !kv_charged[p.unit] {
                 kv_charged[p.unit] = true;
-                u.kv[exec] += self.kv[p.unit];
+                u.kv[exec] += if streamed {
+                    self.streamed_bytes_on_main(p.unit)
+                } else {
+                    self.unit_bytes_on(p.unit, p.device) - self.mem[p.unit]
+                };
             }
             if streamed {
                 let m = main.expect("checked");

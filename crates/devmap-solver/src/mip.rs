@@ -225,10 +225,7 @@ pub fn solve(
         .map(|b| {
             (0..n)
                 .filter_map(|i| x[i][b].map(|v| (i, v)))
-                .map(|(i, v)| {
-                    let kv = if inst.is_streamed(b) { 0 } else { inst.kv[i] };
-                    (inst.mem[i] + kv) as f64 / GIB * v
-                })
+                .map(|(i, v)| inst.unit_bytes_on(i, b) as f64 / GIB * v)
                 .sum()
         })
         .collect();
@@ -253,8 +250,9 @@ pub fn solve(
             for i in 0..n {
                 let on: Expression = streamed.iter().map(|&b| xe(i, b)).sum();
                 constraints.push(constraint!(s >= inst.read[i] as f64 / GIB * on.clone()));
-                if inst.kv[i] > 0 {
-                    mem[m] += inst.kv[i] as f64 / GIB * on;
+                let on_main = inst.streamed_bytes_on_main(i);
+                if on_main > 0 {
+                    mem[m] += on_main as f64 / GIB * on;
                 }
             }
             mem[m] += s;
@@ -459,7 +457,7 @@ pub fn solve(
 /// capacity `C` valid, smaller units count 0. Each returned cut is (coefficient per unit, bound).
 fn lifted_cuts(inst: &Instance, b: usize) -> Vec<(Vec<f64>, f64)> {
     let n = inst.n();
-    let w: Vec<u64> = (0..n).map(|i| inst.mem[i] + inst.kv[i]).collect();
+    let w: Vec<u64> = (0..n).map(|i| inst.unit_bytes(i)).collect();
     let mut classes = inst.size_classes();
     classes.truncate(4);
     let cap = inst.caps[b];
@@ -509,18 +507,18 @@ pub(crate) fn forced_stream_reserve(inst: &Instance) -> u64 {
 /// the excess, so they include one at least as large as the unit where ascending sizes first add up
 /// to it: the read size of the smallest such unit (0 when nothing is left over).
 pub(crate) fn forced_reserve(inst: &Instance, capacity: u64) -> u64 {
-    let total: u64 = (0..inst.n()).map(|i| inst.mem[i] + inst.kv[i]).sum();
+    let total: u64 = (0..inst.n()).map(|i| inst.unit_bytes(i)).sum();
     let Some(excess) = total.checked_sub(capacity).filter(|e| *e > 0) else {
         return 0;
     };
-    let mut order: Vec<u64> = (0..inst.n()).map(|i| inst.mem[i] + inst.kv[i]).collect();
+    let mut order: Vec<u64> = (0..inst.n()).map(|i| inst.unit_bytes(i)).collect();
     order.sort_unstable();
     let mut cum = 0u64;
     for w in order {
         cum += w;
         if cum >= excess {
             return (0..inst.n())
-                .filter(|&u| inst.mem[u] + inst.kv[u] >= w)
+                .filter(|&u| inst.unit_bytes(u) >= w)
                 .map(|u| inst.read[u])
                 .min()
                 .unwrap_or(0);
