@@ -84,7 +84,8 @@ impl ModelConfig {
     }
     /// The chunk of chunked-attention layers (`attention_chunk_size`, Llama 4).
     pub fn attention_chunk_size(&self) -> Option<u64> {
-        self.lookup_u64(&["attention_chunk_size"]).filter(|&w| w > 0)
+        self.lookup_u64(&["attention_chunk_size"])
+            .filter(|&w| w > 0)
     }
     /// `layer_types` (`full_attention`, `sliding_attention`, ...), when config.json lists them.
     pub fn layer_types(&self) -> Option<Vec<String>> {
@@ -143,7 +144,10 @@ impl ModelConfig {
     /// Whether the model generates with a KV cache: it has a language-model head, or config.json
     /// names no architecture (hand-written configs).
     pub fn generates(&self) -> bool {
-        self.raw.get("architectures").is_none() || self.has_lm_head()
+        self.raw
+            .get("architectures")
+            .is_none_or(serde_json::Value::is_null)
+            || self.has_lm_head()
     }
     /// Whether the architecture has a language-model head (`*ForCausalLM`, `*LMHeadModel`...).
     pub fn has_lm_head(&self) -> bool {

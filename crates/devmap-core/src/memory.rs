@@ -16,7 +16,7 @@ use crate::cost::KvCacheSpec;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::graph::Unit;
-use crate::model::{Model, MAX_MODEL_BYTES};
+use crate::model::{Model, TensorId, MAX_MODEL_BYTES};
 
 /// cuBLAS's workspace on Hopper (PyTorch allocates it through its caching allocator on the first
 /// matmul of a device: 4096 KiB × 8 on sm90), part of every executing device's working set.
@@ -257,9 +257,9 @@ fn kv_elements_per_token(cfg: &crate::config::ModelConfig) -> Result<u64> {
     let kv_heads = cfg.num_key_value_heads().ok_or_else(|| {
         Error::Model("config.json has no num_key_value_heads / num_attention_heads".into())
     })?;
-    let head_dim = cfg
-        .head_dim()
-        .ok_or_else(|| Error::Model("config.json has no head_dim and no hidden_size/heads".into()))?;
+    let head_dim = cfg.head_dim().ok_or_else(|| {
+        Error::Model("config.json has no head_dim and no hidden_size/heads".into())
+    })?;
     product("K and V elements per token", &[2, kv_heads, head_dim])
 }
 
@@ -268,7 +268,10 @@ fn kv_elements_per_token(cfg: &crate::config::ModelConfig) -> Result<u64> {
 fn gated_mlp(model: &Model) -> bool {
     model.tensors().iter().any(|t| {
         let n = t.name.as_str();
-        n.contains("gate_proj.") || n.contains("gate_up_proj") || n.contains(".wi_0.") || n.contains(".w3.")
+        n.contains("gate_proj.")
+            || n.contains("gate_up_proj")
+            || n.contains(".wi_0.")
+            || n.contains(".w3.")
     })
 }
 
@@ -426,18 +429,22 @@ pub fn kv_per_unit(model: &Model, units: &[Unit], kv_layers: &[u64]) -> Vec<u64>
 pub fn stream_buffers(model: &Model, units: &[Unit], read: &[u64]) -> Vec<u64> {
     units
         .iter()
-        .map(|u| {
-            let mut per_module: Vec<(usize, u64)> = Vec::new();
-            for &t in &u.tensors {
-                let m = model.tensor(t).module;
-                match per_module.iter_mut().find(|(x, _)| *x == m) {
-                    Some(e) => e.1 += read[t],
-                    None => per_module.push((m, read[t])),
-                }
-            }
-            per_module.iter().map(|(_, b)| *b).max().unwrap_or(0)
-        })
+        .map(|u| stream_buffer(model, &u.tensors, read))
         .collect()
+}
+
+/// The largest one-module group of `tensors` (`read` bytes per tensor): what accelerate holds at
+/// once while it streams them.
+pub fn stream_buffer(model: &Model, tensors: &[TensorId], read: &[u64]) -> u64 {
+    let mut per_module: Vec<(usize, u64)> = Vec::new();
+    for &t in tensors {
+        let m = model.tensor(t).module;
+        match per_module.iter_mut().find(|(x, _)| *x == m) {
+            Some(e) => e.1 += read[t],
+            None => per_module.push((m, read[t])),
+        }
+    }
+    per_module.iter().map(|(_, b)| *b).max().unwrap_or(0)
 }
 
 /// accelerate's main device of a map: the lowest GPU id among the devices it uses (`None` when it

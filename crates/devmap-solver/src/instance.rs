@@ -451,7 +451,11 @@ impl Instance {
         for p in pieces {
             u.weights[p.device] += p.weights;
             let streamed = main.is_some() && !self.devices[p.device].is_gpu();
-            let exec = if streamed { main.expect("checked") } else { p.device };
+            let exec = if streamed {
+                main.expect("checked")
+            } else {
+                p.device
+            };
             executes[exec] = true;
             if !kv_charged[p.unit] {
                 kv_charged[p.unit] = true;
@@ -488,11 +492,12 @@ impl Instance {
         let mut out = Vec::new();
         for tie in &self.ties {
             let owner_dev = unit_device[tie.owner];
+            // usize::MAX: a unit a map leaves without a device (reported by validation).
             let mut held: Vec<usize> = tie
                 .members
                 .iter()
                 .map(|&m| unit_device[m])
-                .filter(|&b| b != owner_dev)
+                .filter(|&b| b != owner_dev && b != usize::MAX)
                 .collect();
             held.sort_unstable();
             held.dedup();
