@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use devmap_core::cost::Estimate;
 use devmap_core::memory::stream_buffer;
 use devmap_core::validate::{validate, Report};
-use devmap_core::{Device, DeviceMap, MemoryBudgets, Model, SizeRules};
+use devmap_core::validate::Problem;
+use devmap_core::{format_bytes, Device, DeviceMap, MemoryBudgets, Model, SizeRules};
 
 use crate::instance::{Instance, Piece, Usage};
 use crate::{Auto, AutoOptions, Error, PlanRequest};
@@ -63,16 +64,18 @@ impl MapCheck {
         let mut out: Vec<String> = self.report.errors().map(|p| p.to_string()).collect();
         for (d, m) in &self.memory {
             if !m.fits {
+                let budget = m.budget.unwrap_or(0);
                 out.push(format!(
-                    "device {d} needs {} (weights {}, streaming {}, KV {}, activations {}, reserve {}) \
-                     but its budget is {}",
-                    devmap_core::format_bytes(m.total()),
-                    devmap_core::format_bytes(m.weights),
-                    devmap_core::format_bytes(m.streaming),
-                    devmap_core::format_bytes(m.kv),
-                    devmap_core::format_bytes(m.activations),
-                    devmap_core::format_bytes(m.reserve),
-                    devmap_core::format_bytes(m.budget.unwrap_or(0)),
+                    "device {d} holds {} (weights {}, streaming {}, KV {}, activations {}, \
+                     reserve {}) but its budget is {} (over by {})",
+                    format_bytes(m.total()),
+                    format_bytes(m.weights),
+                    format_bytes(m.streaming),
+                    format_bytes(m.kv),
+                    format_bytes(m.activations),
+                    format_bytes(m.reserve),
+                    format_bytes(budget),
+                    format_bytes(m.total().saturating_sub(budget)),
                 ));
             }
         }
@@ -113,7 +116,11 @@ pub fn check_map(
         target_dtype,
         bool_as_bits: false,
     };
-    let report = validate(model, map, budgets, rules);
+    let mut report = validate(model, map, budgets, rules);
+    // The memory model below judges budgets with every term, not the weights alone.
+    report
+        .problems
+        .retain(|p| !matches!(p, Problem::OverBudget { .. }));
     let scoring = scoring_budgets(map, budgets);
     let mut options = options.clone();
     options.pins.clear();
