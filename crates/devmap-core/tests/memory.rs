@@ -8,7 +8,9 @@ use devmap_core::memory::{
     activation_bytes, allocator_allowance, kv_bytes_per_layer, main_device, stream_buffers,
     Workload, WorkloadMemory, CUBLAS_WORKSPACE_BYTES,
 };
-use devmap_core::{graph, load_model, DType, Device, KvCacheSpec, Model, ModelBuilder, ModelConfig};
+use devmap_core::{
+    graph, load_model, DType, Device, KvCacheSpec, Model, ModelBuilder, ModelConfig,
+};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -17,7 +19,10 @@ fn fixture(name: &str) -> Model {
         .join("../../fixtures/models")
         .join(format!("{name}.json"));
     let m = load_model(&p).unwrap();
-    assert!(m.config.is_some(), "{name}: config.json beside the manifest");
+    assert!(
+        m.config.is_some(),
+        "{name}: config.json beside the manifest"
+    );
     m
 }
 
@@ -96,7 +101,10 @@ fn encoder_decoder_caches_self_and_cross_attention() {
         .map(|i| m.module(units[i].module).name.as_str())
         .collect();
     assert_eq!(charged.len(), 24);
-    assert!(charged.iter().all(|n| n.starts_with("decoder.")), "{charged:?}");
+    assert!(
+        charged.iter().all(|n| n.starts_with("decoder.")),
+        "{charged:?}"
+    );
 }
 
 #[test]
@@ -154,8 +162,16 @@ fn measured_llama_8b() -> Model {
         .module("model.layers.0.mlp", "LlamaMLP")
         .module("model.layers.0.mlp.gate_proj", "Linear")
         .module("model.layers.0.mlp.up_proj", "Linear")
-        .param("model.layers.0.mlp.gate_proj.weight", DType::BF16, &[14336, 4096])
-        .param("model.layers.0.mlp.up_proj.weight", DType::BF16, &[14336, 4096])
+        .param(
+            "model.layers.0.mlp.gate_proj.weight",
+            DType::BF16,
+            &[14336, 4096],
+        )
+        .param(
+            "model.layers.0.mlp.up_proj.weight",
+            DType::BF16,
+            &[14336, 4096],
+        )
         .hidden_size(Some(4096))
         .config(Some(config))
         .build()
@@ -177,7 +193,10 @@ fn activations_follow_the_derivation() {
     let w = workload("batch=1,prompt=2000,new=100");
     let kv = kv_bytes_per_layer(&m, &w).unwrap();
     let a = activation_bytes(&m, &w, &kv).unwrap();
-    assert_eq!(a.decode, per_token * 2 + 128256 * 6 + 2100 * 2 * 8 * 128 * 2);
+    assert_eq!(
+        a.decode,
+        per_token * 2 + 128256 * 6 + 2100 * 2 * 8 * 128 * 2
+    );
     assert!(allocator_allowance(a.peak) > 0 && allocator_allowance(0) == 0);
 }
 

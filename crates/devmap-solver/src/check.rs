@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use devmap_core::cost::Estimate;
 use devmap_core::memory::stream_buffer;
-use devmap_core::validate::{validate, Report};
 use devmap_core::validate::Problem;
+use devmap_core::validate::{validate, Report};
 use devmap_core::{format_bytes, Device, DeviceMap, MemoryBudgets, Model, SizeRules};
 
 use crate::instance::{Instance, Piece, Usage};
