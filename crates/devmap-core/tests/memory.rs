@@ -214,6 +214,14 @@ fn activations_and_kv_predict_the_measured_h200_peaks() {
         let kv: u64 = terms.kv_layers.iter().sum();
         let predicted = (kv + terms.activations.peak) as f64 / GIB;
         let err = (predicted - measured_gib).abs() / measured_gib;
+        // docs/cost-model.md's table (`-- --nocapture` prints it).
+        println!(
+            "prompt {prompt:>5}: KV {:.3} + activations {:.3} = {predicted:.3} GiB, measured \
+             {measured_gib:.2} GiB, residual {:+.1}%",
+            kv as f64 / GIB,
+            terms.activations.peak as f64 / GIB,
+            (measured_gib - predicted) / measured_gib * 100.0
+        );
         assert!(
             err <= 0.03,
             "prompt {prompt}: predicted {predicted:.3} GiB, measured {measured_gib} GiB ({:.1}%)",
