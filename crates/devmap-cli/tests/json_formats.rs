@@ -65,7 +65,7 @@ fn plan_json_has_map_estimate_bound_status_and_memory() {
     assert_eq!(gpu["budget"], 10u64 << 30);
     // Llama-2-7B at batch 1, 2048 + 256 tokens: 2 × 2304 × 32 × 128 × 2 bytes per layer, all 32
     // layers' caches on the main GPU wherever their weights are.
-    assert_eq!(gpu["kv"], 2 * 2304 * 32 * 128 * 2 * 32);
+    assert_eq!(gpu["kv"], 2 * 2304 * 32 * 128 * 2 * 32u64);
     let total: u64 = ["weights", "streaming", "kv", "activations"]
         .iter()
         .map(|k| gpu[k].as_u64().unwrap())
@@ -74,6 +74,24 @@ fn plan_json_has_map_estimate_bound_status_and_memory() {
     // The bare map is unchanged and equals plan-json's.
     let bare = json_of(&plan(&["--format", "json"]));
     assert_eq!(bare, v["device_map"]);
+}
+
+#[test]
+fn dtype_applies_to_kv_and_activations() {
+    // Llama-2-7B is f16; at --dtype f32 its cache is 4 bytes an element: 2 × 2304 × 32 × 128 × 4
+    // bytes per layer, 32 layers.
+    let v = json_of(&plan(&["--dtype", "f32", "--format", "plan-json"]));
+    assert_eq!(v["memory"]["0"]["kv"], 2 * 2304 * 32 * 128 * 4 * 32u64);
+    // A dtype in the workload wins over --dtype.
+    let v = json_of(&plan(&[
+        "--dtype",
+        "f32",
+        "--workload",
+        "batch=1,prompt=2048,new=256,dtype=f16",
+        "--format",
+        "plan-json",
+    ]));
+    assert_eq!(v["memory"]["0"]["kv"], 2 * 2304 * 32 * 128 * 2 * 32u64);
 }
 
 #[test]

@@ -297,33 +297,7 @@ pub struct Activations {
 /// models without a generation head produce every token's.
 pub fn activation_bytes(model: &Model, w: &Workload, kv_layers: &[u64]) -> Result<Activations> {
     let cfg = model.config.as_ref();
-    let hidden = cfg
-        .and_then(|c| c.hidden_size())
-        .or(model.hidden_size)
-        .unwrap_or(0);
-    let inter = cfg
-        .and_then(|c| c.intermediate_size())
-        .unwrap_or(hidden.saturating_mul(4));
-    let heads = cfg.and_then(|c| c.num_attention_heads()).unwrap_or(1);
-    let head_dim = cfg.and_then(|c| c.head_dim()).unwrap_or(hidden);
-    let kv_dim = match cfg.and_then(|c| c.latent_attention()) {
-        // MLA expands the latent to full K and V for the attention kernel.
-        Some(_) => heads.saturating_mul(head_dim),
-        None => cfg
-            .and_then(|c| c.num_key_value_heads())
-            .unwrap_or(heads)
-            .saturating_mul(head_dim),
-    };
-    let q_dim = heads.saturating_mul(head_dim);
-    let mlp = inter.saturating_mul(if gated_mlp(model) { 3 } else { 2 });
-    let attention = q_dim
-        .saturating_mul(2)
-        .saturating_add(kv_dim.saturating_mul(3))
-        .saturating_add(hidden);
-    let per_token = mlp
-        .max(attention)
-        .saturating_add(hidden.saturating_mul(4))
-        .saturating_add(head_dim.saturating_mul(2));
+    let per_token = live_elements_per_token(model);
     let bytes = w.element_bytes(model);
     let vocab = cfg.and_then(|c| c.vocab_size()).unwrap_or(0);
     let generative = cfg.is_none_or(|c| c.generates());
@@ -350,6 +324,38 @@ pub fn activation_bytes(model: &Model, w: &Workload, kv_layers: &[u64]) -> Resul
         decode,
         peak: prefill.max(decode).saturating_add(CUBLAS_WORKSPACE_BYTES),
     })
+}
+
+/// Elements alive per token at the peak of a decoder layer (see [`activation_bytes`]), from
+/// config.json (or the manifest's hidden size, with a 4 × hidden MLP, without one).
+fn live_elements_per_token(model: &Model) -> u64 {
+    let cfg = model.config.as_ref();
+    let hidden = cfg
+        .and_then(|c| c.hidden_size())
+        .or(model.hidden_size)
+        .unwrap_or(0);
+    let inter = cfg
+        .and_then(|c| c.intermediate_size())
+        .unwrap_or(hidden.saturating_mul(4));
+    let heads = cfg.and_then(|c| c.num_attention_heads()).unwrap_or(1);
+    let head_dim = cfg.and_then(|c| c.head_dim()).unwrap_or(hidden);
+    let q_dim = heads.saturating_mul(head_dim);
+    let kv_dim = match cfg.and_then(|c| c.latent_attention()) {
+        // MLA expands the latent to full K and V for the attention kernel.
+        Some(_) => q_dim,
+        None => cfg
+            .and_then(|c| c.num_key_value_heads())
+            .unwrap_or(heads)
+            .saturating_mul(head_dim),
+    };
+    let mlp = inter.saturating_mul(if gated_mlp(model) { 3 } else { 2 });
+    let attention = q_dim
+        .saturating_mul(2)
+        .saturating_add(kv_dim.saturating_mul(3))
+        .saturating_add(hidden);
+    mlp.max(attention)
+        .saturating_add(hidden.saturating_mul(4))
+        .saturating_add(head_dim.saturating_mul(2))
 }
 
 /// The allocator allowance charged with an activation working set of `activations` bytes.

@@ -475,9 +475,9 @@ impl Instance {
                 }
             }
         }
-        for b in 0..k {
+        for (b, &runs) in executes.iter().enumerate() {
             u.overhead[b] = u.kv[b] + u.streaming[b];
-            if executes[b] {
+            if runs {
                 u.activations[b] = self.fixed[b];
             }
         }
