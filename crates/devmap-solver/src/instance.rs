@@ -423,8 +423,9 @@ impl Instance {
         self.usage_of_pieces(&pieces, a)
     }
 
-    /// The main device of an assignment: accelerate's rule ([`memory::main_device`]: the lowest
-    /// GPU id the map uses), else the instance's first GPU.
+    /// The main device of an assignment under accelerate's rule ([`memory::main_device`]: the
+    /// lowest GPU id the map uses), else the instance's first GPU. (`usage` still charges
+    /// `self.main`, which the cost model executes on, until the two rules are one.)
     pub fn main_of(&self, used: impl IntoIterator<Item = usize>) -> Option<usize> {
         memory::main_device(used.into_iter().map(|b| self.devices[b]))
             .and_then(|d| self.devices.iter().position(|x| *x == d))
@@ -445,7 +446,10 @@ impl Instance {
             streaming: vec![0; k],
             activations: vec![0; k],
         };
-        let main = self.main_of(pieces.iter().map(|p| p.device));
+        // The instance's main GPU, the one the cost model and the MIP execute streamed units on.
+        // accelerate's rule (`main_of`: the lowest GPU the map uses) differs only for maps that
+        // leave that GPU empty; the solver makes `main` follow it.
+        let main = self.main;
         let mut kv_charged = vec![false; self.n()];
         let mut executes = vec![false; k];
         for p in pieces {
