@@ -40,12 +40,13 @@ pub fn plan_table(
         Some(solve) => {
             let _ = writeln!(
                 s,
-                "estimate {:.3} ms/token (objective), lower bound {:.3} ms, gap {:.4}%, {} units, {}",
+                "estimate {:.3} ms/token (objective), lower bound {:.3} ms, gap {:.4}%, {} units, {} ({})",
                 solve.objective_seconds * 1e3,
                 solve.bound_seconds * 1e3,
                 solve.gap * 100.0,
                 solve.units,
-                solve.status
+                solve.status(),
+                solve.detail
             );
         }
         None => {
