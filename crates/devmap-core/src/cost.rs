@@ -527,6 +527,31 @@ mod tests {
     }
 
     #[test]
+    fn the_main_gpu_is_the_lowest_gpu_the_map_uses() {
+        assert_eq!(
+            main_gpu_of([Device::Cpu, Device::Gpu(3), Device::Gpu(1)]),
+            Some(1)
+        );
+        assert_eq!(main_gpu_of([Device::Cpu, Device::Disk]), None);
+        let m = chain();
+        // Built on budgets listing GPU 0 first, as the CLI does: the map decides.
+        let cm = CostModel::new(
+            &m,
+            &[Device::Gpu(0), Device::Gpu(1), Device::Cpu],
+            Topology::default(),
+            Objective::Latency,
+        );
+        let mut map = DeviceMap::new();
+        map.insert("a", Device::Gpu(1));
+        map.insert("b", Device::Cpu);
+        let e = cm.evaluate(&m, &map, SizeRules::default());
+        // b executes on GPU 1 (accelerate's main device here), next to a: no device change.
+        assert_eq!(e.device_changes, 0);
+        let expected = 2000.0 / 2000e9 + 2000.0 / 2000e9 + 2000.0 / 25e9 + 10e-6;
+        assert!((e.latency_seconds - expected).abs() < 1e-12);
+    }
+
+    #[test]
     fn device_changes_pay_the_link() {
         let m = chain();
         let cm = CostModel::new(

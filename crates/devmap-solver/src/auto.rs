@@ -555,6 +555,18 @@ impl Strategy for Auto {
             }
             let incumbent = best.as_ref().map(|(_, s)| s.objective);
             let outcome = self.solve_world(req, inst, &hf_maps, deadline, incumbent)?;
+            if std::env::var_os("DEVMAP_TRACE").is_some() {
+                let plan = outcome
+                    .solve
+                    .as_ref()
+                    .map(|s| (s.objective, s.detail.clone()));
+                eprintln!(
+                    "trace: world main {:?}: bound {}, plan {plan:?}, {:?}",
+                    inst.cost_model.main_gpu,
+                    outcome.bound,
+                    started.elapsed()
+                );
+            }
             bound = bound.min(outcome.bound);
             timed_out |= outcome.timed_out;
             if let Some(s) = outcome.solve {
