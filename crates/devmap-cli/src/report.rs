@@ -45,12 +45,13 @@ pub fn plan_table(
         Some(solve) => {
             let _ = writeln!(
                 s,
-                "estimate {:.3} ms/token (objective), lower bound {:.3} ms, gap {:.4}%, {} units, {}",
+                "estimate {:.3} ms/token (objective), lower bound {:.3} ms, gap {:.4}%, {} units, {} ({})",
                 solve.objective_seconds * 1e3,
                 solve.bound_seconds * 1e3,
                 solve.gap * 100.0,
                 solve.units,
-                solve.status
+                solve.status(),
+                solve.detail
             );
         }
         None => {
@@ -203,14 +204,10 @@ fn workload_json(w: &WorkloadChoice) -> Value {
     }
 }
 
-/// The status of a plan: `optimal` when `auto`'s bound meets its objective (gap under 1e-9),
-/// `feasible` otherwise, `heuristic` for the other strategies.
+/// The status of a plan: `auto`'s solve status (`optimal`, `feasible`), `heuristic` for the other
+/// strategies.
 fn plan_status(plan: &Plan) -> &'static str {
-    match &plan.solve {
-        Some(sv) if sv.gap <= 1e-9 => "optimal",
-        Some(_) => "feasible",
-        None => "heuristic",
-    }
+    plan.solve.as_ref().map_or("heuristic", |sv| sv.status())
 }
 
 /// `devmap plan --format plan-json`.

@@ -2,7 +2,7 @@
 //! executes a device map. docs/cost-model.md explains every term and default.
 //!
 //! - A unit on a GPU reads its weights at that GPU's memory bandwidth.
-//! - A unit on `cpu` runs on the main GPU (the first GPU), its weights streamed over that GPU's
+//! - A unit on `cpu` runs on the main GPU ([`main_gpu_of`]: the lowest GPU id the map uses), its weights streamed over that GPU's
 //!   host link on every step, then read there; `disk` adds the disk read before that.
 //! - Each change of execution device between consecutive units moves the activation bytes over
 //!   the link between the two devices, plus the link's latency.
@@ -215,6 +215,19 @@ pub enum Exec {
     Cpu,
 }
 
+/// accelerate's main device for a map using `devices`: the lowest GPU id among them, or `None` when
+/// the map uses no GPU (then the host executes everything). `dispatch_model` takes the first of the
+/// set of non-offloaded devices, which for GPU indices is the lowest. The one rule devmap uses.
+pub fn main_gpu_of(devices: impl IntoIterator<Item = Device>) -> Option<u32> {
+    devices
+        .into_iter()
+        .filter_map(|d| match d {
+            Device::Gpu(i) => Some(i),
+            _ => None,
+        })
+        .min()
+}
+
 /// The cost model: a topology, an objective, the main GPU, and the activation size per token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CostModel {
@@ -222,14 +235,16 @@ pub struct CostModel {
     pub topology: Topology,
     /// What is minimised.
     pub objective: Objective,
-    /// The GPU that executes cpu/disk-mapped units (accelerate's main device); `None` when there is no GPU.
+    /// The GPU that executes cpu/disk-mapped units (accelerate's main device, [`main_gpu_of`]);
+    /// `None` when there is no GPU. [`CostModel::evaluate`] takes it from the map it estimates.
     pub main_gpu: Option<u32>,
     /// Activation bytes moved per device change (hidden size × activation dtype bytes × tokens).
     pub activation_bytes: u64,
 }
 
 impl CostModel {
-    /// A cost model for `model` on `devices` (the main GPU is the first GPU listed).
+    /// A cost model for `model` on `devices` (the main GPU is the lowest GPU id listed: pass the
+    /// devices the plan uses, or [`CostModel::with_main_gpu`] it).
     pub fn new(
         model: &Model,
         devices: &[Device],
@@ -245,12 +260,17 @@ impl CostModel {
         CostModel {
             topology,
             objective,
-            main_gpu: devices.iter().find_map(|d| match d {
-                Device::Gpu(i) => Some(*i),
-                _ => None,
-            }),
+            main_gpu: main_gpu_of(devices.iter().copied()),
             // Saturating: `hidden_size` comes from a manifest or config.json.
             activation_bytes: model.hidden_size.unwrap_or(0).saturating_mul(act_dtype),
+        }
+    }
+
+    /// The same model with another main GPU.
+    pub fn with_main_gpu(&self, main_gpu: Option<u32>) -> CostModel {
+        CostModel {
+            main_gpu,
+            ..self.clone()
         }
     }
 
@@ -293,8 +313,15 @@ impl CostModel {
         self.activation_bytes as f64 / link.bandwidth + link.latency
     }
 
-    /// Estimate a device map (see [`Estimate`]). Uncovered tensors are treated as on the main device.
+    /// Estimate a device map (see [`Estimate`]) as accelerate runs it: the main GPU is the map's
+    /// ([`main_gpu_of`] its devices), whatever `self.main_gpu` says. Uncovered tensors are treated
+    /// as on the main device.
     pub fn evaluate(&self, model: &Model, map: &DeviceMap, rules: SizeRules) -> Estimate {
+        let this = self.with_main_gpu(main_gpu_of(map.entries().iter().map(|(_, d)| *d)));
+        this.evaluate_with_own_main(model, map, rules)
+    }
+
+    fn evaluate_with_own_main(&self, model: &Model, map: &DeviceMap, rules: SizeRules) -> Estimate {
         // Weights are read under every name, tied duplicates included (lm_head reads the embedding).
         let read = model.read_sizes(rules);
         let devices = tensor_devices(model, map);
@@ -462,6 +489,31 @@ mod tests {
         let expected = 2000.0 / 2000e9 + 2000.0 / 2000e9 + 2000.0 / 25e9 + 10e-6;
         assert!((e2.latency_seconds - expected).abs() < 1e-12);
         assert!(e2.objective_seconds > e1.objective_seconds);
+    }
+
+    #[test]
+    fn the_main_gpu_is_the_lowest_gpu_the_map_uses() {
+        assert_eq!(
+            main_gpu_of([Device::Cpu, Device::Gpu(3), Device::Gpu(1)]),
+            Some(1)
+        );
+        assert_eq!(main_gpu_of([Device::Cpu, Device::Disk]), None);
+        let m = chain();
+        // Built on budgets listing GPU 0 first, as the CLI does: the map decides.
+        let cm = CostModel::new(
+            &m,
+            &[Device::Gpu(0), Device::Gpu(1), Device::Cpu],
+            Topology::default(),
+            Objective::Latency,
+        );
+        let mut map = DeviceMap::new();
+        map.insert("a", Device::Gpu(1));
+        map.insert("b", Device::Cpu);
+        let e = cm.evaluate(&m, &map, SizeRules::default());
+        // b executes on GPU 1 (accelerate's main device here), next to a: no device change.
+        assert_eq!(e.device_changes, 0);
+        let expected = 2000.0 / 2000e9 + 2000.0 / 2000e9 + 2000.0 / 25e9 + 10e-6;
+        assert!((e.latency_seconds - expected).abs() < 1e-12);
     }
 
     #[test]

@@ -7,9 +7,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use devmap_core::cost::{CostModel, Objective, Topology};
-use devmap_core::{format_bytes, Device, KvCacheSpec, Model, Workload};
+use std::fmt;
 
+use devmap_core::cost::{CostModel, Objective, Topology};
+use devmap_core::{format_bytes, Device, DeviceMap, KvCacheSpec, MemoryBudgets, Model, Workload};
+
+pub use crate::bound::lower_bound;
+use crate::bound::{lower_bound_with_packing, packing_start, Packing};
 use crate::instance::{Instance, InstanceOptions};
 use crate::mip::{self, MipOptions};
 use crate::{dp, Compat, Error, HfGreedy, HfKind, Plan, PlanRequest, Strategy};
@@ -91,25 +95,123 @@ impl AutoOptions {
     }
 }
 
+/// How a solve ended ([`SolveReport::status`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SolveStatus {
+    /// Optimal within [`AutoOptions::mip_rel_gap`]: the bound proves it.
+    Optimal,
+    /// Feasible, optimality not proven (the time limit ran out, or the instance was too large for
+    /// the MIP).
+    Feasible {
+        /// The proven relative gap `(objective − bound) / objective`.
+        gap: f64,
+    },
+}
+
+impl SolveStatus {
+    /// A stable lowercase name: `"optimal"` or `"feasible"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SolveStatus::Optimal => "optimal",
+            SolveStatus::Feasible { .. } => "feasible",
+        }
+    }
+}
+
+impl fmt::Display for SolveStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How `auto` solved a case.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SolveReport {
     /// Objective of the returned plan, seconds.
     pub objective_seconds: f64,
-    /// Proven lower bound, seconds.
+    /// Proven lower bound on the objective of every feasible plan (every main device considered),
+    /// seconds. Never clipped: it is at most the objective up to rounding.
     pub bound_seconds: f64,
-    /// Relative gap.
+    /// Relative gap `(objective − bound) / objective`.
     pub gap: f64,
-    /// HiGHS status (or why HiGHS was not needed).
-    pub status: String,
+    /// Optimal or feasible.
+    pub status: SolveStatus,
+    /// How the status was reached: HiGHS' status, or why HiGHS was not needed.
+    pub detail: String,
     /// Which start the solve began from.
     pub start: String,
+    /// accelerate's main device of the plan (the lowest GPU id it uses); `None`: the host executes.
+    pub main_gpu: Option<u32>,
     /// Number of units.
     pub units: usize,
     /// MIP columns and rows.
     pub size: (usize, usize),
     /// Reserved bytes per device (KV cache, streaming reserve, tied copies, `--reserve`).
     pub overhead: BTreeMap<Device, u64>,
+}
+
+impl SolveReport {
+    /// The status's stable lowercase name (`"optimal"`, `"feasible"`), for reports and JSON.
+    pub fn status(&self) -> &'static str {
+        self.status.name()
+    }
+}
+
+/// Relative slack allowed between a bound and an objective computed along different float paths
+/// (HiGHS' tolerances, sums in another order). A bound above `objective · (1 + BOUND_EPS)` is a bug.
+pub const BOUND_EPS: f64 = 1e-9;
+
+/// Whether `bound` is a valid lower bound of `objective` up to [`BOUND_EPS`].
+pub fn bound_holds(bound: f64, objective: f64) -> bool {
+    bound <= objective + BOUND_EPS * objective.abs() + 1e-15
+}
+
+/// A starting point: (label, assignment, cost).
+type Start = (String, Vec<usize>, f64);
+
+/// The best plan of one world (one main device) and what proves its quality.
+#[derive(Debug, Clone)]
+struct WorldSolve {
+    assignment: Vec<usize>,
+    objective: f64,
+    detail: String,
+    start: String,
+    size: (usize, usize),
+}
+
+/// What solving one world gave: maybe a plan, always a valid bound (infinite: no plan exists).
+#[derive(Debug, Clone)]
+struct WorldOutcome {
+    solve: Option<WorldSolve>,
+    bound: f64,
+    timed_out: bool,
+}
+
+impl WorldOutcome {
+    fn without_plan(bound: f64, timed_out: bool) -> WorldOutcome {
+        WorldOutcome {
+            solve: None,
+            bound,
+            timed_out,
+        }
+    }
+}
+
+/// The main devices a plan on `budgets` can have, in the order `auto` tries them: each GPU with a
+/// non-zero budget by index (a 0-byte GPU holds nothing, so it is never the lowest GPU a map
+/// uses), then none (every unit on cpu/disk, executed by the host; `auto` plans so only when no
+/// GPU can hold a unit).
+pub fn main_candidates(budgets: &MemoryBudgets) -> Vec<Option<u32>> {
+    let mut out: Vec<Option<u32>> = budgets
+        .iter()
+        .filter(|b| b.bytes > 0)
+        .filter_map(|b| match b.device {
+            Device::Gpu(i) => Some(Some(i)),
+            _ => None,
+        })
+        .collect();
+    out.push(None);
+    out
 }
 
 /// devmap's optimal strategy.
@@ -125,17 +227,43 @@ impl Auto {
         Auto { options }
     }
 
-    /// The instance `auto` solves for a request.
+    /// The instance `auto` solves first: plans whose main device is the lowest GPU with a budget
+    /// (see [`Auto::instance_for_main`]).
     pub fn instance(&self, req: &PlanRequest<'_>) -> Result<Instance, Error> {
-        let devices = req.budgets.devices();
+        let first = main_candidates(req.budgets)[0];
+        self.instance_for_main(req, first)
+    }
+
+    /// The instance of plans whose main device is GPU `main` (`None`: no GPU, the host executes).
+    /// accelerate's main device is the lowest GPU id a map uses, so GPUs below `main` are left
+    /// out, and the instance's [`Instance::feasible`] asks for a unit on `main`.
+    pub fn instance_for_main(
+        &self,
+        req: &PlanRequest<'_>,
+        main: Option<u32>,
+    ) -> Result<Instance, Error> {
+        let in_world = |d: Device| match (d, main) {
+            (Device::Gpu(i), Some(m)) => i >= m,
+            (Device::Gpu(_), None) => false,
+            _ => true,
+        };
+        let budgets = MemoryBudgets::new(
+            req.budgets
+                .iter()
+                .filter(|b| in_world(b.device))
+                .map(|b| (b.device, b.bytes)),
+        )?;
         let cost_model = CostModel::new(
             req.model,
-            &devices,
+            &budgets.devices(),
             self.options.topology.clone(),
             self.options.objective,
-        );
+        )
+        .with_main_gpu(main);
         let opts = InstanceOptions {
-            reserve: self.options.reserve.clone(),
+            reserve: (self.options.reserve.iter().copied())
+                .filter(|(d, _)| in_world(*d))
+                .collect(),
             workload: self.options.workload,
             pins: self.options.pins.clone(),
             rules: devmap_core::SizeRules {
@@ -143,11 +271,27 @@ impl Auto {
                 bool_as_bits: false,
             },
         };
-        Instance::new(req.model, req.budgets, cost_model, &opts)
+        let inst = Instance::new(req.model, &budgets, cost_model, &opts)?;
+        debug_assert_eq!(inst.main.map(|b| inst.devices[b]), main.map(Device::Gpu));
+        Ok(inst)
     }
 
-    /// Feasible starting points: (label, assignment, cost).
-    fn candidates(&self, req: &PlanRequest<'_>, inst: &Instance) -> Vec<(String, Vec<usize>, f64)> {
+    /// One instance per main device a plan can have (see [`main_candidates`]). The first one's
+    /// errors are the request's; a later world that cannot exist (a pin to a GPU it leaves out,
+    /// no device at all) is skipped.
+    fn worlds(&self, req: &PlanRequest<'_>) -> Result<Vec<Instance>, Error> {
+        let candidates = main_candidates(req.budgets);
+        let mut worlds = vec![self.instance_for_main(req, candidates[0])?];
+        for &main in &candidates[1..] {
+            if let Ok(inst) = self.instance_for_main(req, main) {
+                worlds.push(inst);
+            }
+        }
+        Ok(worlds)
+    }
+
+    /// Hugging Face's greedy maps (both compat paths, three kinds), each a possible start.
+    fn hf_maps(&self, req: &PlanRequest<'_>) -> Vec<(String, DeviceMap)> {
         let mut out = Vec::new();
         for compat in [Compat::Transformers, Compat::Accelerate] {
             for kind in [HfKind::Sequential, HfKind::Balanced, HfKind::BalancedLow0] {
@@ -156,19 +300,238 @@ impl Auto {
                     compat,
                     spill_to_disk: true,
                 };
-                let Ok(plan) = s.plan(req) else { continue };
-                if let Some(a) = inst.from_map(req.model, &plan.map) {
-                    if inst.feasible(&a) {
-                        let cost = inst.evaluate(&a);
-                        out.push((format!("{} ({compat:?})", s.name()), a, cost));
-                    }
+                if let Ok(plan) = s.plan(req) {
+                    out.push((format!("{} ({compat:?})", s.name()), plan.map));
                 }
+            }
+        }
+        out
+    }
+
+    /// Feasible starting points in `inst`: the Hugging Face maps that keep units whole and fit,
+    /// the contiguous DP optimum, and the packing bound's own layout.
+    fn starts(
+        &self,
+        req: &PlanRequest<'_>,
+        inst: &Instance,
+        hf_maps: &[(String, DeviceMap)],
+        packing: Option<&Packing>,
+    ) -> Vec<Start> {
+        let mut out = Vec::new();
+        for (label, map) in hf_maps {
+            if let Some(a) = inst.from_map(req.model, map).filter(|a| inst.feasible(a)) {
+                let cost = inst.evaluate(&a);
+                out.push((label.clone(), a, cost));
             }
         }
         if let Some((a, cost)) = dp::solve_contiguous(inst) {
             out.push(("contiguous DP".to_string(), a, cost));
         }
+        // The bound's own packing, laid along the chain, is often the best start when offloading.
+        if let Some(a) = packing.and_then(|p| packing_start(inst, p)) {
+            let a = repair_offload(inst, a, Instant::now() + Duration::from_millis(20));
+            if inst.feasible(&a) {
+                let cost = inst.evaluate(&a);
+                out.push(("packing bound".to_string(), a, cost));
+            }
+        }
         out
+    }
+
+    /// Whether `cost` is within the relative gap of `lower`.
+    fn meets(&self, cost: f64, lower: f64) -> bool {
+        cost <= lower * (1.0 + self.options.mip_rel_gap) + 1e-12
+    }
+
+    /// The cheapest start, polished by a short local search unless it already meets the bound.
+    fn best_start(&self, inst: &Instance, mut starts: Vec<Start>, lower: f64) -> Option<Start> {
+        starts.sort_by(|a, b| a.2.total_cmp(&b.2));
+        let (label, a, c) = starts.into_iter().next()?;
+        let a = mip::canonical(inst, &a);
+        if self.meets(c, lower) {
+            return Some((label, a, c));
+        }
+        // A short polish: HiGHS takes over if it does not reach the bound.
+        let budget = (self.options.time_limit / 4).min(Duration::from_millis(20));
+        let (b, cb) = local_search(inst, a.clone(), c, Instant::now() + budget);
+        Some(if cb < c {
+            (
+                format!("{label} + local search"),
+                mip::canonical(inst, &b),
+                cb,
+            )
+        } else {
+            (label, a, c)
+        })
+    }
+
+    /// Solve the plans of one main device (one instance); `incumbent` is the best objective of
+    /// the worlds before, which prunes this one when its bound cannot beat it.
+    fn solve_world(
+        &self,
+        req: &PlanRequest<'_>,
+        inst: &Instance,
+        hf_maps: &[(String, DeviceMap)],
+        deadline: Instant,
+        incumbent: Option<f64>,
+    ) -> Result<WorldOutcome, Error> {
+        // When the budgets together are short, no search can help.
+        let need: u64 = (0..inst.n()).map(|i| inst.unit_bytes(i)).sum();
+        if check_pins(inst).is_err() || need > inst.caps.iter().sum::<u64>() {
+            return Ok(WorldOutcome::without_plan(f64::INFINITY, false));
+        }
+        let (lower, packing) = lower_bound_with_packing(inst);
+        if incumbent.is_some_and(|c| self.meets(c, lower)) {
+            return Ok(WorldOutcome::without_plan(lower, false));
+        }
+        let starts = self.starts(req, inst, hf_maps, packing.as_ref());
+        let start = self.best_start(inst, starts, lower);
+        let (mip, bound, timed_out) = self.search(inst, start.as_ref(), lower, deadline)?;
+        let chosen = match (mip, start) {
+            (Some(m), Some(s)) if s.2 < m.objective => WorldSolve {
+                assignment: s.1,
+                objective: s.2,
+                start: s.0,
+                ..m
+            },
+            (Some(m), _) => m,
+            (None, Some((label, a, c))) => WorldSolve {
+                assignment: a,
+                objective: c,
+                detail: format!("start {label} (the MIP found nothing better)"),
+                start: label,
+                size: (0, 0),
+            },
+            (None, None) => return Ok(WorldOutcome::without_plan(bound, timed_out)),
+        };
+        Ok(WorldOutcome {
+            solve: Some(self.finish(inst, chosen, deadline)),
+            bound,
+            timed_out,
+        })
+    }
+
+    /// Certify the start by the bound, or return it with the bound when the MIP is out of reach,
+    /// or run the MIP: (its plan, a valid bound, whether the time limit cut the search short).
+    fn search(
+        &self,
+        inst: &Instance,
+        start: Option<&Start>,
+        lower: f64,
+        deadline: Instant,
+    ) -> Result<(Option<WorldSolve>, f64, bool), Error> {
+        let from_start = |(label, a, c): &Start, detail: String| WorldSolve {
+            assignment: a.clone(),
+            objective: *c,
+            detail,
+            start: label.clone(),
+            size: (0, 0),
+        };
+        if let Some(s) = start.filter(|s| self.meets(s.2, lower)) {
+            let detail = format!("start {} meets the lower bound", s.0);
+            return Ok((Some(from_start(s, detail)), lower, false));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let too_large = inst.n() * inst.devices.len() > MIP_MAX_CELLS;
+        if let Some(s) = start.filter(|_| too_large || left.is_zero()) {
+            // Too large to even build the MIP within a time limit (a 22k-unit × 16-device model
+            // takes seconds to build), or no time left: the start with the bound's proven gap.
+            let detail = if too_large {
+                format!(
+                    "start {} with the combinatorial bound (no MIP: {} units × {} devices)",
+                    s.0,
+                    inst.n(),
+                    inst.devices.len()
+                )
+            } else {
+                format!("start {} (time limit reached before the MIP)", s.0)
+            };
+            return Ok((Some(from_start(s, detail)), lower, !too_large));
+        }
+        let opts = MipOptions {
+            time_limit: left,
+            mip_rel_gap: self.options.mip_rel_gap,
+            contiguous: false,
+            objective_floor: Some(lower),
+        };
+        let result = mip::solve(inst, start.map(|s| s.1.as_slice()), opts)?;
+        // Both bounds are valid: keep the stronger (HiGHS may stop before reaching the floor).
+        let bound = if result.proven_infeasible {
+            f64::INFINITY
+        } else {
+            result.bound_seconds.max(lower)
+        };
+        let solve = result.assignment.map(|a| WorldSolve {
+            assignment: a,
+            objective: result.objective_seconds,
+            detail: format!("HiGHS: {}", result.status),
+            start: start.map_or("none".into(), |s| s.0.clone()),
+            size: result.size,
+        });
+        Ok((solve, bound, result.timed_out))
+    }
+
+    /// The offload repair, then the plan's exact objective.
+    fn finish(&self, inst: &Instance, mut solve: WorldSolve, deadline: Instant) -> WorldSolve {
+        // The repair is exact but costs O(streamed units × GPUs × units): 7 s on 22k units. It
+        // gets what is left of the limit plus 10% of it (microseconds on ordinary instances).
+        let repair_deadline = deadline.max(Instant::now()) + self.options.time_limit / 10;
+        solve.assignment = repair_offload(inst, solve.assignment, repair_deadline);
+        solve.objective = inst.evaluate(&solve.assignment);
+        solve
+    }
+
+    /// The plan and its report from the best world's plan and the bound over all worlds.
+    fn report(
+        &self,
+        req: &PlanRequest<'_>,
+        inst: &Instance,
+        solve: WorldSolve,
+        bound: f64,
+        started: Instant,
+    ) -> Plan {
+        let objective = solve.objective;
+        debug_assert!(
+            bound_holds(bound, objective),
+            "lower bound {bound} above a feasible objective {objective}"
+        );
+        let gap = if objective > 0.0 {
+            ((objective - bound) / objective).max(0.0)
+        } else {
+            0.0
+        };
+        let status = if self.meets(objective, bound) {
+            SolveStatus::Optimal
+        } else {
+            SolveStatus::Feasible { gap }
+        };
+        let usage = inst.usage(&solve.assignment);
+        let mut overhead = BTreeMap::new();
+        for (b, d) in inst.devices.iter().enumerate() {
+            let reserve: u64 = (self.options.reserve.iter())
+                .filter(|(x, _)| x == d)
+                .map(|(_, r)| *r)
+                .sum();
+            overhead.insert(*d, usage.overhead[b] + reserve);
+        }
+        let map = inst.to_map(req.model, &solve.assignment);
+        let mut plan = Plan::from_map(self.name(), req, map, req.budgets.clone());
+        plan.elapsed = started.elapsed();
+        plan.solve = Some(SolveReport {
+            objective_seconds: objective,
+            bound_seconds: bound,
+            gap,
+            status,
+            detail: solve.detail,
+            start: solve.start,
+            main_gpu: devmap_core::cost::main_gpu_of(
+                solve.assignment.iter().map(|&b| inst.devices[b]),
+            ),
+            units: inst.n(),
+            size: solve.size,
+            overhead,
+        });
+        plan
     }
 }
 
@@ -177,177 +540,51 @@ impl Strategy for Auto {
         "auto".into()
     }
 
+    /// Solve every world (main device) in turn, each pruned when its bound cannot beat the best
+    /// plan so far; the reported bound is the least over the worlds considered.
     fn plan(&self, req: &PlanRequest<'_>) -> Result<Plan, Error> {
         let started = Instant::now();
         let deadline = started + self.options.time_limit;
-        let trace = std::env::var_os("DEVMAP_TRACE").is_some();
-        let inst = self.instance(req)?;
-        check_pins(&inst)?;
-        // When the budgets together are short, say so before any search.
-        let need: u64 = (0..inst.n()).map(|i| inst.unit_bytes(i)).sum();
-        if need > inst.caps.iter().sum::<u64>() {
-            return Err(infeasible(req.model, &inst));
-        }
-        if trace {
-            eprintln!("trace: instance {:?}", started.elapsed());
-        }
-        let mut candidates = self.candidates(req, &inst);
-        if trace {
-            eprintln!("trace: candidates {:?}", started.elapsed());
-        }
-        let (lower, packing) = lower_bound_with_packing(&inst);
-        // The bound's own packing, laid along the chain, is often the best start when offloading.
-        if let Some(a) = packing.as_ref().and_then(|p| packing_start(&inst, p)) {
-            let a = repair_offload(&inst, a, Instant::now() + Duration::from_millis(20));
-            if inst.feasible(&a) {
-                let cost = inst.evaluate(&a);
-                candidates.push(("packing bound".to_string(), a, cost));
+        let worlds = self.worlds(req)?;
+        // Pins that overfill a device are the request's error (reported for the first world).
+        check_pins(&worlds[0])?;
+        let hf_maps = self.hf_maps(req);
+        let mut best: Option<(usize, WorldSolve)> = None;
+        let mut bound = f64::INFINITY;
+        let mut timed_out = false;
+        for (w, inst) in worlds.iter().enumerate() {
+            // The host-only world (the last) only when no GPU can hold a unit: devmap promises no
+            // avoidable offload, even where the cost model rates host execution above streaming.
+            if inst.main.is_none() && best.is_some() {
+                break;
             }
-        }
-        candidates.sort_by(|a, b| a.2.total_cmp(&b.2));
-        let best_start = candidates
-            .first()
-            .map(|(l, a, c)| (l.clone(), mip::canonical(&inst, a), *c));
-        let opts = MipOptions {
-            time_limit: self.options.time_limit,
-            mip_rel_gap: self.options.mip_rel_gap,
-            contiguous: false,
-            objective_floor: Some(lower),
-        };
-        // A start that meets the combinatorial lower bound is optimal: no MIP needed.
-        let certified = best_start
-            .as_ref()
-            .is_some_and(|(_, _, c)| *c <= lower * (1.0 + self.options.mip_rel_gap) + 1e-12);
-        // Not certified: polish the best start by local search before handing it to HiGHS.
-        let best_start = if certified {
-            best_start
-        } else {
-            best_start.map(|(label, a, c)| {
-                // A short polish: HiGHS takes over if it does not reach the bound.
-                let budget = (self.options.time_limit / 4).min(Duration::from_millis(20));
-                let (b, cb) = local_search(&inst, a.clone(), c, Instant::now() + budget);
-                if cb < c {
-                    (
-                        format!("{label} + local search"),
-                        mip::canonical(&inst, &b),
-                        cb,
-                    )
-                } else {
-                    (label, a, c)
+            let incumbent = best.as_ref().map(|(_, s)| s.objective);
+            let outcome = self.solve_world(req, inst, &hf_maps, deadline, incumbent)?;
+            if std::env::var_os("DEVMAP_TRACE").is_some() {
+                let plan = outcome
+                    .solve
+                    .as_ref()
+                    .map(|s| (s.objective, s.detail.clone()));
+                eprintln!(
+                    "trace: world main {:?}: bound {}, plan {plan:?}, {:?}",
+                    inst.cost_model.main_gpu,
+                    outcome.bound,
+                    started.elapsed()
+                );
+            }
+            bound = bound.min(outcome.bound);
+            timed_out |= outcome.timed_out;
+            if let Some(s) = outcome.solve {
+                if best.as_ref().is_none_or(|(_, b)| s.objective < b.objective) {
+                    best = Some((w, s));
                 }
-            })
-        };
-        let certified = certified
-            || best_start
-                .as_ref()
-                .is_some_and(|(_, _, c)| *c <= lower * (1.0 + self.options.mip_rel_gap) + 1e-12);
-        if trace {
-            eprintln!(
-                "trace: local search {:?}; lower bound {lower}, best start {:?}",
-                started.elapsed(),
-                best_start.as_ref().map(|s| (s.0.clone(), s.2))
-            );
-        }
-        let result = if certified {
-            let (label, a, c) = best_start.clone().expect("certified implies a start");
-            mip::MipResult {
-                assignment: Some(a),
-                objective_seconds: c,
-                bound_seconds: lower,
-                gap: 0.0,
-                status: format!("Optimal (start {label} meets the lower bound)"),
-                optimal: true,
-                elapsed: Duration::ZERO,
-                size: (0, 0),
             }
-        } else if inst.n() * inst.devices.len() > MIP_MAX_CELLS && best_start.is_some() {
-            // Too large to even build the MIP within a time limit (a 22k-unit × 16-device model
-            // takes seconds to build): return the best start with the bound's proven gap.
-            let (label, a, c) = best_start.clone().expect("checked");
-            mip::MipResult {
-                assignment: Some(a),
-                objective_seconds: c,
-                bound_seconds: lower,
-                gap: if c > 0.0 {
-                    ((c - lower) / c).max(0.0)
-                } else {
-                    0.0
-                },
-                status: format!(
-                    "start {label} with the combinatorial bound (no MIP: {} units × {} devices)",
-                    inst.n(),
-                    inst.devices.len()
-                ),
-                optimal: false,
-                elapsed: Duration::ZERO,
-                size: (0, 0),
-            }
-        } else {
-            // HiGHS gets what is left of the limit (the model build inside `solve` counts too).
-            let opts = MipOptions {
-                time_limit: deadline.saturating_duration_since(Instant::now()),
-                ..opts
-            };
-            mip::solve(&inst, best_start.as_ref().map(|s| s.1.as_slice()), opts)?
-        };
-        if trace {
-            eprintln!(
-                "trace: mip {:?} (highs {:?}, {:?})",
-                started.elapsed(),
-                result.elapsed,
-                result.size
-            );
         }
-        let (assignment, start_label) = match (&result.assignment, &best_start) {
-            (Some(_), Some((label, s, c))) if *c < result.objective_seconds => {
-                (s.clone(), label.clone())
-            }
-            (Some(a), start) => (
-                a.clone(),
-                start.as_ref().map_or("none".into(), |s| s.0.clone()),
-            ),
-            (None, Some((label, s, _))) => (s.clone(), label.clone()),
-            (None, None) => return Err(infeasible(req.model, &inst)),
-        };
-        // The repair is exact but costs O(streamed units × GPUs × units): 7 s on 22k units. It
-        // gets what is left of the limit plus 10% of it (microseconds on ordinary instances).
-        let repair_deadline = deadline.max(Instant::now()) + self.options.time_limit / 10;
-        let assignment = repair_offload(&inst, assignment, repair_deadline);
-        let objective = inst.evaluate(&assignment);
-        let bound = result.bound_seconds.min(objective);
-        let gap = if objective > 0.0 && bound.is_finite() {
-            ((objective - bound) / objective).max(0.0)
-        } else if bound.is_finite() {
-            0.0
-        } else {
-            1.0
-        };
-        let usage = inst.usage(&assignment);
-        let mut overhead = BTreeMap::new();
-        for (b, d) in inst.devices.iter().enumerate() {
-            let reserve: u64 = self
-                .options
-                .reserve
-                .iter()
-                .filter(|(x, _)| x == d)
-                .map(|(_, r)| *r)
-                .sum();
-            overhead.insert(*d, usage.overhead[b] + reserve);
+        match best {
+            Some((w, solve)) => Ok(self.report(req, &worlds[w], solve, bound, started)),
+            None if timed_out => Err(Error::NoPlanInTime(self.options.time_limit)),
+            None => Err(infeasible(req.model, &worlds[0])),
         }
-        let map = inst.to_map(req.model, &assignment);
-        let mut plan = Plan::from_map(self.name(), req, map, req.budgets.clone());
-        plan.elapsed = started.elapsed();
-        plan.solve = Some(SolveReport {
-            objective_seconds: objective,
-            bound_seconds: bound,
-            gap,
-            status: result.status.clone(),
-            start: start_label,
-            units: inst.n(),
-            size: result.size,
-            overhead,
-        });
-        Ok(plan)
     }
 }
 
@@ -396,68 +633,6 @@ pub fn repair_offload(inst: &Instance, mut a: Vec<usize>, deadline: Instant) -> 
             return a;
         }
     }
-}
-
-/// A lower bound on any feasible placement's latency objective (0 for other objectives):
-/// every unit on its cheapest allowed device; plus, when the GPUs cannot hold everything, the
-/// excess bytes streamed at the cheapest streaming rate; plus, when no single execution device can
-/// hold the model, one device change per extra device needed, at the cheapest link.
-pub fn lower_bound(inst: &Instance) -> f64 {
-    lower_bound_with_packing(inst).0
-}
-
-/// [`lower_bound`], with the packing its streaming term found (when something must be streamed).
-fn lower_bound_with_packing(inst: &Instance) -> (f64, Option<Packing>) {
-    if inst.cost_model.objective != devmap_core::Objective::Latency {
-        return (0.0, None);
-    }
-    let n = inst.n();
-    let gpu_rows: Vec<usize> = (0..inst.devices.len())
-        .filter(|&b| inst.devices[b].is_gpu())
-        .collect();
-    let mut lb: f64 = (0..n)
-        .map(|i| {
-            (0..inst.devices.len())
-                .filter(|&b| inst.allowed[i][b])
-                .map(|b| inst.cost[i][b])
-                .fold(f64::INFINITY, f64::min)
-        })
-        .sum();
-    let total: u64 = (0..n).map(|i| inst.unit_bytes(i)).sum();
-    let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
-    let mut packing = None;
-    if inst.main.is_some() && !gpu_rows.is_empty() && total > gpu_total {
-        let (extra, p) = streaming_extra(inst, &gpu_rows, total);
-        lb += extra;
-        packing = p;
-    }
-    // Device changes: with k execution devices needed, at least k − 1 changes.
-    let mut caps: Vec<u64> = gpu_rows.iter().map(|&b| inst.caps[b]).collect();
-    caps.sort_unstable_by(|a, b| b.cmp(a));
-    let gpu_demand = total.min(gpu_total);
-    let mut k = 0usize;
-    let mut held = 0u64;
-    for c in caps {
-        if held >= gpu_demand {
-            break;
-        }
-        held += c;
-        k += 1;
-    }
-    if k > 1 {
-        let t_min = (0..inst.execs.len())
-            .flat_map(|a| {
-                (0..inst.execs.len())
-                    .filter(move |&b| b != a)
-                    .map(move |b| (a, b))
-            })
-            .map(|(a, b)| inst.trans[a][b])
-            .fold(f64::INFINITY, f64::min);
-        if t_min.is_finite() {
-            lb += (k - 1) as f64 * t_min;
-        }
-    }
-    (lb, packing)
 }
 
 /// First-improvement local search over single-unit moves and two-unit swaps, with exact feasibility
@@ -522,304 +697,12 @@ pub fn local_search(
     }
 }
 
-/// A lower bound on the extra seconds streaming costs when the GPUs cannot hold everything.
-///
-/// Tiers are the streamed devices ordered by their cheapest extra seconds per byte; the most
-/// expensive one (disk, usually) is the sink and is treated as unbounded. Every other device is a
-/// bin (GPUs save the sink's whole rate per byte, cpu the difference): an exact multiple-knapsack
-/// over the (at most four) largest unit-size classes maximises the saving, smaller units count as
-/// fluid at the best rate. Capacities lose the reserves any feasible placement needs.
-fn streaming_extra(inst: &Instance, gpu_rows: &[usize], total: u64) -> (f64, Option<Packing>) {
-    // The main GPU's reserve R is the largest streamed unit: enumerate R over the unit sizes at or
-    // above the forced minimum; units larger than R must then stay on GPUs.
-    let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
-    let forced = crate::mip::forced_reserve(inst, gpu_total);
-    let mut levels: Vec<u64> = (0..inst.n())
-        .map(|i| inst.read[i])
-        .filter(|&r| r >= forced)
-        .collect();
-    levels.sort_unstable();
-    levels.dedup();
-    levels.truncate(8);
-    if levels.is_empty() {
-        levels.push(forced);
-    }
-    levels
-        .into_iter()
-        .map(|r| streaming_extra_at(inst, gpu_rows, total, r))
-        .min_by(|a, b| a.0.total_cmp(&b.0))
-        .unwrap_or((0.0, None))
-}
-
-/// How the packing bound filled the devices: per bin (a device) the count of each big size class.
-#[derive(Debug, Clone)]
-struct Packing {
-    /// Device index of each bin, GPUs first.
-    bins: Vec<usize>,
-    /// The big class sizes.
-    classes: Vec<u64>,
-    /// quotas[bin][class].
-    quotas: Vec<Vec<u64>>,
-    /// The device that takes everything else.
-    sink: usize,
-}
-
-/// [`streaming_extra`] for a given main-GPU reserve `reserve` (see there).
-fn streaming_extra_at(
-    inst: &Instance,
-    gpu_rows: &[usize],
-    total: u64,
-    reserve: u64,
-) -> (f64, Option<Packing>) {
-    let n = inst.n();
-    let streamed: Vec<usize> = (0..inst.devices.len())
-        .filter(|&b| inst.is_streamed(b))
-        .collect();
-    let rate = |b: usize| -> f64 {
-        (0..n)
-            .filter(|&i| inst.read[i] > 0)
-            .map(|i| {
-                let gpu_min = gpu_rows
-                    .iter()
-                    .map(|&g| inst.cost[i][g])
-                    .fold(f64::INFINITY, f64::min);
-                (inst.cost[i][b] - gpu_min) / inst.read[i] as f64
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
-    let mut tiers: Vec<(f64, usize)> = streamed
-        .iter()
-        .map(|&b| (rate(b), b))
-        .filter(|(r, _)| r.is_finite() && *r > 0.0)
-        .collect();
-    if tiers.is_empty() {
-        return (0.0, None);
-    }
-    tiers.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (sink_rate, sink) = *tiers.last().expect("non-empty");
-    let mut bin_devices: Vec<usize> = gpu_rows.to_vec();
-    bin_devices.extend(tiers[..tiers.len() - 1].iter().map(|t| t.1));
-    let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
-    // Bins: (capacity, saving per byte).
-    let mut bins: Vec<(u64, f64)> = gpu_rows
-        .iter()
-        .map(|&b| {
-            let cap = if Some(b) == inst.main {
-                inst.caps[b].saturating_sub(reserve)
-            } else {
-                inst.caps[b]
-            };
-            (cap, sink_rate)
-        })
-        .collect();
-    let mut before = gpu_total;
-    for &(r, b) in &tiers[..tiers.len() - 1] {
-        // A tier ahead of the sink keeps room for the largest unit the sink will stream through it
-        // (the cpu for disk units), which the sink must take once these capacities are full.
-        let cap = inst.caps[b];
-        let reserve = if inst.devices[b] == devmap_core::Device::Cpu {
-            crate::mip::forced_reserve(inst, before + cap)
-        } else {
-            0
-        };
-        bins.push((cap.saturating_sub(reserve), sink_rate - r));
-        before += cap;
-    }
-    let w: Vec<u64> = (0..n).map(|i| inst.unit_bytes(i)).collect();
-    let classes = inst.size_classes();
-    // A class is pinned to the GPU bins when every unit of it reads more than the reserve.
-    let on_gpu = |size: u64| {
-        (0..n)
-            .filter(|&i| w[i] == size)
-            .all(|i| inst.read[i] > reserve)
-    };
-    let smallest_cap = bins
-        .iter()
-        .map(|b| b.0)
-        .filter(|&c| c > 0)
-        .min()
-        .unwrap_or(0);
-    let mut big: Vec<(u64, u64)> = Vec::new();
-    let mut states = 1u64;
-    for &(size, count) in &classes {
-        if big.len() == 4 || size.saturating_mul(100) < smallest_cap || states * (count + 1) > 5_000
-        {
-            break;
-        }
-        states *= count + 1;
-        big.push((size, count));
-    }
-    let big_total: u64 = big.iter().map(|(s, c)| s * c).sum();
-    let fluid = total - big_total;
-    let best_rate = bins.iter().map(|b| b.1).fold(0.0, f64::max);
-    let radix: Vec<u64> = big.iter().map(|(_, c)| c + 1).collect();
-    let n_states = radix.iter().product::<u64>().max(1) as usize;
-    let decode = |mut idx: usize| -> Vec<u64> {
-        radix
-            .iter()
-            .map(|&r| {
-                let v = idx as u64 % r;
-                idx /= r as usize;
-                v
-            })
-            .collect()
-    };
-    let encode = |v: &[u64]| -> usize {
-        radix
-            .iter()
-            .zip(v)
-            .rev()
-            .fold(0usize, |acc, (&r, &x)| acc * r as usize + x as usize)
-    };
-    let bytes_of = |v: &[u64]| -> u64 { v.iter().zip(&big).map(|(c, (s, _))| c * s).sum() };
-    let vectors: Vec<Vec<u64>> = (0..n_states).map(decode).collect();
-    let mut best = vec![f64::NEG_INFINITY; n_states];
-    best[0] = 0.0;
-    // back[bin][state] = the state before this bin (for reconstructing the packing).
-    let mut back: Vec<Vec<usize>> = Vec::with_capacity(bins.len());
-    let gpu_bins = gpu_rows.len();
-    let forced_full: Vec<bool> = big.iter().map(|(s, _)| on_gpu(*s)).collect();
-    // Once past the GPU bins, states that left a GPU-only class incomplete are dropped.
-    let drop_incomplete = |best: &mut Vec<f64>| {
-        for (st, v) in best.iter_mut().enumerate() {
-            let full = vectors[st]
-                .iter()
-                .zip(&big)
-                .zip(&forced_full)
-                .all(|((x, (_, c)), f)| !f || x == c);
-            if !full {
-                *v = f64::NEG_INFINITY;
-            }
-        }
-    };
-    // Units larger than the reserve but too small to be "big" classes are not tracked (relaxation).
-    for (bin, &(cap, saving)) in bins.iter().enumerate() {
-        if bin == gpu_bins {
-            drop_incomplete(&mut best);
-        }
-        // Only maximal packings of this bin matter: sums are clamped to the class counts, which
-        // covers every smaller packing (the saving grows with the bytes placed).
-        let fits: Vec<usize> = (0..n_states)
-            .filter(|&i| {
-                let v = &vectors[i];
-                let bytes = bytes_of(v);
-                bytes <= cap
-                    && big
-                        .iter()
-                        .zip(v)
-                        .all(|((size, count), x)| x == count || bytes + size > cap)
-            })
-            .collect();
-        let mut next = best.clone(); // an empty bin
-        let mut from: Vec<usize> = (0..n_states).collect();
-        for st in (0..n_states).filter(|&st| best[st].is_finite()) {
-            for &f in &fits {
-                let sum: Vec<u64> = vectors[st]
-                    .iter()
-                    .zip(&vectors[f])
-                    .zip(&big)
-                    .map(|((a, b), (_, c))| (a + b).min(*c))
-                    .collect();
-                let added = bytes_of(&sum) - bytes_of(&vectors[st]);
-                let v = best[st] + saving * added as f64;
-                let t = encode(&sum);
-                if v > next[t] {
-                    next[t] = v;
-                    from[t] = st;
-                }
-            }
-        }
-        best = next;
-        back.push(from);
-    }
-    if bins.len() == gpu_bins {
-        drop_incomplete(&mut best);
-    }
-    if best.iter().all(|v| !v.is_finite()) {
-        return (f64::INFINITY, None); // this reserve level admits no placement
-    }
-    let (mut state, big_saving) = best
-        .iter()
-        .copied()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .expect("states exist");
-    let cap_saving: f64 = bins.iter().map(|(c, s)| *c as f64 * s).sum();
-    let saving = (big_saving + fluid as f64 * best_rate).min(cap_saving);
-    let mut quotas = vec![Vec::new(); bins.len()];
-    for bin in (0..bins.len()).rev() {
-        let prev = back[bin][state];
-        quotas[bin] = vectors[state]
-            .iter()
-            .zip(&vectors[prev])
-            .map(|(a, b)| a - b)
-            .collect();
-        state = prev;
-    }
-    let packing = Packing {
-        bins: bin_devices,
-        classes: big.iter().map(|(size, _)| *size).collect(),
-        quotas,
-        sink,
-    };
-    ((sink_rate * total as f64 - saving).max(0.0), Some(packing))
-}
-
-/// A placement that follows the packing bound's per-device class counts: units in chain order take
-/// the first device (GPUs first, from the current one on) with quota left for their size class;
-/// small units stay with the device before them; what is left goes to the sink. The result is
-/// repaired and polished by the caller; `None` if it does not fit.
-// Index loops: units are addressed by index in every per-unit table of the instance.
-#[allow(clippy::needless_range_loop)]
-fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<usize>> {
-    let n = inst.n();
-    let mut quotas = packing.quotas.clone();
-    let mut a = vec![packing.sink; n];
-    let mut current = 0usize;
-    for i in 0..n {
-        let w = inst.unit_bytes(i);
-        let allowed = |b: usize| inst.allowed[i][b];
-        match packing.classes.iter().position(|&c| c == w) {
-            Some(c) => {
-                let order = (current..quotas.len()).chain(0..current);
-                if let Some(bin) = order
-                    .into_iter()
-                    .find(|&bin| quotas[bin][c] > 0 && allowed(packing.bins[bin]))
-                {
-                    quotas[bin][c] -= 1;
-                    a[i] = packing.bins[bin];
-                    if inst.devices[a[i]].is_gpu() {
-                        current = bin;
-                    }
-                } else if !allowed(packing.sink) {
-                    return None;
-                }
-            }
-            None => {
-                let here = packing.bins.get(current).copied().unwrap_or(packing.sink);
-                a[i] = if allowed(here) { here } else { packing.sink };
-            }
-        }
-    }
-    if inst.feasible(&a) {
-        return Some(a);
-    }
-    // Small units may not fit where they were put: send them to the sink and let the repair place them.
-    for i in 0..n {
-        let w = inst.unit_bytes(i);
-        if !packing.classes.contains(&w) && inst.allowed[i][packing.sink] {
-            a[i] = packing.sink;
-        }
-    }
-    inst.feasible(&a).then_some(a)
-}
-
 fn check_pins(inst: &Instance) -> Result<(), Error> {
     for (b, d) in inst.devices.iter().enumerate() {
         // Pinned: a pin removed every other device (a lone device restricts nothing).
         let pinned: u64 = (0..inst.n())
             .filter(|&i| inst.allowed[i].iter().any(|x| !*x) && inst.allowed[i][b])
-            .map(|i| inst.unit_bytes(i))
+            .map(|i| inst.unit_bytes_on(i, b))
             .sum();
         if pinned > inst.caps[b] {
             return Err(Error::BadPin(format!(

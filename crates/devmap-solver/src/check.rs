@@ -125,7 +125,7 @@ pub fn check_map(
     let mut options = options.clone();
     options.pins.clear();
     let req = PlanRequest::new(model, &scoring).with_dtype(target_dtype);
-    let inst = Auto::new(options.clone()).instance(&req)?;
+    let inst = instance_for_map(&Auto::new(options.clone()), &req, map)?;
     let (pieces, unit_device) = pieces_of_map(model, &inst, map, rules);
     let usage = inst.usage_of_pieces(&pieces, &unit_device);
     let memory = per_device(&inst, &usage, &options, budgets);
@@ -137,6 +137,27 @@ pub fn check_map(
         fits,
         estimate,
     })
+}
+
+/// The instance `auto` judges `map` in: the world whose main device is the map's (accelerate's
+/// rule, [`devmap_core::memory::main_device`], among GPUs with a budget; `None`, the host
+/// executes, when the map uses none).
+pub fn instance_for_map(
+    auto: &Auto,
+    req: &PlanRequest<'_>,
+    map: &DeviceMap,
+) -> Result<Instance, Error> {
+    let candidates = crate::auto::main_candidates(req.budgets);
+    let used = map
+        .entries()
+        .iter()
+        .map(|(_, d)| *d)
+        .filter(|d| matches!(d, Device::Gpu(i) if candidates.contains(&Some(*i))));
+    let main = devmap_core::memory::main_device(used).and_then(|d| match d {
+        Device::Gpu(i) => Some(i),
+        _ => None,
+    });
+    auto.instance_for_main(req, main)
 }
 
 /// Cut `map` into pieces of the instance's units: per unit, its tensors grouped by device (devices

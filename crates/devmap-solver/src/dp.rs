@@ -34,11 +34,12 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
     let mut suffix_read_max = vec![0u64; n + 1];
     let mut suffix_kv = vec![0u64; n + 1];
     for i in (0..n).rev() {
-        suffix_read_max[i] = suffix_read_max[i + 1].max(inst.read[i]);
+        suffix_read_max[i] = suffix_read_max[i + 1].max(inst.stream_buffer(i));
         suffix_kv[i] = suffix_kv[i + 1] + inst.streamed_bytes_on_main(i);
     }
-    let mut gpu_runs: HashMap<u64, GpuDp> = HashMap::new();
-    let mut best: Option<(f64, usize, usize, u64)> = None; // (cost, s, t, reduction)
+    let mut gpu_runs: HashMap<(u64, bool), GpuDp> = HashMap::new();
+    // (cost, s, t, reduction, end state of the GPU part)
+    let mut best: Option<(f64, usize, usize, u64, usize)> = None;
     for s in 0..=n {
         let streamed = s < n;
         if streamed && inst.cpu.is_none() && inst.disk.is_none() {
@@ -52,29 +53,27 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
         if main.is_none() && s > 0 {
             continue;
         }
+        // A streamed suffix runs on the main GPU, which then holds a unit (the main-GPU rule).
         let run = gpu_runs
-            .entry(reduction)
-            .or_insert_with(|| GpuDp::run(inst, &gpus, reduction));
-        let Some((gpu_cost, last_exec)) = run.best_at(s) else {
+            .entry((reduction, streamed))
+            .or_insert_with(|| GpuDp::run(inst, &gpus, reduction, streamed));
+        // The way back to the main GPU (for a streamed suffix) is part of each end state's cost.
+        let back_to = main.filter(|_| streamed).map(|m| inst.exec_of[m]);
+        let Some((gpu_cost, end)) = run.best_at(inst, s, back_to) else {
             continue;
         };
         for t in s..=n {
             let Some(tail) = tail_cost(inst, s, t) else {
                 continue;
             };
-            let mut cost = gpu_cost + tail;
-            if streamed {
-                if let (Some(last), Some(m)) = (last_exec, main) {
-                    cost += inst.trans[last][inst.exec_of[m]];
-                }
-            }
+            let cost = gpu_cost + tail;
             if best.is_none_or(|b| cost < b.0) {
-                best = Some((cost, s, t, reduction));
+                best = Some((cost, s, t, reduction, end));
             }
         }
     }
-    let (_, s, t, reduction) = best?;
-    let mut a = gpu_runs[&reduction].assignment(s);
+    let (_, s, t, reduction, end) = best?;
+    let mut a = gpu_runs[&(reduction, s < n)].assignment(s, end);
     for _ in s..t {
         a.push(inst.cpu?);
     }
@@ -95,7 +94,7 @@ fn tail_cost(inst: &Instance, s: usize, t: usize) -> Option<f64> {
     if t > s && inst.cpu.is_none() || t < n && inst.disk.is_none() {
         return None;
     }
-    let disk_reserve = (t..n).map(|i| inst.read[i]).max().unwrap_or(0);
+    let disk_reserve = (t..n).map(|i| inst.stream_buffer(i)).max().unwrap_or(0);
     let mut cost = 0.0;
     if let Some(c) = inst.cpu {
         let mem: u64 = (s..t).map(|i| inst.unit_bytes_on(i, c)).sum();
@@ -126,7 +125,8 @@ struct GpuDp {
 }
 
 impl GpuDp {
-    fn run(inst: &Instance, gpus: &[usize], reduction: u64) -> GpuDp {
+    /// `main_used`: the main GPU's segment must not be empty.
+    fn run(inst: &Instance, gpus: &[usize], reduction: u64, main_used: bool) -> GpuDp {
         let n = inst.n();
         let g = gpus.len();
         let n_states = inst.execs.len() + 1;
@@ -146,8 +146,9 @@ impl GpuDp {
                     if !base.is_finite() {
                         continue;
                     }
-                    // Empty segment.
-                    if base < cost[k + 1][i][st] {
+                    // Empty segment (not on the main GPU when it must be used).
+                    let must_use = main_used && Some(b) == inst.main;
+                    if !must_use && base < cost[k + 1][i][st] {
                         cost[k + 1][i][st] = base;
                         back[k + 1][i][st] = (i, st);
                     }
@@ -185,25 +186,23 @@ impl GpuDp {
         }
     }
 
-    /// Best cost for [0, s) and the exec index of the last non-empty segment.
-    fn best_at(&self, s: usize) -> Option<(f64, Option<usize>)> {
+    /// Best cost for [0, s) plus the transfer from its last execution device to `back_to` (the
+    /// main GPU's, when a streamed suffix follows), and the end state that gives it.
+    fn best_at(&self, inst: &Instance, s: usize, back_to: Option<usize>) -> Option<(f64, usize)> {
         let g = self.gpus.len();
+        let way_back = |st: usize| match (st, back_to) {
+            (0, _) | (_, None) => 0.0,
+            (st, Some(m)) => inst.trans[st - 1][m],
+        };
         (0..self.n_states)
             .filter(|&st| self.cost[g][s][st].is_finite())
-            .map(|st| {
-                (
-                    self.cost[g][s][st],
-                    if st == 0 { None } else { Some(st - 1) },
-                )
-            })
+            .map(|st| (self.cost[g][s][st] + way_back(st), st))
             .min_by(|a, b| a.0.total_cmp(&b.0))
     }
 
-    fn assignment(&self, s: usize) -> Vec<usize> {
+    /// The GPU part [0, s) that ends in state `st`.
+    fn assignment(&self, s: usize, st: usize) -> Vec<usize> {
         let g = self.gpus.len();
-        let st = (0..self.n_states)
-            .min_by(|&a, &b| self.cost[g][s][a].total_cmp(&self.cost[g][s][b]))
-            .expect("states exist");
         let mut out = vec![usize::MAX; s];
         let (mut i, mut st) = (s, st);
         for k in (1..=g).rev() {

@@ -46,6 +46,11 @@ pub enum Error {
     /// No placement satisfies the budgets (with the shortfall when the total is short).
     #[error("no placement fits the budgets: {0}")]
     Infeasible(String),
+    /// The time limit ran out before any plan was found (not a proof that none exists).
+    #[error(
+        "no plan found within the time limit of {0:?} (none is proven impossible: raise --time-limit)"
+    )]
+    NoPlanInTime(std::time::Duration),
     /// HiGHS failed.
     #[error("solver: {0}")]
     Solver(String),

@@ -55,7 +55,9 @@ pub struct Instance {
     pub exec_of: Vec<usize>,
     /// Seconds to move activations between execution devices.
     pub trans: Vec<Vec<f64>>,
-    /// Index of the main GPU in `devices` (executes cpu/disk units).
+    /// Index of the main GPU in `devices` (executes cpu/disk units): the lowest GPU of the
+    /// instance, which every feasible assignment that streams a unit uses
+    /// ([`Instance::main_rule_holds`], `Auto::instance_for_main`).
     pub main: Option<usize>,
     /// Index of cpu in `devices`.
     pub cpu: Option<usize>,
@@ -385,22 +387,11 @@ impl Instance {
         self.mem[unit] + self.kv[unit]
     }
 
-    /// Unit memory needs (weights plus KV cache) grouped by size: `(size, count)`, largest first,
-    /// zero sizes left out. The bounds and cuts reason over these classes.
+    /// Unit memory needs ([`Instance::unit_bytes`]) grouped by size: `(size, count)`, largest
+    /// first, zero sizes left out. The bounds and cuts reason over these classes.
     pub fn size_classes(&self) -> Vec<(u64, u64)> {
-        let mut sorted: Vec<u64> = (0..self.n())
-            .map(|i| self.unit_bytes(i))
-            .filter(|&x| x > 0)
-            .collect();
-        sorted.sort_unstable_by(|a, b| b.cmp(a));
-        let mut classes: Vec<(u64, u64)> = Vec::new();
-        for x in sorted {
-            match classes.last_mut() {
-                Some((s, c)) if *s == x => *c += 1,
-                _ => classes.push((x, 1)),
-            }
-        }
-        classes
+        let sizes: Vec<u64> = (0..self.n()).map(|i| self.unit_bytes(i)).collect();
+        crate::mip::size_classes(&sizes)
     }
 
     /// Whether device `b` streams its units to the main GPU (cpu or disk with a GPU present).
@@ -423,15 +414,6 @@ impl Instance {
         self.usage_of_pieces(&pieces, a)
     }
 
-    /// The main device of an assignment under accelerate's rule ([`memory::main_device`]: the
-    /// lowest GPU id the map uses), else the instance's first GPU. (`usage` still charges
-    /// `self.main`, which the cost model executes on, until the two rules are one.)
-    pub fn main_of(&self, used: impl IntoIterator<Item = usize>) -> Option<usize> {
-        memory::main_device(used.into_iter().map(|b| self.devices[b]))
-            .and_then(|d| self.devices.iter().position(|x| *x == d))
-            .or(self.main)
-    }
-
     /// The memory rule, the one `auto` and `devmap check` share: per device, the weights of its
     /// pieces; the KV cache of each unit where it executes (the main device for cpu/disk units);
     /// on the main device the largest streaming buffer of a streamed piece; on cpu the largest
@@ -446,9 +428,9 @@ impl Instance {
             streaming: vec![0; k],
             activations: vec![0; k],
         };
-        // The instance's main GPU, the one the cost model and the MIP execute streamed units on.
-        // accelerate's rule (`main_of`: the lowest GPU the map uses) differs only for maps that
-        // leave that GPU empty; the solver makes `main` follow it.
+        // The instance's main GPU: each instance is one world of `auto` whose main device is
+        // accelerate's (the lowest GPU a map uses, `memory::main_device`; `check_map` picks the
+        // map's world).
         let main = self.main;
         let mut kv_charged = vec![false; self.n()];
         let mut executes = vec![false; k];
@@ -510,13 +492,27 @@ impl Instance {
         out
     }
 
-    /// Whether an assignment respects pins and capacities.
+    /// Whether the main GPU executes the streamed units: accelerate's main device is the lowest
+    /// GPU the map uses, so an assignment that streams a unit holds one on this instance's main
+    /// GPU. (One that streams nothing may leave it empty: its cost and memory do not depend on
+    /// the main device.)
+    pub fn main_rule_holds(&self, a: &[usize]) -> bool {
+        match self.main {
+            Some(m) => a.contains(&m) || !a.iter().any(|&b| self.is_streamed(b)),
+            None => true,
+        }
+    }
+
+    /// Whether an assignment respects pins, capacities and the main-GPU rule.
     pub fn feasible(&self, a: &[usize]) -> bool {
         if a.len() != self.n()
             || a.iter()
                 .enumerate()
                 .any(|(i, &b)| b >= self.devices.len() || !self.allowed[i][b])
         {
+            return false;
+        }
+        if !self.main_rule_holds(a) {
             return false;
         }
         let u = self.usage(a);

@@ -7,7 +7,7 @@
 //!   `t · Σ_e z[i][e]` when every link costs the same `t`; otherwise (or for the throughput
 //!   objective) a transportation form `Σ_e' f[i][e][e'] = X[i][e]`, `Σ_e f[i][e][e'] = X[i+1][e']`
 //!   paying `t(e, e')` on `f[i][e][e']`, which is exact for chains.
-//! - Memory rows per device; the main GPU also holds `s ≥ read[i]·(x[i][cpu] + x[i][disk])` (the
+//! - Memory rows per device; the main GPU also holds `s ≥ stream_buffer(i)·(x[i][cpu] + x[i][disk])` (the
 //!   largest streamed unit) and the streamed units' KV cache; the cpu holds the largest disk unit;
 //!   a tied storage is held by every device holding a member but not the owner (`y ≥ x[m][b] − x[o][b]`).
 //! - Symmetry: of two GPUs with identical profiles and capacities (neither the main GPU nor
@@ -72,6 +72,10 @@ pub struct MipResult {
     pub status: String,
     /// Whether the status is optimal (within the gap).
     pub optimal: bool,
+    /// Whether HiGHS proved that no assignment fits.
+    pub proven_infeasible: bool,
+    /// Whether HiGHS stopped at the time limit.
+    pub timed_out: bool,
     /// Time in HiGHS.
     pub elapsed: Duration,
     /// Columns and rows of the model.
@@ -79,277 +83,518 @@ pub struct MipResult {
 }
 
 const SCALE: f64 = 1e6; // seconds -> microseconds
-/// Memory rows are written in GiB: byte-sized coefficients (1e9–1e12) next to microsecond costs
-/// made HiGHS declare wrong optima.
-const GIB: f64 = (1u64 << 30) as f64;
-/// Capacity kept back in the MIP rows so HiGHS' feasibility tolerance (1e-6 of a GiB-scaled row)
-/// can never let through a byte-exact overflow.
-fn mip_cap(bytes: u64) -> f64 {
-    let cap = bytes as f64 / GIB;
-    (cap - 1e-7 * cap - 4096.0 / GIB).max(0.0)
+/// Each memory row is written in units of its capacity / 2¹⁰, so every coefficient of a unit that
+/// fits is at most 1024: byte-sized coefficients (1e9–1e12) next to microsecond costs made HiGHS
+/// declare wrong optima, and right-hand sides near 1e6 made its postsolve violate rows.
+const ROW_UNITS: f64 = 1024.0;
+
+/// How a memory row meets its capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caps {
+    /// The capacity plus half a byte: every byte-exact fit is allowed, so HiGHS' dual bound is a
+    /// bound of the real problem (a relaxation of it; HiGHS' row tolerance, 1e-6 of a row unit,
+    /// only relaxes it further, and a plan it lets overflow is caught by the exact check).
+    Exact,
+    /// A margin of 2 ppm + 1 byte kept back, so tolerances (integrality 1e-6, rows) can never let
+    /// through an overflow; used only when the exact solve's plan overflowed by rounding.
+    Margin,
 }
 
-/// Build and solve the MIP, warm-started from `start` when it is feasible.
+/// Bytes → row units of device `b`.
+fn row_unit(inst: &Instance, b: usize) -> f64 {
+    inst.caps[b].max(1) as f64 / ROW_UNITS
+}
+
+fn row_cap(inst: &Instance, b: usize, caps: Caps) -> f64 {
+    let cap = inst.caps[b] as f64;
+    let bytes = match caps {
+        Caps::Exact => cap + 0.5,
+        Caps::Margin => (cap - 2e-6 * cap - 1.0).max(0.0),
+    };
+    bytes / row_unit(inst, b)
+}
+
+/// Build and solve the MIP, warm-started from `start` when it is feasible. The bound is HiGHS'
+/// dual bound of the exact model; if HiGHS' plan overflows a budget by rounding (its tolerances
+/// let through a few bytes), a second solve with byte margins gives the plan.
+///
+/// The main-GPU rule (a plan that streams holds a unit on the main GPU) is left out first: any
+/// row for it made HiGHS' presolve return wrong optima. Only when the plan breaks it is the model
+/// solved again with the rule, without presolve.
 pub fn solve(
     inst: &Instance,
     start: Option<&[usize]>,
     opts: MipOptions,
 ) -> Result<MipResult, Error> {
     let started = Instant::now();
-    let n = inst.n();
-    let k = inst.devices.len();
-    let ne = inst.execs.len();
-    let throughput = inst.cost_model.objective == Objective::Throughput;
-    let mut vars = ProblemVariables::new();
-    let mut cols: Vec<f64> = Vec::new(); // warm-start values, in creation order
     let start = start.filter(|a| inst.feasible(a));
-    let mut add =
-        |vars: &mut ProblemVariables, def: good_lp::VariableDefinition, value: f64| -> Variable {
-            cols.push(value);
-            vars.add(def)
-        };
-
-    // x variables are created first, so x[i][b]'s column is its creation rank.
-    let mut x_col: Vec<Vec<Option<usize>>> = vec![vec![None; k]; n];
-    let mut next_col = 0usize;
-    let x: Vec<Vec<Option<Variable>>> = (0..n)
-        .map(|i| {
-            (0..k)
-                .map(|b| {
-                    inst.allowed[i][b].then(|| {
-                        let v = start.map_or(0.0, |a| f64::from(u8::from(a[i] == b)));
-                        x_col[i][b] = Some(next_col);
-                        next_col += 1;
-                        add(&mut vars, variable().binary(), v)
-                    })
-                })
-                .collect()
-        })
-        .collect();
-    let xe = |i: usize, b: usize| -> Expression {
-        x[i][b].map_or_else(Expression::default, Expression::from)
-    };
-    let exec_expr = |i: usize, e: usize| -> Expression {
-        (0..k)
-            .filter(|&b| inst.exec_of[b] == e)
-            .map(|b| xe(i, b))
-            .sum()
-    };
-    let exec_start = |i: usize, e: usize| -> f64 {
-        start.map_or(0.0, |a| f64::from(u8::from(inst.exec_of[a[i]] == e)))
-    };
-
-    let mut constraints: Vec<Constraint> = Vec::new();
-    let mut objective = Expression::default();
-    for i in 0..n {
-        constraints.push(constraint!(
-            (0..k).map(|b| xe(i, b)).sum::<Expression>() == 1
-        ));
-        for b in 0..k {
-            if let Some(v) = x[i][b] {
-                objective += inst.cost[i][b] * SCALE * v;
-            }
-        }
+    let mut exact = solve_once(inst, start, opts, Caps::Exact, false, started)?;
+    let main_rule = exact.main_rule_broken;
+    if main_rule {
+        exact = solve_once(inst, start, opts, Caps::Exact, true, started)?;
     }
+    if exact.result.assignment.is_some() || !exact.rounded_overflow {
+        return Ok(exact.result);
+    }
+    let margin = solve_once(inst, start, opts, Caps::Margin, main_rule, started)?.result;
+    let mut result = MipResult {
+        bound_seconds: exact.result.bound_seconds,
+        status: format!(
+            "{} (its plan overflowed by rounding; with byte margins: {})",
+            exact.result.status, margin.status
+        ),
+        optimal: false,
+        proven_infeasible: false,
+        timed_out: exact.result.timed_out || margin.timed_out,
+        elapsed: started.elapsed(),
+        ..margin
+    };
+    result.gap = gap(result.objective_seconds, result.bound_seconds);
+    Ok(result)
+}
 
-    // Device changes.
-    let off_diag: Vec<f64> = (0..ne)
-        .flat_map(|a| (0..ne).filter(move |&b| b != a).map(move |b| (a, b)))
-        .map(|(a, b)| inst.trans[a][b])
-        .collect();
-    let uniform = off_diag
-        .windows(2)
-        .all(|w| (w[0] - w[1]).abs() <= 1e-15 * w[0].abs().max(1e-30));
-    let mut busy: Vec<Expression> = vec![Expression::default(); ne];
-    if throughput {
+fn gap(objective: f64, bound: f64) -> f64 {
+    if objective.is_finite() && objective > 0.0 {
+        ((objective - bound) / objective).max(0.0)
+    } else if objective.is_finite() {
+        0.0
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// One HiGHS run; `rounded_overflow`: HiGHS found a plan but it overflows a budget byte-exactly;
+/// `main_rule_broken`: it streams a unit but leaves the main GPU empty.
+struct Once {
+    result: MipResult,
+    rounded_overflow: bool,
+    main_rule_broken: bool,
+}
+
+fn solve_once(
+    inst: &Instance,
+    start: Option<&[usize]>,
+    opts: MipOptions,
+    caps: Caps,
+    main_rule: bool,
+    started: Instant,
+) -> Result<Once, Error> {
+    let model = || build(inst, start, opts, caps, main_rule, started);
+    // With the main-GPU rows, presolve is off (see `solve`).
+    let first = run_highs(model(), inst, start, opts, started, !main_rule);
+    match first {
+        // HiGHS' presolve can return a plan that violates a row and then fail the solve: solve
+        // once more without it.
+        Err(Error::Solver(_)) if !main_rule => {
+            run_highs(model(), inst, start, opts, started, false)
+        }
+        other => other,
+    }
+}
+
+fn build<'a>(
+    inst: &'a Instance,
+    start: Option<&'a [usize]>,
+    opts: MipOptions,
+    caps: Caps,
+    main_rule: bool,
+    started: Instant,
+) -> Builder<'a> {
+    let mut m = Builder::new(inst, start, caps);
+    m.assignment_rows();
+    if main_rule {
+        m.main_rule_rows();
+    }
+    let mut busy = m.unit_costs();
+    m.device_changes(&mut busy);
+    m.throughput_objective(busy);
+    m.memory_rows(caps);
+    m.cover_cuts();
+    if opts.contiguous {
+        m.contiguity();
+    } else {
+        m.symmetry();
+    }
+    if let Some(floor) = opts.objective_floor.filter(|f| f.is_finite() && *f > 0.0) {
+        // Slightly below the bound so rounding never cuts off the optimum.
+        let objective = m.objective.clone();
+        m.constraints
+            .push(constraint!(objective >= floor * SCALE * (1.0 - 1e-9)));
+    }
+    if std::env::var_os("DEVMAP_TRACE").is_some() {
+        eprintln!("trace:   mip built in {:?}", started.elapsed());
+    }
+    m
+}
+
+/// The model under construction: variables with their warm-start values, rows, objective.
+struct Builder<'a> {
+    inst: &'a Instance,
+    start: Option<&'a [usize]>,
+    vars: ProblemVariables,
+    /// Warm-start values, in creation order.
+    cols: Vec<f64>,
+    constraints: Vec<Constraint>,
+    objective: Expression,
+    /// x[i][b]: unit i on device b (None: not allowed, or it cannot fit there).
+    x: Vec<Vec<Option<Variable>>>,
+    /// Column of x[i][b] (x variables are created first, so it is their creation rank).
+    x_col: Vec<Vec<Option<usize>>>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(inst: &'a Instance, start: Option<&'a [usize]>, caps: Caps) -> Builder<'a> {
+        let (n, k) = (inst.n(), inst.devices.len());
+        let mut m = Builder {
+            inst,
+            start,
+            vars: ProblemVariables::new(),
+            cols: Vec::new(),
+            constraints: Vec::new(),
+            objective: Expression::default(),
+            x: vec![vec![None; k]; n],
+            x_col: vec![vec![None; k]; n],
+        };
         for i in 0..n {
             for b in 0..k {
-                if let Some(v) = x[i][b] {
-                    busy[inst.exec_of[b]] += inst.cost[i][b] * SCALE * v;
+                // A unit larger than a device's row can never sit there: no column.
+                let fits =
+                    inst.unit_bytes_on(i, b) as f64 / row_unit(inst, b) <= row_cap(inst, b, caps);
+                if inst.allowed[i][b] && fits {
+                    let v = start.map_or(0.0, |a| f64::from(u8::from(a[i] == b)));
+                    m.x_col[i][b] = Some(m.cols.len());
+                    m.x[i][b] = Some(m.add(variable().binary(), v));
                 }
             }
         }
-    }
-    if ne > 1 {
-        for i in 0..n.saturating_sub(1) {
-            if uniform && !throughput {
-                let t = off_diag[0] * SCALE;
-                for e in 0..ne {
-                    let v = (exec_start(i, e) - exec_start(i + 1, e)).max(0.0);
-                    let z = add(&mut vars, variable().min(0.0).max(1.0), v);
-                    constraints.push(constraint!(z >= exec_expr(i, e) - exec_expr(i + 1, e)));
-                    objective += t * z;
-                }
-            } else {
-                let mut f = vec![vec![None; ne]; ne];
-                for (a, row) in f.iter_mut().enumerate() {
-                    for (b, cell) in row.iter_mut().enumerate() {
-                        let v = exec_start(i, a) * exec_start(i + 1, b);
-                        let var = add(&mut vars, variable().min(0.0).max(1.0), v);
-                        if a != b {
-                            let t = inst.trans[a][b] * SCALE;
-                            if throughput {
-                                busy[b] += t * var;
-                            } else {
-                                objective += t * var;
-                            }
-                        }
-                        *cell = Some(var);
-                    }
-                }
-                for a in 0..ne {
-                    let out: Expression = (0..ne)
-                        .map(|b| Expression::from(f[a][b].expect("set")))
-                        .sum();
-                    constraints.push(constraint!(out == exec_expr(i, a)));
-                    let inn: Expression = (0..ne)
-                        .map(|b| Expression::from(f[b][a].expect("set")))
-                        .sum();
-                    constraints.push(constraint!(inn == exec_expr(i + 1, a)));
-                }
-            }
-        }
-    }
-    if throughput {
-        let start_busy = start.map(|a| inst.evaluate(a) * SCALE).unwrap_or(0.0);
-        let t = add(&mut vars, variable().min(0.0), start_busy);
-        for e in 0..ne {
-            constraints.push(constraint!(t >= busy[e].clone()));
-        }
-        objective = Expression::from(t);
+        m
     }
 
-    // Memory.
-    let streamed: Vec<usize> = (0..k).filter(|&b| inst.is_streamed(b)).collect();
-    let mut mem: Vec<Expression> = (0..k)
-        .map(|b| {
-            (0..n)
-                .filter_map(|i| x[i][b].map(|v| (i, v)))
-                .map(|(i, v)| inst.unit_bytes_on(i, b) as f64 / GIB * v)
-                .sum()
-        })
-        .collect();
-    if let Some(m) = inst.main {
-        if !streamed.is_empty() {
-            let s0 = start.map_or(0.0, |a| {
-                (0..n)
-                    .filter(|&i| inst.is_streamed(a[i]))
-                    .map(|i| inst.read[i])
-                    .max()
-                    .unwrap_or(0) as f64
-                    / GIB
-            });
-            // Valid lower bound on the reserve: when the GPUs cannot hold everything, the streamed
-            // set must cover the excess, so it contains a unit at least as large as the one where
-            // the sizes (ascending) first add up to the excess.
-            let s = add(
-                &mut vars,
-                variable().min(forced_stream_reserve(inst) as f64 / GIB),
-                s0,
-            );
-            for i in 0..n {
-                let on: Expression = streamed.iter().map(|&b| xe(i, b)).sum();
-                constraints.push(constraint!(s >= inst.read[i] as f64 / GIB * on.clone()));
-                let on_main = inst.streamed_bytes_on_main(i);
-                if on_main > 0 {
-                    mem[m] += on_main as f64 / GIB * on;
-                }
-            }
-            mem[m] += s;
+    fn add(&mut self, def: good_lp::VariableDefinition, value: f64) -> Variable {
+        self.cols.push(value);
+        self.vars.add(def)
+    }
+
+    /// A continuous variable in [0, 1].
+    fn unit_interval(&mut self, value: f64) -> Variable {
+        self.add(variable().min(0.0).max(1.0), value)
+    }
+
+    fn xe(&self, i: usize, b: usize) -> Expression {
+        self.x[i][b].map_or_else(Expression::default, Expression::from)
+    }
+
+    /// Whether unit `i` executes on `e`: Σ over devices executing on `e`.
+    fn exec_expr(&self, i: usize, e: usize) -> Expression {
+        (0..self.inst.devices.len())
+            .filter(|&b| self.inst.exec_of[b] == e)
+            .map(|b| self.xe(i, b))
+            .sum()
+    }
+
+    fn exec_start(&self, i: usize, e: usize) -> f64 {
+        self.start
+            .map_or(0.0, |a| f64::from(u8::from(self.inst.exec_of[a[i]] == e)))
+    }
+
+    /// Each unit on one device.
+    fn assignment_rows(&mut self) {
+        let (n, k) = (self.inst.n(), self.inst.devices.len());
+        for i in 0..n {
+            let one: Expression = (0..k).map(|b| self.xe(i, b)).sum();
+            self.constraints.push(constraint!(one == 1));
         }
     }
-    if let (Some(c), Some(d)) = (inst.cpu, inst.disk) {
-        let s0 = start.map_or(0.0, |a| {
-            (0..n)
-                .filter(|&i| a[i] == d)
-                .map(|i| inst.read[i])
-                .max()
-                .unwrap_or(0) as f64
-                / GIB
-        });
-        let s = add(&mut vars, variable().min(0.0), s0);
+
+    /// When a unit is streamed, the main GPU (which executes it, the lowest GPU the map uses)
+    /// holds a unit: `on_i ≤ used ≤ Σ_j x[j][main]`.
+    fn main_rule_rows(&mut self) {
+        let inst = self.inst;
+        let (n, k) = (inst.n(), inst.devices.len());
+        let streamed: Vec<usize> = (0..k).filter(|&b| inst.is_streamed(b)).collect();
+        let Some(m) = inst.main.filter(|_| !streamed.is_empty()) else {
+            return;
+        };
+        let used0 = self
+            .start
+            .map_or(0.0, |a| f64::from(u8::from(a.contains(&m))));
+        let used = self.unit_interval(used0);
+        let on_main: Expression = (0..n).map(|i| self.xe(i, m)).sum();
+        self.constraints.push(constraint!(used <= on_main));
         for i in 0..n {
-            constraints.push(constraint!(s >= inst.read[i] as f64 / GIB * xe(i, d)));
+            let on: Expression = streamed.iter().map(|&b| self.xe(i, b)).sum();
+            self.constraints.push(constraint!(on <= used));
+        }
+    }
+
+    /// Unit costs into the objective (latency) or per execution device (throughput's `busy`).
+    fn unit_costs(&mut self) -> Vec<Expression> {
+        let inst = self.inst;
+        let mut busy = vec![Expression::default(); inst.execs.len()];
+        for i in 0..inst.n() {
+            for b in 0..inst.devices.len() {
+                if let Some(v) = self.x[i][b] {
+                    let c = inst.cost[i][b] * SCALE;
+                    if self.throughput() {
+                        busy[inst.exec_of[b]] += c * v;
+                    } else {
+                        self.objective += c * v;
+                    }
+                }
+            }
+        }
+        busy
+    }
+
+    fn throughput(&self) -> bool {
+        self.inst.cost_model.objective == Objective::Throughput
+    }
+
+    /// Device changes along the chain: the tight per-device form when every link costs the same
+    /// (latency), else the transportation form, exact for chains.
+    fn device_changes(&mut self, busy: &mut [Expression]) {
+        let inst = self.inst;
+        let ne = inst.execs.len();
+        if ne < 2 {
+            return;
+        }
+        let off_diag: Vec<f64> = (0..ne)
+            .flat_map(|a| (0..ne).filter(move |&b| b != a).map(move |b| (a, b)))
+            .map(|(a, b)| inst.trans[a][b])
+            .collect();
+        let uniform = off_diag
+            .windows(2)
+            .all(|w| (w[0] - w[1]).abs() <= 1e-15 * w[0].abs().max(1e-30));
+        for i in 0..inst.n().saturating_sub(1) {
+            if uniform && !self.throughput() {
+                self.uniform_change(i, off_diag[0] * SCALE);
+            } else {
+                self.transport_change(i, busy);
+            }
+        }
+    }
+
+    /// `z[i][e] ≥ X[i][e] − X[i+1][e]`, paid `t` each.
+    fn uniform_change(&mut self, i: usize, t: f64) {
+        for e in 0..self.inst.execs.len() {
+            let v = (self.exec_start(i, e) - self.exec_start(i + 1, e)).max(0.0);
+            let z = self.unit_interval(v);
+            let (here, next) = (self.exec_expr(i, e), self.exec_expr(i + 1, e));
+            self.constraints.push(constraint!(z >= here - next));
+            self.objective += t * z;
+        }
+    }
+
+    /// `Σ_e' f[e][e'] = X[i][e]`, `Σ_e f[e][e'] = X[i+1][e']`, paying `t(e, e')` on `f[e][e']`
+    /// (into the receiving device's busy time for throughput).
+    fn transport_change(&mut self, i: usize, busy: &mut [Expression]) {
+        let ne = self.inst.execs.len();
+        let mut f = vec![vec![None; ne]; ne];
+        for a in 0..ne {
+            for b in 0..ne {
+                let v = self.exec_start(i, a) * self.exec_start(i + 1, b);
+                let var = self.unit_interval(v);
+                if a != b {
+                    let t = self.inst.trans[a][b] * SCALE;
+                    if self.throughput() {
+                        busy[b] += t * var;
+                    } else {
+                        self.objective += t * var;
+                    }
+                }
+                f[a][b] = Some(var);
+            }
+        }
+        let flow = |cells: &mut dyn Iterator<Item = Option<Variable>>| -> Expression {
+            cells.map(|v| Expression::from(v.expect("set"))).sum()
+        };
+        for a in 0..ne {
+            let out = flow(&mut (0..ne).map(|b| f[a][b]));
+            let here = self.exec_expr(i, a);
+            self.constraints.push(constraint!(out == here));
+            let inn = flow(&mut (0..ne).map(|b| f[b][a]));
+            let next = self.exec_expr(i + 1, a);
+            self.constraints.push(constraint!(inn == next));
+        }
+    }
+
+    /// Throughput: minimise `t ≥ busy[e]` for every execution device.
+    fn throughput_objective(&mut self, busy: Vec<Expression>) {
+        if !self.throughput() {
+            return;
+        }
+        let inst = self.inst;
+        let start_busy = self.start.map(|a| inst.evaluate(a) * SCALE).unwrap_or(0.0);
+        let t = self.add(variable().min(0.0), start_busy);
+        for e in busy {
+            self.constraints.push(constraint!(t >= e));
+        }
+        self.objective = Expression::from(t);
+    }
+
+    /// Memory rows per device (in its row units, see [`ROW_UNITS`]): the units' bytes there;
+    /// on the main GPU also the largest streamed unit (`s`) and the streamed units' bytes on it;
+    /// on the cpu the largest disk unit; tied storages on every device holding a member but not
+    /// the owner (`y ≥ x[m][b] − x[o][b]`).
+    fn memory_rows(&mut self, caps: Caps) {
+        let inst = self.inst;
+        let (n, k) = (inst.n(), inst.devices.len());
+        let mut mem: Vec<Expression> = (0..k)
+            .map(|b| {
+                let u = row_unit(inst, b);
+                (0..n)
+                    .filter_map(|i| self.x[i][b].map(|v| (i, v)))
+                    .map(|(i, v)| inst.unit_bytes_on(i, b) as f64 / u * v)
+                    .sum()
+            })
+            .collect();
+        self.stream_reserve(&mut mem);
+        self.disk_reserve(&mut mem);
+        self.tied_copies(&mut mem);
+        for (b, e) in mem.into_iter().enumerate() {
+            self.constraints
+                .push(constraint!(e <= row_cap(inst, b, caps)));
+        }
+    }
+
+    /// The main GPU's streaming buffer `s ≥ stream_buffer(i)·(x[i][cpu] + x[i][disk])` and the streamed
+    /// units' bytes on it.
+    fn stream_reserve(&mut self, mem: &mut [Expression]) {
+        let inst = self.inst;
+        let streamed: Vec<usize> = (0..inst.devices.len())
+            .filter(|&b| inst.is_streamed(b))
+            .collect();
+        let Some(m) = inst.main.filter(|_| !streamed.is_empty()) else {
+            return;
+        };
+        let u = row_unit(inst, m);
+        let s0 = self.start.map_or(0.0, |a| {
+            let most = (0..inst.n())
+                .filter(|&i| inst.is_streamed(a[i]))
+                .map(|i| inst.stream_buffer(i))
+                .max();
+            most.unwrap_or(0) as f64 / u
+        });
+        // Valid lower bound on the buffer: see `forced_stream_reserve`.
+        let s = self.add(variable().min(forced_stream_reserve(inst) as f64 / u), s0);
+        for i in 0..inst.n() {
+            let on: Expression = streamed.iter().map(|&b| self.xe(i, b)).sum();
+            self.constraints.push(constraint!(
+                s >= inst.stream_buffer(i) as f64 / u * on.clone()
+            ));
+            let on_main = inst.streamed_bytes_on_main(i);
+            if on_main > 0 {
+                mem[m] += on_main as f64 / u * on;
+            }
+        }
+        mem[m] += s;
+    }
+
+    /// The cpu holds the largest disk unit on its way to the GPU.
+    fn disk_reserve(&mut self, mem: &mut [Expression]) {
+        let inst = self.inst;
+        let (Some(c), Some(d)) = (inst.cpu, inst.disk) else {
+            return;
+        };
+        let u = row_unit(inst, c);
+        let s0 = self.start.map_or(0.0, |a| {
+            let most = (0..inst.n())
+                .filter(|&i| a[i] == d)
+                .map(|i| inst.stream_buffer(i))
+                .max();
+            most.unwrap_or(0) as f64 / u
+        });
+        let s = self.add(variable().min(0.0), s0);
+        for i in 0..inst.n() {
+            let on = self.xe(i, d);
+            self.constraints
+                .push(constraint!(s >= inst.stream_buffer(i) as f64 / u * on));
         }
         mem[c] += s;
     }
-    for tie in &inst.ties {
-        for b in 0..k {
-            let held =
-                start.is_some_and(|a| a[tie.owner] != b && tie.members.iter().any(|&u| a[u] == b));
-            let y = add(
-                &mut vars,
-                variable().min(0.0).max(1.0),
-                f64::from(u8::from(held)),
-            );
-            for &u in &tie.members {
-                constraints.push(constraint!(y >= xe(u, b) - xe(tie.owner, b)));
+
+    fn tied_copies(&mut self, mem: &mut [Expression]) {
+        let inst = self.inst;
+        for tie in &inst.ties {
+            for b in 0..inst.devices.len() {
+                let held = self
+                    .start
+                    .is_some_and(|a| a[tie.owner] != b && tie.members.iter().any(|&u| a[u] == b));
+                let y = self.unit_interval(f64::from(u8::from(held)));
+                for &u in &tie.members {
+                    let (member, owner) = (self.xe(u, b), self.xe(tie.owner, b));
+                    self.constraints.push(constraint!(y >= member - owner));
+                }
+                mem[b] += tie.storage as f64 / row_unit(inst, b) * y;
             }
-            mem[b] += tie.storage as f64 / GIB * y;
-        }
-    }
-    for (b, e) in mem.into_iter().enumerate() {
-        constraints.push(constraint!(e <= mip_cap(inst.caps[b])));
-    }
-    // Lifted cover cuts (valid inequalities, see `lifted_cuts`): they close most of the LP gap when
-    // many equal blocks compete for a few devices.
-    for b in 0..k {
-        for (coeff, bound) in lifted_cuts(inst, b) {
-            let lhs: Expression = (0..n)
-                .filter(|&i| coeff[i] > 0.0)
-                .map(|i| coeff[i] * xe(i, b))
-                .sum();
-            constraints.push(constraint!(lhs <= bound));
         }
     }
 
-    if opts.contiguous {
-        // Device index non-decreasing along the chain: Σ_{b' ≥ b} x[i][b'] ≤ Σ_{b' ≥ b} x[i+1][b'].
-        for i in 0..n.saturating_sub(1) {
-            for b in 1..k {
-                let here: Expression = (b..k).map(|c| xe(i, c)).sum();
-                let next: Expression = (b..k).map(|c| xe(i + 1, c)).sum();
-                constraints.push(constraint!(here <= next));
+    /// Lifted cover cuts (valid inequalities, see `lifted_cuts`): they close most of the LP gap
+    /// when many equal blocks compete for a few devices.
+    fn cover_cuts(&mut self) {
+        let inst = self.inst;
+        for b in 0..inst.devices.len() {
+            for (coeff, bound) in lifted_cuts(inst, b) {
+                let lhs: Expression = (0..inst.n())
+                    .filter(|&i| coeff[i] > 0.0)
+                    .map(|i| coeff[i] * self.xe(i, b))
+                    .sum();
+                self.constraints.push(constraint!(lhs <= bound));
             }
         }
-    } else {
-        // Symmetry of identical GPUs.
-        for (a, b) in identical_gpu_pairs(inst) {
+    }
+
+    /// Contiguous mode: device index non-decreasing, `Σ_{b' ≥ b} x[i][b'] ≤ Σ_{b' ≥ b} x[i+1][b']`.
+    fn contiguity(&mut self) {
+        let (n, k) = (self.inst.n(), self.inst.devices.len());
+        for i in 0..n.saturating_sub(1) {
+            for b in 1..k {
+                let here: Expression = (b..k).map(|c| self.xe(i, c)).sum();
+                let next: Expression = (b..k).map(|c| self.xe(i + 1, c)).sum();
+                self.constraints.push(constraint!(here <= next));
+            }
+        }
+    }
+
+    /// Of two identical GPUs the later is used only after the earlier (`x[i][b] ≤ u[i−1]`,
+    /// `u[i] ≤ u[i−1] + x[i][a]`).
+    fn symmetry(&mut self) {
+        for (a, b) in identical_gpu_pairs(self.inst) {
             let mut prev: Option<Variable> = None;
             let mut used_a = false;
-            for i in 0..n {
+            for i in 0..self.inst.n() {
+                let (xa, xb) = (self.xe(i, a), self.xe(i, b));
                 match prev {
-                    None => constraints.push(constraint!(xe(i, b) <= 0)),
-                    Some(u) => constraints.push(constraint!(xe(i, b) <= u)),
+                    None => self.constraints.push(constraint!(xb <= 0)),
+                    Some(u) => self.constraints.push(constraint!(xb <= u)),
                 }
-                used_a = used_a || start.is_some_and(|s| s[i] == a);
-                let u = add(
-                    &mut vars,
-                    variable().min(0.0).max(1.0),
-                    f64::from(u8::from(used_a)),
-                );
+                used_a = used_a || self.start.is_some_and(|s| s[i] == a);
+                let u = self.unit_interval(f64::from(u8::from(used_a)));
                 match prev {
-                    None => constraints.push(constraint!(u <= xe(i, a))),
-                    Some(p) => constraints.push(constraint!(u <= p + xe(i, a))),
+                    None => self.constraints.push(constraint!(u <= xa)),
+                    Some(p) => self.constraints.push(constraint!(u <= p + xa)),
                 }
                 prev = Some(u);
             }
         }
     }
+}
 
-    if std::env::var_os("DEVMAP_TRACE").is_some() {
-        eprintln!("trace:   mip built in {:?}", started.elapsed());
-    }
-    if let Some(floor) = opts.objective_floor.filter(|f| f.is_finite() && *f > 0.0) {
-        // Slightly below the bound so rounding never cuts off the optimum.
-        constraints.push(constraint!(
-            objective.clone() >= floor * SCALE * (1.0 - 1e-9)
-        ));
-    }
-    let rows = constraints.len();
-    let ncols = cols.len();
-    let mut problem = vars.minimise(objective).using(highs);
-    for c in constraints {
+/// Hand the model to HiGHS, solve, and read back the plan (checked exactly) and the bound.
+fn run_highs(
+    m: Builder<'_>,
+    inst: &Instance,
+    start: Option<&[usize]>,
+    opts: MipOptions,
+    started: Instant,
+    presolve: bool,
+) -> Result<Once, Error> {
+    let rows = m.constraints.len();
+    let ncols = m.cols.len();
+    let x_col = m.x_col;
+    let mut problem = m.vars.minimise(m.objective).using(highs);
+    for c in m.constraints {
         problem = problem.with(c);
     }
     let mut model = problem
@@ -364,91 +609,100 @@ pub fn solve(
             .as_secs_f64(),
     );
     model.set_option("mip_rel_gap", opts.mip_rel_gap);
+    // HiGHS' default absolute gap (1e-6 µs) would stop short of small objectives' optima.
+    model.set_option("mip_abs_gap", 1e-9);
     model.set_option("threads", 1);
-    if let Ok(extra) = std::env::var("DEVMAP_HIGHS_OPTIONS") {
-        // Debugging aid: `name=value,...` passed to HiGHS as is.
-        for kv in extra.split(',').filter(|s| !s.is_empty()) {
-            if let Some((k, v)) = kv.split_once('=') {
-                if let Ok(i) = v.parse::<i32>() {
-                    model.set_option(k, i);
-                } else if let Ok(f) = v.parse::<f64>() {
-                    model.set_option(k, f);
-                } else if let Ok(b) = v.parse::<bool>() {
-                    model.set_option(k, b);
-                } else {
-                    model.set_option(k, v);
-                }
-            }
-        }
+    if !presolve {
+        model.set_option("presolve", "off");
     }
+    set_debug_options(&mut model);
     // A start that violates the symmetry rows is relabelled by HiGHS' own check; skip it then.
-    let warm_ok =
-        start.is_some() && symmetry_respected(inst, start.expect("checked"), opts.contiguous);
-    if warm_ok {
-        let _ = model.try_set_solution(Some(&cols), None, None, None);
+    if start.is_some_and(|a| symmetry_respected(inst, a, opts.contiguous)) {
+        let _ = model.try_set_solution(Some(&m.cols), None, None, None);
     }
     if std::env::var_os("DEVMAP_TRACE").is_some() {
         eprintln!("trace:   highs model ready in {:?}", started.elapsed());
     }
-    let solved = model.solve();
-    if std::env::var("DEVMAP_MIP_DEBUG").is_ok() {
-        eprintln!(
-            "highs obj {} status {:?}",
-            solved.objective_value() / SCALE,
-            solved.status()
-        );
-    }
+    let solved = model
+        .try_solve()
+        .map_err(|e| Error::Solver(format!("HiGHS failed on the placement model: {e:?}")))?;
     let status = solved.status();
-    let status_text = format!("{status:?}");
-    let has_solution = matches!(
-        solved.primal_solution_status(),
-        highs::HighsSolutionStatus::Feasible
-    );
     let bound_scaled = solved
         .double_info_value(c"mip_dual_bound")
         .unwrap_or(f64::NEG_INFINITY);
     let mut result = MipResult {
         assignment: None,
         objective_seconds: f64::INFINITY,
-        bound_seconds: bound_scaled / SCALE,
+        // HiGHS proves its bound up to its tolerances: a hair below keeps it a bound.
+        bound_seconds: bound_scaled / SCALE * (1.0 - 1e-10),
         gap: f64::INFINITY,
-        status: status_text,
+        status: format!("{status:?}"),
         optimal: matches!(status, highs::HighsModelStatus::Optimal),
+        proven_infeasible: matches!(status, highs::HighsModelStatus::Infeasible),
+        timed_out: matches!(status, highs::HighsModelStatus::ReachedTimeLimit),
         elapsed: started.elapsed(),
         size: (ncols, rows),
     };
-    if has_solution {
-        let sol = solved.get_solution();
-        let values = sol.columns();
-        let mut a = vec![usize::MAX; n];
-        for i in 0..n {
-            let mut best = (0.0, usize::MAX);
-            for b in 0..k {
-                if let Some(c) = x_col[i][b] {
-                    let val = values[c];
-                    if val > best.0 {
-                        best = (val, b);
-                    }
-                }
-            }
-            a[i] = best.1;
-        }
+    let (mut rounded_overflow, mut main_rule_broken) = (false, false);
+    if matches!(
+        solved.primal_solution_status(),
+        highs::HighsSolutionStatus::Feasible
+    ) {
+        let values = solved.get_solution();
+        let a = rounded_assignment(&x_col, values.columns());
         if inst.feasible(&a) {
             result.objective_seconds = inst.evaluate(&a);
             result.assignment = Some(a);
+        } else if !inst.main_rule_holds(&a) {
+            main_rule_broken = true;
+        } else {
+            rounded_overflow = true;
         }
     }
-    if result.assignment.is_some() {
-        let obj = result.objective_seconds;
-        let bound = result.bound_seconds.min(obj);
-        result.bound_seconds = bound;
-        result.gap = if obj > 0.0 {
-            ((obj - bound) / obj).max(0.0)
-        } else {
-            0.0
-        };
+    result.gap = gap(result.objective_seconds, result.bound_seconds);
+    Ok(Once {
+        result,
+        rounded_overflow,
+        main_rule_broken,
+    })
+}
+
+/// Each unit on its device with the largest x value.
+fn rounded_assignment(x_col: &[Vec<Option<usize>>], values: &[f64]) -> Vec<usize> {
+    x_col
+        .iter()
+        .map(|row| {
+            let mut best = (0.0, usize::MAX);
+            for (b, c) in row.iter().enumerate() {
+                if let Some(c) = c {
+                    if values[*c] > best.0 {
+                        best = (values[*c], b);
+                    }
+                }
+            }
+            best.1
+        })
+        .collect()
+}
+
+/// Debugging aid: `DEVMAP_HIGHS_OPTIONS=name=value,...` passed to HiGHS as is.
+fn set_debug_options(model: &mut highs::Model) {
+    let Ok(extra) = std::env::var("DEVMAP_HIGHS_OPTIONS") else {
+        return;
+    };
+    for kv in extra.split(',').filter(|s| !s.is_empty()) {
+        if let Some((k, v)) = kv.split_once('=') {
+            if let Ok(i) = v.parse::<i32>() {
+                model.set_option(k, i);
+            } else if let Ok(f) = v.parse::<f64>() {
+                model.set_option(k, f);
+            } else if let Ok(b) = v.parse::<bool>() {
+                model.set_option(k, b);
+            } else {
+                model.set_option(k, v);
+            }
+        }
     }
-    Ok(result)
 }
 
 /// Lifted cover cuts for device `b`: `Σ_i α(w_i) x[i][b] ≤ L0`, one per base size class `w_s`
@@ -457,8 +711,9 @@ pub fn solve(
 /// capacity `C` valid, smaller units count 0. Each returned cut is (coefficient per unit, bound).
 fn lifted_cuts(inst: &Instance, b: usize) -> Vec<(Vec<f64>, f64)> {
     let n = inst.n();
-    let w: Vec<u64> = (0..n).map(|i| inst.unit_bytes(i)).collect();
-    let mut classes = inst.size_classes();
+    // Sizes as this device holds them (a streamed unit's KV cache is on the main GPU, not here).
+    let w: Vec<u64> = (0..n).map(|i| inst.unit_bytes_on(i, b)).collect();
+    let mut classes = size_classes(&w);
     classes.truncate(4);
     let cap = inst.caps[b];
     let mut cuts = Vec::new();
@@ -494,6 +749,20 @@ fn lifted_cuts(inst: &Instance, b: usize) -> Vec<(Vec<f64>, f64)> {
     cuts
 }
 
+/// Sizes grouped into `(size, count)` classes, largest first, zero sizes left out.
+pub(crate) fn size_classes(sizes: &[u64]) -> Vec<(u64, u64)> {
+    let mut sorted: Vec<u64> = sizes.iter().copied().filter(|&x| x > 0).collect();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    let mut classes: Vec<(u64, u64)> = Vec::new();
+    for x in sorted {
+        match classes.last_mut() {
+            Some((s, c)) if *s == x => *c += 1,
+            _ => classes.push((x, 1)),
+        }
+    }
+    classes
+}
+
 /// The smallest streaming reserve any feasible placement needs (0 if the GPUs could hold everything).
 pub(crate) fn forced_stream_reserve(inst: &Instance) -> u64 {
     let gpu_caps: u64 = (0..inst.devices.len())
@@ -519,7 +788,7 @@ pub(crate) fn forced_reserve(inst: &Instance, capacity: u64) -> u64 {
         if cum >= excess {
             return (0..inst.n())
                 .filter(|&u| inst.unit_bytes(u) >= w)
-                .map(|u| inst.read[u])
+                .map(|u| inst.stream_buffer(u))
                 .min()
                 .unwrap_or(0);
         }

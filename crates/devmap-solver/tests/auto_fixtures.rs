@@ -148,7 +148,7 @@ fn auto_is_valid_optimal_and_never_worse_than_hugging_face() {
                 }
                 for g in 0..inst.devices.len() {
                     if inst.devices[g].is_gpu()
-                        && usage.total(g) + inst.mem[i] + inst.kv[i] <= inst.caps[g]
+                        && usage.total(g) + inst.unit_bytes_on(i, g) <= inst.caps[g]
                     {
                         failures.push(format!(
                             "{label}: {} ({} B) is on {} but GPU {} has room",

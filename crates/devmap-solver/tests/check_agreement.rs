@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use devmap_core::{load_model, Device, DeviceMap, MemoryBudgets, Model, Workload};
 use devmap_solver::{
-    check_map, strategy_by_name, Auto, AutoOptions, Compat, PlanRequest, Strategy,
+    check::instance_for_map, check_map, strategy_by_name, Auto, AutoOptions, Compat, PlanRequest,
+    Strategy,
 };
 
 fn fixtures() -> PathBuf {
@@ -64,7 +65,7 @@ fn agree(
 ) -> Option<bool> {
     let checked = check_map(model, map, Some(budgets), opts, None).unwrap();
     let req = PlanRequest::new(model, budgets);
-    let inst = Auto::new(opts.clone()).instance(&req).unwrap();
+    let inst = instance_for_map(&Auto::new(opts.clone()), &req, map).unwrap();
     let a = inst.from_map(model, map)?;
     Some((checked.valid() && checked.fits) == inst.feasible(&a))
 }
@@ -116,7 +117,7 @@ fn check_and_auto_give_one_verdict() {
                 if (est - objective).abs() > 1e-9 * objective.max(1e-12) {
                     failures.push(format!("{label}: check estimates {est}, auto {objective}"));
                 }
-                let inst = Auto::new(opts.clone()).instance(&req).unwrap();
+                let inst = instance_for_map(&Auto::new(opts.clone()), &req, &plan.map).unwrap();
                 let mut maps: Vec<DeviceMap> =
                     perturbed(&m, &plan.map, &inst).into_iter().collect();
                 for s in ["sequential", "balanced"] {

@@ -1,0 +1,592 @@
+//! The combinatorial lower bound `auto` certifies plans with and gives the MIP as a cut.
+//!
+//! It must hold for every feasible assignment of the instance, under every option (KV cache,
+//! pins, topology, objective, reserves): a bound above a feasible objective is a bug (`auto`
+//! debug-asserts it; tests/exhaustive.rs checks it against enumeration). Terms:
+//!
+//! - `base`: every unit at its cheapest allowed device (pinned units at their pin).
+//! - `extra`: streaming the free (unpinned) units the GPUs cannot hold. Each streamed device saves
+//!   a rate per byte against the most expensive one (the sink); an exact multiple knapsack over the
+//!   largest size classes plus fluid small units maximises the saving. Bytes are the units' bytes
+//!   on a streamed device; what stays on a GPU even when a unit is streamed (its KV cache) and
+//!   what pinned units hold come off the GPU capacity. A pinned unit's cost is in `base` only.
+//! - `changes`: the execution devices any plan must visit (the GPUs pins use, the main GPU when a
+//!   pin streams a unit, enough GPUs to hold what cpu and disk cannot) cost one change each but
+//!   the first, at the cheapest link.
+//!
+//! Unit costs and transfers are separate sums of the latency, so the three terms add. The
+//! throughput objective's busiest device carries at least `1/execs` of the latency and the most
+//! expensive unit.
+
+use devmap_core::Objective;
+
+use crate::instance::Instance;
+use crate::mip::{forced_reserve, size_classes};
+
+/// How the packing bound filled the devices: per bin (a device) the count of each big size class.
+#[derive(Debug, Clone)]
+pub(crate) struct Packing {
+    /// Device index of each bin, GPUs first.
+    pub(crate) bins: Vec<usize>,
+    /// The big class sizes (bytes on a streamed device, [`streamed_size`]).
+    pub(crate) classes: Vec<u64>,
+    /// quotas[bin][class].
+    pub(crate) quotas: Vec<Vec<u64>>,
+    /// The device that takes everything else.
+    pub(crate) sink: usize,
+}
+
+/// A lower bound on the objective of every feasible assignment of `inst`.
+pub fn lower_bound(inst: &Instance) -> f64 {
+    lower_bound_with_packing(inst).0
+}
+
+/// [`lower_bound`], with the packing its streaming term found (when something must be streamed).
+pub(crate) fn lower_bound_with_packing(inst: &Instance) -> (f64, Option<Packing>) {
+    let units = BoundUnits::new(inst);
+    let base: f64 = units.base.iter().sum();
+    let (extra, packing) = streaming_extra(inst, &units);
+    let latency = base + extra + change_floor(inst, &units);
+    let bound = match inst.cost_model.objective {
+        Objective::Latency => latency,
+        Objective::Throughput => {
+            let most = units.base.iter().copied().fold(0.0, f64::max);
+            (latency / inst.execs.len().max(1) as f64).max(most)
+        }
+    };
+    (bound, packing)
+}
+
+/// Per-unit facts the bound reasons over.
+struct BoundUnits {
+    /// Cheapest allowed cost of each unit.
+    base: Vec<f64>,
+    /// The device a pin leaves each unit (`None`: free).
+    pinned: Vec<Option<usize>>,
+}
+
+impl BoundUnits {
+    fn new(inst: &Instance) -> BoundUnits {
+        let k = inst.devices.len();
+        let base = (0..inst.n())
+            .map(|i| {
+                (0..k)
+                    .filter(|&b| inst.allowed[i][b])
+                    .map(|b| inst.cost[i][b])
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .collect();
+        let pinned = (0..inst.n())
+            .map(|i| {
+                let mut allowed = (0..k).filter(|&b| inst.allowed[i][b]);
+                match (allowed.next(), allowed.next()) {
+                    (Some(b), None) if k > 1 => Some(b),
+                    _ => None,
+                }
+            })
+            .collect();
+        BoundUnits { base, pinned }
+    }
+
+    fn free(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.pinned.len()).filter(|&i| self.pinned[i].is_none())
+    }
+
+    fn pinned_to(&self, b: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..self.pinned.len()).filter(move |&i| self.pinned[i] == Some(b))
+    }
+}
+
+/// Bytes unit `i` takes on a streamed device (the least over them): what the knapsack packs.
+fn streamed_size(inst: &Instance, i: usize) -> u64 {
+    (0..inst.devices.len())
+        .filter(|&b| inst.is_streamed(b))
+        .map(|b| inst.unit_bytes_on(i, b))
+        .min()
+        .unwrap_or_else(|| inst.unit_bytes(i))
+}
+
+/// Bytes unit `i` keeps on a GPU wherever it is (its KV cache when streamed).
+fn always_on_gpu(inst: &Instance, i: usize) -> u64 {
+    let on_gpu = inst.main.map_or(0, |m| inst.unit_bytes_on(i, m));
+    inst.streamed_bytes_on_main(i)
+        .min(on_gpu.saturating_sub(streamed_size(inst, i)))
+}
+
+/// The least number of device changes any plan makes, at the cheapest link.
+fn change_floor(inst: &Instance, units: &BoundUnits) -> f64 {
+    let gpu_rows: Vec<usize> = (0..inst.devices.len())
+        .filter(|&b| inst.devices[b].is_gpu())
+        .collect();
+    // GPUs that must execute something: every GPU a pin uses, and the main GPU when a pin
+    // streams a unit (it executes it).
+    let pinned_streamed =
+        (0..inst.n()).any(|i| units.pinned[i].is_some_and(|b| inst.is_streamed(b)));
+    let used = gpu_rows
+        .iter()
+        .filter(|&&g| {
+            (Some(g) == inst.main && pinned_streamed) || units.pinned_to(g).next().is_some()
+        })
+        .count();
+    // Bytes cpu and disk cannot take must be on GPUs: count the GPUs needed, largest first.
+    let off_gpu: u64 = (0..inst.devices.len())
+        .filter(|&b| !inst.devices[b].is_gpu())
+        .map(|b| inst.caps[b])
+        .sum();
+    let on_gpus_min: u64 = (0..inst.n())
+        .map(|i| streamed_size(inst, i))
+        .sum::<u64>()
+        .saturating_sub(off_gpu);
+    let mut caps: Vec<u64> = gpu_rows.iter().map(|&b| inst.caps[b]).collect();
+    caps.sort_unstable_by(|a, b| b.cmp(a));
+    let (mut held, mut by_capacity) = (0u64, 0usize);
+    for c in caps {
+        if held >= on_gpus_min {
+            break;
+        }
+        held += c;
+        by_capacity += 1;
+    }
+    let execs = used.max(by_capacity);
+    if execs < 2 {
+        return 0.0;
+    }
+    let t_min = (0..inst.execs.len())
+        .flat_map(|a| {
+            (0..inst.execs.len())
+                .filter(move |&b| b != a)
+                .map(move |b| (a, b))
+        })
+        .map(|(a, b)| inst.trans[a][b])
+        .fold(f64::INFINITY, f64::min);
+    if t_min.is_finite() {
+        (execs - 1) as f64 * t_min
+    } else {
+        0.0
+    }
+}
+
+/// The lower bound on the extra seconds streaming the free units costs (see the module doc):
+/// the least over the main GPU's streaming buffer levels.
+fn streaming_extra(inst: &Instance, units: &BoundUnits) -> (f64, Option<Packing>) {
+    let Some(main) = inst.main else {
+        return (0.0, None);
+    };
+    let Some(tiers) = Tiers::new(inst, units) else {
+        return (0.0, None);
+    };
+    let gpu_rows: Vec<usize> = (0..inst.devices.len())
+        .filter(|&b| inst.devices[b].is_gpu())
+        .collect();
+    let free_bytes: u64 = units.free().map(|i| streamed_size(inst, i)).sum();
+    let gpu_free: u64 = gpu_rows.iter().map(|&g| gpu_room(inst, units, g)).sum();
+    let kv_free: u64 = units.free().map(|i| always_on_gpu(inst, i)).sum();
+    if free_bytes + kv_free <= gpu_free || free_bytes == 0 {
+        return (0.0, None);
+    }
+    levels(inst, units, &gpu_rows)
+        .into_iter()
+        .map(|level| {
+            let mut bins = bins(inst, units, &gpu_rows, &tiers, main, level.reserve);
+            // Every free unit's KV cache is on some GPU: the GPUs together hold that much less.
+            bins.gpu_total = bins.gpu_total.saturating_sub(kv_free);
+            pack(inst, units, &bins, &tiers, level, free_bytes)
+        })
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .unwrap_or((0.0, None))
+}
+
+/// Room GPU `g` has for free units: its capacity less what pinned units hold there (and, on the
+/// main GPU, what pinned streamed units keep on it).
+fn gpu_room(inst: &Instance, units: &BoundUnits, g: usize) -> u64 {
+    let mut used: u64 = units.pinned_to(g).map(|i| inst.unit_bytes_on(i, g)).sum();
+    if Some(g) == inst.main {
+        used += (0..inst.n())
+            .filter(|&i| units.pinned[i].is_some_and(|b| inst.is_streamed(b)))
+            .map(|i| inst.streamed_bytes_on_main(i))
+            .sum::<u64>();
+    }
+    inst.caps[g].saturating_sub(used)
+}
+
+/// A streaming-buffer level: the main GPU keeps `reserve` bytes; free units whose streaming
+/// buffer is larger than `gpu_only_above` must stay on GPUs.
+#[derive(Debug, Clone, Copy)]
+struct Level {
+    reserve: u64,
+    gpu_only_above: u64,
+}
+
+/// The buffer is the largest streaming buffer (`Instance::stream_buffer`) of a streamed unit, at
+/// least the forced minimum and the largest pinned streamed unit's: one level per candidate size (the 8 smallest), then one level
+/// for every larger buffer (reserve the 9th size, no unit forced onto GPUs).
+fn levels(inst: &Instance, units: &BoundUnits, gpu_rows: &[usize]) -> Vec<Level> {
+    let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
+    let pinned_streamed = (0..inst.n())
+        .filter(|&i| units.pinned[i].is_some_and(|b| inst.is_streamed(b)))
+        .map(|i| inst.stream_buffer(i))
+        .max()
+        .unwrap_or(0);
+    let floor = forced_reserve(inst, gpu_total).max(pinned_streamed);
+    let mut sizes: Vec<u64> = units
+        .free()
+        .map(|i| inst.stream_buffer(i))
+        .filter(|&r| r >= floor)
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut out: Vec<Level> = sizes
+        .iter()
+        .take(8)
+        .map(|&r| Level {
+            reserve: r,
+            gpu_only_above: r,
+        })
+        .collect();
+    // Below the floor nothing free is forced; the buffer is at least `floor`.
+    if sizes.first().is_none_or(|&r| r > floor) {
+        out.insert(
+            0,
+            Level {
+                reserve: floor,
+                gpu_only_above: floor,
+            },
+        );
+    }
+    if let Some(&r) = sizes.get(8) {
+        out.push(Level {
+            reserve: r,
+            gpu_only_above: u64::MAX,
+        });
+    }
+    out
+}
+
+/// Streamed devices ordered by their extra seconds per byte; the last is the sink.
+struct Tiers {
+    /// (rate, device), ascending rate.
+    tiers: Vec<(f64, usize)>,
+}
+
+impl Tiers {
+    fn new(inst: &Instance, units: &BoundUnits) -> Option<Tiers> {
+        let rate = |b: usize| -> f64 {
+            units
+                .free()
+                .filter(|&i| streamed_size(inst, i) > 0)
+                .map(|i| (inst.cost[i][b] - units.base[i]).max(0.0) / streamed_size(inst, i) as f64)
+                .fold(f64::INFINITY, f64::min)
+        };
+        let mut tiers: Vec<(f64, usize)> = (0..inst.devices.len())
+            .filter(|&b| inst.is_streamed(b))
+            .map(|b| (rate(b), b))
+            .filter(|(r, _)| r.is_finite())
+            .collect();
+        tiers.sort_by(|a, b| a.0.total_cmp(&b.0));
+        (tiers.last().is_some_and(|t| t.0 > 0.0)).then_some(Tiers { tiers })
+    }
+
+    fn sink(&self) -> (f64, usize) {
+        *self.tiers.last().expect("non-empty")
+    }
+
+    fn ahead_of_sink(&self) -> &[(f64, usize)] {
+        &self.tiers[..self.tiers.len() - 1]
+    }
+}
+
+/// Bins of the knapsack: GPUs first, then the tiers ahead of the sink.
+struct Bins {
+    /// (device, capacity, saving per byte).
+    bins: Vec<(usize, u64, f64)>,
+    gpu_bins: usize,
+    /// What the GPUs together can hold of the free units.
+    gpu_total: u64,
+}
+
+fn bins(
+    inst: &Instance,
+    units: &BoundUnits,
+    gpu_rows: &[usize],
+    tiers: &Tiers,
+    main: usize,
+    reserve: u64,
+) -> Bins {
+    let (sink_rate, _) = tiers.sink();
+    let mut bins: Vec<(usize, u64, f64)> = gpu_rows
+        .iter()
+        .map(|&g| {
+            let room = gpu_room(inst, units, g);
+            let cap = if g == main {
+                room.saturating_sub(reserve)
+            } else {
+                room
+            };
+            (g, cap, sink_rate)
+        })
+        .collect();
+    let gpu_total = bins.iter().map(|b| b.1).sum();
+    let gpu_caps: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
+    let mut before = gpu_caps;
+    for &(r, b) in tiers.ahead_of_sink() {
+        // A tier ahead of the sink keeps room for the largest unit the sink streams through it (the
+        // cpu for disk units): the forced minimum, or the largest unit pinned to the sink.
+        let cap = inst.caps[b];
+        let reserve = if Some(b) == inst.cpu {
+            let pinned_disk = inst.disk.map_or(0, |d| {
+                units
+                    .pinned_to(d)
+                    .map(|i| inst.stream_buffer(i))
+                    .max()
+                    .unwrap_or(0)
+            });
+            forced_reserve(inst, before + cap).max(pinned_disk)
+        } else {
+            0
+        };
+        let pinned: u64 = units.pinned_to(b).map(|i| inst.unit_bytes_on(i, b)).sum();
+        bins.push((b, cap.saturating_sub(reserve + pinned), sink_rate - r));
+        before += cap;
+    }
+    Bins {
+        bins,
+        gpu_bins: gpu_rows.len(),
+        gpu_total,
+    }
+}
+
+/// The big size classes the knapsack tracks exactly (at most 4, at most 5,000 states).
+fn big_classes(classes: &[(u64, u64)], smallest_cap: u64) -> Vec<(u64, u64)> {
+    let mut big: Vec<(u64, u64)> = Vec::new();
+    let mut states = 1u64;
+    for &(size, count) in classes {
+        if big.len() == 4 || size.saturating_mul(100) < smallest_cap || states * (count + 1) > 5_000
+        {
+            break;
+        }
+        states *= count + 1;
+        big.push((size, count));
+    }
+    big
+}
+
+/// The knapsack at one level: `sink_rate × free bytes − the largest saving`.
+fn pack(
+    inst: &Instance,
+    units: &BoundUnits,
+    bins: &Bins,
+    tiers: &Tiers,
+    level: Level,
+    free_bytes: u64,
+) -> (f64, Option<Packing>) {
+    let (sink_rate, sink) = tiers.sink();
+    let sizes: Vec<(usize, u64)> = units.free().map(|i| (i, streamed_size(inst, i))).collect();
+    let classes = size_classes(&sizes.iter().map(|s| s.1).collect::<Vec<_>>());
+    let smallest_cap = (bins.bins.iter().map(|b| b.1))
+        .filter(|&c| c > 0)
+        .min()
+        .unwrap_or(0);
+    let big = big_classes(&classes, smallest_cap);
+    // A class must stay on GPUs when every unit of it buffers more than the level allows streaming.
+    let gpu_only: Vec<bool> = big
+        .iter()
+        .map(|(size, _)| {
+            (sizes.iter().filter(|s| s.1 == *size))
+                .all(|s| inst.stream_buffer(s.0) > level.gpu_only_above)
+        })
+        .collect();
+    let knap = Knapsack::new(&big);
+    let Some((big_saving, quotas)) = knap.solve(bins, &gpu_only) else {
+        return (f64::INFINITY, None); // this level admits no placement
+    };
+    let big_total: u64 = big.iter().map(|(s, c)| s * c).sum();
+    let fluid = free_bytes - big_total;
+    let best_rate = bins.bins.iter().map(|b| b.2).fold(0.0, f64::max);
+    let gpu_caps: u64 = bins.bins[..bins.gpu_bins].iter().map(|b| b.1).sum();
+    let cap_saving: f64 = sink_rate * gpu_caps.min(bins.gpu_total) as f64
+        + (bins.bins[bins.gpu_bins..].iter())
+            .map(|(_, c, s)| *c as f64 * s)
+            .sum::<f64>();
+    let saving = (big_saving + fluid as f64 * best_rate).min(cap_saving);
+    let packing = Packing {
+        bins: bins.bins.iter().map(|b| b.0).collect(),
+        classes: big.iter().map(|(size, _)| *size).collect(),
+        quotas,
+        sink,
+    };
+    (
+        (sink_rate * free_bytes as f64 - saving).max(0.0),
+        Some(packing),
+    )
+}
+
+/// An exact multiple knapsack over a few size classes: states are count vectors (mixed radix).
+struct Knapsack {
+    big: Vec<(u64, u64)>,
+    vectors: Vec<Vec<u64>>,
+}
+
+impl Knapsack {
+    fn new(big: &[(u64, u64)]) -> Knapsack {
+        let radix: Vec<u64> = big.iter().map(|(_, c)| c + 1).collect();
+        let n_states = radix.iter().product::<u64>().max(1) as usize;
+        let vectors = (0..n_states)
+            .map(|mut idx| {
+                radix
+                    .iter()
+                    .map(|&r| {
+                        let v = idx as u64 % r;
+                        idx /= r as usize;
+                        v
+                    })
+                    .collect()
+            })
+            .collect();
+        Knapsack {
+            big: big.to_vec(),
+            vectors,
+        }
+    }
+
+    fn encode(&self, v: &[u64]) -> usize {
+        (self.big.iter().zip(v).rev()).fold(0usize, |acc, ((_, c), &x)| {
+            acc * (*c as usize + 1) + x as usize
+        })
+    }
+
+    fn bytes_of(&self, v: &[u64]) -> u64 {
+        v.iter().zip(&self.big).map(|(c, (s, _))| c * s).sum()
+    }
+
+    /// The packings of one bin that matter: maximal ones (sums are clamped to the class counts,
+    /// which covers every smaller packing, as the saving grows with the bytes placed).
+    fn maximal_fits(&self, cap: u64) -> Vec<usize> {
+        (0..self.vectors.len())
+            .filter(|&i| {
+                let v = &self.vectors[i];
+                let bytes = self.bytes_of(v);
+                bytes <= cap
+                    && (self.big.iter().zip(v))
+                        .all(|((size, count), x)| x == count || bytes + size > cap)
+            })
+            .collect()
+    }
+
+    /// The largest saving and, per bin, the class counts that give it; `None` when no state
+    /// leaves every GPU-only class on the GPUs.
+    fn solve(&self, bins: &Bins, gpu_only: &[bool]) -> Option<(f64, Vec<Vec<u64>>)> {
+        let n_states = self.vectors.len();
+        let mut best = vec![f64::NEG_INFINITY; n_states];
+        best[0] = 0.0;
+        // back[bin][state] = the state before this bin (for reconstructing the packing).
+        let mut back: Vec<Vec<usize>> = Vec::with_capacity(bins.bins.len());
+        for (bin, &(_, cap, saving)) in bins.bins.iter().enumerate() {
+            if bin == bins.gpu_bins {
+                self.drop_incomplete(&mut best, gpu_only);
+            }
+            let (next, from) = self.add_bin(&best, cap, saving);
+            best = next;
+            back.push(from);
+        }
+        if bins.bins.len() == bins.gpu_bins {
+            self.drop_incomplete(&mut best, gpu_only);
+        }
+        let (mut state, saving) = (best.iter().copied().enumerate())
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .filter(|(_, v)| v.is_finite())?;
+        let mut quotas = vec![Vec::new(); bins.bins.len()];
+        for bin in (0..bins.bins.len()).rev() {
+            let prev = back[bin][state];
+            quotas[bin] = (self.vectors[state].iter().zip(&self.vectors[prev]))
+                .map(|(a, b)| a - b)
+                .collect();
+            state = prev;
+        }
+        Some((saving, quotas))
+    }
+
+    /// One more bin: (best saving per state, the state each came from).
+    fn add_bin(&self, best: &[f64], cap: u64, saving: f64) -> (Vec<f64>, Vec<usize>) {
+        let fits = self.maximal_fits(cap);
+        let mut next = best.to_vec(); // an empty bin
+        let mut from: Vec<usize> = (0..best.len()).collect();
+        for st in (0..best.len()).filter(|&st| best[st].is_finite()) {
+            for &f in &fits {
+                let sum: Vec<u64> = (self.vectors[st].iter().zip(&self.vectors[f]).zip(&self.big))
+                    .map(|((a, b), (_, c))| (a + b).min(*c))
+                    .collect();
+                let added = self.bytes_of(&sum) - self.bytes_of(&self.vectors[st]);
+                let v = best[st] + saving * added as f64;
+                let t = self.encode(&sum);
+                if v > next[t] {
+                    next[t] = v;
+                    from[t] = st;
+                }
+            }
+        }
+        (next, from)
+    }
+
+    /// Past the GPU bins, states that left a GPU-only class incomplete are dropped.
+    fn drop_incomplete(&self, best: &mut [f64], gpu_only: &[bool]) {
+        for (st, v) in best.iter_mut().enumerate() {
+            let full = (self.vectors[st].iter().zip(&self.big).zip(gpu_only))
+                .all(|((x, (_, c)), f)| !f || x == c);
+            if !full {
+                *v = f64::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// A placement that follows the packing bound's per-device class counts: units in chain order take
+/// the first device (GPUs first, from the current one on) with quota left for their size class;
+/// small units stay with the device before them; what is left goes to the sink. The result is
+/// repaired and polished by the caller; `None` if it does not fit.
+// Index loops: units are addressed by index in every per-unit table of the instance.
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<usize>> {
+    let n = inst.n();
+    let mut quotas = packing.quotas.clone();
+    let mut a = vec![packing.sink; n];
+    let mut current = 0usize;
+    for i in 0..n {
+        let w = streamed_size(inst, i);
+        let allowed = |b: usize| inst.allowed[i][b];
+        if !allowed(packing.sink) {
+            // A pinned unit goes to its pin.
+            a[i] = (0..inst.devices.len()).find(|&b| allowed(b))?;
+            continue;
+        }
+        match packing.classes.iter().position(|&c| c == w) {
+            Some(c) => {
+                let order = (current..quotas.len()).chain(0..current);
+                if let Some(bin) = order
+                    .into_iter()
+                    .find(|&bin| quotas[bin][c] > 0 && allowed(packing.bins[bin]))
+                {
+                    quotas[bin][c] -= 1;
+                    a[i] = packing.bins[bin];
+                    if inst.devices[a[i]].is_gpu() {
+                        current = bin;
+                    }
+                }
+            }
+            None => {
+                let here = packing.bins.get(current).copied().unwrap_or(packing.sink);
+                a[i] = if allowed(here) { here } else { packing.sink };
+            }
+        }
+    }
+    if inst.feasible(&a) {
+        return Some(a);
+    }
+    // Small units may not fit where they were put: send them to the sink and let the repair place them.
+    for i in 0..n {
+        let w = streamed_size(inst, i);
+        if !packing.classes.contains(&w) && inst.allowed[i][packing.sink] {
+            a[i] = packing.sink;
+        }
+    }
+    inst.feasible(&a).then_some(a)
+}

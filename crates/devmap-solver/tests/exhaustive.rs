@@ -1,0 +1,424 @@
+//! `auto`, its lower bound and the contiguous DP against exhaustive enumeration on small random
+//! instances (≤ 8 units × 3 devices) over every option: KV cache, pins to each device kind, unequal
+//! topologies and host links, the throughput objective, reserves, tied weights, 0-byte and tiny
+//! GPUs.
+//!
+//! The enumeration is an independent brute force over every assignment of units to devices: an
+//! assignment's main device is the lowest GPU it uses (accelerate's rule), its memory is checked
+//! by that main device's instance (`Instance::feasible`), and the optimum is scored again by the
+//! core cost model on the map it emits. `auto` plans with a zero gap, so its objective must equal
+//! the optimum; every bound must be at most the optimum.
+
+use devmap_core::cost::{Link, Objective, Topology};
+use devmap_core::{
+    CostModel, DType, Device, DeviceMap, KvCacheSpec, MemoryBudgets, Model, ModelBuilder,
+    ModelConfig, SizeRules,
+};
+use devmap_solver::auto::{bound_holds, lower_bound, main_candidates};
+use devmap_solver::instance::Instance;
+use devmap_solver::{dp, Auto, AutoOptions, PlanRequest, Strategy};
+
+/// xorshift64*: a seeded generator, so a failure names its case and replays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    /// A log-uniform size in [lo, hi).
+    fn size(&mut self, lo: u64, hi: u64) -> u64 {
+        let (a, b) = ((lo as f64).ln(), (hi as f64).ln());
+        let u = self.below(1 << 20) as f64 / (1u64 << 20) as f64;
+        (a + (b - a) * u).exp() as u64
+    }
+}
+
+/// One random case: a model, budgets and `auto`'s options.
+struct Case {
+    model: Model,
+    budgets: MemoryBudgets,
+    options: AutoOptions,
+    what: String,
+}
+
+const KV_HEADS: u64 = 2;
+const HEAD_DIM: u64 = 16;
+
+/// A chain: an embedding, 1–6 decoder layers (no-split, charged a KV cache), a head (tied to the
+/// embedding at times). Unit sizes span kilobytes (device changes dominate) to megabytes
+/// (streaming dominates).
+fn random_model(rng: &mut Rng) -> Model {
+    let layers = 1 + rng.below(6);
+    let scale = if rng.chance(50) { 4 << 10 } else { 8 << 20 };
+    let elems = |rng: &mut Rng| rng.size(64, scale) / 2;
+    let embed = elems(rng).max(64);
+    let mut b = ModelBuilder::new("exhaustive")
+        .hidden_size(Some(64))
+        .module("model.embed_tokens", "Embedding")
+        .param("model.embed_tokens.weight", DType::F16, &[embed]);
+    for i in 0..layers {
+        b = b.module(format!("model.layers.{i}"), "DecoderLayer").param(
+            format!("model.layers.{i}.w"),
+            DType::F16,
+            &[elems(rng)],
+        );
+    }
+    let tied = rng.chance(15);
+    b = b.module("lm_head", "Linear").param(
+        "lm_head.weight",
+        DType::F16,
+        &[if tied { embed } else { elems(rng) }],
+    );
+    if tied {
+        b = b.tied(vec![
+            "model.embed_tokens.weight".into(),
+            "lm_head.weight".into(),
+        ]);
+    }
+    let config = serde_json::json!({
+        "num_hidden_layers": layers,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+    });
+    b.no_split_classes(vec!["DecoderLayer".into()])
+        .config(Some(ModelConfig { raw: config }))
+        .build()
+        .unwrap()
+}
+
+/// Budgets as fractions of the model size `s`: three devices with a budget (2 GPUs + cpu, GPU +
+/// cpu + disk, or 2 GPUs + disk), GPU 0 sometimes tiny or 0 bytes (then GPU 1 must be the main
+/// device), sometimes a 4th device with 0 bytes.
+fn random_budgets(rng: &mut Rng, s: u64) -> MemoryBudgets {
+    let frac = |rng: &mut Rng, lo: u64, hi: u64| s * (lo + rng.below(hi - lo)) / 100;
+    let gpu = |rng: &mut Rng| match rng.below(10) {
+        0 => s / 20, // the "GPU 0 too small" regime
+        1 => 0,
+        _ => frac(rng, 10, 110),
+    };
+    let mut pairs = vec![(Device::Gpu(0), gpu(rng))];
+    match rng.below(3) {
+        0 => pairs.extend([
+            (Device::Gpu(1), frac(rng, 10, 110)),
+            (Device::Cpu, frac(rng, 20, 200)),
+        ]),
+        1 => pairs.extend([
+            (Device::Cpu, frac(rng, 10, 120)),
+            (Device::Disk, frac(rng, 50, 300)),
+        ]),
+        _ => pairs.extend([
+            (Device::Gpu(1), frac(rng, 10, 110)),
+            (Device::Disk, frac(rng, 50, 300)),
+        ]),
+    }
+    if pairs[0].1 == 0 || rng.chance(10) {
+        // A 0-byte GPU never holds anything and is never the main device.
+        pairs.push((Device::Gpu(2), 0));
+    }
+    MemoryBudgets::new(pairs).unwrap()
+}
+
+fn unequal_topology(rng: &mut Rng) -> Topology {
+    let mut t = Topology::default();
+    for g in 0..2u32 {
+        let bw = [0.5e12, 1e12, 3e12][rng.below(3) as usize];
+        let host = Link {
+            bandwidth: [8e9, 25e9, 50e9][rng.below(3) as usize],
+            latency: [2e-6, 10e-6, 40e-6][rng.below(3) as usize],
+        };
+        t.gpus.insert(
+            g,
+            devmap_core::cost::GpuProfile {
+                name: format!("gpu{g}"),
+                memory_bandwidth: bw,
+                host_link: Some(host),
+            },
+        );
+    }
+    t.peer_links.insert(
+        "0-1".into(),
+        Link {
+            bandwidth: 100e9,
+            latency: 3e-6,
+        },
+    );
+    t.disk_read_bandwidth = [2e9, 5e9, 20e9][rng.below(3) as usize];
+    t
+}
+
+fn random_case(seed: u64) -> Case {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let model = random_model(&mut rng);
+    let s = model.total_bytes(SizeRules::default());
+    let budgets = random_budgets(&mut rng, s);
+    let mut options = AutoOptions {
+        mip_rel_gap: 0.0,
+        ..AutoOptions::default()
+    };
+    let mut what = Vec::new();
+    if rng.chance(35) {
+        // A KV cache of one layer between a tenth and twice a typical unit.
+        let per_token = 2 * KV_HEADS * HEAD_DIM * 2;
+        let seq = (rng.size(s / 40 + 1, s / 3 + 2) / per_token).max(1);
+        options = options.kv_cache(Some(KvCacheSpec {
+            batch: 1,
+            seq,
+            dtype: None,
+        }));
+        what.push(format!("kv seq={seq}"));
+    }
+    if rng.chance(30) {
+        let with_budget: Vec<Device> = budgets
+            .iter()
+            .filter(|b| b.bytes > 0)
+            .map(|b| b.device)
+            .collect();
+        let device = with_budget[rng.below(with_budget.len() as u64) as usize];
+        let layers = model.modules().iter().filter(|m| m.no_split).count() as u64;
+        let key = match rng.below(3) {
+            0 => "model.embed_tokens".to_string(),
+            1 => "lm_head".to_string(),
+            _ => format!("model.layers.{}", rng.below(layers)),
+        };
+        what.push(format!("pin {key}={device}"));
+        options.pins.push((key, device));
+    }
+    if rng.chance(40) {
+        options.topology = unequal_topology(&mut rng);
+        what.push("unequal topology".into());
+    }
+    if rng.chance(25) {
+        options.objective = Objective::Throughput;
+        what.push("throughput".into());
+    }
+    if rng.chance(25) {
+        let b = budgets
+            .iter()
+            .nth(rng.below(budgets.len() as u64) as usize)
+            .unwrap();
+        let bytes = b.bytes / (2 + rng.below(8));
+        options.reserve.push((b.device, bytes));
+        what.push(format!("reserve {}={bytes}", b.device));
+    }
+    let what = format!(
+        "seed {seed}: budgets {:?}; {}",
+        budgets.to_json(),
+        what.join(", ")
+    );
+    Case {
+        model,
+        budgets,
+        options,
+        what,
+    }
+}
+
+/// The instance of each main device a plan can have (a world that cannot exist is left out).
+fn worlds(auto: &Auto, req: &PlanRequest<'_>) -> Vec<(Option<u32>, Instance)> {
+    main_candidates(req.budgets)
+        .into_iter()
+        .filter_map(|m| auto.instance_for_main(req, m).ok().map(|inst| (m, inst)))
+        .collect()
+}
+
+/// The optimum of one world by enumeration: (cost, assignment), `contiguous` restricting to
+/// device indices non-decreasing along the chain (the DP's domain).
+fn enumerate(inst: &Instance, contiguous: bool) -> Option<(f64, Vec<usize>)> {
+    let (n, k) = (inst.n(), inst.devices.len());
+    let mut a = vec![0usize; n];
+    let mut best: Option<(f64, Vec<usize>)> = None;
+    loop {
+        if (!contiguous || a.windows(2).all(|w| w[0] <= w[1])) && inst.feasible(&a) {
+            let c = inst.evaluate(&a);
+            if best.as_ref().is_none_or(|b| c < b.0) {
+                best = Some((c, a.clone()));
+            }
+        }
+        // Next assignment in base k.
+        let mut i = 0;
+        loop {
+            if i == n {
+                return best;
+            }
+            a[i] += 1;
+            if a[i] < k {
+                break;
+            }
+            a[i] = 0;
+            i += 1;
+        }
+    }
+}
+
+/// Brute force over every assignment of units to the devices with a budget: each assignment is
+/// judged in the world of its lowest GPU. Returns the optimum over plans that use a GPU when any
+/// exists (no avoidable offload), else over host-only plans, and each world's own optimum.
+#[allow(clippy::type_complexity)]
+fn brute_force(
+    worlds: &[(Option<u32>, Instance)],
+) -> (Option<(f64, Option<u32>, Vec<usize>)>, Vec<Option<f64>>) {
+    let per_world: Vec<Option<(f64, Vec<usize>)>> = worlds
+        .iter()
+        .map(|(_, inst)| enumerate(inst, false))
+        .collect();
+    let pick = |gpu: bool| {
+        worlds
+            .iter()
+            .zip(&per_world)
+            .filter(|((m, _), _)| m.is_some() == gpu)
+            .filter_map(|((m, _), o)| o.as_ref().map(|(c, a)| (*c, *m, a.clone())))
+            .min_by(|x, y| x.0.total_cmp(&y.0))
+    };
+    let best = pick(true).or_else(|| pick(false));
+    (
+        best,
+        per_world.into_iter().map(|o| o.map(|x| x.0)).collect(),
+    )
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) + 1e-15
+}
+
+/// Everything checked on one case; returns the failures.
+fn check_case(case: &Case) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut fail = |m: String| failures.push(format!("{}: {m}", case.what));
+    let req = PlanRequest::new(&case.model, &case.budgets);
+    let auto = Auto::new(case.options.clone());
+    let worlds = worlds(&auto, &req);
+    let (best, per_world) = brute_force(&worlds);
+    for ((m, inst), opt) in worlds.iter().zip(&per_world) {
+        // The combinatorial bound of every world is at most that world's optimum.
+        let lb = lower_bound(inst);
+        if let Some(opt) = opt {
+            if !bound_holds(lb, *opt) {
+                fail(format!("world {m:?}: lower bound {lb} > optimum {opt}"));
+            }
+        }
+        // The DP is exact on its domain (contiguous runs in device order, latency, no ties).
+        if inst.cost_model.objective == Objective::Latency && inst.ties.is_empty() {
+            let dp = dp::solve_contiguous(inst).map(|(a, c)| (c, a));
+            let exact = enumerate(inst, true);
+            match (&dp, &exact) {
+                (None, None) => {}
+                (Some((c, _)), Some((e, _))) if close(*c, *e) => {}
+                _ => fail(format!(
+                    "world {m:?}: DP {dp:?} != contiguous optimum {exact:?}"
+                )),
+            }
+        }
+    }
+    match (auto.plan(&req), best) {
+        (Err(_), None) => {}
+        (Err(e), Some((c, m, a))) => fail(format!(
+            "auto failed ({e}) but {a:?} on main {m:?} costs {c}"
+        )),
+        (Ok(plan), None) => fail(format!("auto planned {:?} where nothing fits", plan.map)),
+        (Ok(plan), Some((opt, m, a))) => {
+            let solve = plan.solve.clone().unwrap();
+            if !close(solve.objective_seconds, opt) {
+                fail(format!(
+                    "auto {} ({:?}, main {:?}) != optimum {opt} ({a:?}, main {m:?}); {}",
+                    solve.objective_seconds, plan.map, solve.main_gpu, solve.detail
+                ));
+            }
+            if !bound_holds(solve.bound_seconds, opt) {
+                fail(format!(
+                    "auto's bound {} > optimum {opt}",
+                    solve.bound_seconds
+                ));
+            }
+            if solve.status() != "optimal" {
+                fail(format!(
+                    "status {} with a zero gap target ({})",
+                    solve.status(),
+                    solve.detail
+                ));
+            }
+            // The independent scorer: the core cost model on the emitted map, main device taken
+            // from the map, agrees with the solver (the estimate is for the map accelerate runs).
+            let cm = CostModel::new(
+                &case.model,
+                &case.budgets.devices(),
+                case.options.topology.clone(),
+                case.options.objective,
+            );
+            let est = cm.evaluate(&case.model, &plan.map, plan.size_rules);
+            if !close(est.objective_seconds, solve.objective_seconds) {
+                fail(format!(
+                    "core estimate {} of {:?} != auto's objective {}",
+                    est.objective_seconds, plan.map, solve.objective_seconds
+                ));
+            }
+            let used = main_of(&plan.map);
+            if used != solve.main_gpu {
+                fail(format!(
+                    "map's main GPU {used:?} != reported {:?}",
+                    solve.main_gpu
+                ));
+            }
+            if used.is_some_and(|g| case.budgets.get(Device::Gpu(g)) == Some(0)) {
+                fail(format!("a 0-byte GPU is the main device: {:?}", plan.map));
+            }
+            // And the optimum's own map scores the same under the core model.
+            let (_, inst) = worlds.iter().find(|(w, _)| *w == m).unwrap();
+            let map = inst.to_map(&case.model, &a);
+            let est = cm
+                .evaluate(&case.model, &map, plan.size_rules)
+                .objective_seconds;
+            if !close(est, opt) {
+                fail(format!(
+                    "core estimate {est} of the optimum {map:?} != {opt}"
+                ));
+            }
+        }
+    }
+    failures
+}
+
+fn main_of(map: &DeviceMap) -> Option<u32> {
+    devmap_core::cost::main_gpu_of(map.entries().iter().map(|(_, d)| *d))
+}
+
+#[test]
+fn auto_and_its_bound_match_exhaustive_enumeration() {
+    let cases: u64 = std::env::var("DEVMAP_EXHAUSTIVE_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let mut failures = Vec::new();
+    let mut planned = 0;
+    for seed in 0..cases {
+        let case = random_case(seed);
+        // A debug assertion inside `auto` (a bound above a feasible objective) names its case.
+        let f = std::panic::catch_unwind(|| check_case(&case)).unwrap_or_else(|e| {
+            let why = (e.downcast_ref::<String>().cloned())
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            vec![format!("{}: panicked: {why}", case.what)]
+        });
+        if f.is_empty() {
+            planned += 1;
+        }
+        failures.extend(f);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures in {cases} cases:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(planned, cases);
+}
