@@ -1,8 +1,12 @@
 //! `auto`: the placement that minimises the cost model's objective under the memory rules.
 //!
-//! Steps: build the [`Instance`]; collect feasible starting points (Hugging Face's three greedy maps
-//! when they keep units whole and fit devmap's memory rules, and the contiguous DP optimum); run the
-//! MIP warm-started from the best of them; return the best plan found with HiGHS' bound and gap.
+//! accelerate's main device is the lowest GPU id the map uses, so `auto` solves one *world* per
+//! candidate main GPU ([`main_candidates`], [`Auto::instance_for_main`]), each pruned when its
+//! lower bound ([`crate::bound`]) cannot beat the best plan so far. In a world: collect feasible
+//! starting points (Hugging Face's greedy maps when they keep units whole and fit devmap's memory
+//! rules, the contiguous DP optimum, the bound's packing), certify the best by the bound or run the
+//! MIP warm-started from it, repair avoidable offload. The report carries the least bound over the
+//! worlds and a [`SolveStatus`].
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
