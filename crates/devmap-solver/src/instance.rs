@@ -2,7 +2,7 @@
 //! per-unit costs from the cost model, and the memory rules. Shared by the DP and the MIP, and by
 //! [`Instance::evaluate`], which is the single definition of "cost" and "feasible".
 
-use devmap_core::cost::{CostModel, Exec};
+use devmap_core::cost::{CostModel, Exec, UnitRead};
 use devmap_core::graph::{units, Unit};
 use devmap_core::{Device, DeviceMap, KvCacheSpec, MemoryBudgets, Model, SizeRules};
 
@@ -31,6 +31,8 @@ pub struct Instance {
     pub mem: Vec<u64>,
     /// Bytes each unit reads per step (tied duplicates included).
     pub read: Vec<u64>,
+    /// What each unit reads per step: bytes, tensors and modules (the cost model's input).
+    pub unit_reads: Vec<UnitRead>,
     /// KV-cache bytes each unit needs where it executes.
     pub kv: Vec<u64>,
     /// Candidate devices: GPUs by index, then cpu, then disk (only those with a budget).
@@ -148,6 +150,10 @@ impl Instance {
             .iter()
             .map(|u| u.tensors.iter().map(|&t| read_sizes[t]).sum())
             .collect();
+        let unit_reads: Vec<UnitRead> = units
+            .iter()
+            .map(|u| UnitRead::of(model, &u.tensors, &read_sizes))
+            .collect();
         let kv = kv_per_unit(model, &units, opts.kv_cache.as_ref())?;
 
         // Pins.
@@ -214,7 +220,7 @@ impl Instance {
             .map(|i| {
                 devices
                     .iter()
-                    .map(|&d| cost_model.unit_seconds(read[i], d))
+                    .map(|&d| cost_model.unit_seconds(unit_reads[i], d))
                     .collect()
             })
             .collect();
@@ -243,6 +249,7 @@ impl Instance {
             names,
             mem,
             read,
+            unit_reads,
             kv,
             devices,
             caps,
@@ -347,10 +354,10 @@ impl Instance {
 
     /// The objective value (seconds) of an assignment, exactly as the cost model estimates its map.
     pub fn evaluate(&self, a: &[usize]) -> f64 {
-        let steps: Vec<(Device, u64)> = a
+        let steps: Vec<(Device, UnitRead)> = a
             .iter()
             .enumerate()
-            .map(|(i, &b)| (self.devices[b], self.read[i]))
+            .map(|(i, &b)| (self.devices[b], self.unit_reads[i]))
             .collect();
         self.cost_model.estimate_steps(&steps).objective_seconds
     }
