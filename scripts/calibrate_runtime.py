@@ -114,7 +114,14 @@ def offload_hook_seconds(pageable_latency, n=TINY_MODULES, repeats=20):
     with torch.no_grad():
         t_gpu = timed_steps(lambda: resident(x), repeats)
     del resident
-    offloaded = dispatch_model(tiny_chain(n).eval(), device_map={str(i): "cpu" for i in range(n)}, main_device=torch.device(DEVICE))
+    # force_hooks: with every module on one device dispatch_model would otherwise just move the
+    # model there instead of hooking it.
+    offloaded = dispatch_model(
+        tiny_chain(n).eval(),
+        device_map={str(i): "cpu" for i in range(n)},
+        main_device=torch.device(DEVICE),
+        force_hooks=True,
+    )
     with torch.no_grad():
         t_cpu = timed_steps(lambda: offloaded(x), repeats)
     del offloaded
