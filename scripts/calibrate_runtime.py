@@ -6,10 +6,10 @@ on top of them is measured here, on GPU 0, and written to the topology's `runtim
 (docs/cost-model.md defines each field):
 
 - `eager_module_seconds`: the fixed time eager PyTorch spends per module with weights in one
-  batch-1 decode step, beyond reading those weights. Llama-shaped decoders of L1 and L2 layers
-  (random weights, built in GPU memory from the given config.json) decode one token at a time;
-  the slope of step time over layers, minus one layer's bytes at the GPU's memory bandwidth (from
-  the topology), divided by the modules of one layer.
+  batch-1 decode step, beyond reading those weights. Llama-shaped decoders of 2 and 10 layers
+  (random weights, built in GPU memory from the given config.json) decode one token at a time,
+  each timed twice, alternating, the fastest kept; at 10 layers, the step time minus all weight
+  bytes at the GPU's memory bandwidth (from the topology), over all modules with weights.
 - `offload_hook_seconds`: what accelerate's `AlignDevicesHook` costs per streamed module beyond
   the copy. A chain of N tiny bias-free Linear modules runs once fully on GPU 0 and once
   dispatched with every module on `cpu` (so accelerate copies each weight from pageable RAM on
@@ -74,28 +74,52 @@ def decoder_step_seconds(config, layers, context=64, repeats=30):
             model(input_ids=tok, past_key_values=past, use_cache=True)
 
         seconds = timed_steps(step, repeats)
-    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    layer_modules = sum(1 for m in model.model.layers[0].modules() if any(True for _ in m.parameters(recurse=False)))
+    layer_bytes, layer_modules = weights_and_modules(model.model.layers[0])
+    all_bytes, all_modules = weights_and_modules(model)
     del model, past, out
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return seconds, layer_bytes, layer_modules
+    # Outside the layers: embedding, final norm, head (devmap charges their whole bytes too).
+    outer = (all_bytes - layers * layer_bytes, all_modules - layers * layer_modules)
+    return seconds, layer_bytes, layer_modules, outer[0], outer[1]
 
 
-def eager_module_seconds(config, gpu_bandwidth, layers=DEFAULT_LAYERS):
-    """Eager per-module overhead from the slope of decode time over decoder layers."""
-    (t1, layer_bytes, modules), (t2, _, _) = (decoder_step_seconds(config, n) for n in layers)
-    per_layer = (t2 - t1) / (layers[1] - layers[0])
-    overhead = max(0.0, per_layer - layer_bytes / gpu_bandwidth) / modules
+def weights_and_modules(module):
+    """Bytes of `module`'s parameters, and how many of its modules own parameters directly."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    owners = sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
+    return total, owners
+
+
+def eager_module_seconds(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2):
+    """Eager per-module overhead: a decode step's time minus its weight reads at the GPU's
+    bandwidth, over the modules with weights, at the largest layer count.
+
+    Each layer count is timed `rounds` times, alternating, and the fastest kept: the first model
+    built in a process was measured 7x slower per step than later ones (cold GPU and libraries),
+    which made a slope over layer counts negative.
+    """
+    best = {}
+    for _ in range(rounds):
+        for n in layers:
+            t, layer_bytes, layer_modules, outer_bytes, outer_modules = decoder_step_seconds(config, n)
+            best[n] = min(best.get(n, t), t)
+    per_count = {}
+    for n, t in best.items():
+        read = n * layer_bytes + outer_bytes
+        modules = n * layer_modules + outer_modules
+        per_count[n] = max(0.0, t - read / gpu_bandwidth) / modules
     raw = {
         "layers": list(layers),
-        "step_seconds": [t1, t2],
-        "per_layer_seconds": per_layer,
+        "step_seconds": [best[n] for n in layers],
+        "per_module_seconds": [per_count[n] for n in layers],
         "layer_bytes": layer_bytes,
-        "modules_per_layer": modules,
+        "modules_per_layer": layer_modules,
+        "outer_bytes_read": outer_bytes,
+        "outer_modules": outer_modules,
         "gpu_bandwidth": gpu_bandwidth,
     }
-    return overhead, raw
+    return per_count[max(layers)], raw
 
 
 def tiny_chain(n, width=64):

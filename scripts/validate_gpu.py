@@ -112,7 +112,12 @@ def prepare_topology(args, cfg):
 
 def devmap_features(devmap):
     text = subprocess.run([devmap, "plan", "--help"], capture_output=True, text=True).stdout
-    return {"plan_json": "plan-json" in text, "workload": "--workload" in text}
+    check = subprocess.run([devmap, "check", "--help"], capture_output=True, text=True).stdout
+    return {
+        "plan_json": "plan-json" in text,
+        "workload": "--workload" in text,
+        "check_json": "--format" in check and "--topology" in check,
+    }
 
 
 # ---------------------------------------------------------------- planning
@@ -151,6 +156,26 @@ def plan_devmap(args, ckpt, topo, features, cap, prompt):
         "predicted_memory": None,
         "status": None,
     }
+
+
+def predict_hf(args, ckpt, topo, features, cap, prompt, device_map):
+    """devmap's estimate (ms/token) of Hugging Face's map: `devmap check --format json` when the
+    binary scores maps, else the `balanced (transformers)` row of `devmap compare` (devmap's
+    reproduction of device_map="auto", equal to it by the parity tests)."""
+    budgets = ["--max-memory", f"0={cap:g}GiB,cpu={args.cpu}", "--topology", topo]
+    budgets += workload_flags(features, prompt, args.new_tokens)
+    if features["check_json"]:
+        path = os.path.join(args.work, "hf_map.json")
+        with open(path, "w") as f:
+            json.dump(device_map, f)
+        r = subprocess.run([args.devmap, "check", ckpt, "--map", path, "--format", "json"] + budgets, capture_output=True, text=True)
+        try:
+            return json.loads(r.stdout).get("estimate_ms_per_token")
+        except ValueError:
+            return None
+    r = subprocess.run([args.devmap, "compare", ckpt] + budgets, capture_output=True, text=True)
+    m = re.search(r"^balanced \(transformers\)\s+([0-9.]+)", r.stdout, re.M)
+    return float(m.group(1)) if m else None
 
 
 def offloaded_bytes(model):
@@ -312,7 +337,11 @@ def run_cap(args, ckpt, topo, features, cap, order, done, started):
             log(f"deadline reached: skipping {strategy} at cap {cap:g}")
             continue
         if strategy == "hf":
-            rows += measure_map(args, ckpt, "hf", "auto", cap, todo)
+            measured = measure_map(args, ckpt, "hf", "auto", cap, todo)
+            for row in measured:
+                if "device_map" in row:
+                    row["predicted_ms_per_token"] = predict_hf(args, ckpt, topo, features, cap, row["prompt"], row["device_map"])
+            rows += measured
             continue
         groups, failed = devmap_cells(args, ckpt, topo, features, cap, todo)
         rows += failed

@@ -122,14 +122,14 @@ impl Default for Runtime {
 }
 
 /// Default [`Runtime::offload_hook_seconds`] (docs/cost-model.md gives the measurement).
-pub const DEFAULT_OFFLOAD_HOOK_SECONDS: f64 = 40e-6;
+pub const DEFAULT_OFFLOAD_HOOK_SECONDS: f64 = 110e-6;
 /// Default [`Runtime::eager_module_seconds`] (docs/cost-model.md gives the measurement).
-pub const DEFAULT_EAGER_MODULE_SECONDS: f64 = 60e-6;
+pub const DEFAULT_EAGER_MODULE_SECONDS: f64 = 68e-6;
 
 impl Default for Topology {
     /// Defaults (sources in docs/cost-model.md): a generic data-center GPU at 2.0 TB/s (between
     /// A100-80GB's 2.04 and H100-PCIe's 2.0 TB/s), PCIe 4.0 x16 host links at 25 GB/s sustained with
-    /// 10 µs per transfer from pinned memory, pageable copies at 6.2 GiB/s and 20 µs (measured,
+    /// 10 µs per transfer from pinned memory, pageable copies at 6.2 GiB/s and 7 µs (measured,
     /// H200), GPU peers over PCIe at 20 GB/s and 15 µs, host RAM at 50 GB/s, disk at 5 GB/s, and
     /// [`Runtime::default`].
     fn default() -> Self {
@@ -147,7 +147,7 @@ impl Default for Topology {
             },
             default_pageable_host_link: Link {
                 bandwidth: 6.2 * GIB,
-                latency: 20e-6,
+                latency: 7e-6,
             },
             peer_links: BTreeMap::new(),
             default_peer_link: Link {
