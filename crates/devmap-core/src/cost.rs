@@ -22,7 +22,7 @@ use crate::budget::Device;
 use crate::device_map::DeviceMap;
 use crate::error::{Error, Result};
 use crate::graph::units;
-use crate::model::{Model, ModuleId, SizeRules, TensorId};
+use crate::model::{Model, ModuleId, SizeRules, TensorId, TensorKind};
 use crate::validate::tensor_devices;
 
 /// A link's sustained bandwidth and fixed latency.
@@ -475,13 +475,23 @@ pub struct UnitRead {
 
 impl UnitRead {
     /// The read of `tensors` (ids into `model`), where `read[t]` is the bytes tensor `t` reads.
+    ///
+    /// Only parameters are counted as tensors and module owners: accelerate streams no buffers
+    /// (`offload_buffers=False`), and a buffer-only module (a rotary embedding) would otherwise
+    /// count or not depending on whether the source lists its non-persistent buffer (a manifest
+    /// does, a checkpoint does not).
     pub fn of(model: &Model, tensors: &[TensorId], read: &[u64]) -> UnitRead {
-        let mut owners: Vec<ModuleId> = tensors.iter().map(|&t| model.tensor(t).module).collect();
+        let params: Vec<TensorId> = tensors
+            .iter()
+            .copied()
+            .filter(|&t| model.tensor(t).kind == TensorKind::Param)
+            .collect();
+        let mut owners: Vec<ModuleId> = params.iter().map(|&t| model.tensor(t).module).collect();
         owners.sort_unstable();
         owners.dedup();
         UnitRead {
             bytes: tensors.iter().map(|&t| read[t]).sum(),
-            tensors: u32::try_from(tensors.len()).unwrap_or(u32::MAX),
+            tensors: u32::try_from(params.len()).unwrap_or(u32::MAX),
             modules: u32::try_from(owners.len()).unwrap_or(u32::MAX),
         }
     }
@@ -680,6 +690,8 @@ mod tests {
             .param("blk.q.weight", DType::F16, &[10])
             .param("blk.q.bias", DType::F16, &[2])
             .param("blk.k.weight", DType::F16, &[10])
+            .module("blk.rope", "Rotary")
+            .buffer("blk.rope.inv_freq", DType::F16, &[4])
             .build()
             .unwrap();
         let ids: Vec<TensorId> = (0..m.tensors().len()).collect();
@@ -688,7 +700,7 @@ mod tests {
         assert_eq!(
             r,
             UnitRead {
-                bytes: 2 * (10 + 2 + 10),
+                bytes: 2 * (10 + 2 + 10 + 4),
                 tensors: 3,
                 modules: 2
             }
