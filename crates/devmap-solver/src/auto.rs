@@ -546,6 +546,33 @@ fn streaming_extra(inst: &Instance, gpu_rows: &[usize], total: u64) -> (f64, Opt
         .unwrap_or((0.0, None))
 }
 
+/// The lowest extra seconds per byte over any set of units holding at least `min_bytes`: the
+/// cheapest fractional cover of `min_bytes` by units taken in order of extra seconds per byte,
+/// divided by `min_bytes` (the minimum per-byte rate when `min_bytes` is 0 or not reachable).
+/// Units' fixed costs (accelerate's copies and hooks) make small units dearer per byte, so with a
+/// single streamed device, where every placement streams at least `min_bytes`, this is tighter
+/// than the cheapest unit's rate and still a bound: cover cost over bytes grows with the bytes.
+fn cover_rate(mut per_unit: Vec<(f64, u64)>, min_bytes: u64) -> f64 {
+    per_unit.sort_by(|a, b| (a.0 / a.1 as f64).total_cmp(&(b.0 / b.1 as f64)));
+    let cheapest = per_unit
+        .first()
+        .map_or(f64::INFINITY, |&(e, r)| e / r as f64);
+    let available: u64 = per_unit.iter().map(|u| u.1).sum();
+    if min_bytes == 0 || available < min_bytes {
+        return cheapest;
+    }
+    let (mut left, mut cost) = (min_bytes, 0.0);
+    for (e, r) in per_unit {
+        let take = r.min(left);
+        cost += e * take as f64 / r as f64;
+        left -= take;
+        if left == 0 {
+            break;
+        }
+    }
+    cheapest.max(cost / min_bytes as f64)
+}
+
 /// How the packing bound filled the devices: per bin (a device) the count of each big size class.
 #[derive(Debug, Clone)]
 struct Packing {
@@ -570,17 +597,31 @@ fn streaming_extra_at(
     let streamed: Vec<usize> = (0..inst.devices.len())
         .filter(|&b| inst.is_streamed(b))
         .collect();
+    // Extra seconds of streaming unit i through device b instead of its cheapest GPU.
+    let extra = |i: usize, b: usize| -> f64 {
+        let gpu_min = gpu_rows
+            .iter()
+            .map(|&g| inst.cost[i][g])
+            .fold(f64::INFINITY, f64::min);
+        inst.cost[i][b] - gpu_min
+    };
+    let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
+    let kv_total: u64 = inst.kv.iter().sum();
+    // Every placement streams at least this many read bytes (read ≥ mem = w − kv per unit).
+    let min_streamed = total.saturating_sub(gpu_total).saturating_sub(kv_total);
     let rate = |b: usize| -> f64 {
-        (0..n)
+        let per_unit: Vec<(f64, u64)> = (0..n)
             .filter(|&i| inst.read[i] > 0)
-            .map(|i| {
-                let gpu_min = gpu_rows
-                    .iter()
-                    .map(|&g| inst.cost[i][g])
-                    .fold(f64::INFINITY, f64::min);
-                (inst.cost[i][b] - gpu_min) / inst.read[i] as f64
-            })
-            .fold(f64::INFINITY, f64::min)
+            .map(|i| (extra(i, b), inst.read[i]))
+            .collect();
+        if streamed.len() == 1 {
+            cover_rate(per_unit, min_streamed)
+        } else {
+            per_unit
+                .iter()
+                .map(|&(e, r)| e / r as f64)
+                .fold(f64::INFINITY, f64::min)
+        }
     };
     let mut tiers: Vec<(f64, usize)> = streamed
         .iter()
@@ -594,7 +635,6 @@ fn streaming_extra_at(
     let (sink_rate, sink) = *tiers.last().expect("non-empty");
     let mut bin_devices: Vec<usize> = gpu_rows.to_vec();
     bin_devices.extend(tiers[..tiers.len() - 1].iter().map(|t| t.1));
-    let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
     // Bins: (capacity, saving per byte).
     let mut bins: Vec<(u64, f64)> = gpu_rows
         .iter()
@@ -854,4 +894,20 @@ fn infeasible(model: &Model, inst: &Instance) -> Error {
         format_bytes(caps),
         largest
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cover_rate;
+
+    #[test]
+    fn cover_rate_takes_the_cheapest_bytes_first() {
+        // Per byte: 1.0 (10 bytes), 2.0 (10 bytes), 0.5 (4 bytes).
+        let units = vec![(10.0, 10), (20.0, 10), (2.0, 4)];
+        // 4 bytes at 0.5 + 10 at 1.0 + 2 at 2.0 = 16 s over 16 bytes.
+        assert_eq!(cover_rate(units.clone(), 16), 1.0);
+        // Nothing forced, or more than the units hold: the cheapest unit's rate.
+        assert_eq!(cover_rate(units.clone(), 0), 0.5);
+        assert_eq!(cover_rate(units, 100), 0.5);
+    }
 }
