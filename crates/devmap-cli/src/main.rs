@@ -17,6 +17,7 @@ use devmap_solver::{
     check_map, strategy_by_name, Auto, AutoOptions, Compat, Plan, PlanRequest, Strategy,
 };
 
+mod calibrate_cmd;
 mod devices_cmd;
 mod load_cmd;
 mod offload_cmd;
@@ -44,6 +45,8 @@ enum Command {
     Devices(devices_cmd::DevicesArgs),
     /// Load a checkpoint onto the devices a plan names (GPUs, pinned RAM) and report GB/s.
     Load(load_cmd::LoadArgs),
+    /// Measure this machine's copy rates and write a topology file for `plan --topology`.
+    Calibrate(calibrate_cmd::CalibrateArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -184,6 +187,7 @@ fn main() -> ExitCode {
         Command::Offload(args) => offload_cmd::run(args),
         Command::Devices(args) => devices_cmd::run(args),
         Command::Load(args) => load_cmd::run(args),
+        Command::Calibrate(args) => calibrate_cmd::run(args),
     };
     match result {
         Ok(code) => code,

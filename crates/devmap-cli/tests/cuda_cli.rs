@@ -129,3 +129,49 @@ fn load_fails_clearly_without_a_gpu_and_loads_with_one() {
         );
     }
 }
+
+#[test]
+fn calibrate_writes_a_topology_or_says_there_is_no_driver() {
+    let dir = std::env::temp_dir().join(format!("devmap-calibrate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out_file = dir.join("topology.json");
+    let out_arg = out_file.to_string_lossy().into_owned();
+    let out = devmap(&[
+        "calibrate",
+        "--out",
+        &out_arg,
+        "--bulk-mib",
+        "64",
+        "--pageable-mib",
+        "32",
+    ]);
+    no_panic(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if has_gpu() {
+        assert!(out.status.success(), "{stderr}");
+        let topo = devmap_core::Topology::read(&out_file).unwrap();
+        let measured = topo.gpus.get(&0).expect("GPU 0 is in the topology");
+        assert!(measured.pageable_host_link.is_some(), "{stderr}");
+        let plan = devmap(&[
+            "plan",
+            &example(),
+            "--max-memory",
+            "0=1MiB,cpu=1GiB",
+            "--topology",
+            &out_arg,
+        ]);
+        assert!(
+            plan.status.success(),
+            "{}",
+            String::from_utf8_lossy(&plan.stderr)
+        );
+    } else {
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("no CUDA driver found") || stderr.contains("no CUDA device"),
+            "{stderr}"
+        );
+        assert!(!out_file.exists(), "no topology is written without a GPU");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

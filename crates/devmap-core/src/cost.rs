@@ -1,9 +1,12 @@
 //! The cost model: the estimated time of one decode step (batch 1) when accelerate's runtime
 //! executes a device map. docs/cost-model.md explains every term and default.
 //!
-//! - A unit on a GPU reads its weights at that GPU's memory bandwidth.
-//! - A unit on `cpu` runs on the main GPU ([`main_gpu_of`]: the lowest GPU id the map uses), its weights streamed over that GPU's
-//!   host link on every step, then read there; `disk` adds the disk read before that.
+//! - A unit on a GPU reads its weights at that GPU's memory bandwidth, and pays eager PyTorch's
+//!   fixed cost for each module it runs ([`Runtime::eager_module_seconds`]).
+//! - A unit on `cpu` runs on the main GPU ([`main_gpu_of`]: the lowest GPU id the map uses).
+//!   accelerate copies its weights there on every step, one tensor at a time, from the state dict
+//!   in pageable RAM ([`Topology::stream_link`]), with a hook per module
+//!   ([`Runtime::offload_hook_seconds`]); `disk` adds the read through the page cache before that.
 //! - Each change of execution device between consecutive units moves the activation bytes over
 //!   the link between the two devices, plus the link's latency.
 //!
@@ -19,7 +22,7 @@ use crate::budget::Device;
 use crate::device_map::DeviceMap;
 use crate::error::{Error, Result};
 use crate::graph::units;
-use crate::model::{Model, SizeRules};
+use crate::model::{Model, ModuleId, SizeRules, TensorId, TensorKind};
 use crate::validate::tensor_devices;
 
 /// A link's sustained bandwidth and fixed latency.
@@ -39,9 +42,13 @@ pub struct GpuProfile {
     pub name: String,
     /// Memory bandwidth, bytes per second.
     pub memory_bandwidth: f64,
-    /// Link to the host (PCIe), used to stream cpu/disk-mapped weights.
+    /// Link to the host (PCIe) for copies from pinned memory (DMA at the link's speed).
     #[serde(default)]
     pub host_link: Option<Link>,
+    /// Link to the host for copies from pageable memory (the driver stages them through its own
+    /// pinned buffer): what accelerate's offloaded weights travel over.
+    #[serde(default)]
+    pub pageable_host_link: Option<Link>,
 }
 
 /// Device profiles and links. Defaults are in [`Topology::default`]; `--topology FILE` overrides them.
@@ -52,8 +59,10 @@ pub struct Topology {
     pub gpus: BTreeMap<u32, GpuProfile>,
     /// Profile of unlisted GPUs.
     pub default_gpu: GpuProfile,
-    /// Host link of GPUs that do not give one.
+    /// Pinned host link of GPUs that do not give one.
     pub default_host_link: Link,
+    /// Pageable host link of GPUs that do not give one.
+    pub default_pageable_host_link: Link,
     /// GPU-to-GPU links by `"a-b"` (symmetric); unlisted pairs use `default_peer_link`.
     #[serde(default)]
     pub peer_links: BTreeMap<String, Link>,
@@ -61,16 +70,68 @@ pub struct Topology {
     pub default_peer_link: Link,
     /// Host memory bandwidth (used only when no GPU exists and the cpu executes).
     pub cpu_memory_bandwidth: f64,
-    /// Disk read bandwidth, bytes per second.
+    /// Disk read bandwidth, bytes per second: accelerate reads offloaded tensors through the
+    /// page cache (`safe_open` + `get_tensor`, a copy), so a warm cache reads at memcpy speed.
     pub disk_read_bandwidth: f64,
+    /// Constants of the runtime that executes the map (accelerate's hooks, eager PyTorch).
+    #[serde(default)]
+    pub runtime: Runtime,
+}
+
+/// The host memory that offloaded weights are copied from on every step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffloadMemory {
+    /// Ordinary pageable RAM: accelerate keeps cpu-mapped weights in a plain state dict.
+    #[default]
+    Pageable,
+    /// Page-locked RAM (an engine that pins its offloaded weights, as `devmap load` does).
+    Pinned,
+}
+
+/// Constants of the runtime that executes a map, per module with direct tensors (accelerate
+/// hooks each such module and copies its tensors one by one). Missing fields take the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Runtime {
+    /// Where offloaded weights are copied from.
+    pub offload_memory: OffloadMemory,
+    /// Seconds of hook work per streamed module and step (accelerate's `AlignDevicesHook`
+    /// `pre_forward`/`post_forward`, beyond the copies themselves).
+    pub offload_hook_seconds: f64,
+    /// Seconds per executed module and step that eager PyTorch spends beyond reading the weights
+    /// (Python dispatch and kernel launches of batch-1 decode).
+    pub eager_module_seconds: f64,
+    /// Where these figures come from (a free-form note written by the calibration).
+    pub source: String,
 }
 
 const GB: f64 = 1e9;
+const GIB: f64 = (1u64 << 30) as f64;
+
+impl Default for Runtime {
+    /// Measured on one H200 with transformers 5.17 and accelerate 1.15 (docs/cost-model.md).
+    fn default() -> Self {
+        Runtime {
+            offload_memory: OffloadMemory::Pageable,
+            offload_hook_seconds: DEFAULT_OFFLOAD_HOOK_SECONDS,
+            eager_module_seconds: DEFAULT_EAGER_MODULE_SECONDS,
+            source: String::new(),
+        }
+    }
+}
+
+/// Default [`Runtime::offload_hook_seconds`] (docs/cost-model.md gives the measurement).
+pub const DEFAULT_OFFLOAD_HOOK_SECONDS: f64 = 110e-6;
+/// Default [`Runtime::eager_module_seconds`] (docs/cost-model.md gives the measurement).
+pub const DEFAULT_EAGER_MODULE_SECONDS: f64 = 68e-6;
 
 impl Default for Topology {
     /// Defaults (sources in docs/cost-model.md): a generic data-center GPU at 2.0 TB/s (between
     /// A100-80GB's 2.04 and H100-PCIe's 2.0 TB/s), PCIe 4.0 x16 host links at 25 GB/s sustained with
-    /// 10 µs per transfer, GPU peers over PCIe at 20 GB/s and 15 µs, host RAM at 50 GB/s, NVMe at 5 GB/s.
+    /// 10 µs per transfer from pinned memory, pageable copies at 6.2 GiB/s and 7 µs (measured,
+    /// H200), GPU peers over PCIe at 20 GB/s and 15 µs, host RAM at 50 GB/s, disk at 5 GB/s, and
+    /// [`Runtime::default`].
     fn default() -> Self {
         Topology {
             gpus: BTreeMap::new(),
@@ -78,10 +139,15 @@ impl Default for Topology {
                 name: "generic GPU".into(),
                 memory_bandwidth: 2000.0 * GB,
                 host_link: None,
+                pageable_host_link: None,
             },
             default_host_link: Link {
                 bandwidth: 25.0 * GB,
                 latency: 10e-6,
+            },
+            default_pageable_host_link: Link {
+                bandwidth: 6.2 * GIB,
+                latency: 7e-6,
             },
             peer_links: BTreeMap::new(),
             default_peer_link: Link {
@@ -90,6 +156,7 @@ impl Default for Topology {
             },
             cpu_memory_bandwidth: 50.0 * GB,
             disk_read_bandwidth: 5.0 * GB,
+            runtime: Runtime::default(),
         }
     }
 }
@@ -131,6 +198,21 @@ impl Topology {
         }
         positive("cpu_memory_bandwidth", self.cpu_memory_bandwidth)?;
         positive("disk_read_bandwidth", self.disk_read_bandwidth)?;
+        let non_negative = |what: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{what} must be a non-negative number, got {v}"))
+            }
+        };
+        non_negative(
+            "runtime.offload_hook_seconds",
+            self.runtime.offload_hook_seconds,
+        )?;
+        non_negative(
+            "runtime.eager_module_seconds",
+            self.runtime.eager_module_seconds,
+        )?;
         // Every link, not only the defaults: a zero bandwidth or a negative latency anywhere gives
         // infinite or negative times, which the MIP cannot use.
         let link = |what: &str, l: &Link| {
@@ -146,9 +228,16 @@ impl Topology {
         };
         link("default_host_link", &self.default_host_link)?;
         link("default_peer_link", &self.default_peer_link)?;
+        link(
+            "default_pageable_host_link",
+            &self.default_pageable_host_link,
+        )?;
         for (i, g) in &self.gpus {
             if let Some(l) = &g.host_link {
                 link(&format!("gpus.{i}.host_link"), l)?;
+            }
+            if let Some(l) = &g.pageable_host_link {
+                link(&format!("gpus.{i}.pageable_host_link"), l)?;
             }
         }
         for (k, l) in &self.peer_links {
@@ -169,12 +258,29 @@ impl Topology {
             .map_or(self.default_gpu.memory_bandwidth, |g| g.memory_bandwidth)
     }
 
-    /// Host link of GPU `i`.
+    /// Pinned host link of GPU `i` (DMA copies; activations to and from the host).
     pub fn host_link(&self, i: u32) -> Link {
         self.gpus
             .get(&i)
             .and_then(|g| g.host_link)
             .unwrap_or(self.default_host_link)
+    }
+
+    /// Pageable host link of GPU `i`.
+    pub fn pageable_host_link(&self, i: u32) -> Link {
+        self.gpus
+            .get(&i)
+            .and_then(|g| g.pageable_host_link)
+            .unwrap_or(self.default_pageable_host_link)
+    }
+
+    /// The link offloaded weights are streamed to GPU `i` over: pageable or pinned, as
+    /// [`Runtime::offload_memory`] says.
+    pub fn stream_link(&self, i: u32) -> Link {
+        match self.runtime.offload_memory {
+            OffloadMemory::Pageable => self.pageable_host_link(i),
+            OffloadMemory::Pinned => self.host_link(i),
+        }
     }
 
     /// Link between GPUs `a` and `b`.
@@ -282,24 +388,31 @@ impl CostModel {
         }
     }
 
-    /// Seconds to run a unit reading `bytes` of weights that are mapped to `device`.
-    pub fn unit_seconds(&self, bytes: u64, device: Device) -> f64 {
-        let b = bytes as f64;
+    /// Seconds to run a unit whose weights, mapped to `device`, are `read`.
+    pub fn unit_seconds(&self, read: UnitRead, device: Device) -> f64 {
+        let b = read.bytes as f64;
         let t = &self.topology;
+        let eager = f64::from(read.modules) * t.runtime.eager_module_seconds;
         let run_on_exec = match self.exec(device) {
             Exec::Gpu(i) => b / t.gpu_bandwidth(i),
             Exec::Cpu => b / t.cpu_memory_bandwidth,
         };
         let stream = match (device, self.main_gpu) {
-            (Device::Gpu(_), _) => 0.0,
-            (Device::Cpu, Some(m)) => b / t.host_link(m).bandwidth + t.host_link(m).latency,
-            (Device::Cpu, None) => 0.0,
-            (Device::Disk, Some(m)) => {
-                b / t.disk_read_bandwidth + b / t.host_link(m).bandwidth + t.host_link(m).latency
-            }
+            (Device::Gpu(_), _) | (Device::Cpu, None) => 0.0,
+            (Device::Cpu, Some(m)) => self.stream_seconds(read, m),
+            (Device::Disk, Some(m)) => b / t.disk_read_bandwidth + self.stream_seconds(read, m),
             (Device::Disk, None) => b / t.disk_read_bandwidth,
         };
-        run_on_exec + stream
+        run_on_exec + eager + stream
+    }
+
+    /// Seconds to copy an offloaded unit's weights to GPU `gpu` as accelerate does on every step:
+    /// one copy per tensor over the stream link, one hook per module.
+    fn stream_seconds(&self, read: UnitRead, gpu: u32) -> f64 {
+        let link = self.topology.stream_link(gpu);
+        read.bytes as f64 / link.bandwidth
+            + f64::from(read.tensors) * link.latency
+            + f64::from(read.modules) * self.topology.runtime.offload_hook_seconds
     }
 
     /// Seconds to move the activations from one execution device to another (0 if the same).
@@ -326,29 +439,33 @@ impl CostModel {
         let read = model.read_sizes(rules);
         let devices = tensor_devices(model, map);
         let fallback = self.main_gpu.map_or(Device::Cpu, Device::Gpu);
-        let mut steps: Vec<(Device, u64)> = Vec::new();
+        let mut steps: Vec<(Device, UnitRead)> = Vec::new();
         for unit in units(model) {
-            let mut groups: Vec<(Device, u64)> = Vec::new();
+            let mut groups: Vec<(Device, Vec<TensorId>)> = Vec::new();
             for &t in &unit.tensors {
                 let d = devices[t].unwrap_or(fallback);
                 match groups.iter_mut().find(|(g, _)| *g == d) {
-                    Some(g) => g.1 += read[t],
-                    None => groups.push((d, read[t])),
+                    Some(g) => g.1.push(t),
+                    None => groups.push((d, vec![t])),
                 }
             }
-            steps.extend(groups);
+            steps.extend(
+                groups
+                    .into_iter()
+                    .map(|(d, ts)| (d, UnitRead::of(model, &ts, &read))),
+            );
         }
         self.estimate_steps(&steps)
     }
 
-    /// Estimate a sequence of (device, bytes read) steps in execution order.
-    pub fn estimate_steps(&self, steps: &[(Device, u64)]) -> Estimate {
+    /// Estimate a sequence of (device, what the unit reads) steps in execution order.
+    pub fn estimate_steps(&self, steps: &[(Device, UnitRead)]) -> Estimate {
         let mut est = Estimate::default();
         let mut busy: BTreeMap<Exec, f64> = BTreeMap::new();
         let mut prev: Option<Exec> = None;
-        for &(device, bytes) in steps {
+        for &(device, read) in steps {
             let exec = self.exec(device);
-            let mut t = self.unit_seconds(bytes, device);
+            let mut t = self.unit_seconds(read, device);
             if let Some(p) = prev {
                 if p != exec {
                     est.device_changes += 1;
@@ -356,7 +473,7 @@ impl CostModel {
                 }
             }
             if matches!(device, Device::Cpu | Device::Disk) && self.main_gpu.is_some() {
-                est.streamed_bytes += bytes;
+                est.streamed_bytes += read.bytes;
             }
             *busy.entry(exec).or_default() += t;
             est.latency_seconds += t;
@@ -368,6 +485,42 @@ impl CostModel {
             Objective::Throughput => est.busiest_seconds,
         };
         est
+    }
+}
+
+/// What one unit reads on one device in a decode step: its weight bytes, and the tensors and
+/// modules holding them (accelerate copies an offloaded unit tensor by tensor, module by module).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnitRead {
+    /// Weight bytes read.
+    pub bytes: u64,
+    /// Tensors holding them.
+    pub tensors: u32,
+    /// Modules that own those tensors directly.
+    pub modules: u32,
+}
+
+impl UnitRead {
+    /// The read of `tensors` (ids into `model`), where `read[t]` is the bytes tensor `t` reads.
+    ///
+    /// Only parameters are counted as tensors and module owners: accelerate streams no buffers
+    /// (`offload_buffers=False`), and a buffer-only module (a rotary embedding) would otherwise
+    /// count or not depending on whether the source lists its non-persistent buffer (a manifest
+    /// does, a checkpoint does not).
+    pub fn of(model: &Model, tensors: &[TensorId], read: &[u64]) -> UnitRead {
+        let params: Vec<TensorId> = tensors
+            .iter()
+            .copied()
+            .filter(|&t| model.tensor(t).kind == TensorKind::Param)
+            .collect();
+        let mut owners: Vec<ModuleId> = params.iter().map(|&t| model.tensor(t).module).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        UnitRead {
+            bytes: tensors.iter().map(|&t| read[t]).sum(),
+            tensors: u32::try_from(params.len()).unwrap_or(u32::MAX),
+            modules: u32::try_from(owners.len()).unwrap_or(u32::MAX),
+        }
     }
 }
 
@@ -466,13 +619,25 @@ mod tests {
             .unwrap()
     }
 
+    /// Rates easy to compute by hand: 1 ms per module, 2 ms per hook, 3 ms per tensor copy.
+    fn hand_topology() -> Topology {
+        let mut t = Topology::default();
+        t.runtime.eager_module_seconds = 1e-3;
+        t.runtime.offload_hook_seconds = 2e-3;
+        t.default_pageable_host_link = Link {
+            bandwidth: 4e9,
+            latency: 3e-3,
+        };
+        t
+    }
+
     #[test]
-    fn cpu_units_stream_over_host_link() {
+    fn cpu_units_stream_from_pageable_memory_per_tensor_and_module() {
         let m = chain();
         let cm = CostModel::new(
             &m,
             &[Device::Gpu(0), Device::Cpu],
-            Topology::default(),
+            hand_topology(),
             Objective::Latency,
         );
         let mut all_gpu = DeviceMap::new();
@@ -486,9 +651,52 @@ mod tests {
         assert_eq!(e1.device_changes, 0);
         assert_eq!(e2.device_changes, 0, "cpu units execute on the main GPU");
         assert_eq!(e2.streamed_bytes, 2000);
-        let expected = 2000.0 / 2000e9 + 2000.0 / 2000e9 + 2000.0 / 25e9 + 10e-6;
+        // Two modules of 2000 bytes read at 2 TB/s, 1 ms of eager work each.
+        let gpu_only = 2.0 * (2000.0 / 2000e9 + 1e-3);
+        assert!((e1.latency_seconds - gpu_only).abs() < 1e-12);
+        // b also crosses the pageable link: 2000 B at 4 GB/s, one tensor copy, one hook.
+        let expected = gpu_only + 2000.0 / 4e9 + 3e-3 + 2e-3;
         assert!((e2.latency_seconds - expected).abs() < 1e-12);
-        assert!(e2.objective_seconds > e1.objective_seconds);
+        let pinned = Topology {
+            runtime: Runtime {
+                offload_memory: OffloadMemory::Pinned,
+                ..hand_topology().runtime
+            },
+            ..hand_topology()
+        };
+        let cm = CostModel {
+            topology: pinned,
+            ..cm
+        };
+        let e3 = cm.evaluate(&m, &half, SizeRules::default());
+        let expected = gpu_only + 2000.0 / 25e9 + 10e-6 + 2e-3;
+        assert!((e3.latency_seconds - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_unit_read_counts_tensors_and_their_modules() {
+        let m = ModelBuilder::new("t")
+            .module("blk", "Block")
+            .module("blk.q", "Linear")
+            .module("blk.k", "Linear")
+            .param("blk.q.weight", DType::F16, &[10])
+            .param("blk.q.bias", DType::F16, &[2])
+            .param("blk.k.weight", DType::F16, &[10])
+            .module("blk.rope", "Rotary")
+            .buffer("blk.rope.inv_freq", DType::F16, &[4])
+            .build()
+            .unwrap();
+        let ids: Vec<TensorId> = (0..m.tensors().len()).collect();
+        let read = m.read_sizes(SizeRules::default());
+        let r = UnitRead::of(&m, &ids, &read);
+        assert_eq!(
+            r,
+            UnitRead {
+                bytes: 2 * (10 + 2 + 10 + 4),
+                tensors: 3,
+                modules: 2
+            }
+        );
     }
 
     #[test]
@@ -512,17 +720,28 @@ mod tests {
         let e = cm.evaluate(&m, &map, SizeRules::default());
         // b executes on GPU 1 (accelerate's main device here), next to a: no device change.
         assert_eq!(e.device_changes, 0);
-        let expected = 2000.0 / 2000e9 + 2000.0 / 2000e9 + 2000.0 / 25e9 + 10e-6;
+        let both_on_gpu1 = cm.evaluate(&m, &{
+            let mut all = DeviceMap::new();
+            all.insert("a", Device::Gpu(1));
+            all.insert("b", Device::Gpu(1));
+            all
+        }, SizeRules::default());
+        // The only difference to the all-GPU-1 map is b's copy over GPU 1's pageable link.
+        let link = Topology::default().stream_link(1);
+        let hook = Topology::default().runtime.offload_hook_seconds;
+        let expected = both_on_gpu1.latency_seconds + 2000.0 / link.bandwidth + link.latency + hook;
         assert!((e.latency_seconds - expected).abs() < 1e-12);
     }
 
     #[test]
     fn device_changes_pay_the_link() {
         let m = chain();
+        let mut topology = Topology::default();
+        topology.runtime.eager_module_seconds = 0.0;
         let cm = CostModel::new(
             &m,
             &[Device::Gpu(0), Device::Gpu(1)],
-            Topology::default(),
+            topology,
             Objective::Latency,
         );
         let mut split = DeviceMap::new();
@@ -558,9 +777,23 @@ mod tests {
         assert_eq!(t.gpu_bandwidth(1), 1e12);
         assert_eq!(t.gpu_bandwidth(0), 2000e9);
         assert_eq!(t.peer_link(1, 0).bandwidth, 4.5e11);
+        assert_eq!(t.runtime, Runtime::default());
         std::fs::write(&p, r#"{"disk_read_bandwidth": -1}"#).unwrap();
         let e = Topology::read(&p).unwrap_err().to_string();
         assert!(e.contains("disk_read_bandwidth"), "{e}");
+        std::fs::write(
+            &p,
+            r#"{"runtime": {"eager_module_seconds": 5e-5}, "gpus": {"0": {"memory_bandwidth": 4.8e12, "pageable_host_link": {"bandwidth": 7e9, "latency": 2e-5}}}}"#,
+        )
+        .unwrap();
+        let t = Topology::read(&p).unwrap();
+        assert_eq!(t.runtime.eager_module_seconds, 5e-5);
+        assert_eq!(t.runtime.offload_hook_seconds, DEFAULT_OFFLOAD_HOOK_SECONDS);
+        assert_eq!(t.stream_link(0).bandwidth, 7e9);
+        assert_eq!(t.stream_link(1), t.default_pageable_host_link);
+        std::fs::write(&p, r#"{"runtime": {"offload_hook_seconds": -1}}"#).unwrap();
+        let e = Topology::read(&p).unwrap_err().to_string();
+        assert!(e.contains("runtime.offload_hook_seconds"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -155,6 +155,7 @@ pub fn topology(inv: &Inventory, measured_host: &[(u32, f64)]) -> Topology {
                 name: g.name.clone(),
                 memory_bandwidth: g.memory_bandwidth.unwrap_or(t.default_gpu.memory_bandwidth),
                 host_link: Some(host(g)),
+                pageable_host_link: None,
             },
         );
     }

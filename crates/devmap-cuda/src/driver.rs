@@ -115,6 +115,18 @@ pub(crate) fn bind(ctx: &CudaContext, gpu: u32) -> Result<()> {
         .map_err(|e| Error::driver("cuCtxSetCurrent", Some(gpu), e))
 }
 
+/// Let `ctx`'s GPU (`gpu`) access `peer`'s memory directly, as PyTorch does before copies between
+/// GPUs; "already enabled" is success.
+pub(crate) fn enable_peer_access(ctx: &CudaContext, gpu: u32, peer: &CudaContext) -> Result<()> {
+    bind(ctx, gpu)?;
+    // SAFETY: both contexts are live primary contexts; flags must be 0.
+    match unsafe { sys::cuCtxEnablePeerAccess(peer.cu_ctx(), 0) }.result() {
+        Ok(()) => Ok(()),
+        Err(e) if e.0 == CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(()),
+        Err(e) => Err(Error::driver("cuCtxEnablePeerAccess", Some(gpu), e)),
+    }
+}
+
 /// (free, total) bytes of the GPU whose context is `ctx`.
 pub(crate) fn mem_info(ctx: &CudaContext, gpu: u32) -> Result<(u64, u64)> {
     let (free, total) = ctx
@@ -312,6 +324,37 @@ impl Stream {
         sys::cuMemcpyDtoHAsync_v2(dst.cast::<c_void>(), src, len, self.raw)
             .result()
             .map_err(|e| self.copy_error("cuMemcpyDtoHAsync", e))
+    }
+
+    /// Queue a device-to-device copy of `len` bytes within this stream's GPU.
+    ///
+    /// # Safety
+    /// `src..src+len` and `dst..dst+len` must lie in live allocations of this GPU.
+    pub(crate) unsafe fn copy_dtod(
+        &self,
+        dst: sys::CUdeviceptr,
+        src: sys::CUdeviceptr,
+        len: usize,
+    ) -> Result<()> {
+        sys::cuMemcpyDtoDAsync_v2(dst, src, len, self.raw)
+            .result()
+            .map_err(|e| self.copy_error("cuMemcpyDtoDAsync", e))
+    }
+
+    /// Queue a copy of `len` bytes from another GPU's allocation into this one's.
+    ///
+    /// # Safety
+    /// `dst` must be a live allocation of `dst_ctx`'s GPU and `src` of `src_ctx`'s, each at least
+    /// `len` bytes long.
+    pub(crate) unsafe fn copy_peer(
+        &self,
+        (dst, dst_ctx): (sys::CUdeviceptr, &CudaContext),
+        (src, src_ctx): (sys::CUdeviceptr, &CudaContext),
+        len: usize,
+    ) -> Result<()> {
+        sys::cuMemcpyPeerAsync(dst, dst_ctx.cu_ctx(), src, src_ctx.cu_ctx(), len, self.raw)
+            .result()
+            .map_err(|e| self.copy_error("cuMemcpyPeerAsync", e))
     }
 
     fn copy_error(&self, call: &'static str, e: DriverError) -> Error {

@@ -8,6 +8,8 @@
 //! - [`load()`]: a checkpoint onto the devices a plan names, through pinned double-buffered staging
 //!   and one stream per GPU, all GPUs at once; [`LoadedModel::verify`] reads it back.
 //! - [`bench`](mod@bench): host-to-device bandwidth, the ceiling a load is judged against.
+//! - [`calibrate`](mod@calibrate): this machine's copy rates (pinned, pageable, peer, within a
+//!   GPU, the page cache) written into the cost model's topology (`devmap calibrate`).
 //!
 //! No CUDA toolkit is needed to build: cudarc loads libcuda at run time. Without a driver every
 //! entry point returns [`Error::DriverNotFound`] (never a panic); without a GPU,
@@ -49,6 +51,7 @@
 
 pub mod bench;
 pub mod budgets;
+pub mod calibrate;
 mod copy;
 pub mod discover;
 mod driver;

@@ -2,7 +2,7 @@
 //! per-unit costs from the cost model, and the memory rules. Shared by the DP and the MIP, and by
 //! [`Instance::evaluate`], which is the single definition of "cost" and "feasible".
 
-use devmap_core::cost::{CostModel, Exec};
+use devmap_core::cost::{CostModel, Exec, UnitRead};
 use devmap_core::graph::{units, Unit};
 use devmap_core::memory::{self, Workload, WorkloadMemory};
 use devmap_core::{Device, DeviceMap, MemoryBudgets, Model, SizeRules};
@@ -32,6 +32,8 @@ pub struct Instance {
     pub mem: Vec<u64>,
     /// Bytes each unit reads per step (tied duplicates included).
     pub read: Vec<u64>,
+    /// What each unit reads per step: bytes, tensors and modules (the cost model's input).
+    pub unit_reads: Vec<UnitRead>,
     /// KV-cache bytes each unit needs where it executes.
     pub kv: Vec<u64>,
     /// Bytes the main device holds while it streams the unit from cpu/disk (its largest
@@ -214,7 +216,7 @@ fn pinned_devices(
 /// transfer seconds between them, and the seconds of each unit on each device.
 type ExecTables = (Vec<Exec>, Vec<usize>, Vec<Vec<f64>>, Vec<Vec<f64>>);
 
-fn exec_tables(cost_model: &CostModel, devices: &[Device], read: &[u64]) -> ExecTables {
+fn exec_tables(cost_model: &CostModel, devices: &[Device], reads: &[UnitRead]) -> ExecTables {
     let mut execs: Vec<Exec> = Vec::new();
     let exec_of: Vec<usize> = devices
         .iter()
@@ -235,7 +237,7 @@ fn exec_tables(cost_model: &CostModel, devices: &[Device], read: &[u64]) -> Exec
                 .collect()
         })
         .collect();
-    let cost = read
+    let cost = reads
         .iter()
         .map(|&r| {
             devices
@@ -327,7 +329,11 @@ impl Instance {
             .map(|(r, f)| r.saturating_sub(*f))
             .collect();
         let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
-        let (execs, exec_of, trans, cost) = exec_tables(&cost_model, &devices, &read);
+        let unit_reads: Vec<UnitRead> = units
+            .iter()
+            .map(|u| UnitRead::of(model, &u.tensors, &read_sizes))
+            .collect();
+        let (execs, exec_of, trans, cost) = exec_tables(&cost_model, &devices, &unit_reads);
         let ties = tied_storages(model, &units, &sizes);
         Ok(Instance {
             main: devices.iter().position(|d| d.is_gpu()),
@@ -337,6 +343,7 @@ impl Instance {
             names,
             mem,
             read,
+            unit_reads,
             kv,
             stream,
             devices,
@@ -521,10 +528,10 @@ impl Instance {
 
     /// The objective value (seconds) of an assignment, exactly as the cost model estimates its map.
     pub fn evaluate(&self, a: &[usize]) -> f64 {
-        let steps: Vec<(Device, u64)> = a
+        let steps: Vec<(Device, UnitRead)> = a
             .iter()
             .enumerate()
-            .map(|(i, &b)| (self.devices[b], self.read[i]))
+            .map(|(i, &b)| (self.devices[b], self.unit_reads[i]))
             .collect();
         self.cost_model.estimate_steps(&steps).objective_seconds
     }

@@ -237,6 +237,11 @@ fn the_dp_adds_the_way_back_to_the_main_gpu_before_choosing() {
                 bandwidth: 50e9,
                 latency: 1e-6,
             }),
+            // accelerate streams offloaded weights over the pageable link: make it the fast one.
+            pageable_host_link: Some(Link {
+                bandwidth: 50e9,
+                latency: 1e-6,
+            }),
         },
     );
     let auto = Auto::new(AutoOptions::default().topology(topo));

@@ -143,6 +143,8 @@ fn unequal_topology(rng: &mut Rng) -> Topology {
                 name: format!("gpu{g}"),
                 memory_bandwidth: bw,
                 host_link: Some(host),
+                // The link offloaded weights cross under accelerate: unequal per GPU too.
+                pageable_host_link: Some(host),
             },
         );
     }
