@@ -11,9 +11,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use devmap_core::cost::{CostModel, KvCacheSpec, Objective, Topology};
 use devmap_core::{
-    format_bytes, load_model, validate, DType, Device, DeviceMap, MemoryBudgets, Model, SizeRules,
+    load_model, DType, Device, DeviceMap, MemoryBudgets, Model, Workload, WorkloadMemory,
 };
-use devmap_solver::{strategy_by_name, Auto, AutoOptions, Compat, Plan, PlanRequest, Strategy};
+use devmap_solver::{
+    check_map, strategy_by_name, Auto, AutoOptions, Compat, Plan, PlanRequest, Strategy,
+};
 
 mod devices_cmd;
 mod load_cmd;
@@ -57,7 +59,7 @@ struct ModelArgs {
     no_split: Vec<String>,
 }
 
-/// Options of the cost model and of `auto`.
+/// Options of the cost model and of the memory model (shared by `plan`, `compare`, `check`).
 #[derive(clap::Args, Debug, Clone)]
 struct CostArgs {
     /// Device profiles and links (JSON, see docs/cost-model.md); defaults otherwise.
@@ -69,9 +71,19 @@ struct CostArgs {
     /// Memory to keep free per device, `0=2GiB,cpu=8GiB` (accelerate's size syntax).
     #[arg(long, value_name = "SPEC")]
     reserve: Option<String>,
-    /// KV cache to make room for, charged per decoder layer where it executes: `batch=1,seq=4096[,dtype=bf16]`.
-    #[arg(long = "kv-cache", value_name = "SPEC")]
+    /// The workload to make room for: `batch=B,prompt=P,new=N[,dtype=D]` (default
+    /// `batch=1,prompt=2048,new=256`), or `none` for weights only. Its KV cache is charged where
+    /// each layer runs, its activations and the allocator allowance on every device that executes.
+    #[arg(long, value_name = "SPEC")]
+    workload: Option<String>,
+    /// Alias of `--workload batch=B,prompt=S,new=0`: `batch=1,seq=4096[,dtype=bf16]`.
+    #[arg(long = "kv-cache", value_name = "SPEC", conflicts_with = "workload")]
     kv_cache: Option<String>,
+}
+
+/// Options of `auto`'s search.
+#[derive(clap::Args, Debug, Clone)]
+struct SolveArgs {
     /// Fix a module or tensor to a device and let `auto` place the rest: `--pin lm_head=1`; repeatable.
     #[arg(long, value_name = "KEY=DEVICE")]
     pin: Vec<String>,
@@ -98,10 +110,13 @@ struct PlanArgs {
     strategy: String,
     #[command(flatten)]
     cost: CostArgs,
+    #[command(flatten)]
+    solve: SolveArgs,
     /// Reproduce a Hugging Face implementation exactly, including spilling to disk without a disk budget.
     #[arg(long, value_enum)]
     compat: Option<CompatArg>,
-    /// Output: a readable table, or accelerate's device-map dict as JSON (nothing else on stdout).
+    /// Output: a readable table; `json`, accelerate's device-map dict (for `from_pretrained`,
+    /// nothing else on stdout); `plan-json`, the map with its estimate, bound, status and memory.
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
 }
@@ -116,6 +131,18 @@ struct CheckArgs {
     /// Budgets to check the map against.
     #[arg(long = "max-memory", value_name = "SPEC")]
     max_memory: Option<String>,
+    #[command(flatten)]
+    cost: CostArgs,
+    /// Output: a readable report, or one JSON object (`valid`, `fits`, `estimate_ms_per_token`,
+    /// `problems`, `memory`).
+    #[arg(long, value_enum, default_value = "table")]
+    format: CheckFormat,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum CheckFormat {
+    Table,
+    Json,
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,6 +154,8 @@ struct CompareArgs {
     max_memory: Option<String>,
     #[command(flatten)]
     cost: CostArgs,
+    #[command(flatten)]
+    solve: SolveArgs,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -139,6 +168,7 @@ enum CompatArg {
 enum Format {
     Table,
     Json,
+    PlanJson,
 }
 
 fn parse_dtype(text: &str) -> Result<DType, String> {
@@ -188,7 +218,8 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
         CompatArg::Transformers => Compat::Transformers,
         CompatArg::Accelerate => Compat::Accelerate,
     });
-    let mut auto_options = auto_options(&args.cost, &model)?;
+    let (mut auto_options, workload) =
+        auto_options(&args.cost, Some(&args.solve), &model, args.model.dtype)?;
     if let (Some(t), None) = (discovered, &args.cost.topology) {
         auto_options.topology = t;
     }
@@ -201,27 +232,77 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
     let request = PlanRequest::new(&model, &budgets).with_dtype(args.model.dtype);
     let plan: Plan = strategy.plan(&request)?;
     let mut out = std::io::stdout().lock();
+    if args.format == Format::Json {
+        serde_json::to_writer(&mut out, &plan.map.to_json())?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let scored = check_map(
+        &model,
+        &plan.map,
+        Some(&budgets),
+        &auto_options,
+        args.model.dtype,
+    )?;
     match args.format {
-        Format::Json => {
-            serde_json::to_writer(&mut out, &plan.map.to_json())?;
+        Format::PlanJson => {
+            serde_json::to_writer(&mut out, &report::plan_json(&plan, &scored, &workload))?;
             writeln!(out)?;
         }
-        Format::Table => {
-            let cost_model = CostModel::new(
-                &model,
-                &budgets.devices(),
-                auto_options.topology.clone(),
-                auto_options.objective,
-            );
-            let estimate = cost_model.evaluate(&model, &plan.map, plan.size_rules);
-            let text = report::plan_table(&model, &plan, &budgets, compat, &estimate);
+        _ => {
+            let text = report::plan_table(&model, &plan, &budgets, compat, &scored, &workload);
             out.write_all(text.as_bytes())?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn auto_options(args: &CostArgs, model: &Model) -> Result<AutoOptions> {
+/// The workload a command charges, and how it was chosen (for the reports).
+pub struct WorkloadChoice {
+    /// The workload (`None`: weights only).
+    pub workload: Option<Workload>,
+    /// Where it came from: `--workload`, `--kv-cache`, the default, or why there is none.
+    pub origin: String,
+}
+
+/// The workload of `--workload` / `--kv-cache`, or the default one. `--dtype` is the dtype of KV
+/// and activations unless the spec names one. An explicit workload needs config.json; the
+/// default one is left out (and the reports say so) when the model has none.
+fn choose_workload(args: &CostArgs, model: &Model, dtype: Option<DType>) -> Result<WorkloadChoice> {
+    let (workload, origin) = match (&args.workload, &args.kv_cache) {
+        (Some(w), _) if w.trim() == "none" => (None, "--workload none".to_string()),
+        (Some(w), _) => (Some(Workload::parse(w)?), "--workload".to_string()),
+        (None, Some(kv)) => (
+            Some(Workload::from_kv_cache(&KvCacheSpec::parse(kv)?)),
+            "--kv-cache".to_string(),
+        ),
+        (None, None) => {
+            let w = Workload::default().or_dtype(dtype);
+            return Ok(match WorkloadMemory::new(model, &w) {
+                Ok(_) => WorkloadChoice {
+                    workload: Some(w),
+                    origin: "default; --workload to change".into(),
+                },
+                Err(e) => WorkloadChoice {
+                    workload: None,
+                    origin: format!("none: the default workload needs config.json ({e})"),
+                },
+            });
+        }
+    };
+    let workload = workload.map(|w| w.or_dtype(dtype));
+    if let Some(w) = &workload {
+        WorkloadMemory::new(model, w)?; // fail early: config.json missing, sizes overflowing
+    }
+    Ok(WorkloadChoice { workload, origin })
+}
+
+fn auto_options(
+    args: &CostArgs,
+    solve: Option<&SolveArgs>,
+    model: &Model,
+    dtype: Option<DType>,
+) -> Result<(AutoOptions, WorkloadChoice)> {
     let mut o = AutoOptions::default();
     if let Some(path) = &args.topology {
         o.topology = Topology::read(path)?;
@@ -235,31 +316,31 @@ fn auto_options(args: &CostArgs, model: &Model) -> Result<AutoOptions> {
             o.reserve.push((b.device, b.bytes));
         }
     }
-    if let Some(spec) = &args.kv_cache {
-        let kv = KvCacheSpec::parse(spec)?;
-        kv.bytes_per_layer(model)?; // fail early if config.json is missing
-        o.kv_cache = Some(kv);
-    }
-    for pin in &args.pin {
+    let workload = choose_workload(args, model, dtype)?;
+    o.workload = workload.workload;
+    let Some(solve) = solve else {
+        return Ok((o, workload));
+    };
+    for pin in &solve.pin {
         let Some((key, device)) = pin.rsplit_once('=') else {
             bail!("--pin {pin:?} is not KEY=DEVICE (for example lm_head=1)");
         };
         o.pins.push((key.to_string(), Device::parse(device)?));
     }
-    if !(args.time_limit.is_finite() && args.time_limit > 0.0) {
+    if !(solve.time_limit.is_finite() && solve.time_limit > 0.0) {
         bail!(
             "--time-limit {} must be a positive number of seconds",
-            args.time_limit
+            solve.time_limit
         );
     }
-    o.time_limit = Duration::from_secs_f64(args.time_limit);
-    Ok(o)
+    o.time_limit = Duration::from_secs_f64(solve.time_limit);
+    Ok((o, workload))
 }
 
 fn compare(args: CompareArgs) -> Result<ExitCode> {
     let model = read_model(&args.model)?;
     let (budgets, discovered) = read_budgets(args.max_memory.as_deref())?;
-    let mut options = auto_options(&args.cost, &model)?;
+    let (mut options, _) = auto_options(&args.cost, Some(&args.solve), &model, args.model.dtype)?;
     if let (Some(t), None) = (discovered, &args.cost.topology) {
         options.topology = t;
     }
@@ -308,38 +389,34 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         Some(s) => Some(MemoryBudgets::parse(s)?),
         None => None,
     };
-    let rules = SizeRules {
-        target_dtype: args.model.dtype,
-        bool_as_bits: false,
+    let (options, workload) = auto_options(&args.cost, None, &model, args.model.dtype)?;
+    let scored = check_map(&model, &map, budgets.as_ref(), &options, args.model.dtype)?;
+    let passed = scored.valid() && scored.fits;
+    let code = if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     };
-    let report = validate(&model, &map, budgets.as_ref(), rules);
-    let mut out = std::io::stdout().lock();
-    for (device, bytes) in &report.usage {
-        let budget = budgets.as_ref().and_then(|b| b.get(*device));
-        match budget {
-            Some(b) => writeln!(
-                out,
-                "{device:>6}: {} of {}",
-                format_bytes(*bytes),
-                format_bytes(b)
-            )?,
-            None => writeln!(out, "{device:>6}: {}", format_bytes(*bytes))?,
-        }
+    if args.format == CheckFormat::Json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, &report::check_json(&scored, &workload))?;
+        writeln!(out)?;
+        return Ok(code);
     }
-    for p in report.problems.iter().filter(|p| !p.is_error()) {
-        writeln!(out, "warning: {p}")?;
-    }
-    if report.is_valid() {
-        writeln!(
-            out,
-            "ok: {} covers all {} tensors",
+    print!("{}", report::check_table(&scored, &workload));
+    if passed {
+        println!(
+            "ok: {} covers all {} tensors and fits",
             args.map.display(),
             model.tensors().len()
-        )?;
-        return Ok(ExitCode::SUCCESS);
+        );
+        return Ok(code);
     }
-    drop(out);
-    let errors: Vec<String> = report.errors().map(|p| p.to_string()).collect();
+    let errors: Vec<String> = scored
+        .problems()
+        .into_iter()
+        .filter(|p| !p.starts_with("warning: "))
+        .collect();
     for e in &errors {
         eprintln!("error: {e}");
     }
@@ -349,5 +426,5 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         model.name,
         errors.len()
     );
-    Ok(ExitCode::FAILURE)
+    Ok(code)
 }

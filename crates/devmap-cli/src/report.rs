@@ -4,7 +4,10 @@ use std::fmt::Write;
 
 use devmap_core::cost::Estimate;
 use devmap_core::{format_bytes, Device, MemoryBudgets, Model};
-use devmap_solver::{Compat, Plan};
+use devmap_solver::{Compat, DeviceMemory, MapCheck, Plan};
+use serde_json::{json, Value};
+
+use crate::WorkloadChoice;
 
 const BAR: usize = 24;
 
@@ -14,8 +17,10 @@ pub fn plan_table(
     plan: &Plan,
     budgets: &MemoryBudgets,
     compat: Option<Compat>,
-    estimate: &Estimate,
+    scored: &MapCheck,
+    workload: &WorkloadChoice,
 ) -> String {
+    let estimate = &scored.estimate;
     let mut s = String::new();
     let total: u64 = model.tensor_sizes(plan.size_rules).iter().sum();
     let _ = writeln!(
@@ -57,6 +62,16 @@ pub fn plan_table(
                 estimate.device_changes,
                 format_bytes(estimate.streamed_bytes)
             );
+        }
+    }
+    let _ = writeln!(s, "{}", workload_line(workload));
+    if !scored.fits {
+        for p in scored
+            .problems()
+            .iter()
+            .filter(|p| p.starts_with("device "))
+        {
+            let _ = writeln!(s, "warning: under the memory model, {p}");
         }
     }
     let _ = writeln!(s);
@@ -107,17 +122,11 @@ pub fn plan_table(
         if let Some(cap) = planned_cap {
             units = format!("(balanced cap {}) {units}", format_bytes(cap));
         }
-        let reserved = plan
-            .solve
-            .as_ref()
-            .and_then(|sv| sv.overhead.get(&d))
-            .copied()
-            .unwrap_or(0);
-        if reserved > 0 {
-            units = format!(
-                "(+{} reserved: KV cache, streaming, --reserve) {units}",
-                format_bytes(reserved)
-            );
+        if let Some(m) = scored.memory.get(&d) {
+            let note = reserved_note(m);
+            if !note.is_empty() {
+                units = format!("({note}) {units}");
+            }
         }
         let _ = writeln!(
             s,
@@ -136,6 +145,130 @@ pub fn plan_table(
         format_bytes(cpu),
         format_bytes(disk)
     );
+    s
+}
+
+/// The workload line of the reports.
+fn workload_line(w: &WorkloadChoice) -> String {
+    match &w.workload {
+        Some(x) => format!("workload {x} ({})", w.origin),
+        None => format!("workload none ({}): weights only", w.origin),
+    }
+}
+
+/// `+4 GiB KV, +112 MiB streaming, ...`: what a device holds besides its weights.
+fn reserved_note(m: &DeviceMemory) -> String {
+    let parts: Vec<String> = [
+        ("KV", m.kv),
+        ("streaming", m.streaming),
+        ("activations", m.activations),
+        ("--reserve", m.reserve),
+    ]
+    .iter()
+    .filter(|(_, b)| *b > 0)
+    .map(|(what, b)| format!("+{} {what}", format_bytes(*b)))
+    .collect();
+    parts.join(", ")
+}
+
+/// The `memory` object of plan-json and check json: per device, each term in bytes.
+fn memory_json(scored: &MapCheck) -> Value {
+    let mut obj = serde_json::Map::new();
+    for (d, m) in &scored.memory {
+        obj.insert(
+            d.to_string(),
+            json!({
+                "weights": m.weights,
+                "streaming": m.streaming,
+                "kv": m.kv,
+                "activations": m.activations,
+                "reserve": m.reserve,
+                "total": m.total(),
+                "budget": m.budget,
+                "fits": m.fits,
+            }),
+        );
+    }
+    Value::Object(obj)
+}
+
+fn workload_json(w: &WorkloadChoice) -> Value {
+    match &w.workload {
+        Some(x) => json!({
+            "batch": x.batch,
+            "prompt": x.prompt,
+            "new": x.new_tokens,
+            "dtype": x.dtype.map(|d| d.safetensors_name()),
+        }),
+        None => Value::Null,
+    }
+}
+
+/// The status of a plan: `auto`'s solve status (`optimal`, `feasible`), `heuristic` for the other
+/// strategies.
+fn plan_status(plan: &Plan) -> &'static str {
+    plan.solve.as_ref().map_or("heuristic", |sv| sv.status())
+}
+
+/// `devmap plan --format plan-json`.
+pub fn plan_json(plan: &Plan, scored: &MapCheck, workload: &WorkloadChoice) -> Value {
+    json!({
+        "device_map": plan.map.to_json(),
+        "strategy": plan.strategy,
+        "estimate_ms_per_token": scored.estimate.objective_seconds * 1e3,
+        "lower_bound_ms_per_token": plan.solve.as_ref().map(|sv| sv.bound_seconds * 1e3),
+        "status": plan_status(plan),
+        "fits": scored.fits,
+        "workload": workload_json(workload),
+        "memory": memory_json(scored),
+    })
+}
+
+/// `devmap check --format json`.
+pub fn check_json(scored: &MapCheck, workload: &WorkloadChoice) -> Value {
+    json!({
+        "valid": scored.valid(),
+        "fits": scored.fits,
+        "estimate_ms_per_token": scored.estimate.objective_seconds * 1e3,
+        "problems": scored.problems(),
+        "workload": workload_json(workload),
+        "memory": memory_json(scored),
+    })
+}
+
+/// `devmap check`'s readable report: the workload, per device its terms against the budget, and
+/// the warnings (errors go to stderr).
+pub fn check_table(scored: &MapCheck, workload: &WorkloadChoice) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{}", workload_line(workload));
+    let _ = writeln!(
+        s,
+        "estimate {:.3} ms/token under devmap's cost model",
+        scored.estimate.objective_seconds * 1e3
+    );
+    for (d, m) in &scored.memory {
+        let budget = m.budget.map_or_else(|| "unbounded".into(), format_bytes);
+        let note = reserved_note(m);
+        let _ = writeln!(
+            s,
+            "{:>6}: {} of {budget}{}{}",
+            d.to_string(),
+            format_bytes(m.total()),
+            if note.is_empty() {
+                String::new()
+            } else {
+                format!(" (weights {}, {note})", format_bytes(m.weights))
+            },
+            if m.fits { "" } else { "  OVER BUDGET" }
+        );
+    }
+    for p in scored
+        .problems()
+        .iter()
+        .filter(|p| p.starts_with("warning: "))
+    {
+        let _ = writeln!(s, "{p}");
+    }
     s
 }
 

@@ -69,12 +69,15 @@ fn plan_without_max_memory_discovers_or_asks_for_budgets() {
             "{stderr}"
         );
     }
-    // Offline planning with explicit budgets never touches the driver.
+    // Offline planning with explicit budgets never touches the driver (weights only: 200 KiB GPUs
+    // have no room for the default workload's activations).
     let out = devmap(&[
         "plan",
         &example(),
         "--max-memory",
         "0=200KiB,1=200KiB,cpu=1GiB",
+        "--workload",
+        "none",
         "--format",
         "json",
     ]);

@@ -45,6 +45,58 @@ impl ModelConfig {
         self.lookup(keys).and_then(serde_json::Value::as_u64)
     }
 
+    fn lookup_bool(&self, key: &str) -> Option<bool> {
+        self.lookup(&[key]).and_then(serde_json::Value::as_bool)
+    }
+
+    /// Width of the MLP (`intermediate_size`, `d_ff`, `ffn_dim`, `n_inner`; else 4 × hidden, the
+    /// GPT-2/BLOOM/Falcon default).
+    pub fn intermediate_size(&self) -> Option<u64> {
+        self.lookup_u64(&["intermediate_size", "d_ff", "ffn_dim", "n_inner"])
+            .or_else(|| self.hidden_size().map(|h| h.saturating_mul(4)))
+    }
+    /// Vocabulary size (the width of the logits).
+    pub fn vocab_size(&self) -> Option<u64> {
+        self.lookup_u64(&["vocab_size"])
+    }
+    /// Whether the model is an encoder-decoder (its decoder layers also cache cross-attention).
+    pub fn is_encoder_decoder(&self) -> bool {
+        self.lookup_bool("is_encoder_decoder").unwrap_or(false)
+    }
+    /// Number of decoder layers of an encoder-decoder (`num_decoder_layers`, else `num_layers`).
+    pub fn num_decoder_layers(&self) -> Option<u64> {
+        self.lookup_u64(&["num_decoder_layers", "decoder_layers"])
+            .or_else(|| self.num_layers())
+    }
+    /// The latent width of multi-head latent attention (`kv_lora_rank`, DeepSeek-V2/V3) and its
+    /// rotary part (`qk_rope_head_dim`), when the model uses it.
+    pub fn latent_attention(&self) -> Option<(u64, u64)> {
+        let rank = self.lookup_u64(&["kv_lora_rank"])?;
+        Some((rank, self.lookup_u64(&["qk_rope_head_dim"]).unwrap_or(0)))
+    }
+    /// The attention window of sliding layers: `sliding_window` unless `use_sliding_window` is
+    /// false (Qwen2), or 0/null.
+    pub fn sliding_window(&self) -> Option<u64> {
+        if self.lookup_bool("use_sliding_window") == Some(false) {
+            return None;
+        }
+        self.lookup_u64(&["sliding_window"]).filter(|&w| w > 0)
+    }
+    /// The chunk of chunked-attention layers (`attention_chunk_size`, Llama 4).
+    pub fn attention_chunk_size(&self) -> Option<u64> {
+        self.lookup_u64(&["attention_chunk_size"])
+            .filter(|&w| w > 0)
+    }
+    /// `layer_types` (`full_attention`, `sliding_attention`, ...), when config.json lists them.
+    pub fn layer_types(&self) -> Option<Vec<String>> {
+        let list = self.lookup(&["layer_types"])?.as_array()?;
+        Some(
+            list.iter()
+                .map(|v| v.as_str().unwrap_or_default().to_string())
+                .collect(),
+        )
+    }
+
     /// Width of the hidden state (`hidden_size`, `n_embd`, `d_model`).
     pub fn hidden_size(&self) -> Option<u64> {
         self.lookup_u64(&["hidden_size", "n_embd", "d_model"])
@@ -58,8 +110,21 @@ impl ModelConfig {
         self.lookup_u64(&["num_attention_heads", "n_head", "num_heads"])
     }
     /// Number of key/value heads (defaults to the attention heads).
+    ///
+    /// Falcon's `multi_query` without `new_decoder_architecture` means one KV head; its new
+    /// architecture names them `num_kv_heads`; ChatGLM's `multi_query_group_num`.
     pub fn num_key_value_heads(&self) -> Option<u64> {
-        self.lookup_u64(&["num_key_value_heads"])
+        if self.lookup_bool("multi_query") == Some(true)
+            && self.lookup_bool("new_decoder_architecture") != Some(true)
+        {
+            return Some(1);
+        }
+        self.lookup_u64(&["num_key_value_heads", "multi_query_group_num"])
+            .or_else(|| {
+                (self.lookup_bool("new_decoder_architecture") == Some(true))
+                    .then(|| self.lookup_u64(&["num_kv_heads"]))
+                    .flatten()
+            })
             .or_else(|| self.num_attention_heads())
     }
     /// Dimension of one head (`head_dim`, `d_kv`, else hidden / heads).
@@ -75,6 +140,14 @@ impl ModelConfig {
             .get("tie_word_embeddings")
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(true)
+    }
+    /// Whether the model generates with a KV cache: it has a language-model head, or config.json
+    /// names no architecture (hand-written configs).
+    pub fn generates(&self) -> bool {
+        self.raw
+            .get("architectures")
+            .is_none_or(serde_json::Value::is_null)
+            || self.has_lm_head()
     }
     /// Whether the architecture has a language-model head (`*ForCausalLM`, `*LMHeadModel`...).
     pub fn has_lm_head(&self) -> bool {

@@ -440,47 +440,12 @@ impl KvCacheSpec {
         Ok(spec)
     }
 
-    /// Bytes of K and V for one decoder layer, from config.json (KV heads × head dim).
+    /// Bytes of K and V of the largest decoder layer, from config.json (see
+    /// [`crate::memory::kv_bytes_per_layer`], which this delegates to).
     pub fn bytes_per_layer(&self, model: &Model) -> Result<u64> {
-        let cfg = model.config.as_ref().ok_or_else(|| {
-            Error::Model(format!(
-                "--kv-cache needs the model's config.json (KV heads, head dim); none was found for {}",
-                model.name
-            ))
-        })?;
-        let kv_heads = cfg.num_key_value_heads().ok_or_else(|| {
-            Error::Model("config.json has no num_key_value_heads / num_attention_heads".into())
-        })?;
-        let head_dim = cfg.head_dim().ok_or_else(|| {
-            Error::Model("config.json has no head_dim and no hidden_size/heads".into())
-        })?;
-        let dtype_bytes = self.dtype.map_or_else(
-            || {
-                model
-                    .tensors()
-                    .iter()
-                    .map(|t| t.dtype)
-                    .find(|d| d.is_float())
-                    .map_or(2, |d| d.size_bytes())
-            },
-            |d| d.size_bytes(),
-        );
-        // The factors come from config.json and the command line: overflow is an error, not a wrap
-        // (a release build would otherwise reserve a wrapped, possibly zero, cache). The cache of
-        // every no-split block together (the most layers a planner charges) is bounded like a
-        // model's weights, so planners' sums stay inside 64 bits.
-        let blocks = model.modules().iter().filter(|m| m.no_split).count().max(1) as u64;
-        [self.batch, self.seq, kv_heads, head_dim, dtype_bytes]
-            .iter()
-            .try_fold(2u64, |acc, &f| acc.checked_mul(f))
-            .filter(|&per_layer| per_layer.saturating_mul(blocks) <= crate::model::MAX_MODEL_BYTES)
-            .ok_or_else(|| {
-                Error::Model(format!(
-                    "the KV cache of one layer (2 × batch {} × seq {} × {kv_heads} KV heads × head dim \
-                     {head_dim} × {dtype_bytes} bytes) times {blocks} block(s) is more than 1 PiB",
-                    self.batch, self.seq
-                ))
-            })
+        let w = crate::memory::Workload::from_kv_cache(self);
+        let terms = crate::memory::WorkloadMemory::new(model, &w)?;
+        Ok(terms.kv_layers.iter().copied().max().unwrap_or(0))
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`budget`]: devices and memory budgets in accelerate's `max_memory` syntax.
 //! - [`device_map`]: [`DeviceMap`], accelerate's device-map dict, with `clean`.
 //! - [`validate`]: what is wrong with a map (coverage, overlaps, no-split, ties, budgets).
+//! - [`memory`]: the memory model (workload, KV cache, activations, streaming buffers).
 //! - [`graph`]: the petgraph DAG of modules and placement units.
 //! - [`synthetic`]: generated dense, MoE and encoder-decoder models and budgets for benches and tests.
 //!
@@ -38,6 +39,7 @@ pub mod error;
 pub mod graph;
 pub mod load;
 pub mod manifest;
+pub mod memory;
 pub mod model;
 pub mod safetensors;
 pub mod synthetic;
@@ -51,6 +53,7 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use load::load_model;
 pub use manifest::Manifest;
+pub use memory::{Workload, WorkloadMemory};
 pub use model::{
     Model, ModelBuilder, Module, ModuleId, Node, SizeRules, Tensor, TensorId, TensorKind,
 };

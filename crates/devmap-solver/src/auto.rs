@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use std::fmt;
 
 use devmap_core::cost::{CostModel, Objective, Topology};
-use devmap_core::{format_bytes, Device, DeviceMap, KvCacheSpec, MemoryBudgets, Model};
+use devmap_core::{format_bytes, Device, DeviceMap, KvCacheSpec, MemoryBudgets, Model, Workload};
 
 pub use crate::bound::lower_bound;
 use crate::bound::{lower_bound_with_packing, packing_start, Packing};
@@ -35,8 +35,8 @@ pub struct AutoOptions {
     pub objective: Objective,
     /// Bytes to keep free per device.
     pub reserve: Vec<(Device, u64)>,
-    /// KV cache to charge per decoder layer.
-    pub kv_cache: Option<KvCacheSpec>,
+    /// The workload whose KV cache and activations are charged (`None`: weights only).
+    pub workload: Option<Workload>,
     /// `(map key, device)` pins.
     pub pins: Vec<(String, Device)>,
     /// Time limit of the whole solve: the work before the MIP counts against it, HiGHS gets what
@@ -53,7 +53,7 @@ impl Default for AutoOptions {
             topology: Topology::default(),
             objective: Objective::Latency,
             reserve: Vec::new(),
-            kv_cache: None,
+            workload: None,
             pins: Vec::new(),
             time_limit: Duration::from_secs(10),
             mip_rel_gap: 5e-4,
@@ -77,9 +77,14 @@ impl AutoOptions {
         self.reserve.push((device, bytes));
         self
     }
-    /// Charge a KV cache.
+    /// Charge a KV cache: the workload `--kv-cache` stands for ([`Workload::from_kv_cache`]).
     pub fn kv_cache(mut self, spec: Option<KvCacheSpec>) -> Self {
-        self.kv_cache = spec;
+        self.workload = spec.as_ref().map(Workload::from_kv_cache);
+        self
+    }
+    /// Charge a workload's KV cache and activations.
+    pub fn workload(mut self, w: Option<Workload>) -> Self {
+        self.workload = w;
         self
     }
     /// Pin a module or tensor to a device.
@@ -263,7 +268,7 @@ impl Auto {
             reserve: (self.options.reserve.iter().copied())
                 .filter(|(d, _)| in_world(*d))
                 .collect(),
-            kv_cache: self.options.kv_cache,
+            workload: self.options.workload,
             pins: self.options.pins.clone(),
             rules: devmap_core::SizeRules {
                 target_dtype: req.target_dtype,

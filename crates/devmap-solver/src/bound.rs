@@ -209,28 +209,28 @@ fn gpu_room(inst: &Instance, units: &BoundUnits, g: usize) -> u64 {
     inst.caps[g].saturating_sub(used)
 }
 
-/// A streaming-buffer level: the main GPU keeps `reserve` bytes; free units reading more than
-/// `gpu_only_above` must stay on GPUs.
+/// A streaming-buffer level: the main GPU keeps `reserve` bytes; free units whose streaming
+/// buffer is larger than `gpu_only_above` must stay on GPUs.
 #[derive(Debug, Clone, Copy)]
 struct Level {
     reserve: u64,
     gpu_only_above: u64,
 }
 
-/// The buffer is the largest streamed unit's read size, at least the forced minimum and the
-/// largest pinned streamed unit: one level per candidate size (the 8 smallest), then one level
+/// The buffer is the largest streaming buffer (`Instance::stream_buffer`) of a streamed unit, at
+/// least the forced minimum and the largest pinned streamed unit's: one level per candidate size (the 8 smallest), then one level
 /// for every larger buffer (reserve the 9th size, no unit forced onto GPUs).
 fn levels(inst: &Instance, units: &BoundUnits, gpu_rows: &[usize]) -> Vec<Level> {
     let gpu_total: u64 = gpu_rows.iter().map(|&b| inst.caps[b]).sum();
     let pinned_streamed = (0..inst.n())
         .filter(|&i| units.pinned[i].is_some_and(|b| inst.is_streamed(b)))
-        .map(|i| inst.read[i])
+        .map(|i| inst.stream_buffer(i))
         .max()
         .unwrap_or(0);
     let floor = forced_reserve(inst, gpu_total).max(pinned_streamed);
     let mut sizes: Vec<u64> = units
         .free()
-        .map(|i| inst.read[i])
+        .map(|i| inst.stream_buffer(i))
         .filter(|&r| r >= floor)
         .collect();
     sizes.sort_unstable();
@@ -334,7 +334,11 @@ fn bins(
         let cap = inst.caps[b];
         let reserve = if Some(b) == inst.cpu {
             let pinned_disk = inst.disk.map_or(0, |d| {
-                units.pinned_to(d).map(|i| inst.read[i]).max().unwrap_or(0)
+                units
+                    .pinned_to(d)
+                    .map(|i| inst.stream_buffer(i))
+                    .max()
+                    .unwrap_or(0)
             });
             forced_reserve(inst, before + cap).max(pinned_disk)
         } else {
@@ -383,11 +387,12 @@ fn pack(
         .min()
         .unwrap_or(0);
     let big = big_classes(&classes, smallest_cap);
-    // A class must stay on GPUs when every unit of it reads more than the level allows streaming.
+    // A class must stay on GPUs when every unit of it buffers more than the level allows streaming.
     let gpu_only: Vec<bool> = big
         .iter()
         .map(|(size, _)| {
-            (sizes.iter().filter(|s| s.1 == *size)).all(|s| inst.read[s.0] > level.gpu_only_above)
+            (sizes.iter().filter(|s| s.1 == *size))
+                .all(|s| inst.stream_buffer(s.0) > level.gpu_only_above)
         })
         .collect();
     let knap = Knapsack::new(&big);

@@ -34,7 +34,7 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
     let mut suffix_read_max = vec![0u64; n + 1];
     let mut suffix_kv = vec![0u64; n + 1];
     for i in (0..n).rev() {
-        suffix_read_max[i] = suffix_read_max[i + 1].max(inst.read[i]);
+        suffix_read_max[i] = suffix_read_max[i + 1].max(inst.stream_buffer(i));
         suffix_kv[i] = suffix_kv[i + 1] + inst.streamed_bytes_on_main(i);
     }
     let mut gpu_runs: HashMap<(u64, bool), GpuDp> = HashMap::new();
@@ -94,7 +94,7 @@ fn tail_cost(inst: &Instance, s: usize, t: usize) -> Option<f64> {
     if t > s && inst.cpu.is_none() || t < n && inst.disk.is_none() {
         return None;
     }
-    let disk_reserve = (t..n).map(|i| inst.read[i]).max().unwrap_or(0);
+    let disk_reserve = (t..n).map(|i| inst.stream_buffer(i)).max().unwrap_or(0);
     let mut cost = 0.0;
     if let Some(c) = inst.cpu {
         let mem: u64 = (s..t).map(|i| inst.unit_bytes_on(i, c)).sum();

@@ -4,7 +4,8 @@
 
 use devmap_core::cost::{CostModel, Exec};
 use devmap_core::graph::{units, Unit};
-use devmap_core::{Device, DeviceMap, KvCacheSpec, MemoryBudgets, Model, SizeRules};
+use devmap_core::memory::{self, Workload, WorkloadMemory};
+use devmap_core::{Device, DeviceMap, MemoryBudgets, Model, SizeRules};
 
 use crate::Error;
 
@@ -33,10 +34,17 @@ pub struct Instance {
     pub read: Vec<u64>,
     /// KV-cache bytes each unit needs where it executes.
     pub kv: Vec<u64>,
+    /// Bytes the main device holds while it streams the unit from cpu/disk (its largest
+    /// one-module group of direct tensors, [`devmap_core::memory::stream_buffers`]); cpu holds as
+    /// much while a disk unit passes through it.
+    pub stream: Vec<u64>,
     /// Candidate devices: GPUs by index, then cpu, then disk (only those with a budget).
     pub devices: Vec<Device>,
-    /// Capacity of each device after `--reserve`.
+    /// Room for units on each device: its budget minus `--reserve` minus `fixed`.
     pub caps: Vec<u64>,
+    /// Bytes charged on each device that can execute units, whatever the assignment: the
+    /// activation working set and the allocator allowance (already taken out of `caps`).
+    pub fixed: Vec<u64>,
     /// Which devices each unit may use (pins restrict this).
     pub allowed: Vec<Vec<bool>>,
     /// Seconds of unit `i` on device `b`.
@@ -66,28 +74,234 @@ pub struct Instance {
 pub struct InstanceOptions {
     /// Bytes to keep free per device.
     pub reserve: Vec<(Device, u64)>,
-    /// KV cache to charge per decoder layer.
-    pub kv_cache: Option<KvCacheSpec>,
+    /// The workload whose KV cache and activations are charged (`None`: weights only).
+    pub workload: Option<Workload>,
     /// `(map key, device)` pins.
     pub pins: Vec<(String, Device)>,
     /// Size rules (target dtype).
     pub rules: SizeRules,
 }
 
-/// Memory a unit assignment uses per device, and whether it fits.
+/// Part of a unit on one device (a map may divide a unit that is not a no-split block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// The unit.
+    pub unit: usize,
+    /// Its device (index into `Instance::devices`).
+    pub device: usize,
+    /// Weight bytes of the piece.
+    pub weights: u64,
+    /// Its streaming buffer (see `Instance::stream`).
+    pub stream: u64,
+}
+
+/// Memory a unit assignment uses per device (index as `Instance::devices`), by term.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Usage {
-    /// Weights per device (index as `Instance::devices`).
+    /// Weights per device.
     pub weights: Vec<u64>,
-    /// KV cache, streaming reserve and tied copies per device.
+    /// KV cache, streaming buffer and tied copies per device (what counts against `caps`
+    /// besides the weights).
     pub overhead: Vec<u64>,
+    /// The KV-cache part of `overhead`.
+    pub kv: Vec<u64>,
+    /// The streaming-buffer part of `overhead` (main device: streamed units; cpu: disk units).
+    pub streaming: Vec<u64>,
+    /// Activations and allocator allowance on the devices that execute units (`Instance::fixed`,
+    /// already outside `caps`).
+    pub activations: Vec<u64>,
 }
 
 impl Usage {
-    /// Total per device.
+    /// Total per device that counts against `Instance::caps` (weights plus overhead).
     pub fn total(&self, b: usize) -> u64 {
         self.weights[b] + self.overhead[b]
     }
+}
+
+/// The devices with a budget, in budget order, and each one's budget minus `--reserve`.
+fn candidate_devices(
+    budgets: &MemoryBudgets,
+    reserve: &[(Device, u64)],
+) -> Result<(Vec<Device>, Vec<u64>), Error> {
+    let mut devices = Vec::new();
+    let mut room = Vec::new();
+    for b in budgets.iter() {
+        if b.device.is_gpu() && b.bytes == 0 {
+            continue;
+        }
+        let reserved = reserve
+            .iter()
+            .filter(|(d, _)| *d == b.device)
+            .map(|(_, r)| *r)
+            .sum::<u64>();
+        devices.push(b.device);
+        room.push(b.bytes.saturating_sub(reserved));
+    }
+    if devices.is_empty() {
+        return Err(Error::NoDevices);
+    }
+    if let Some((d, _)) = reserve.iter().find(|(d, _)| !budgets.contains(*d)) {
+        return Err(Error::NoBudget(*d));
+    }
+    Ok((devices, room))
+}
+
+/// A display name per unit: the module, or the tensor when the unit is one direct tensor.
+fn unit_names(model: &Model, units: &[Unit]) -> Vec<String> {
+    units
+        .iter()
+        .map(|u| {
+            if u.whole || u.tensors.len() != 1 {
+                model.module(u.module).name.clone()
+            } else {
+                model.tensor(u.tensors[0]).name.clone()
+            }
+        })
+        .collect()
+}
+
+/// The sum of `sizes` over each unit's tensors.
+fn per_unit(units: &[Unit], sizes: &[u64]) -> Vec<u64> {
+    units
+        .iter()
+        .map(|u| u.tensors.iter().map(|&t| sizes[t]).sum())
+        .collect()
+}
+
+/// Which devices each unit may use under `pins`.
+fn pinned_devices(
+    model: &Model,
+    units: &[Unit],
+    names: &[String],
+    devices: &[Device],
+    pins: &[(String, Device)],
+) -> Result<Vec<Vec<bool>>, Error> {
+    let mut allowed = vec![vec![true; devices.len()]; units.len()];
+    for (key, dev) in pins {
+        let Some(b) = devices.iter().position(|d| d == dev) else {
+            return Err(Error::NoBudget(*dev));
+        };
+        let mut hit = false;
+        for (i, u) in units.iter().enumerate() {
+            let covered = u
+                .tensors
+                .iter()
+                .any(|&t| devmap_core::device_map::covers(key, &model.tensor(t).name));
+            if covered {
+                hit = true;
+                for (c, a) in allowed[i].iter_mut().enumerate() {
+                    *a = *a && c == b;
+                }
+            }
+        }
+        if !hit {
+            return Err(Error::BadPin(format!(
+                "pin {key:?} matches no module or tensor with weights"
+            )));
+        }
+    }
+    if let Some(i) = allowed.iter().position(|a| !a.iter().any(|x| *x)) {
+        return Err(Error::BadPin(format!(
+            "unit {:?} is pinned to two different devices",
+            names[i]
+        )));
+    }
+    Ok(allowed)
+}
+
+/// Execution tables: the distinct execution devices, each device's index into them, the
+/// transfer seconds between them, and the seconds of each unit on each device.
+type ExecTables = (Vec<Exec>, Vec<usize>, Vec<Vec<f64>>, Vec<Vec<f64>>);
+
+fn exec_tables(cost_model: &CostModel, devices: &[Device], read: &[u64]) -> ExecTables {
+    let mut execs: Vec<Exec> = Vec::new();
+    let exec_of: Vec<usize> = devices
+        .iter()
+        .map(|&d| {
+            let e = cost_model.exec(d);
+            execs.iter().position(|x| *x == e).unwrap_or_else(|| {
+                execs.push(e);
+                execs.len() - 1
+            })
+        })
+        .collect();
+    let trans = execs
+        .iter()
+        .map(|&a| {
+            execs
+                .iter()
+                .map(|&b| cost_model.transfer_seconds(a, b))
+                .collect()
+        })
+        .collect();
+    let cost = read
+        .iter()
+        .map(|&r| {
+            devices
+                .iter()
+                .map(|&d| cost_model.unit_seconds(r, d))
+                .collect()
+        })
+        .collect();
+    (execs, exec_of, trans, cost)
+}
+
+/// Tied storages whose names fall in more than one unit.
+fn tied_storages(model: &Model, units: &[Unit], sizes: &[u64]) -> Vec<Tie> {
+    let mut unit_of_tensor = vec![usize::MAX; model.tensors().len()];
+    for (i, u) in units.iter().enumerate() {
+        for &t in &u.tensors {
+            unit_of_tensor[t] = i;
+        }
+    }
+    let mut ties = Vec::new();
+    for group in model.tied_groups() {
+        let owner_t = *group.iter().min().expect("non-empty");
+        let owner = unit_of_tensor[owner_t];
+        let mut members: Vec<usize> = group
+            .iter()
+            .map(|&t| unit_of_tensor[t])
+            .filter(|&u| u != owner && u != usize::MAX)
+            .collect();
+        members.sort_unstable();
+        members.dedup();
+        if owner != usize::MAX && !members.is_empty() {
+            ties.push(Tie {
+                owner,
+                members,
+                storage: sizes[owner_t],
+            });
+        }
+    }
+    ties
+}
+
+/// The workload's per-unit KV bytes and the fixed charge of each device that can execute (every
+/// GPU; the cpu when there is no GPU).
+fn workload_terms(
+    model: &Model,
+    units: &[Unit],
+    devices: &[Device],
+    workload: Option<&Workload>,
+) -> Result<(Vec<u64>, Vec<u64>), Error> {
+    let Some(w) = workload else {
+        return Ok((vec![0; units.len()], vec![0; devices.len()]));
+    };
+    let terms = WorkloadMemory::new(model, w)?;
+    let kv = memory::kv_per_unit(model, units, &terms.kv_layers);
+    let any_gpu = devices.iter().any(|d| d.is_gpu());
+    let fixed = devices
+        .iter()
+        .map(|d| {
+            if d.is_gpu() || (*d == Device::Cpu && !any_gpu) {
+                terms.per_executing_device()
+            } else {
+                0
+            }
+        })
+        .collect();
+    Ok((kv, fixed))
 }
 
 impl Instance {
@@ -101,161 +315,38 @@ impl Instance {
         let units = units(model);
         let sizes = model.tensor_sizes(opts.rules);
         let read_sizes = model.read_sizes(opts.rules);
-        let mut devices = Vec::new();
-        let mut caps = Vec::new();
-        for b in budgets.iter() {
-            if b.device.is_gpu() && b.bytes == 0 {
-                continue;
-            }
-            let reserve = opts
-                .reserve
-                .iter()
-                .filter(|(d, _)| *d == b.device)
-                .map(|(_, r)| *r)
-                .sum::<u64>();
-            devices.push(b.device);
-            caps.push(b.bytes.saturating_sub(reserve));
-        }
-        if devices.is_empty() {
-            return Err(Error::NoDevices);
-        }
-        for (d, _) in &opts.reserve {
-            if !budgets.contains(*d) {
-                return Err(Error::NoBudget(*d));
-            }
-        }
-        let n = units.len();
-        let mut unit_of_tensor = vec![usize::MAX; model.tensors().len()];
-        for (i, u) in units.iter().enumerate() {
-            for &t in &u.tensors {
-                unit_of_tensor[t] = i;
-            }
-        }
-        let names: Vec<String> = units
+        let (devices, room) = candidate_devices(budgets, &opts.reserve)?;
+        let names = unit_names(model, &units);
+        let mem = per_unit(&units, &sizes);
+        let read = per_unit(&units, &read_sizes);
+        let stream = memory::stream_buffers(model, &units, &read_sizes);
+        let (kv, fixed) = workload_terms(model, &units, &devices, opts.workload.as_ref())?;
+        let caps = room
             .iter()
-            .map(|u| {
-                let m = &model.module(u.module).name;
-                if u.whole || u.tensors.len() != 1 {
-                    m.clone()
-                } else {
-                    model.tensor(u.tensors[0]).name.clone()
-                }
-            })
+            .zip(&fixed)
+            .map(|(r, f)| r.saturating_sub(*f))
             .collect();
-        let mem: Vec<u64> = units
-            .iter()
-            .map(|u| u.tensors.iter().map(|&t| sizes[t]).sum())
-            .collect();
-        let read: Vec<u64> = units
-            .iter()
-            .map(|u| u.tensors.iter().map(|&t| read_sizes[t]).sum())
-            .collect();
-        let kv = kv_per_unit(model, &units, opts.kv_cache.as_ref())?;
-
-        // Pins.
-        let mut allowed = vec![vec![true; devices.len()]; n];
-        for (key, dev) in &opts.pins {
-            let Some(b) = devices.iter().position(|d| d == dev) else {
-                return Err(Error::NoBudget(*dev));
-            };
-            let mut hit = false;
-            for (i, u) in units.iter().enumerate() {
-                let covered = u
-                    .tensors
-                    .iter()
-                    .any(|&t| devmap_core::device_map::covers(key, &model.tensor(t).name));
-                if covered {
-                    hit = true;
-                    for (c, a) in allowed[i].iter_mut().enumerate() {
-                        *a = *a && c == b;
-                    }
-                }
-            }
-            if !hit {
-                return Err(Error::BadPin(format!(
-                    "pin {key:?} matches no module or tensor with weights"
-                )));
-            }
-        }
-        for (i, a) in allowed.iter().enumerate() {
-            if !a.iter().any(|x| *x) {
-                return Err(Error::BadPin(format!(
-                    "unit {:?} is pinned to two different devices",
-                    names[i]
-                )));
-            }
-        }
-
-        let main = devices.iter().position(|d| d.is_gpu());
-        let cpu = devices.iter().position(|d| *d == Device::Cpu);
-        let disk = devices.iter().position(|d| *d == Device::Disk);
-        let mut execs: Vec<Exec> = Vec::new();
-        let exec_of: Vec<usize> = devices
-            .iter()
-            .map(|&d| {
-                let e = cost_model.exec(d);
-                match execs.iter().position(|x| *x == e) {
-                    Some(p) => p,
-                    None => {
-                        execs.push(e);
-                        execs.len() - 1
-                    }
-                }
-            })
-            .collect();
-        let trans: Vec<Vec<f64>> = execs
-            .iter()
-            .map(|&a| {
-                execs
-                    .iter()
-                    .map(|&b| cost_model.transfer_seconds(a, b))
-                    .collect()
-            })
-            .collect();
-        let cost: Vec<Vec<f64>> = (0..n)
-            .map(|i| {
-                devices
-                    .iter()
-                    .map(|&d| cost_model.unit_seconds(read[i], d))
-                    .collect()
-            })
-            .collect();
-
-        let mut ties = Vec::new();
-        for group in model.tied_groups() {
-            let owner_t = *group.iter().min().expect("non-empty");
-            let owner = unit_of_tensor[owner_t];
-            let mut members: Vec<usize> = group
-                .iter()
-                .map(|&t| unit_of_tensor[t])
-                .filter(|&u| u != owner && u != usize::MAX)
-                .collect();
-            members.sort_unstable();
-            members.dedup();
-            if owner != usize::MAX && !members.is_empty() {
-                ties.push(Tie {
-                    owner,
-                    members,
-                    storage: sizes[owner_t],
-                });
-            }
-        }
+        let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
+        let (execs, exec_of, trans, cost) = exec_tables(&cost_model, &devices, &read);
+        let ties = tied_storages(model, &units, &sizes);
         Ok(Instance {
+            main: devices.iter().position(|d| d.is_gpu()),
+            cpu: devices.iter().position(|d| *d == Device::Cpu),
+            disk: devices.iter().position(|d| *d == Device::Disk),
             units,
             names,
             mem,
             read,
             kv,
+            stream,
             devices,
             caps,
+            fixed,
             allowed,
             cost,
             execs,
             exec_of,
             trans,
-            main,
-            cpu,
-            disk,
             ties,
             cost_model,
         })
@@ -283,6 +374,13 @@ impl Instance {
         self.kv[unit]
     }
 
+    /// Bytes the main GPU holds while it streams unit `unit` from cpu or disk (and cpu holds while
+    /// a disk unit passes through it): the unit's largest one-module group of direct tensors, not
+    /// the whole unit (accelerate loads one hooked module at a time).
+    pub fn stream_buffer(&self, unit: usize) -> u64 {
+        self.stream[unit]
+    }
+
     /// Bytes unit `unit` needs wherever it is placed (on its device and, when streamed, on the main
     /// GPU): what the bounds and cuts count when the device is not known.
     pub fn unit_bytes(&self, unit: usize) -> u64 {
@@ -303,44 +401,95 @@ impl Instance {
 
     /// Memory per device of an assignment (device index per unit).
     pub fn usage(&self, a: &[usize]) -> Usage {
+        let pieces: Vec<Piece> = a
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| Piece {
+                unit: i,
+                device: b,
+                weights: self.mem[i],
+                stream: self.stream[i],
+            })
+            .collect();
+        self.usage_of_pieces(&pieces, a)
+    }
+
+    /// The memory rule, the one `auto` and `devmap check` share: per device, the weights of its
+    /// pieces; the KV cache of each unit where it executes (the main device for cpu/disk units);
+    /// on the main device the largest streaming buffer of a streamed piece; on cpu the largest
+    /// of a disk piece; tied copies where a member sits away from its owner (`unit_device` gives
+    /// each unit's device for that); activations and allowance on every device that executes.
+    pub fn usage_of_pieces(&self, pieces: &[Piece], unit_device: &[usize]) -> Usage {
         let k = self.devices.len();
-        let mut weights = vec![0u64; k];
-        let mut overhead = vec![0u64; k];
-        let mut stream_max = 0u64;
-        let mut disk_max = 0u64;
-        for (i, &b) in a.iter().enumerate() {
-            weights[b] += self.mem[i];
-            overhead[b] += self.unit_bytes_on(i, b) - self.mem[i];
-            if self.is_streamed(b) {
-                overhead[self.main.expect("streamed implies main")] +=
-                    self.streamed_bytes_on_main(i);
-                stream_max = stream_max.max(self.read[i]);
+        let mut u = Usage {
+            weights: vec![0; k],
+            overhead: vec![0; k],
+            kv: vec![0; k],
+            streaming: vec![0; k],
+            activations: vec![0; k],
+        };
+        // The instance's main GPU: each instance is one world of `auto` whose main device is
+        // accelerate's (the lowest GPU a map uses, `memory::main_device`; `check_map` picks the
+        // map's world).
+        let main = self.main;
+        let mut kv_charged = vec![false; self.n()];
+        let mut executes = vec![false; k];
+        for p in pieces {
+            u.weights[p.device] += p.weights;
+            let streamed = main.is_some() && !self.devices[p.device].is_gpu();
+            let exec = if streamed {
+                main.expect("checked")
+            } else {
+                p.device
+            };
+            executes[exec] = true;
+            if !kv_charged[p.unit] {
+                kv_charged[p.unit] = true;
+                u.kv[exec] += if streamed {
+                    self.streamed_bytes_on_main(p.unit)
+                } else {
+                    self.unit_bytes_on(p.unit, p.device) - self.mem[p.unit]
+                };
             }
-            if Some(b) == self.disk {
-                disk_max = disk_max.max(self.read[i]);
+            if streamed {
+                let m = main.expect("checked");
+                u.streaming[m] = u.streaming[m].max(p.stream);
+            }
+            if Some(p.device) == self.disk {
+                if let Some(c) = self.cpu {
+                    u.streaming[c] = u.streaming[c].max(p.stream);
+                }
             }
         }
-        if let Some(m) = self.main {
-            overhead[m] += stream_max;
+        for (b, &runs) in executes.iter().enumerate() {
+            u.overhead[b] = u.kv[b] + u.streaming[b];
+            if runs {
+                u.activations[b] = self.fixed[b];
+            }
         }
-        if let Some(c) = self.cpu {
-            overhead[c] += disk_max;
+        for (b, bytes) in self.tied_copies(unit_device) {
+            u.overhead[b] += bytes;
         }
+        u
+    }
+
+    /// `(device, bytes)` of every tied storage held away from its owner's device.
+    fn tied_copies(&self, unit_device: &[usize]) -> Vec<(usize, u64)> {
+        let mut out = Vec::new();
         for tie in &self.ties {
-            let owner_dev = a[tie.owner];
+            let owner_dev = unit_device[tie.owner];
+            // usize::MAX: a unit a map leaves without a device (reported by validation).
             let mut held: Vec<usize> = tie
                 .members
                 .iter()
-                .map(|&u| a[u])
-                .filter(|&b| b != owner_dev)
+                .map(|&m| unit_device[m])
+                .filter(|&b| b != owner_dev && b != usize::MAX)
                 .collect();
             held.sort_unstable();
             held.dedup();
-            for b in held {
-                overhead[b] += tie.storage;
-            }
+            out.extend(held.into_iter().map(|b| (b, tie.storage)));
         }
-        Usage { weights, overhead }
+        out
     }
 
     /// Whether the main GPU executes the streamed units: accelerate's main device is the lowest
@@ -404,57 +553,4 @@ impl Instance {
         }
         Some(a)
     }
-}
-
-/// KV bytes per unit: the cache of one decoder layer for each unit that is a decoder layer.
-///
-/// Decoder layers are the no-split units of the class that repeats `num_hidden_layers` times
-/// (or, failing that, of the most repeated no-split class), so vision towers and encoders of
-/// encoder-decoder models are not charged.
-fn kv_per_unit(
-    model: &Model,
-    units: &[Unit],
-    spec: Option<&KvCacheSpec>,
-) -> Result<Vec<u64>, Error> {
-    let mut kv = vec![0u64; units.len()];
-    let Some(spec) = spec else {
-        return Ok(kv);
-    };
-    let per_layer = spec.bytes_per_layer(model)?;
-    let layers = model.config.as_ref().and_then(|c| c.num_layers());
-    let mut counts: Vec<(String, usize)> = Vec::new();
-    for u in units.iter().filter(|u| model.module(u.module).no_split) {
-        let class = model.module(u.module).class.clone();
-        match counts.iter_mut().find(|(c, _)| *c == class) {
-            Some(e) => e.1 += 1,
-            None => counts.push((class, 1)),
-        }
-    }
-    // Prefer a class under a `decoder` path when layers repeat in both encoder and decoder.
-    let decoder_units: Vec<usize> = (0..units.len())
-        .filter(|&i| {
-            model.module(units[i].module).no_split
-                && model.module(units[i].module).name.contains("decoder")
-        })
-        .collect();
-    let chosen: Vec<usize> =
-        if !decoder_units.is_empty() && layers.is_none_or(|l| decoder_units.len() as u64 == l) {
-            decoder_units
-        } else {
-            let class = counts
-                .iter()
-                .find(|(_, c)| Some(*c as u64) == layers)
-                .or_else(|| counts.iter().max_by_key(|(_, c)| *c))
-                .map(|(c, _)| c.clone());
-            (0..units.len())
-                .filter(|&i| {
-                    let m = model.module(units[i].module);
-                    m.no_split && Some(&m.class) == class.as_ref()
-                })
-                .collect()
-        };
-    for i in chosen {
-        kv[i] = per_layer;
-    }
-    Ok(kv)
 }

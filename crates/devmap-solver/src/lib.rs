@@ -55,6 +55,7 @@
 
 pub mod auto;
 pub mod bound;
+pub mod check;
 pub mod dp;
 pub mod error;
 pub mod hf;
@@ -68,6 +69,7 @@ use devmap_core::validate::{device_usage, tensor_devices};
 use devmap_core::{DType, Device, DeviceMap, MemoryBudgets, Model, SizeRules};
 
 pub use auto::{Auto, AutoOptions, SolveReport, SolveStatus};
+pub use check::{check_map, DeviceMemory, MapCheck};
 pub use error::Error;
 pub use hf::Compat;
 

@@ -7,7 +7,7 @@
 //!   `t · Σ_e z[i][e]` when every link costs the same `t`; otherwise (or for the throughput
 //!   objective) a transportation form `Σ_e' f[i][e][e'] = X[i][e]`, `Σ_e f[i][e][e'] = X[i+1][e']`
 //!   paying `t(e, e')` on `f[i][e][e']`, which is exact for chains.
-//! - Memory rows per device; the main GPU also holds `s ≥ read[i]·(x[i][cpu] + x[i][disk])` (the
+//! - Memory rows per device; the main GPU also holds `s ≥ stream_buffer(i)·(x[i][cpu] + x[i][disk])` (the
 //!   largest streamed unit) and the streamed units' KV cache; the cpu holds the largest disk unit;
 //!   a tied storage is held by every device holding a member but not the owner (`y ≥ x[m][b] − x[o][b]`).
 //! - Symmetry: of two GPUs with identical profiles and capacities (neither the main GPU nor
@@ -487,7 +487,7 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// The main GPU's streaming buffer `s ≥ read[i]·(x[i][cpu] + x[i][disk])` and the streamed
+    /// The main GPU's streaming buffer `s ≥ stream_buffer(i)·(x[i][cpu] + x[i][disk])` and the streamed
     /// units' bytes on it.
     fn stream_reserve(&mut self, mem: &mut [Expression]) {
         let inst = self.inst;
@@ -501,7 +501,7 @@ impl<'a> Builder<'a> {
         let s0 = self.start.map_or(0.0, |a| {
             let most = (0..inst.n())
                 .filter(|&i| inst.is_streamed(a[i]))
-                .map(|i| inst.read[i])
+                .map(|i| inst.stream_buffer(i))
                 .max();
             most.unwrap_or(0) as f64 / u
         });
@@ -509,8 +509,9 @@ impl<'a> Builder<'a> {
         let s = self.add(variable().min(forced_stream_reserve(inst) as f64 / u), s0);
         for i in 0..inst.n() {
             let on: Expression = streamed.iter().map(|&b| self.xe(i, b)).sum();
-            self.constraints
-                .push(constraint!(s >= inst.read[i] as f64 / u * on.clone()));
+            self.constraints.push(constraint!(
+                s >= inst.stream_buffer(i) as f64 / u * on.clone()
+            ));
             let on_main = inst.streamed_bytes_on_main(i);
             if on_main > 0 {
                 mem[m] += on_main as f64 / u * on;
@@ -529,7 +530,7 @@ impl<'a> Builder<'a> {
         let s0 = self.start.map_or(0.0, |a| {
             let most = (0..inst.n())
                 .filter(|&i| a[i] == d)
-                .map(|i| inst.read[i])
+                .map(|i| inst.stream_buffer(i))
                 .max();
             most.unwrap_or(0) as f64 / u
         });
@@ -537,7 +538,7 @@ impl<'a> Builder<'a> {
         for i in 0..inst.n() {
             let on = self.xe(i, d);
             self.constraints
-                .push(constraint!(s >= inst.read[i] as f64 / u * on));
+                .push(constraint!(s >= inst.stream_buffer(i) as f64 / u * on));
         }
         mem[c] += s;
     }
@@ -817,7 +818,7 @@ pub(crate) fn forced_reserve(inst: &Instance, capacity: u64) -> u64 {
         if cum >= excess {
             return (0..inst.n())
                 .filter(|&u| inst.unit_bytes(u) >= w)
-                .map(|u| inst.read[u])
+                .map(|u| inst.stream_buffer(u))
                 .min()
                 .unwrap_or(0);
         }

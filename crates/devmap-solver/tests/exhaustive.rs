@@ -171,11 +171,11 @@ fn random_case(seed: u64) -> Case {
         // A KV cache of one layer between a tenth and twice a typical unit.
         let per_token = 2 * KV_HEADS * HEAD_DIM * 2;
         let seq = (rng.size(s / 40 + 1, s / 3 + 2) / per_token).max(1);
-        options.kv_cache = Some(KvCacheSpec {
+        options = options.kv_cache(Some(KvCacheSpec {
             batch: 1,
             seq,
             dtype: None,
-        });
+        }));
         what.push(format!("kv seq={seq}"));
     }
     if rng.chance(30) {

@@ -1,0 +1,165 @@
+//! The machine-readable outputs: `plan --format plan-json`, `check --format json`, and that
+//! `--format json` stays the bare dict `from_pretrained` takes.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn llama() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/models/llama-2-7b.json")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+const BUDGETS: &str = "0=10GiB,cpu=64GiB";
+
+fn devmap(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_devmap"))
+        .args(args)
+        .output()
+        .expect("run devmap")
+}
+
+fn json_of(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.trim_end().lines().count(), 1, "one line: {stdout}");
+    serde_json::from_str(&stdout).expect("stdout is one JSON value")
+}
+
+fn plan(extra: &[&str]) -> Output {
+    let m = llama();
+    let mut args = vec!["plan", m.as_str(), "--max-memory", BUDGETS];
+    args.extend_from_slice(extra);
+    devmap(&args)
+}
+
+#[test]
+fn plan_json_has_map_estimate_bound_status_and_memory() {
+    let out = plan(&["--format", "plan-json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_of(&out);
+    assert!(v["device_map"].is_object());
+    let est = v["estimate_ms_per_token"].as_f64().unwrap();
+    let bound = v["lower_bound_ms_per_token"].as_f64().unwrap();
+    assert!(
+        est > 0.0 && bound > 0.0 && bound <= est * (1.0 + 1e-9),
+        "{est} {bound}"
+    );
+    assert!(["optimal", "feasible"].contains(&v["status"].as_str().unwrap()));
+    assert_eq!(v["fits"], Value::Bool(true));
+    // The default workload, printed.
+    assert_eq!(v["workload"]["batch"], 1);
+    assert_eq!(v["workload"]["prompt"], 2048);
+    assert_eq!(v["workload"]["new"], 256);
+    let gpu = &v["memory"]["0"];
+    for key in ["weights", "streaming", "kv", "activations", "budget"] {
+        assert!(gpu[key].is_u64(), "memory.0.{key}: {gpu}");
+    }
+    assert_eq!(gpu["budget"], 10u64 << 30);
+    // Llama-2-7B at batch 1, 2048 + 256 tokens: 2 × 2304 × 32 × 128 × 2 bytes per layer, all 32
+    // layers' caches on the main GPU wherever their weights are.
+    assert_eq!(gpu["kv"], 2 * 2304 * 32 * 128 * 2 * 32u64);
+    let total: u64 = ["weights", "streaming", "kv", "activations"]
+        .iter()
+        .map(|k| gpu[k].as_u64().unwrap())
+        .sum();
+    assert!(total <= 10 << 30);
+    // The bare map is unchanged and equals plan-json's.
+    let bare = json_of(&plan(&["--format", "json"]));
+    assert_eq!(bare, v["device_map"]);
+}
+
+#[test]
+fn dtype_applies_to_kv_and_activations() {
+    // Llama-2-7B is f16; at --dtype f32 its cache is 4 bytes an element: 2 × 2304 × 32 × 128 × 4
+    // bytes per layer, 32 layers.
+    let v = json_of(&plan(&["--dtype", "f32", "--format", "plan-json"]));
+    assert_eq!(v["memory"]["0"]["kv"], 2 * 2304 * 32 * 128 * 4 * 32u64);
+    // A dtype in the workload wins over --dtype.
+    let v = json_of(&plan(&[
+        "--dtype",
+        "f32",
+        "--workload",
+        "batch=1,prompt=2048,new=256,dtype=f16",
+        "--format",
+        "plan-json",
+    ]));
+    assert_eq!(v["memory"]["0"]["kv"], 2 * 2304 * 32 * 128 * 2 * 32u64);
+}
+
+#[test]
+fn heuristic_strategies_report_no_bound() {
+    let v = json_of(&plan(&[
+        "--strategy",
+        "sequential",
+        "--format",
+        "plan-json",
+    ]));
+    assert_eq!(v["status"], "heuristic");
+    assert!(v["lower_bound_ms_per_token"].is_null());
+    assert!(v["estimate_ms_per_token"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn check_json_scores_any_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("map.json");
+    let out = plan(&["--format", "json"]);
+    std::fs::write(&map, &out.stdout).unwrap();
+    let m = llama();
+    let check = |extra: &[&str]| {
+        let mut args = vec![
+            "check",
+            m.as_str(),
+            "--map",
+            map.to_str().unwrap(),
+            "--max-memory",
+            BUDGETS,
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        devmap(&args)
+    };
+    let ok = check(&[]);
+    assert!(ok.status.success());
+    let v = json_of(&ok);
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["fits"], true);
+    assert!(v["estimate_ms_per_token"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["problems"], serde_json::json!([]));
+    // The same map with 8 × 8192 tokens does not fit: a problem names the device and the KV cache.
+    let heavy = check(&["--workload", "batch=8,prompt=8192,new=0"]);
+    assert!(!heavy.status.success());
+    let v = json_of(&heavy);
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["fits"], false);
+    let problems = v["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let p = problems[0].as_str().unwrap();
+    assert!(p.contains("device 0") && p.contains("KV"), "{p}");
+    // `--kv-cache` is the alias of a workload without generation: the same verdict.
+    let alias = json_of(&check(&["--kv-cache", "batch=8,seq=8192"]));
+    assert_eq!(alias["memory"], v["memory"]);
+    // A map naming a module that does not exist is invalid, in JSON too.
+    std::fs::write(&map, r#"{"": 0, "nonsense": "cpu"}"#).unwrap();
+    let v = json_of(&check(&[]));
+    assert_eq!(v["valid"], false);
+    assert!(v["problems"][0].as_str().unwrap().contains("\"nonsense\""));
+}
+
+#[test]
+fn workload_flags_are_checked() {
+    let out = plan(&["--workload", "batch=1,prompt=x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"x\""));
+    let out = plan(&["--workload", "prompt=10", "--kv-cache", "seq=10"]);
+    assert!(!out.status.success(), "the two flags conflict");
+}
