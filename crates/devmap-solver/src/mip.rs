@@ -83,35 +83,40 @@ pub struct MipResult {
 }
 
 const SCALE: f64 = 1e6; // seconds -> microseconds
-/// Each memory row is written in units of its capacity / 2¹⁰, so every coefficient of a unit that
-/// fits is at most 1024: byte-sized coefficients (1e9–1e12) next to microsecond costs made HiGHS
-/// declare wrong optima, and right-hand sides near 1e6 made its postsolve violate rows.
-const ROW_UNITS: f64 = 1024.0;
+/// Memory rows are written in GiB (at most, see `row_unit`): byte-sized coefficients (1e9–1e12)
+/// next to microsecond costs made HiGHS declare wrong optima.
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// How a memory row meets its capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Caps {
     /// The capacity plus half a byte: every byte-exact fit is allowed, so HiGHS' dual bound is a
     /// bound of the real problem (a relaxation of it; HiGHS' row tolerance, 1e-6 of a row unit,
-    /// only relaxes it further, and a plan it lets overflow is caught by the exact check).
+    /// about 1 KiB, only relaxes it further, and a plan it lets overflow is caught by the exact
+    /// check).
     Exact,
-    /// A margin of 2 ppm + 1 byte kept back, so tolerances (integrality 1e-6, rows) can never let
-    /// through an overflow; used only when the exact solve's plan overflowed by rounding.
+    /// A margin kept back so HiGHS' tolerances (integrality 1e-6, rows 1e-6 of a row unit) can
+    /// never let through an overflow; used only when the exact solve's plan overflowed by rounding.
     Margin,
 }
 
-/// Bytes → row units of device `b`.
-fn row_unit(inst: &Instance, b: usize) -> f64 {
-    inst.caps[b].max(1) as f64 / ROW_UNITS
+/// Bytes → row units: GiB, or the largest capacity when that is smaller (then HiGHS' row tolerance
+/// stays far below a byte: kilobyte instances need it). The same for every row: per-row units made
+/// HiGHS much slower.
+fn row_unit(inst: &Instance, _b: usize) -> f64 {
+    let largest = inst.caps.iter().copied().max().unwrap_or(1).max(1) as f64;
+    largest.min(GIB)
 }
 
 fn row_cap(inst: &Instance, b: usize, caps: Caps) -> f64 {
     let cap = inst.caps[b] as f64;
+    let unit = row_unit(inst, b);
     let bytes = match caps {
         Caps::Exact => cap + 0.5,
-        Caps::Margin => (cap - 2e-6 * cap - 1.0).max(0.0),
+        // Integrality (1e-6 of a unit's bytes) and row (1e-6 of a row unit) tolerances, doubled.
+        Caps::Margin => (cap - 2e-6 * cap - 2e-6 * unit - 1.0).max(0.0),
     };
-    bytes / row_unit(inst, b)
+    bytes / unit
 }
 
 /// Build and solve the MIP, warm-started from `start` when it is feasible. The bound is HiGHS'
@@ -180,8 +185,33 @@ fn solve_once(
     started: Instant,
 ) -> Result<Once, Error> {
     let model = || build(inst, start, opts, caps, main_rule, started);
+    let first = model();
+    if let Some(i) = first
+        .x_col
+        .iter()
+        .position(|row| row.iter().all(Option::is_none))
+    {
+        // A unit that fits no device it may use: infeasible, and HiGHS (an empty model) has no
+        // solution status to read.
+        return Ok(Once {
+            result: MipResult {
+                assignment: None,
+                objective_seconds: f64::INFINITY,
+                bound_seconds: f64::INFINITY,
+                gap: f64::INFINITY,
+                status: format!("Infeasible (unit {:?} fits no device)", inst.names[i]),
+                optimal: false,
+                proven_infeasible: true,
+                timed_out: false,
+                elapsed: started.elapsed(),
+                size: (first.cols.len(), first.constraints.len()),
+            },
+            rounded_overflow: false,
+            main_rule_broken: false,
+        });
+    }
     // With the main-GPU rows, presolve is off (see `solve`).
-    let first = run_highs(model(), inst, start, opts, started, !main_rule);
+    let first = run_highs(first, inst, start, opts, started, !main_rule);
     match first {
         // HiGHS' presolve can return a plan that violates a row and then fail the solve: solve
         // once more without it.
@@ -432,7 +462,7 @@ impl<'a> Builder<'a> {
         self.objective = Expression::from(t);
     }
 
-    /// Memory rows per device (in its row units, see [`ROW_UNITS`]): the units' bytes there;
+    /// Memory rows per device (in row units, see `row_unit`): the units' bytes there;
     /// on the main GPU also the largest streamed unit (`s`) and the streamed units' bytes on it;
     /// on the cpu the largest disk unit; tied storages on every device holding a member but not
     /// the owner (`y ≥ x[m][b] − x[o][b]`).
