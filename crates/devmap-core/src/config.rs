@@ -100,7 +100,9 @@ impl ModelConfig {
     }
     /// `model_type`, when present.
     pub fn model_type(&self) -> Option<&str> {
-        self.raw.get("model_type").and_then(serde_json::Value::as_str)
+        self.raw
+            .get("model_type")
+            .and_then(serde_json::Value::as_str)
     }
     /// `architectures` (the class names `save_pretrained` recorded), in order.
     pub fn architectures(&self) -> Vec<&str> {

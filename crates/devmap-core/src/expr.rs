@@ -29,9 +29,7 @@ pub fn eval(text: &str, lookup: &dyn Lookup, depth: usize) -> Result<i64, String
         lookup,
         depth,
     };
-    let v = p
-        .sum(0)
-        .map_err(|e| format!("expression {text:?}: {e}"))?;
+    let v = p.sum(0).map_err(|e| format!("expression {text:?}: {e}"))?;
     p.skip_ws();
     if p.pos != text.len() {
         return Err(format!(
@@ -46,7 +44,11 @@ pub fn eval(text: &str, lookup: &dyn Lookup, depth: usize) -> Result<i64, String
 /// Python's `//` (rounds toward negative infinity), as the generator computed the values.
 fn floor_div(a: i64, b: i64) -> Option<i64> {
     let q = a.checked_div(b)?;
-    Some(if a % b != 0 && ((a < 0) != (b < 0)) { q - 1 } else { q })
+    Some(if a % b != 0 && ((a < 0) != (b < 0)) {
+        q - 1
+    } else {
+        q
+    })
 }
 
 struct Parser<'a> {
@@ -111,7 +113,9 @@ impl<'a> Parser<'a> {
             }
             Some(b'-') => {
                 self.pos += 1;
-                self.atom(nest)?.checked_neg().ok_or_else(|| "overflow".into())
+                self.atom(nest)?
+                    .checked_neg()
+                    .ok_or_else(|| "overflow".into())
             }
             Some(c) if c.is_ascii_digit() => {
                 let digits = self.take(|b| b.is_ascii_digit());
@@ -166,7 +170,10 @@ mod tests {
     fn arithmetic_and_paths() {
         let c = cfg();
         assert_eq!(eval("hidden_size/num_attention_heads/2", &c, 0), Ok(8));
-        assert_eq!(eval("2 * (text_config.intermediate_size + 4)", &c, 0), Ok(352));
+        assert_eq!(
+            eval("2 * (text_config.intermediate_size + 4)", &c, 0),
+            Ok(352)
+        );
         assert_eq!(eval("7/2", &c, 0), Ok(3));
         assert_eq!(eval("-7/2", &c, 0), Ok(-4));
         assert_eq!(eval("7/(0-2)", &c, 0), Ok(-4));

@@ -56,8 +56,8 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use load::{load_model, load_model_with, Loaded};
 pub use manifest::Manifest;
-pub use registry::Registry;
 pub use model::{
     Model, ModelBuilder, Module, ModuleId, Node, SizeRules, Tensor, TensorId, TensorKind,
 };
+pub use registry::Registry;
 pub use validate::{validate, Problem, Report};

@@ -58,7 +58,13 @@ pub fn load_model_with(path: &Path, registry: &Registry) -> Result<Loaded> {
                 );
                 from_checkpoint(dir, read_index(&index)?, config, registry, vec![note])
             }
-            None => from_checkpoint(path, vec![Header::read(path)?], config, registry, Vec::new()),
+            None => from_checkpoint(
+                path,
+                vec![Header::read(path)?],
+                config,
+                registry,
+                Vec::new(),
+            ),
         };
     }
     if name.ends_with(".index.json") {
@@ -190,7 +196,9 @@ fn from_checkpoint(
                         notes,
                     });
                 }
-                Err(reason) => misfit = Some(format!("registry class {}: {reason}", template.class())),
+                Err(reason) => {
+                    misfit = Some(format!("registry class {}: {reason}", template.class()))
+                }
             }
         }
     }

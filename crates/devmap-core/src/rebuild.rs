@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::expr::{self, Lookup};
 use crate::model::{ModelBuilder, TensorKind, TensorSpec};
 use crate::registry::{
-    ClassLine, Conversion, DescribedTensor, Dim, Op, Registry, Rebuilt, Repeat, Select,
+    ClassLine, Conversion, DescribedTensor, Dim, Op, Rebuilt, Registry, Repeat, Select,
     TensorEntry, TreeNode,
 };
 
@@ -330,7 +330,12 @@ impl Walk<'_> {
     }
 
     /// The count from config.json (or the class default), else the checkpoint's indices.
-    fn repeat_count(&self, r: &Repeat, path: &str, scope: &Scope) -> std::result::Result<u64, String> {
+    fn repeat_count(
+        &self,
+        r: &Repeat,
+        path: &str,
+        scope: &Scope,
+    ) -> std::result::Result<u64, String> {
         match &r.count {
             Some(Dim::Int(n)) => Ok(*n),
             Some(Dim::Expr(e)) => expr::eval(e, scope, 0).and_then(|n| {
@@ -392,7 +397,8 @@ impl Walk<'_> {
         }
     }
 
-    /// The variant whose checkpoint tensors are all present for index `i`, most tensors first.
+    /// The variant whose checkpoint tensors are all present for index `i` (nested repeats
+    /// included), trying the variants with the most tensors first.
     fn variant_by_checkpoint(
         &self,
         r: &Repeat,
@@ -401,25 +407,77 @@ impl Walk<'_> {
         idx: &mut Vec<u64>,
         key_base: &str,
     ) -> Fit<usize> {
-        idx.push(i);
         let child = join(path, &i.to_string());
-        let mut needs: Vec<(usize, Vec<String>)> = r
-            .variants
-            .iter()
-            .enumerate()
-            .map(|(v, node)| {
-                let mut keys = Vec::new();
-                required_keys(node, &child, idx, key_base, &mut keys);
-                (v, keys)
-            })
-            .collect();
+        let mut order: Vec<usize> = (0..r.variants.len()).collect();
+        order.sort_by_key(|&v| (std::cmp::Reverse(tensor_entries(&r.variants[v])), v));
+        idx.push(i);
+        let found = order
+            .into_iter()
+            .find(|&v| self.fits(&r.variants[v], &child, idx, key_base));
         idx.pop();
-        needs.sort_by_key(|(v, keys)| (std::cmp::Reverse(keys.len()), *v));
-        needs
-            .iter()
-            .find(|(_, keys)| keys.iter().all(|k| self.has_key(k)))
-            .map(|(v, _)| *v)
-            .ok_or_else(|| format!("no variant of {path:?} fits the checkpoint tensors of index {i}"))
+        found.ok_or_else(|| {
+            format!("no variant of {path:?} fits the checkpoint tensors of index {i}")
+        })
+    }
+
+    /// Whether every checkpoint tensor `node` needs at `path` is present (refs and aliases are
+    /// left to the walk).
+    fn fits(&self, node: &TreeNode, path: &str, idx: &mut Vec<u64>, key_base: &str) -> bool {
+        let tensors_present = node.p.iter().chain(&node.b).all(|e| match e {
+            TensorEntry::Plain(n) => self.has_key(&join(path, n)),
+            TensorEntry::Described(d) => {
+                let own = join(path, &d.n);
+                match &d.src {
+                    Some(src) => {
+                        self.has_key(&own)
+                            || src
+                                .keys
+                                .iter()
+                                .flatten()
+                                .all(|t| self.has_key(&join(key_base, &fill_indices(t, idx))))
+                    }
+                    None => !d.ckpt || self.has_key(&own),
+                }
+            }
+        });
+        if !tensors_present {
+            return false;
+        }
+        let children_fit = node.m.iter().all(|c| {
+            c.reference.is_some()
+                || c.alias.is_some()
+                || self.fits(c, &join(path, &c.n), idx, key_base)
+        });
+        children_fit
+            && node
+                .repeat
+                .as_ref()
+                .map_or(true, |r| self.repeat_fits(r, path, idx, key_base))
+    }
+
+    /// A nested repeat fits when every index has a variant that fits (count from the checkpoint
+    /// when no config field is given: a nested count rarely comes from config.json).
+    fn repeat_fits(&self, r: &Repeat, path: &str, idx: &mut Vec<u64>, key_base: &str) -> bool {
+        let count = match &r.count {
+            Some(Dim::Int(n)) => *n,
+            _ => self.checkpoint_indices(path),
+        };
+        (0..count).all(|i| {
+            let child = join(path, &i.to_string());
+            idx.push(i);
+            let ok = match &r.select {
+                Select::All { variant } => r
+                    .variants
+                    .get(*variant)
+                    .is_some_and(|v| self.fits(v, &child, idx, key_base)),
+                _ => r
+                    .variants
+                    .iter()
+                    .any(|v| self.fits(v, &child, idx, key_base)),
+            };
+            idx.pop();
+            ok
+        })
     }
 
     /// A key template with `{e}` matches when any index is present.
@@ -438,7 +496,8 @@ impl Walk<'_> {
             .take_while(|(k, _)| k.starts_with(pre))
             .filter_map(|(k, _)| {
                 let rest = &k[pre.len()..];
-                let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+                let digits =
+                    rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
                 let n = rest[..digits].parse::<u64>().ok()?;
                 (&rest[digits..] == post).then(|| (n, k.clone()))
             })
@@ -462,6 +521,10 @@ impl Walk<'_> {
         };
         let name = join(path, &d.n);
         if let Some(src) = &d.src {
+            // A checkpoint saved in transformers 5's own layout already holds the model key.
+            if self.ckpt.contains_key(&name) {
+                return Ok(self.from_checkpoint(name, kind));
+            }
             return Ok(self.converted(name, kind, src, idx, key_base));
         }
         if d.ckpt {
@@ -491,12 +554,17 @@ impl Walk<'_> {
         scope: &Scope,
     ) -> Result<Slot> {
         let class = scope.line.class.as_str();
-        let dtype_name = d
-            .dtype
-            .as_deref()
-            .ok_or_else(|| self.bad_line(class, format!("tensor {:?} has ckpt:false and no dtype", d.n)))?;
+        let dtype_name = d.dtype.as_deref().ok_or_else(|| {
+            self.bad_line(
+                class,
+                format!("tensor {:?} has ckpt:false and no dtype", d.n),
+            )
+        })?;
         let dtype = DType::parse(dtype_name).map_err(|_| {
-            self.bad_line(class, format!("tensor {:?} has unknown dtype {dtype_name:?}", d.n))
+            self.bad_line(
+                class,
+                format!("tensor {:?} has unknown dtype {dtype_name:?}", d.n),
+            )
         })?;
         let mut shape = Vec::new();
         for dim in d.shape.as_deref().unwrap_or_default() {
@@ -592,29 +660,17 @@ fn fill_indices(template: &str, idx: &[u64]) -> String {
     out
 }
 
-/// The checkpoint keys a variant needs at `path` (plain tensors and conversion sources; nested
-/// repeats and refs are left to the walk).
-fn required_keys(node: &TreeNode, path: &str, idx: &[u64], key_base: &str, out: &mut Vec<String>) {
-    for e in node.p.iter().chain(&node.b) {
-        match e {
-            TensorEntry::Plain(n) => out.push(join(path, n)),
-            TensorEntry::Described(d) => match &d.src {
-                Some(src) => out.extend(
-                    src.keys
-                        .iter()
-                        .flatten()
-                        .map(|t| join(key_base, &fill_indices(t, idx))),
-                ),
-                None if d.ckpt => out.push(join(path, &d.n)),
-                None => {}
-            },
-        }
-    }
-    for child in &node.m {
-        if child.reference.is_none() && child.alias.is_none() {
-            required_keys(child, &join(path, &child.n), idx, key_base, out);
-        }
-    }
+/// Tensor entries in a subtree, every variant of nested repeats included: the order in which
+/// checkpoint selection tries variants (the fullest first, so T5's block 0 with its relative
+/// attention bias is not taken for a plain block).
+fn tensor_entries(node: &TreeNode) -> usize {
+    node.p.len()
+        + node.b.len()
+        + node.m.iter().map(tensor_entries).sum::<usize>()
+        + node
+            .repeat
+            .as_ref()
+            .map_or(0, |r| r.variants.iter().map(tensor_entries).sum())
 }
 
 /// The shape after a conversion's ops (`None` when the parts do not fit together).
@@ -722,7 +778,11 @@ fn tie_holds(
     config
         .get_path(&path)
         .and_then(serde_json::Value::as_bool)
-        .or_else(|| line.defaults.get(&path).and_then(serde_json::Value::as_bool))
+        .or_else(|| {
+            line.defaults
+                .get(&path)
+                .and_then(serde_json::Value::as_bool)
+        })
         .unwrap_or(false)
 }
 
@@ -766,7 +826,10 @@ fn expand_aliases(params: Vec<Slot>, groups: &mut Vec<Vec<String>>) -> Vec<Slot>
 }
 
 /// An alias module takes its target's class, and its target's submodules repeat under it.
-fn alias_modules(modules: Vec<(String, String)>, aliases: &[(String, String)]) -> Vec<(String, String)> {
+fn alias_modules(
+    modules: Vec<(String, String)>,
+    aliases: &[(String, String)],
+) -> Vec<(String, String)> {
     if aliases.is_empty() {
         return modules;
     }
@@ -777,7 +840,10 @@ fn alias_modules(modules: Vec<(String, String)>, aliases: &[(String, String)]) -
             out.push((name.clone(), class.clone()));
             continue;
         };
-        out.push((name.clone(), classes.get(target).cloned().unwrap_or_default()));
+        out.push((
+            name.clone(),
+            classes.get(target).cloned().unwrap_or_default(),
+        ));
         let prefix = format!("{target}.");
         for (m, c) in modules.iter().filter(|(m, _)| m.starts_with(&prefix)) {
             out.push((format!("{name}.{}", &m[prefix.len()..]), c.clone()));

@@ -78,8 +78,12 @@ impl Registry {
             reason,
         };
         let first = text.split('\n').next().unwrap_or_default();
-        let header: HeaderLine = serde_json::from_str(first)
-            .map_err(|e| bad(1, format!("header: {e} (expected {{\"format\":\"{REGISTRY_FORMAT}\",...}})")))?;
+        let header: HeaderLine = serde_json::from_str(first).map_err(|e| {
+            bad(
+                1,
+                format!("header: {e} (expected {{\"format\":\"{REGISTRY_FORMAT}\",...}})"),
+            )
+        })?;
         if header.format != REGISTRY_FORMAT {
             return Err(bad(
                 1,
@@ -151,9 +155,11 @@ impl Registry {
             }
         }
         let classes = self.by_model_type.get(config.model_type()?)?;
-        classes
-            .iter()
-            .find_map(|c| self.lines.get_key_value(c.as_str()).map(|(k, _)| k.as_str()))
+        classes.iter().find_map(|c| {
+            self.lines
+                .get_key_value(c.as_str())
+                .map(|(k, _)| k.as_str())
+        })
     }
 
     /// The template of the class config.json names, if the registry knows it.
