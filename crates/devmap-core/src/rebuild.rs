@@ -38,7 +38,6 @@ pub(crate) fn rebuild(
         .collect();
     let mut walk = Walk {
         registry,
-        class: &line.class,
         ckpt: &ckpt,
         used: HashSet::new(),
         modules: Vec::new(),
@@ -198,7 +197,6 @@ type Fit<T = ()> = std::result::Result<T, String>;
 
 struct Walk<'a> {
     registry: &'a Registry,
-    class: &'a str,
     ckpt: &'a BTreeMap<String, TensorSpec>,
     used: HashSet<String>,
     modules: Vec<(String, String)>,
@@ -275,7 +273,7 @@ impl Walk<'_> {
     ) -> Result<Fit> {
         if depth >= MAX_REF_DEPTH {
             return Err(self.bad_line(
-                self.class,
+                &scope.line.class,
                 format!("more than {MAX_REF_DEPTH} nested refs (a cycle?) at {path:?}"),
             ));
         }

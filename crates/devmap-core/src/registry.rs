@@ -306,11 +306,30 @@ pub(crate) struct TreeNode {
 }
 
 /// A parameter or buffer entry: a plain name (in the checkpoint) or a description.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub(crate) enum TensorEntry {
     Plain(String),
     Described(DescribedTensor),
+}
+
+// By hand rather than `untagged`: serde's untagged error ("did not match any variant") would
+// hide which field of a described tensor is wrong.
+impl<'de> Deserialize<'de> for TensorEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(name) => Ok(TensorEntry::Plain(name)),
+            v @ serde_json::Value::Object(_) => {
+                let name = v.get("n").map(|n| n.to_string()).unwrap_or_default();
+                serde_json::from_value(v)
+                    .map(TensorEntry::Described)
+                    .map_err(|e| D::Error::custom(format!("tensor {name}: {e}")))
+            }
+            other => Err(D::Error::custom(format!(
+                "a tensor entry must be a name or an object, not {other}"
+            ))),
+        }
+    }
 }
 
 /// A tensor the checkpoint does not hold under its model key.
