@@ -743,7 +743,11 @@ fn tie(
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut targets = Vec::new();
     for t in &line.tied {
-        if !tie_holds(line, config, t.when.as_ref()) {
+        if !t
+            .when
+            .as_ref()
+            .map_or(true, |c| c.holds(config, &line.defaults))
+        {
             continue;
         }
         let (Some(&ti), Some(&si)) = (position.get(&t.t), position.get(&t.s)) else {
@@ -761,27 +765,6 @@ fn tie(
         targets.push(t.t.clone());
     }
     (groups.into_values().collect(), targets)
-}
-
-/// `t`'s tie flag: config.json at the sub-config path, else the class default, else false.
-fn tie_holds(
-    line: &ClassLine,
-    config: &ModelConfig,
-    when: Option<&crate::registry::TieCondition>,
-) -> bool {
-    let Some(cond) = when else {
-        return true;
-    };
-    let path = join(&cond.cfg, &cond.field);
-    config
-        .get_path(&path)
-        .and_then(serde_json::Value::as_bool)
-        .or_else(|| {
-            line.defaults
-                .get(&path)
-                .and_then(serde_json::Value::as_bool)
-        })
-        .unwrap_or(false)
 }
 
 fn renamed(spec: &TensorSpec, name: &str) -> TensorSpec {

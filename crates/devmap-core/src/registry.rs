@@ -270,15 +270,130 @@ pub(crate) struct Tie {
     pub t: String,
     pub s: String,
     #[serde(rename = "if", default)]
-    pub when: Option<TieCondition>,
+    pub when: Option<Condition>,
 }
 
-/// The sub-config (`""` = top level) and boolean field that decide a tie.
-#[derive(Debug, Clone, Deserialize)]
-pub(crate) struct TieCondition {
-    #[serde(default)]
-    pub cfg: String,
-    pub field: String,
+/// When a tie holds, over config.json (the generator probed the config class, so its
+/// `__init__` quirks are in the condition).
+#[derive(Debug, Clone)]
+pub(crate) enum Condition {
+    Const(bool),
+    /// The boolean at `path`, else `default`.
+    Field {
+        path: String,
+        default: bool,
+    },
+    Any(Vec<Condition>),
+    All(Vec<Condition>),
+    /// The row whose values (true/false/absent) equal config.json's picks the result.
+    Table {
+        fields: Vec<String>,
+        rows: Vec<Vec<Option<bool>>>,
+    },
+    /// The first file's form `{"cfg": SUB, "field": F}`: the default comes from `defaults`.
+    Legacy {
+        path: String,
+    },
+}
+
+impl Condition {
+    /// Evaluate against `config`; `defaults` serves the legacy form.
+    pub(crate) fn holds(
+        &self,
+        config: &ModelConfig,
+        defaults: &serde_json::Map<String, serde_json::Value>,
+    ) -> bool {
+        let flag = |path: &str| config.get_path(path).and_then(serde_json::Value::as_bool);
+        match self {
+            Condition::Const(b) => *b,
+            Condition::Field { path, default } => flag(path).unwrap_or(*default),
+            Condition::Any(cs) => cs.iter().any(|c| c.holds(config, defaults)),
+            Condition::All(cs) => cs.iter().all(|c| c.holds(config, defaults)),
+            Condition::Table { fields, rows } => {
+                let key: Vec<Option<bool>> = fields.iter().map(|f| flag(f)).collect();
+                rows.iter()
+                    .find(|row| row[..fields.len()] == key[..])
+                    .is_some_and(|row| row[fields.len()] == Some(true))
+            }
+            Condition::Legacy { path } => flag(path)
+                .or_else(|| defaults.get(path).and_then(serde_json::Value::as_bool))
+                .unwrap_or(false),
+        }
+    }
+
+    fn from_json(v: &serde_json::Value) -> std::result::Result<Condition, String> {
+        use serde_json::Value;
+        let bad = || format!("tie condition {v} is not true/false/field/any/all/table");
+        let list = |x: &Value| -> std::result::Result<Vec<Condition>, String> {
+            x.as_array()
+                .ok_or_else(bad)?
+                .iter()
+                .map(Condition::from_json)
+                .collect()
+        };
+        let Value::Object(m) = v else {
+            return v.as_bool().map(Condition::Const).ok_or_else(bad);
+        };
+        if let Some(x) = m.get("any") {
+            return list(x).map(Condition::Any);
+        }
+        if let Some(x) = m.get("all") {
+            return list(x).map(Condition::All);
+        }
+        if let Some(t) = m.get("table") {
+            return Condition::table(t)
+                .ok_or_else(|| format!("tie condition table {t} is malformed"));
+        }
+        let field = m.get("field").and_then(Value::as_str).ok_or_else(bad)?;
+        if let Some(cfg) = m.get("cfg").and_then(Value::as_str) {
+            let path = if cfg.is_empty() {
+                field.to_string()
+            } else {
+                format!("{cfg}.{field}")
+            };
+            return Ok(Condition::Legacy { path });
+        }
+        let default = m.get("default").and_then(Value::as_bool).ok_or_else(bad)?;
+        Ok(Condition::Field {
+            path: field.to_string(),
+            default,
+        })
+    }
+
+    fn table(t: &serde_json::Value) -> Option<Condition> {
+        let fields: Vec<String> = t
+            .get("fields")?
+            .as_array()?
+            .iter()
+            .map(|f| f.as_str().map(str::to_string))
+            .collect::<Option<_>>()?;
+        let rows = t
+            .get("rows")?
+            .as_array()?
+            .iter()
+            .map(|r| {
+                let cells = r.as_array().filter(|c| c.len() == fields.len() + 1)?;
+                cells
+                    .iter()
+                    .map(|c| {
+                        if c.is_null() {
+                            Some(None)
+                        } else {
+                            c.as_bool().map(Some)
+                        }
+                    })
+                    .collect::<Option<Vec<_>>>()
+            })
+            .collect::<Option<_>>()?;
+        Some(Condition::Table { fields, rows })
+    }
+}
+
+impl<'de> Deserialize<'de> for Condition {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Condition::from_json(&v).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A module of the tree.
@@ -413,6 +528,61 @@ mod tests {
         assert_eq!(class_of_line(r#"{"model_type":"llama","class":"X"}"#), None);
         assert_eq!(class_of_line(r#"{"class":"","x":1}"#), None);
         assert_eq!(class_of_line(r#"{"class":"A\"B","x":1}"#), None);
+    }
+
+    fn cond(json: &str) -> Condition {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn cfg(json: &str) -> ModelConfig {
+        ModelConfig {
+            raw: serde_json::from_str(json).unwrap(),
+        }
+    }
+
+    #[test]
+    fn tie_conditions_read_config_json_as_transformers_does() {
+        let none = serde_json::Map::new();
+        let llama = cond(r#"{"field":"tie_word_embeddings","default":false}"#);
+        assert!(!llama.holds(&cfg("{}"), &none));
+        assert!(llama.holds(&cfg(r#"{"tie_word_embeddings":true}"#), &none));
+        // llava: the text tower's flag is copied up when the top level is false.
+        let llava = cond(
+            r#"{"any":[{"field":"tie_word_embeddings","default":false},{"field":"text_config.tie_word_embeddings","default":false}]}"#,
+        );
+        assert!(llava.holds(
+            &cfg(r#"{"text_config":{"tie_word_embeddings":true}}"#),
+            &none
+        ));
+        assert!(!llava.holds(&cfg(r#"{"text_config":{}}"#), &none));
+        assert!(cond("true").holds(&cfg("{}"), &none));
+        let table = cond(
+            r#"{"table":{"fields":["a","b"],"rows":[[true,null,true],[false,false,true],[null,null,false]]}}"#,
+        );
+        assert!(table.holds(&cfg(r#"{"a":true}"#), &none));
+        assert!(table.holds(&cfg(r#"{"a":false,"b":false}"#), &none));
+        assert!(!table.holds(&cfg("{}"), &none));
+        // A non-boolean counts as absent; no matching row is false.
+        assert!(!table.holds(&cfg(r#"{"a":"yes","b":true}"#), &none));
+        let legacy = cond(r#"{"cfg":"text_config","field":"tie_word_embeddings"}"#);
+        let defaults: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"text_config.tie_word_embeddings":true}"#).unwrap();
+        assert!(legacy.holds(&cfg("{}"), &defaults));
+        assert!(!legacy.holds(
+            &cfg(r#"{"text_config":{"tie_word_embeddings":false}}"#),
+            &defaults
+        ));
+        for bad in [
+            r#"{"field":1}"#,
+            r#"{"any":3}"#,
+            r#"{"table":{"fields":["a"],"rows":[[true]]}}"#,
+            "7",
+        ] {
+            let e = serde_json::from_str::<Condition>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("tie condition"), "{bad}: {e}");
+        }
     }
 
     #[test]
