@@ -1,5 +1,7 @@
-//! The registry's expression grammar: integers, dotted config paths, `+ - * /` (integer
-//! division), parentheses. Used for tensor shapes and repeat counts that a checkpoint does not say.
+//! The registry's expression grammar: numbers, dotted config paths, `+ - * /`, parentheses,
+//! computed in floating point and truncated to an integer at the end (config fields such as
+//! `partial_rotary_factor` are fractions). Used for tensor shapes and repeat counts that a
+//! checkpoint does not say.
 //!
 //! Values are looked up through a [`Lookup`] (config.json, then the class defaults, then derived
 //! expressions): parsing never touches the config, so the grammar is checked on its own.
@@ -10,14 +12,24 @@ const MAX_DEPTH: usize = 32;
 
 /// A value source for config paths.
 pub trait Lookup {
-    /// The integer at `path`, `Ok(None)` when the config has no value there, `Err` with a reason
-    /// when the path resolves to something that is not an integer (or a derived expression fails).
-    fn value(&self, path: &str, depth: usize) -> Result<Option<i64>, String>;
+    /// The number at `path`, `Ok(None)` when the config has no value there, `Err` with a reason
+    /// when the path resolves to something that is not a number (or a derived expression fails).
+    fn value(&self, path: &str, depth: usize) -> Result<Option<f64>, String>;
 }
 
-/// Evaluate `text` with config paths resolved by `lookup`; `depth` counts derived indirections.
-/// Errors name the expression and what failed.
+/// Evaluate `text` with config paths resolved by `lookup`, truncated toward zero; `depth` counts
+/// derived indirections. Errors name the expression and what failed.
 pub fn eval(text: &str, lookup: &dyn Lookup, depth: usize) -> Result<i64, String> {
+    let v = eval_f64(text, lookup, depth)?;
+    // Beyond 2^53 a float no longer holds every integer: no tensor dimension gets there.
+    if v.abs() >= 9.0e15 {
+        return Err(format!("expression {text:?}: {v} is out of range"));
+    }
+    Ok(v.trunc() as i64)
+}
+
+/// Evaluate `text` without truncating (a derived path keeps its fraction).
+pub fn eval_f64(text: &str, lookup: &dyn Lookup, depth: usize) -> Result<f64, String> {
     if depth > MAX_DEPTH {
         return Err(format!(
             "expression {text:?}: more than {MAX_DEPTH} nested derived paths"
@@ -38,17 +50,10 @@ pub fn eval(text: &str, lookup: &dyn Lookup, depth: usize) -> Result<i64, String
             p.pos
         ));
     }
+    if !v.is_finite() {
+        return Err(format!("expression {text:?}: the result is not finite"));
+    }
     Ok(v)
-}
-
-/// Python's `//` (rounds toward negative infinity), as the generator computed the values.
-fn floor_div(a: i64, b: i64) -> Option<i64> {
-    let q = a.checked_div(b)?;
-    Some(if a % b != 0 && ((a < 0) != (b < 0)) {
-        q - 1
-    } else {
-        q
-    })
 }
 
 struct Parser<'a> {
@@ -68,36 +73,31 @@ impl<'a> Parser<'a> {
         self.skip_ws();
         self.src.as_bytes().get(self.pos).copied()
     }
-    fn sum(&mut self, nest: usize) -> Result<i64, String> {
+    fn sum(&mut self, nest: usize) -> Result<f64, String> {
         let mut v = self.product(nest)?;
         while let Some(op @ (b'+' | b'-')) = self.peek() {
             self.pos += 1;
             let r = self.product(nest)?;
-            v = if op == b'+' {
-                v.checked_add(r)
-            } else {
-                v.checked_sub(r)
-            }
-            .ok_or("overflow")?;
+            v = if op == b'+' { v + r } else { v - r };
         }
         Ok(v)
     }
-    fn product(&mut self, nest: usize) -> Result<i64, String> {
+    fn product(&mut self, nest: usize) -> Result<f64, String> {
         let mut v = self.atom(nest)?;
         while let Some(op @ (b'*' | b'/')) = self.peek() {
             self.pos += 1;
             let r = self.atom(nest)?;
             v = if op == b'*' {
-                v.checked_mul(r).ok_or("overflow")?
-            } else if r == 0 {
+                v * r
+            } else if r == 0.0 {
                 return Err("division by zero".into());
             } else {
-                floor_div(v, r).ok_or("overflow")?
+                v / r
             };
         }
         Ok(v)
     }
-    fn atom(&mut self, nest: usize) -> Result<i64, String> {
+    fn atom(&mut self, nest: usize) -> Result<f64, String> {
         match self.peek() {
             Some(b'(') => {
                 if nest >= MAX_DEPTH {
@@ -113,15 +113,13 @@ impl<'a> Parser<'a> {
             }
             Some(b'-') => {
                 self.pos += 1;
-                self.atom(nest)?
-                    .checked_neg()
-                    .ok_or_else(|| "overflow".into())
+                Ok(-self.atom(nest)?)
             }
             Some(c) if c.is_ascii_digit() => {
-                let digits = self.take(|b| b.is_ascii_digit());
+                let digits = self.take(|b| b.is_ascii_digit() || b == b'.');
                 digits
-                    .parse::<i64>()
-                    .map_err(|_| format!("integer {digits} is too large"))
+                    .parse::<f64>()
+                    .map_err(|_| format!("{digits:?} is not a number"))
             }
             Some(c) if c.is_ascii_alphabetic() || c == b'_' => {
                 let path = self.take(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
@@ -151,18 +149,19 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    struct Map(HashMap<&'static str, i64>);
+    struct Map(HashMap<&'static str, f64>);
     impl Lookup for Map {
-        fn value(&self, path: &str, _: usize) -> Result<Option<i64>, String> {
+        fn value(&self, path: &str, _: usize) -> Result<Option<f64>, String> {
             Ok(self.0.get(path).copied())
         }
     }
 
     fn cfg() -> Map {
         Map(HashMap::from([
-            ("hidden_size", 64),
-            ("num_attention_heads", 4),
-            ("text_config.intermediate_size", 172),
+            ("hidden_size", 64.0),
+            ("num_attention_heads", 4.0),
+            ("text_config.intermediate_size", 172.0),
+            ("rope_parameters.partial_rotary_factor", 0.25),
         ]))
     }
 
@@ -174,9 +173,19 @@ mod tests {
             eval("2 * (text_config.intermediate_size + 4)", &c, 0),
             Ok(352)
         );
+        // Floating point, truncated at the end only (as the generator computes).
         assert_eq!(eval("7/2", &c, 0), Ok(3));
-        assert_eq!(eval("-7/2", &c, 0), Ok(-4));
-        assert_eq!(eval("7/(0-2)", &c, 0), Ok(-4));
+        assert_eq!(eval("7/2*2", &c, 0), Ok(7));
+        assert_eq!(eval("-7/2", &c, 0), Ok(-3));
+        assert_eq!(
+            eval(
+                "hidden_size/num_attention_heads*rope_parameters.partial_rotary_factor/2",
+                &c,
+                0
+            ),
+            Ok(2)
+        );
+        assert_eq!(eval("1.5*4", &c, 0), Ok(6));
         assert_eq!(eval("10-2-3", &c, 0), Ok(5));
         assert_eq!(eval("42", &c, 0), Ok(42));
     }
@@ -190,8 +199,8 @@ mod tests {
             ("(1+2", "missing ')'"),
             ("1 $ 2", "unexpected"),
             ("4/0", "division by zero"),
-            ("99999999999999999999", "too large"),
-            ("9223372036854775807*2", "overflow"),
+            ("1.2.3", "not a number"),
+            ("99999999999999999999", "out of range"),
         ] {
             let e = eval(text, &c, 0).unwrap_err();
             assert!(e.contains(text) && e.contains(want), "{text}: {e}");

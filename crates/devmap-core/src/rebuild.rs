@@ -98,7 +98,7 @@ pub(crate) fn rebuild(
     if !unknown_shapes.is_empty() {
         let names: Vec<&str> = unknown_shapes.iter().map(String::as_str).collect();
         notes.push(format!(
-            "the registry gives no shape for {} of {}: counted as 0 bytes",
+            "the registry gives no shape for {} of {} at this config: sized at the class defaults where it has them, else 0 bytes",
             list_names(&names),
             line.class
         ));
@@ -158,31 +158,25 @@ struct Scope<'a> {
 }
 
 impl Lookup for Scope<'_> {
-    fn value(&self, path: &str, depth: usize) -> std::result::Result<Option<i64>, String> {
+    fn value(&self, path: &str, depth: usize) -> std::result::Result<Option<f64>, String> {
         let full = format!("{}{path}", self.prefix);
         if let Some(v) = self.config.get_path(&full) {
-            return as_integer(v)
+            return v
+                .as_f64()
                 .map(Some)
-                .ok_or_else(|| format!("config.json {full} is {v}, not an integer"));
+                .ok_or_else(|| format!("config.json {full} is {v}, not a number"));
         }
         match self.line.defaults.get(path) {
-            Some(serde_json::Value::Null) => match self.line.derived.get(path) {
-                Some(text) => expr::eval(text, self, depth + 1).map(Some),
+            Some(serde_json::Value::Null) | None => match self.line.derived.get(path) {
+                Some(text) => expr::eval_f64(text, self, depth + 1).map(Some),
                 None => Ok(None),
             },
-            Some(v) => as_integer(v)
+            Some(v) => v
+                .as_f64()
                 .map(Some)
-                .ok_or_else(|| format!("default of {path} is {v}, not an integer")),
-            None => Ok(None),
+                .ok_or_else(|| format!("default of {path} is {v}, not a number")),
         }
     }
-}
-
-fn as_integer(v: &serde_json::Value) -> Option<i64> {
-    v.as_i64().or_else(|| {
-        let f = v.as_f64()?;
-        (f.fract() == 0.0 && f.abs() < 9.0e15).then_some(f as i64)
-    })
 }
 
 fn join(path: &str, name: &str) -> String {
@@ -230,11 +224,13 @@ impl Walk<'_> {
             return self.reference(class, node, path, idx, scope, depth);
         }
         if let Some(target) = &node.alias {
+            // Relative to the node holding the `ref`, like `src` templates.
+            let target = join(key_base, target);
             self.modules.push((path.to_string(), String::new()));
             self.aliases.push((path.to_string(), target.clone()));
             self.params.push(Slot::Alias {
                 path: path.to_string(),
-                target: target.clone(),
+                target,
             });
             return Ok(Ok(()));
         }
@@ -564,24 +560,15 @@ impl Walk<'_> {
                 format!("tensor {:?} has unknown dtype {dtype_name:?}", d.n),
             )
         })?;
-        let mut shape = Vec::new();
-        for dim in d.shape.as_deref().unwrap_or_default() {
-            let value = match dim {
-                Dim::Int(n) => Some(*n),
-                Dim::Expr(e) if e == "?" => None,
-                Dim::Expr(e) => expr::eval(e, scope, 0)
-                    .ok()
-                    .and_then(|n| u64::try_from(n).ok()),
-            };
-            match value {
-                Some(v) => shape.push(v),
-                None => {
-                    self.unknown_shapes.push(name.clone());
-                    shape = vec![0];
-                    break;
-                }
+        let shape = match self.shape(d, scope) {
+            Some(shape) => shape,
+            None => {
+                // `"?"` (or a config without the fields): the size at the class defaults if the
+                // registry has it, else nothing; either way the tensor exists and gets a device.
+                self.unknown_shapes.push(name.clone());
+                d.shape_default.clone().unwrap_or_else(|| vec![0])
             }
-        }
+        };
         Ok(Slot::Ready(TensorSpec {
             name,
             dtype,
@@ -589,6 +576,22 @@ impl Walk<'_> {
             kind,
             source: None,
         }))
+    }
+
+    /// Every dimension of a described tensor, `None` if one is unknown.
+    fn shape(&self, d: &DescribedTensor, scope: &Scope) -> Option<Vec<u64>> {
+        d.shape
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|dim| match dim {
+                Dim::Int(n) => Some(*n),
+                Dim::Expr(e) if e == "?" => None,
+                Dim::Expr(e) => expr::eval(e, scope, 0)
+                    .ok()
+                    .and_then(|n| u64::try_from(n).ok()),
+            })
+            .collect()
     }
 
     /// A tensor transformers builds on load from other checkpoint keys.

@@ -457,6 +457,9 @@ pub(crate) struct DescribedTensor {
     pub dtype: Option<String>,
     #[serde(default)]
     pub shape: Option<Vec<Dim>>,
+    /// The shape at the class defaults, for `"?"` dimensions.
+    #[serde(default)]
+    pub shape_default: Option<Vec<u64>>,
     #[serde(default)]
     pub src: Option<Conversion>,
 }

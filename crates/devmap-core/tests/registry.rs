@@ -19,7 +19,7 @@ const TINY_BASE: &str = r#"{"class":"TinyModel","model_type":"tiny","no_split":[
 
 /// Layers chosen by `layer_types`, blocks chosen by which tensors the checkpoint holds (the first
 /// block alone has a bias, as T5's first block alone has a relative attention bias), an alias.
-const TINY_HYBRID: &str = r#"{"class":"TinyHybrid","model_type":"tiny_hybrid","no_split":["Full","Lin"],"tree":{"n":"","c":"TinyHybrid","m":[{"n":"embed","c":"Embedding","p":["weight"]},{"n":"embed_again","alias":"embed"},{"n":"layers","c":"ModuleList","repeat":{"count":"num_layers","select":{"by":"list","field":"layer_types","values":{"full":0,"lin":1}},"variants":[{"n":"{i}","c":"Full","p":["attn"]},{"n":"{i}","c":"Lin","p":["conv"]}]}},{"n":"blocks","c":"ModuleList","repeat":{"count":null,"select":{"by":"checkpoint"},"variants":[{"n":"{i}","c":"Block","p":["w"]},{"n":"{i}","c":"Block","p":["w","bias"]}]}}]}}"#;
+const TINY_HYBRID: &str = r#"{"class":"TinyHybrid","model_type":"tiny_hybrid","no_split":["Full","Lin"],"tree":{"n":"","c":"TinyHybrid","b":[{"n":"freq","ckpt":false,"dtype":"F32","shape":["rope.factor*8"]},{"n":"pos","ckpt":false,"dtype":"I64","shape":[1,"?"],"shape_default":[1,577]}],"m":[{"n":"embed","c":"Embedding","p":["weight"]},{"n":"embed_again","alias":"embed"},{"n":"layers","c":"ModuleList","repeat":{"count":"num_layers","select":{"by":"list","field":"layer_types","values":{"full":0,"lin":1}},"variants":[{"n":"{i}","c":"Full","p":["attn"]},{"n":"{i}","c":"Lin","p":["conv"]}]}},{"n":"blocks","c":"ModuleList","repeat":{"count":null,"select":{"by":"checkpoint"},"variants":[{"n":"{i}","c":"Block","p":["w"]},{"n":"{i}","c":"Block","p":["w","bias"]}]}}]}}"#;
 
 fn registry_text() -> String {
     [HEADER, TINY_LM, TINY_BASE, TINY_HYBRID].join("\n") + "\n"
@@ -243,8 +243,7 @@ fn a_checkpoint_in_the_fused_layout_keeps_its_keys() {
 #[test]
 fn variants_follow_layer_types_and_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let config =
-        r#"{"architectures":["TinyHybrid"],"num_layers":3,"layer_types":["lin","full","lin"]}"#;
+    let config = r#"{"architectures":["TinyHybrid"],"num_layers":3,"layer_types":["lin","full","lin"],"rope":{"factor":0.25}}"#;
     let path = folder(
         dir.path(),
         &[
@@ -259,8 +258,13 @@ fn variants_follow_layer_types_and_the_checkpoint() {
         config,
     );
     let loaded = load_model_with(&path, &registry()).unwrap();
-    assert!(loaded.notes.is_empty(), "{:?}", loaded.notes);
+    // `pos` has an unknown dimension: sized at the class defaults, and said so.
+    assert_eq!(loaded.notes.len(), 1, "{:?}", loaded.notes);
+    assert!(loaded.notes[0].contains("\"pos\"") && loaded.notes[0].contains("class defaults"));
     let m = &loaded.model;
+    assert_eq!(tensor(m, "pos").shape, vec![1, 577]);
+    // A fractional config field: 0.25 * 8.
+    assert_eq!(tensor(m, "freq").shape, vec![2]);
     let class = |name: &str| match m.node(name) {
         Some(Node::Module(id)) => m.module(id).class.clone(),
         other => panic!("{name}: {other:?}"),
