@@ -743,6 +743,34 @@ def declared_default(config_cls, field: str):
     return value if not callable(value) and not isinstance(value, property) else None
 
 
+def fill_unset_sizes(config) -> list[str]:
+    """Give None sizes the values transformers usually derives (head_dim = hidden/heads, KV heads
+    = heads, vocab 32000); returns the paths set, recorded on the line as `config_filled`."""
+    from transformers import PretrainedConfig
+
+    filled = []
+
+    def walk(cfg, path):
+        rules = {
+            "head_dim": lambda c: c.hidden_size // c.num_attention_heads,
+            "num_key_value_heads": lambda c: c.num_attention_heads,
+            "vocab_size": lambda c: 32000,
+        }
+        for key, rule in rules.items():
+            if key in vars(cfg) and getattr(cfg, key) is None:
+                try:
+                    setattr(cfg, key, rule(cfg))
+                    filled.append(join(path, key))
+                except (AttributeError, TypeError, ZeroDivisionError):
+                    pass
+        for key, value in list(vars(cfg).items()):
+            if isinstance(value, PretrainedConfig):
+                walk(value, join(path, key))
+
+    walk(config, "")
+    return filled
+
+
 def record_class(model_type: str, class_name: str) -> dict:
     """Build one class on the meta device and return its registry line (as a dict)."""
     import torch
@@ -756,8 +784,17 @@ def record_class(model_type: str, class_name: str) -> dict:
     if own is not None and not isinstance(config, own):
         # e.g. Llama4ForCausalLM takes the text sub-config, not the composite Llama4Config
         config = own()
-    with torch.device("meta"):
-        model = cls(config)
+    filled: list[str] = []
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except (TypeError, AttributeError, ValueError):
+        # Some config classes default a size to None and expect config.json to set it.
+        filled = fill_unset_sizes(config)
+        if not filled:
+            raise
+        with torch.device("meta"):
+            model = cls(config)
     model.eval()
     shapes_b, config_b = second_build(cls, config)
     rec = Recorder(model, config, shapes_b, config_b)
@@ -782,6 +819,8 @@ def record_class(model_type: str, class_name: str) -> dict:
     }
     if derived:
         line["derived"] = derived
+    if filled:
+        line["config_filled"] = filled
     line["tree"] = tree
     return {"line": line, "notes": rec.notes}
 
