@@ -105,8 +105,9 @@ def sub_config_paths(config) -> dict[int, str]:
     return paths
 
 
-def int_fields(config) -> dict[str, int]:
-    """Every integer (not bool) config field, by dotted path, sub-configs included."""
+def int_fields(config) -> dict:
+    """Every integer (not bool) config field, by dotted path, sub-configs included, and the
+    rotary fractions (floats) the shape expressions may also use."""
     from transformers import PretrainedConfig
 
     out: dict[str, int] = {}
@@ -120,6 +121,29 @@ def int_fields(config) -> dict[str, int]:
                 walk(value, full, depth + 1)
             elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 out[full] = value
+
+    walk(config, "", 0)
+    out.update(rotary_fractions(config))
+    return out
+
+
+def rotary_fractions(config) -> dict[str, float]:
+    """Float fields that scale rotary dimensions (`partial_rotary_factor`, `rotary_pct`)."""
+    from transformers import PretrainedConfig
+
+    out: dict[str, float] = {}
+
+    def walk(cfg, path: str, depth: int) -> None:
+        for key, value in vars(cfg).items():
+            full = f"{path}.{key}" if path else key
+            if isinstance(value, PretrainedConfig) and depth < 3:
+                walk(value, full, depth + 1)
+            elif isinstance(value, float) and 0 < value < 1 and ("rotary" in key or "partial" in key):
+                out[full] = value
+            elif isinstance(value, dict) and key.startswith("rope"):
+                for sub, inner in value.items():
+                    if isinstance(inner, float) and 0 < inner < 1 and ("rotary" in sub or "partial" in sub):
+                        out[f"{full}.{sub}"] = inner
 
     walk(config, "", 0)
     return out
@@ -145,7 +169,7 @@ def list_fields(config) -> dict[str, list]:
 
 # Fields preferred when several have the value a dimension needs (most specific first).
 PREFERRED_FIELDS = [
-    "head_dim", "max_position_embeddings", "hidden_size", "num_attention_heads",
+    "head_dim", "hidden_size", "num_attention_heads", "max_position_embeddings",
     "num_key_value_heads", "intermediate_size", "vocab_size", "d_model", "d_kv", "n_positions",
     "num_hidden_layers", "num_experts", "image_size", "patch_size", "num_channels",
 ]
@@ -159,41 +183,126 @@ def field_rank(path: str, scope: str) -> tuple:
     return (in_scope, pref, len(path), path)
 
 
-def fit_dim(value: int, fields: dict[str, int], scope: str):
-    """An expression over config fields equal to `value`, or the integer itself.
+def candidate_exprs(value: int, fields: dict, scope: str):
+    """Expressions over config fields equal to `value` on `fields`, simplest first.
 
-    Tried in order: small constants, one field, field/2, field/field, field/field/2, field*2.
-    With one config the choice among equal values follows `field_rank`.
+    Forms: one field, field/2, field/field, field/field/2, field*2, field*fraction/2,
+    field/field*fraction/2 (partial rotary), field/field*field/field(+1) (patch grids). Among
+    equal forms, fields of the tensor's own sub-config and PREFERRED_FIELDS come first.
     """
-    if value <= 2:
+    ints = {p: v for p, v in fields.items() if isinstance(v, int)}
+    fracs = [p for p, v in fields.items() if isinstance(v, float)]
+    ranked = sorted(ints, key=lambda p: field_rank(p, scope))
+    few = ranked[:60]
+    pairs = [(a, b) for a in few for b in few if a != b and ints[b] > 1]
+    yield from (p for p in ranked if ints[p] == value)
+    yield from (f"{p}/2" for p in ranked if ints[p] == 2 * value)
+    for f in fracs:
+        yield from (f"{p}*{f}/2" for p in few if int(ints[p] * fields[f]) // 2 == value)
+    # Pairs from one sub-config first (vision sizes divide by vision head counts), and head counts
+    # before other divisors: they divide sizes far more often than anything else does.
+    def group_of(ab):
+        same = ab[0].rpartition(".")[0] == ab[1].rpartition(".")[0]
+        return (not same, "heads" not in ab[1].rpartition(".")[2])
+
+    for key in sorted({group_of(ab) for ab in pairs}):
+        group = [ab for ab in pairs if group_of(ab) == key]
+        yield from (f"{a}/{b}" for a, b in group if ints[a] == value * ints[b])
+        yield from (f"{a}/{b}/2" for a, b in group if ints[a] == 2 * value * ints[b])
+        for f in fracs:
+            yield from (f"{a}/{b}*{f}/2" for a, b in group if int(ints[a] // ints[b] * fields[f]) // 2 == value)
+        yield from (f"{a}/{b}/4" for a, b in group if ints[a] == 4 * value * ints[b])
+    yield from (f"{p}*2" for p in ranked if 2 * ints[p] == value)
+    for a in few:
+        for b in few:
+            if a != b and ints[b] > 1 and ints[a] % ints[b] == 0:
+                grid = (ints[a] // ints[b]) ** 2
+                if grid == value:
+                    yield f"({a}/{b})*({a}/{b})"
+                elif grid + 1 == value:
+                    yield f"({a}/{b})*({a}/{b})+1"
+
+
+def eval_expr(expr: str, fields: dict):
+    """Value of an expression (`+ - * /`, usual precedence, in floats, truncated at the end), or
+    None if a path is absent. The Rust reader evaluates the same way (docs/formats.md)."""
+    tokens = re.findall(r"[A-Za-z_][A-Za-z0-9_.]*|\d+|[-+*/()]", expr)
+    values = []
+    for tok in tokens:
+        if tok[0].isalpha() or tok[0] == "_":
+            if tok not in fields:
+                return None
+            values.append(str(float(fields[tok])))
+        else:
+            values.append(tok)
+    try:
+        return int(eval("".join(values), {"__builtins__": {}}))  # noqa: S307 - tokens are numbers/operators
+    except ZeroDivisionError:
+        return None
+
+
+_fit_cache: dict = {}
+
+
+def fit_dim(value: int, fields: dict, scope: str, value_b=None, fields_b=None):
+    """Memoized `fit_dim_uncached` (the same rotary buffer recurs in every layer)."""
+    key = (value, id(fields), scope, value_b, id(fields_b))
+    if key not in _fit_cache:
+        _fit_cache[key] = fit_dim_uncached(value, fields, scope, value_b, fields_b)
+    return _fit_cache[key]
+
+
+def fit_dim_uncached(value: int, fields: dict, scope: str, value_b=None, fields_b=None):
+    """An expression over config fields for one dimension of a tensor the checkpoint lacks.
+
+    With a second build (`value_b` on `fields_b`, sizes scaled), an expression must give both
+    values; a dimension that did not change and matches no field is a constant; otherwise "?".
+    With one build only, small values are constants and the first candidate is taken.
+    """
+    if fields_b is None:
+        return value if value <= 2 else next(candidate_exprs(value, fields, scope), value)
+    if value <= 2 and value == value_b:
         return value
-    ranked = sorted(fields, key=lambda p: field_rank(p, scope))
-    for path in ranked:
-        if fields[path] == value:
-            return path
-    for path in ranked:
-        if fields[path] == 2 * value:
-            return f"{path}/2"
-    ranked_small = ranked[:60]
-    for a in ranked_small:
-        for b in ranked_small:
-            if a != b and fields[b] > 1 and fields[a] == value * fields[b]:
-                return f"{a}/{b}"
-    for a in ranked_small:
-        for b in ranked_small:
-            if a != b and fields[b] > 1 and fields[a] == 2 * value * fields[b]:
-                return f"{a}/{b}/2"
-    for path in ranked:
-        if 2 * fields[path] == value:
-            return f"{path}*2"
-    return value
+    for expr in candidate_exprs(value, fields, scope):
+        if eval_expr(expr, fields_b) == value_b:
+            return expr
+    return value if value == value_b else "?"
+
+
+SCALED_SUFFIXES = ("hidden_size", "intermediate_size", "_dim", "max_position_embeddings", "_positions",
+                   "d_model", "d_ff", "d_kv", "n_embd", "n_inner", "image_size", "_head_dim")
+
+
+def scaled_config(config, shrink_layers: bool = False):
+    """A copy of `config` with its size fields (hidden, intermediate, head and position sizes)
+    doubled: ratios such as hidden_size/num_attention_heads stay valid, so the model still builds,
+    and an expression that fits both builds follows the config rather than a coincidence."""
+    import copy
+
+    from transformers import PretrainedConfig
+
+    scaled = copy.deepcopy(config)
+
+    def walk(cfg, depth):
+        for key, value in list(vars(cfg).items()):
+            if isinstance(value, PretrainedConfig) and depth < 3:
+                walk(value, depth + 1)
+            elif (shrink_layers and isinstance(value, int) and not isinstance(value, bool) and value > 2
+                  and any(word in key for word in LAYER_COUNT_WORDS) and "num" in key or key == "n_layer"):
+                setattr(cfg, key, 2)
+            elif (isinstance(value, int) and not isinstance(value, bool) and value > 1
+                  and key.endswith(SCALED_SUFFIXES) and "patch" not in key):
+                setattr(cfg, key, 2 * value)
+
+    walk(scaled, 0)
+    return scaled
 
 
 def expr_paths(expr) -> list[str]:
     """Config paths an expression refers to."""
     if not isinstance(expr, str):
         return []
-    return [tok for tok in re.split(r"[+\-*/() ]+", expr) if tok and not tok.isdigit()]
+    return [tok for tok in re.split(r"[+\-*/() ]+", expr) if tok and not tok.isdigit() and tok != "?"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +364,9 @@ def map_checkpoint_to_model(ckpt_keys, model_keys: set[str], model):
         return {}
     prefix = getattr(model, "base_model_prefix", None) or None
     sources: dict[str, dict] = {}
+    meta_state = dict.fromkeys(model_keys, 1)
     for ckpt_key in sorted(ckpt_keys):
-        target, pattern = rename_source_key(ckpt_key, renamings, converters, prefix, dict.fromkeys(model_keys, 1))
+        target, pattern = rename_source_key(ckpt_key, renamings, converters, prefix, meta_state)
         if target == ckpt_key and pattern is None:
             continue
         conv = next((c for c in converters if pattern is not None and pattern in c.source_patterns), None)
@@ -307,11 +417,13 @@ def apply_ops(groups: list[list[tuple]], ops: list[dict]):
 class Recorder:
     """Walks one built model and produces the registry's nodes (see docs/formats.md)."""
 
-    def __init__(self, model, config):
+    def __init__(self, model, config, shapes_b=None, config_b=None):
         from transformers import PreTrainedModel
 
         self.model = model
         self.config = config
+        self.shapes_b = shapes_b
+        self.fields_b = int_fields(config_b) if config_b is not None else None
         self.config_paths = sub_config_paths(config)
         self.fields = int_fields(config)
         self.lists = list_fields(config)
@@ -346,7 +458,13 @@ class Recorder:
             entry["persistent"] = False
         entry["dtype"] = DTYPE_NAMES.get(str(tensor.dtype).replace("torch.", ""), str(tensor.dtype))
         scope = self.scope_of(full.rsplit(".", 1)[0] if "." in full else "")
-        shape = [fit_dim(int(d), self.fields, scope) for d in tensor.shape]
+        shape_b = self.shapes_b.get(digits_to_template(full)) if self.shapes_b is not None else None
+        if shape_b is None or len(shape_b) != len(tensor.shape):
+            shape = [fit_dim(int(d), self.fields, scope) for d in tensor.shape]
+        else:
+            shape = [fit_dim(int(d), self.fields, scope, int(b), self.fields_b) for d, b in zip(tensor.shape, shape_b)]
+        if "?" in shape:
+            entry["shape_default"] = [int(d) for d in tensor.shape]
         for dim in shape:
             self.used_paths.update(expr_paths(dim))
         entry["shape"] = shape
@@ -420,10 +538,14 @@ class Recorder:
         if not candidates:
             return None
 
+        words = {w for seg in path.split(".") for w in seg.split("_") if len(w) > 2}
+
         def rank(p):
             leaf = p.rsplit(".", 1)[-1]
             layerish = 0 if "layers" in leaf else (1 if "layer" in leaf or "depth" in leaf or "blocks" in leaf else 2)
-            return (layerish, field_rank(p, scope))
+            # `decoder.block` counts `num_decoder_layers`, `encoder.layers` `encoder_layers`...
+            shared = -len(words & set(leaf.split("_")))
+            return (layerish, shared, field_rank(p, scope))
 
         best = sorted(candidates, key=rank)[0]
         self.used_paths.add(best)
@@ -478,7 +600,7 @@ def template_key(key: str, indices: list[int]) -> str:
 
 
 def tied_entries(model, config_paths) -> list[dict]:
-    """Every tie the model can make, with the config field deciding it."""
+    """Every tie the model can make, with the condition on config.json deciding it."""
     from transformers import PreTrainedModel
 
     out = []
@@ -496,31 +618,111 @@ def tied_entries(model, config_paths) -> list[dict]:
                 cfg.tie_word_embeddings = old
             else:
                 delattr(cfg, "tie_word_embeddings")
-        cond = {"cfg": config_paths.get(id(cfg), ""), "field": "tie_word_embeddings"}
+        cond = tie_condition(type(model.config), config_paths.get(id(cfg), ""), model.config)
         for target, source in mapping.items():
             out.append({"t": join(prefix, target), "s": join(prefix, source), "if": cond})
     unique = {(e["t"], e["s"]): e for e in out}
     return list(unique.values())
 
 
-def defaults_for(config, paths: set[str]) -> tuple[dict, dict]:
+TIE = "tie_word_embeddings"
+_tie_cache: dict = {}
+
+
+def tie_condition(config_cls, scope: str, config):
+    """How transformers decides `tie_word_embeddings` for the sub-config at `scope`.
+
+    Probes the config class: builds it from config.json-like dicts with the flag absent, true or
+    false at the top level, in `text_config` and at `scope`, and reads the flag where
+    `get_expanded_tied_weights_keys` does (`getattr(config, "tie_word_embeddings", False)`).
+    The result is the smallest condition that reproduces every probe (see docs/formats.md).
+    """
+    key = (config_cls, scope)
+    if key not in _tie_cache:
+        fields = [TIE]
+        for sub in [scope, "text_config"]:
+            if sub and hasattr(config, sub.split(".")[0]) and join(sub, TIE) not in fields:
+                fields.append(join(sub, TIE))
+        rows = probe_tie(config_cls, scope, fields)
+        _tie_cache[key] = simplest_condition(fields, rows)
+    return _tie_cache[key]
+
+
+def probe_tie(config_cls, scope: str, fields: list[str]) -> list[list]:
+    import itertools
+
+    rows = []
+    for values in itertools.product([None, True, False], repeat=len(fields)):
+        data: dict = {}
+        for path, value in zip(fields, values):
+            if value is None:
+                continue
+            obj = data
+            parts = path.split(".")
+            for part in parts[:-1]:
+                obj = obj.setdefault(part, {})
+            obj[parts[-1]] = value
+        try:
+            built = config_cls.from_dict(data)
+            target = built
+            for part in [p for p in scope.split(".") if p]:
+                target = getattr(target, part)
+            rows.append(list(values) + [bool(getattr(target, TIE, False))])
+        except Exception:  # noqa: BLE001 - a combination the class rejects is no evidence
+            continue
+    return rows
+
+
+def simplest_condition(fields: list[str], rows: list[list]):
+    """true/false, one field with a default, or the probe table itself."""
+    results = {r[-1] for r in rows}
+    if len(results) == 1:
+        return results.pop()
+    for n, path in enumerate(fields):
+        absent = [r[-1] for r in rows if r[n] is None]
+        if len(set(absent)) != 1:
+            continue
+        default = absent[0]
+        if all(r[-1] == (default if r[n] is None else r[n]) for r in rows):
+            return {"field": path, "default": default}
+    import itertools
+
+    def value(row, n, default):
+        return default if row[n] is None else row[n]
+
+    for a, b in itertools.combinations(range(len(fields)), 2):
+        for da, db in itertools.product([False, True], repeat=2):
+            for kind, join_op in (("any", any), ("all", all)):
+                if all(r[-1] == join_op([value(r, a, da), value(r, b, db)]) for r in rows):
+                    return {kind: [{"field": fields[a], "default": da}, {"field": fields[b], "default": db}]}
+    return {"table": {"fields": fields, "rows": rows}}
+
+
+def defaults_for(config, paths: set[str], config_b=None) -> tuple[dict, dict]:
     """The config classes' defaults for `paths`, and expressions for computed ones."""
     defaults: dict = {}
     derived: dict = {}
     fields = int_fields(config)
+    fields_b = int_fields(config_b) if config_b is not None else None
     for path in sorted(paths):
         obj = config
         parts = path.split(".")
         for part in parts[:-1]:
-            obj = getattr(obj, part, None)
+            obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
         leaf = parts[-1]
+        if isinstance(obj, dict):
+            defaults[path] = obj.get(leaf)
+            continue
         value = getattr(obj, leaf, None) if obj is not None else None
         declared = declared_default(type(obj), leaf) if obj is not None else value
         if declared is None and isinstance(value, int) and not isinstance(value, bool):
             defaults[path] = None
             scope = ".".join(parts[:-1])
             others = {p: v for p, v in fields.items() if p != path}
-            expr = fit_dim(value, others, scope)
+            if fields_b is not None and path in fields_b:
+                expr = fit_dim(value, others, scope, fields_b[path], fields_b)
+            else:
+                expr = fit_dim(value, others, scope)
             derived[path] = expr
         else:
             defaults[path] = value if isinstance(value, (int, float, str, bool, list)) or value is None else str(value)
@@ -541,6 +743,34 @@ def declared_default(config_cls, field: str):
     return value if not callable(value) and not isinstance(value, property) else None
 
 
+def fill_unset_sizes(config) -> list[str]:
+    """Give None sizes the values transformers usually derives (head_dim = hidden/heads, KV heads
+    = heads, vocab 32000); returns the paths set, recorded on the line as `config_filled`."""
+    from transformers import PretrainedConfig
+
+    filled = []
+
+    def walk(cfg, path):
+        rules = {
+            "head_dim": lambda c: c.hidden_size // c.num_attention_heads,
+            "num_key_value_heads": lambda c: c.num_attention_heads,
+            "vocab_size": lambda c: 32000,
+        }
+        for key, rule in rules.items():
+            if key in vars(cfg) and getattr(cfg, key) is None:
+                try:
+                    setattr(cfg, key, rule(cfg))
+                    filled.append(join(path, key))
+                except (AttributeError, TypeError, ZeroDivisionError):
+                    pass
+        for key, value in list(vars(cfg).items()):
+            if isinstance(value, PretrainedConfig):
+                walk(value, join(path, key))
+
+    walk(config, "")
+    return filled
+
+
 def record_class(model_type: str, class_name: str) -> dict:
     """Build one class on the meta device and return its registry line (as a dict)."""
     import torch
@@ -548,21 +778,38 @@ def record_class(model_type: str, class_name: str) -> dict:
     from transformers import AutoConfig
 
     cls = getattr(transformers, class_name)
+    _fit_cache.clear()  # keyed by id() of per-class dicts
     config = AutoConfig.for_model(model_type)
-    with torch.device("meta"):
-        model = cls(config)
+    own = getattr(cls, "config_class", None)
+    if own is not None and not isinstance(config, own):
+        # e.g. Llama4ForCausalLM takes the text sub-config, not the composite Llama4Config
+        config = own()
+    filled: list[str] = []
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except (TypeError, AttributeError, ValueError):
+        # Some config classes default a size to None and expect config.json to set it.
+        filled = fill_unset_sizes(config)
+        if not filled:
+            raise
+        with torch.device("meta"):
+            model = cls(config)
     model.eval()
-    rec = Recorder(model, config)
+    shapes_b, config_b = second_build(cls, config)
+    rec = Recorder(model, config, shapes_b, config_b)
     tree = rec.node(model, "", "", [])
     tied = tied_entries(model, rec.config_paths)
-    for entry in tied:
-        cfg = entry["if"]["cfg"]
-        rec.used_paths.add(join(cfg, "tie_word_embeddings"))
-    defaults, derived = defaults_for(config, rec.used_paths)
+    defaults, derived = defaults_for(config, rec.used_paths, config_b)
+    extra = {p for expr in derived.values() for p in expr_paths(expr)} - set(defaults)
+    if extra:
+        more, _ = defaults_for(config, extra, config_b)
+        defaults = dict(sorted({**defaults, **more}.items()))
     line = {
         "class": class_name,
         "model_type": model_type,
         "config_class": type(config).__name__,
+        "config_model_type": getattr(config, "model_type", model_type) or model_type,
         "base_model_prefix": getattr(model, "base_model_prefix", "") or "",
         "no_split": sorted(model._no_split_modules or []),
         "keep_in_fp32": sorted(model._keep_in_fp32_modules or []),
@@ -572,8 +819,41 @@ def record_class(model_type: str, class_name: str) -> dict:
     }
     if derived:
         line["derived"] = derived
+    if filled:
+        line["config_filled"] = filled
     line["tree"] = tree
     return {"line": line, "notes": rec.notes}
+
+
+LAYER_COUNT_WORDS = ("layers", "layer", "depth", "n_layer")
+
+
+def second_build(cls, config):
+    """Shapes of the class built at `scaled_config`, by key template (digits -> `{i}`), or
+    (None, None) when it cannot be built.
+
+    Layer counts are cut to 2 first (the shapes of one layer are those of all), then, if the config
+    refuses that (e.g. `layer_types` must match), kept."""
+    import torch
+
+    for shrink in (True, False):
+        try:
+            config_b = scaled_config(config, shrink_layers=shrink)
+            with torch.device("meta"):
+                model_b = cls(config_b)
+            break
+        except Exception:  # noqa: BLE001 - then try unshrunk, and finally fit on one build only
+            continue
+    else:
+        return None, None
+    shapes: dict = {}
+    for key, tensor in [*model_b.named_parameters(remove_duplicate=False), *model_b.named_buffers(remove_duplicate=False)]:
+        shapes.setdefault(digits_to_template(key), tuple(tensor.shape))
+    return shapes, config_b
+
+
+def digits_to_template(key: str) -> str:
+    return ".".join("{i}" if part.isdigit() else part for part in key.split("."))
 
 
 def on_timeout(signum, frame):
@@ -616,6 +896,62 @@ def failure_reason(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def prefixed(node: dict, prefix: str) -> dict:
+    """A copy of `node` whose full-key strings (src templates, alias paths) start with `prefix`."""
+    out = {}
+    for key, value in node.items():
+        if key == "alias":
+            out[key] = join(prefix, value)
+        elif key == "src":
+            out[key] = dict(value, keys=[[join(prefix, k) for k in group] for group in value["keys"]])
+        elif isinstance(value, dict):
+            out[key] = prefixed(value, prefix)
+        elif isinstance(value, list):
+            out[key] = [prefixed(v, prefix) if isinstance(v, dict) else v for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+def share_subtrees(lines: list[dict]) -> int:
+    """Replace subtrees equal to another class's whole tree by `ref` (keeps the file small).
+
+    Only classes that are never `ref`ed themselves are rewritten, so a ref is one level deep.
+    Returns the number of subtrees replaced.
+    """
+    by_root: dict[str, list[dict]] = defaultdict(list)
+    for line in lines:
+        by_root[line["tree"]["c"]].append(line)
+    replaced = 0
+    referenced: set[str] = set()
+
+    def visit(node: dict, path: str, owner: dict) -> dict:
+        nonlocal replaced
+        for target in by_root.get(node.get("c", ""), []):
+            if target is owner or target["class"] in rewritten or not path:
+                continue
+            candidate = prefixed(dict(target["tree"], n=node["n"]), path)
+            if compact(candidate) == compact(node):
+                replaced += 1
+                referenced.add(target["class"])
+                return {"n": node["n"], "ref": target["class"]}
+        if "m" in node:
+            node = dict(node, m=[visit(child, join(path, child["n"]), owner) for child in node["m"]])
+        return node
+
+    rewritten: set[str] = set()
+    # Largest trees first: a referenced tree is a proper subtree of its referrer, hence smaller,
+    # so it is visited later and then skipped (it stays whole).
+    for line in sorted(lines, key=lambda l: -len(compact(l["tree"]))):
+        if line["class"] in referenced:
+            continue
+        new_tree = visit(line["tree"], "", line)
+        if new_tree is not line["tree"]:
+            line["tree"] = new_tree
+            rewritten.add(line["class"])
+    return replaced
+
+
 def compact(obj) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
@@ -625,6 +961,8 @@ def write_registry(path: str, results: list, elapsed: float) -> dict:
     import transformers
 
     ok = [r for r in results if r[0] == "ok"]
+    shared = share_subtrees([r[3] for r in ok])
+    print(f"{shared} subtrees shared by ref", file=sys.stderr)
     failed = [r for r in results if r[0] == "fail"]
     by_type: dict[str, list[str]] = defaultdict(list)
     for _, model_type, class_name, *_ in ok:
@@ -655,12 +993,47 @@ def write_registry(path: str, results: list, elapsed: float) -> dict:
     return header
 
 
+def check_registry(path: str) -> list[str]:
+    """Problems in a registry file (empty when it keeps the format's promises)."""
+    problems: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    header = json.loads(lines[0])
+    if header.get("format") != FORMAT:
+        problems.append(f"{path}:1: format is {header.get('format')!r}")
+    classes = {}
+    for number, text in enumerate(lines[1:], 2):
+        line = json.loads(text)
+        prefix = '{"class":%s,"model_type":%s,' % (json.dumps(line["class"]), json.dumps(line["model_type"]))
+        if not text.startswith(prefix):
+            problems.append(f"{path}:{number}: does not start with {prefix}")
+        if line["class"] in classes:
+            problems.append(f"{path}:{number}: class {line['class']} repeated")
+        classes[line["class"]] = line
+    for model_type, names in header["by_model_type"].items():
+        problems += [f"{path}: by_model_type {model_type} names absent class {n}" for n in names if n not in classes]
+    for name, line in classes.items():
+        for ref in re.findall(r'"ref":"([^"]+)"', compact(line["tree"])):
+            if ref not in classes or '"ref"' in compact(classes[ref]["tree"]):
+                problems.append(f"{path}: {name} refs {ref}, absent or itself holding refs")
+    if header["classes"] != len(classes):
+        problems.append(f"{path}: header says {header['classes']} classes, file has {len(classes)}")
+    return problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="crates/devmap-core/registry/arch-registry.jsonl")
     parser.add_argument("--only", nargs="*", help="model types or class names to record (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--check", metavar="FILE", help="only check an existing registry file")
     args = parser.parse_args()
+    if args.check:
+        problems = check_registry(args.check)
+        print("\n".join(problems) or f"{args.check}: ok", file=sys.stderr)
+        return 1 if problems else 0
 
     start = time.time()
     items = list_classes(set(args.only) if args.only else None)
@@ -668,17 +1041,21 @@ def main() -> int:
     results = []
     ctx = mp.get_context("fork")
     with ctx.Pool(args.jobs, maxtasksperchild=40) as pool:
-        for n, result in enumerate(pool.imap_unordered(worker, items, chunksize=4), 1):
+        for n, result in enumerate(pool.imap_unordered(worker, items, chunksize=1), 1):
             results.append(result)
             if n % 50 == 0:
                 print(f"  {n}/{len(items)} ({time.time() - start:.0f} s)", file=sys.stderr)
+    order = {name: n for n, (_, name) in enumerate(items)}
+    results.sort(key=lambda r: order[r[2]])
     header = write_registry(args.out, results, time.time() - start)
     size = os.path.getsize(args.out)
     print(f"built {header['classes']} of {len(items)} classes in {time.time() - start:.0f} s; "
           f"{args.out}: {size / 1e6:.2f} MB", file=sys.stderr)
     for reason, count in header["failed"].items():
         print(f"  failed {count:4d}  {reason}", file=sys.stderr)
-    return 0
+    problems = check_registry(args.out)
+    print("\n".join(problems) or "check: ok", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
