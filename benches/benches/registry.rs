@@ -1,8 +1,9 @@
 //! Criterion benches of the architecture registry lookup (the bound: under 1 ms added to
 //! `devmap plan`).
 //!
-//! - `registry/open`: check the header and index every class line of the embedded registry (each
-//!   `devmap` process pays this once).
+//! - `registry/open`: open the embedded registry (header check, build-time line index): what each
+//!   `devmap` process pays once; `registry/parse-file`: the same text opened as an
+//!   `--arch-registry` file is (every line scanned).
 //! - `registry/find/{class}`: look a class up from a config.json and parse its line (and the lines
 //!   it refs).
 //! - `registry/load/examples-tiny-llama/{registry,inference}`: `load_model_with` on the example
@@ -33,7 +34,8 @@ fn registry(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(300));
     let path = Path::new("arch-registry.jsonl");
-    g.bench_function("open", |b| {
+    g.bench_function("open", |b| b.iter(|| Registry::open_embedded().unwrap()));
+    g.bench_function("parse-file", |b| {
         b.iter(|| Registry::parse(Cow::Borrowed(black_box(EMBEDDED)), path).unwrap())
     });
     let reg = Registry::parse(Cow::Borrowed(EMBEDDED), path).unwrap();

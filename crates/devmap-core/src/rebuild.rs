@@ -446,7 +446,7 @@ impl Walk<'_> {
             && node
                 .repeat
                 .as_ref()
-                .map_or(true, |r| self.repeat_fits(r, path, idx, key_base))
+                .is_none_or(|r| self.repeat_fits(r, path, idx, key_base))
     }
 
     /// A nested repeat fits when every index has a variant that fits (count from the checkpoint
@@ -510,24 +510,24 @@ impl Walk<'_> {
         key_base: &str,
     ) -> Result<Slot> {
         let d = match entry {
-            TensorEntry::Plain(n) => return Ok(self.from_checkpoint(join(path, n), kind)),
+            TensorEntry::Plain(n) => return Ok(self.checkpoint_tensor(join(path, n), kind)),
             TensorEntry::Described(d) => d,
         };
         let name = join(path, &d.n);
         if let Some(src) = &d.src {
             // A checkpoint saved in transformers 5's own layout already holds the model key.
             if self.ckpt.contains_key(&name) {
-                return Ok(self.from_checkpoint(name, kind));
+                return Ok(self.checkpoint_tensor(name, kind));
             }
             return Ok(self.converted(name, kind, src, idx, key_base));
         }
         if d.ckpt {
-            return Ok(self.from_checkpoint(name, kind));
+            return Ok(self.checkpoint_tensor(name, kind));
         }
         self.described(name, kind, d, scope)
     }
 
-    fn from_checkpoint(&mut self, name: String, kind: TensorKind) -> Slot {
+    fn checkpoint_tensor(&mut self, name: String, kind: TensorKind) -> Slot {
         match self.ckpt.get(&name) {
             Some(spec) => {
                 self.used.insert(name);
@@ -749,7 +749,7 @@ fn tie(
         if !t
             .when
             .as_ref()
-            .map_or(true, |c| c.holds(config, &line.defaults))
+            .is_none_or(|c| c.holds(config, &line.defaults))
         {
             continue;
         }

@@ -24,6 +24,11 @@ pub const REGISTRY_FORMAT: &str = "devmap-arch-registry/1";
 
 /// The registry compiled into devmap-core.
 const EMBEDDED: &str = include_str!("../registry/arch-registry.jsonl");
+/// Its class lines, indexed by build.rs: (class, 1-based line, start, end).
+const EMBEDDED_INDEX: &[(&str, usize, usize, usize)] =
+    include!(concat!(env!("OUT_DIR"), "/registry_index.rs"));
+
+type LineIndex = HashMap<String, (usize, std::ops::Range<usize>)>;
 const EMBEDDED_NAME: &str = "<embedded crates/devmap-core/registry/arch-registry.jsonl>";
 
 /// An opened registry: its text, header and line index.
@@ -36,7 +41,7 @@ pub struct Registry {
     /// Byte length of the header line: `by_model_type` is parsed only when a lookup needs it.
     header_len: usize,
     /// class name -> (1-based line number, byte range of the line).
-    lines: HashMap<String, (usize, std::ops::Range<usize>)>,
+    lines: LineIndex,
 }
 
 /// What opening needs from line 1 (serde skips the rest without allocating).
@@ -58,10 +63,7 @@ impl Registry {
     pub fn embedded() -> Result<&'static Registry> {
         static REGISTRY: OnceLock<std::result::Result<Registry, String>> = OnceLock::new();
         REGISTRY
-            .get_or_init(|| {
-                Registry::parse(Cow::Borrowed(EMBEDDED), Path::new(EMBEDDED_NAME))
-                    .map_err(|e| e.to_string())
-            })
+            .get_or_init(|| Registry::open_embedded().map_err(|e| e.to_string()))
             .as_ref()
             .map_err(|e| Error::Registry {
                 path: PathBuf::from(EMBEDDED_NAME),
@@ -76,55 +78,32 @@ impl Registry {
         Registry::parse(Cow::Owned(text), path)
     }
 
+    /// Open the embedded file with the line index build.rs computed (no scan of its megabytes);
+    /// uncached: [`Registry::embedded`] opens it once per process.
+    pub fn open_embedded() -> Result<Registry> {
+        let path = Path::new(EMBEDDED_NAME);
+        let (transformers, header_len) = check_header(EMBEDDED, path)?;
+        let lines = EMBEDDED_INDEX
+            .iter()
+            .map(|&(class, line, start, end)| (class.to_string(), (line, start..end)))
+            .collect();
+        Ok(Registry {
+            path: path.to_path_buf(),
+            text: Cow::Borrowed(EMBEDDED),
+            transformers,
+            header_len,
+            lines,
+        })
+    }
+
     /// Check the header and index the class lines; `path` names the file in errors.
     pub fn parse(text: Cow<'static, str>, path: &Path) -> Result<Registry> {
-        let bad = |line: usize, reason: String| Error::Registry {
-            path: path.to_path_buf(),
-            line,
-            reason,
-        };
-        let first = text.split('\n').next().unwrap_or_default();
-        let header: HeaderLine = serde_json::from_str(first).map_err(|e| {
-            bad(
-                1,
-                format!("header: {e} (expected {{\"format\":\"{REGISTRY_FORMAT}\",...}})"),
-            )
-        })?;
-        if header.format != REGISTRY_FORMAT {
-            return Err(bad(
-                1,
-                format!(
-                    "format is {:?}, expected {REGISTRY_FORMAT:?}",
-                    header.format
-                ),
-            ));
-        }
-        let header_len = first.len();
-        let mut lines = HashMap::new();
-        let mut start = header_len + 1;
-        for (i, line) in text.split('\n').enumerate().skip(1) {
-            let range = start..start + line.len();
-            start = range.end + 1;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let class = class_of_line(line).ok_or_else(|| {
-                bad(
-                    i + 1,
-                    "a class line must start with {\"class\":\"<ClassName>\",".to_string(),
-                )
-            })?;
-            if let Some((prev, _)) = lines.insert(class.to_string(), (i + 1, range)) {
-                return Err(bad(
-                    i + 1,
-                    format!("class {class:?} is also on line {prev}"),
-                ));
-            }
-        }
+        let (transformers, header_len) = check_header(&text, path)?;
+        let lines = index_lines(&text, path, header_len)?;
         Ok(Registry {
             path: path.to_path_buf(),
             text,
-            transformers: header.transformers,
+            transformers,
             header_len,
             lines,
         })
@@ -212,6 +191,65 @@ impl Registry {
     pub(crate) fn line_of(&self, class: &str) -> usize {
         self.lines.get(class).map_or(0, |(n, _)| *n)
     }
+}
+
+fn registry_error(path: &Path, line: usize, reason: String) -> Error {
+    Error::Registry {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    }
+}
+
+/// The transformers version and byte length of a valid header line.
+fn check_header(text: &str, path: &Path) -> Result<(String, usize)> {
+    let first = text.split('\n').next().unwrap_or_default();
+    let header: HeaderLine = serde_json::from_str(first).map_err(|e| {
+        registry_error(
+            path,
+            1,
+            format!("header: {e} (expected {{\"format\":\"{REGISTRY_FORMAT}\",...}})"),
+        )
+    })?;
+    if header.format != REGISTRY_FORMAT {
+        return Err(registry_error(
+            path,
+            1,
+            format!(
+                "format is {:?}, expected {REGISTRY_FORMAT:?}",
+                header.format
+            ),
+        ));
+    }
+    Ok((header.transformers, first.len()))
+}
+
+/// class -> (1-based line, byte range) of every class line after the header.
+fn index_lines(text: &str, path: &Path, header_len: usize) -> Result<LineIndex> {
+    let mut lines = HashMap::new();
+    let mut start = header_len + 1;
+    for (i, line) in text.split('\n').enumerate().skip(1) {
+        let range = start..start + line.len();
+        start = range.end + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let class = class_of_line(line).ok_or_else(|| {
+            registry_error(
+                path,
+                i + 1,
+                "a class line must start with {\"class\":\"<ClassName>\",".to_string(),
+            )
+        })?;
+        if let Some((prev, _)) = lines.insert(class.to_string(), (i + 1, range)) {
+            return Err(registry_error(
+                path,
+                i + 1,
+                format!("class {class:?} is also on line {prev}"),
+            ));
+        }
+    }
+    Ok(lines)
 }
 
 /// `X` for a line starting `{"class":"X",`.
@@ -599,8 +637,11 @@ mod tests {
     }
 
     #[test]
-    fn embedded_registry_opens() {
+    fn the_build_time_index_equals_a_scan_of_the_embedded_file() {
         let r = Registry::embedded().unwrap();
         assert!(!r.is_empty());
+        let scanned = Registry::parse(Cow::Borrowed(EMBEDDED), Path::new("scan")).unwrap();
+        assert_eq!(r.lines, scanned.lines);
+        assert_eq!(r.header_len, scanned.header_len);
     }
 }
