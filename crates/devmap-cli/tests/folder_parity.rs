@@ -1,0 +1,395 @@
+//! Data-driven parity on real checkpoint folders: for every folder of `fixtures/folders/` (tiny
+//! sharded checkpoints written by transformers' `save_pretrained`) × scenario × strategy of its
+//! reference (`fixtures/folder-reference/NAME.json`, format devmap-folder-reference/1, made by
+//! `scripts/gen_folder_corpus.py reference`), the `devmap` binary must
+//!
+//! - plan the folder with `--compat transformers` to exactly the map transformers'
+//!   `from_pretrained(folder, device_map=strategy, max_memory=...)` computed (unordered dicts;
+//!   `auto` is planned as `balanced`, which is what transformers does), or refuse where it raised;
+//! - emit maps (that one, and `--strategy auto` where the budgets hold the model) that give a
+//!   device to every key `from_pretrained` checks (`checked_keys`: the built model's state dict);
+//! - accept every reference map with `devmap check FOLDER --map MAP`.
+//!
+//! `DEVMAP_FOLDER_PARITY_REPORT=1 cargo test -p devmap-cli --test folder_parity -- --nocapture`
+//! prints the per-architecture pass table whether or not the test passes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+use serde_json::{Map, Value};
+
+/// The corpus the issue asks for: at least this many checkpoint folders.
+const MIN_FOLDERS: usize = 100;
+/// Threads running the binary (each case is one short process).
+const WORKERS: usize = 4;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn devmap(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_devmap"))
+        .args(args)
+        .output()
+        .expect("the devmap binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_string()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("fixture paths are UTF-8")
+}
+
+/// One reference file, read and checked for the fields the test needs.
+struct Reference {
+    name: String,
+    folder: PathBuf,
+    checked_keys: Vec<String>,
+    runs: Vec<Value>,
+}
+
+fn read_reference(path: &Path) -> Reference {
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        doc["format"],
+        "devmap-folder-reference/1",
+        "{}",
+        path.display()
+    );
+    let name = doc["model"].as_str().expect("model name").to_string();
+    let folder = repo().join("fixtures/folders").join(&name);
+    let checked_keys: Vec<String> = doc["checked_keys"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}: no checked_keys", path.display()))
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        !checked_keys.is_empty(),
+        "{}: empty checked_keys",
+        path.display()
+    );
+    let runs = doc["runs"].as_array().expect("runs").clone();
+    assert!(!runs.is_empty(), "{}: no runs", path.display());
+    Reference {
+        name,
+        folder,
+        checked_keys,
+        runs,
+    }
+}
+
+/// Every folder holds an index and at least two shards: the corpus is what it claims to be.
+fn assert_sharded(folder: &Path) {
+    assert!(
+        folder.join("model.safetensors.index.json").is_file(),
+        "{}: no index",
+        folder.display()
+    );
+    let shards = std::fs::read_dir(folder)
+        .unwrap_or_else(|e| panic!("{}: {e}", folder.display()))
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().ends_with(".safetensors")
+        })
+        .count();
+    assert!(shards >= 2, "{}: {shards} shard(s)", folder.display());
+}
+
+/// accelerate's `max_memory` syntax from the reference's integer budgets.
+fn budget_spec(max_memory: &Value) -> String {
+    max_memory
+        .as_object()
+        .expect("max_memory is an object")
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// accelerate's `check_device_map` rule: a key is covered by `""`, by itself, or by a prefix module.
+fn uncovered<'a>(map: &Map<String, Value>, keys: &'a [String]) -> Vec<&'a str> {
+    if map.contains_key("") {
+        return Vec::new();
+    }
+    keys.iter()
+        .filter(|key| {
+            !map.keys().any(|m| {
+                *key == m
+                    || key
+                        .strip_prefix(m.as_str())
+                        .is_some_and(|r| r.starts_with('.'))
+            })
+        })
+        .map(String::as_str)
+        .collect()
+}
+
+/// The first key (sorted) where two maps disagree, as `key: want X got Y`.
+fn first_difference(want: &Map<String, Value>, got: &Map<String, Value>) -> String {
+    let keys: std::collections::BTreeSet<&String> = want.keys().chain(got.keys()).collect();
+    let differing = keys
+        .iter()
+        .filter(|k| want.get(**k) != got.get(**k))
+        .count();
+    let k = keys
+        .into_iter()
+        .find(|k| want.get(*k) != got.get(*k))
+        .expect("maps differ");
+    let show = |v: Option<&Value>| v.map_or("<absent>".to_string(), Value::to_string);
+    format!(
+        "first differing key {k:?}: want {} got {} ({differing} keys differ)",
+        show(want.get(k)),
+        show(got.get(k))
+    )
+}
+
+/// Plans with `args`; the map, or the first line of the error.
+fn plan_json(folder: &Path, spec: &str, extra: &[&str]) -> Result<Map<String, Value>, String> {
+    let mut args = vec![
+        "plan",
+        path_str(folder),
+        "--max-memory",
+        spec,
+        "--format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let out = devmap(&args);
+    if !out.status.success() {
+        return Err(text(&out.stderr).lines().next().unwrap_or("").to_string());
+    }
+    match serde_json::from_slice::<Value>(&out.stdout) {
+        Ok(Value::Object(m)) => Ok(m),
+        other => Err(format!("stdout is not a JSON object: {other:?}")),
+    }
+}
+
+/// Outcome of one reference run: `Ok` or what went wrong.
+fn check_compat_run(r: &Reference, run: &Value) -> Result<(), String> {
+    let spec = budget_spec(&run["max_memory"]);
+    let strategy = match run["strategy"].as_str().unwrap() {
+        "auto" => "balanced",
+        s => s,
+    };
+    let got = plan_json(
+        &r.folder,
+        &spec,
+        &["--strategy", strategy, "--compat", "transformers"],
+    );
+    let Some(want) = run["device_map"].as_object() else {
+        return match got {
+            Ok(_) => Err(format!(
+                "transformers raised {}, devmap planned",
+                run["error"]
+            )),
+            Err(_) => Ok(()),
+        };
+    };
+    let got = got.map_err(|e| format!("devmap failed: {e}"))?;
+    if &got != want {
+        return Err(first_difference(want, &got));
+    }
+    let missing = uncovered(&got, &r.checked_keys);
+    if !missing.is_empty() {
+        return Err(format!(
+            "map leaves {} keys uncovered, first {:?}",
+            missing.len(),
+            missing[0]
+        ));
+    }
+    Ok(())
+}
+
+/// `--strategy auto` (devmap's own) covers every checked key, where the budgets hold the model.
+fn check_auto_run(r: &Reference, run: &Value, checkpoint_bytes: u64) -> Option<Result<(), String>> {
+    let total: u64 = run["max_memory"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    if total < checkpoint_bytes.saturating_mul(3) / 2 {
+        return None; // the budgets cannot hold the model: refusing is right
+    }
+    let spec = budget_spec(&run["max_memory"]);
+    Some(match plan_json(&r.folder, &spec, &["--strategy", "auto"]) {
+        Err(e) => Err(format!("auto failed: {e}")),
+        Ok(map) => {
+            let missing = uncovered(&map, &r.checked_keys);
+            match missing.first() {
+                None => Ok(()),
+                Some(k) => Err(format!(
+                    "auto leaves {} keys uncovered, first {k:?}",
+                    missing.len()
+                )),
+            }
+        }
+    })
+}
+
+/// `devmap check FOLDER --map REFERENCE` accepts transformers' map.
+fn check_reference_map(r: &Reference, map: &Value, dir: &Path, i: usize) -> Result<(), String> {
+    let file = dir.join(format!("{}-{i}.json", r.name));
+    std::fs::write(&file, map.to_string()).unwrap();
+    let out = devmap(&["check", path_str(&r.folder), "--map", path_str(&file)]);
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = text(&out.stderr);
+    let first = stderr.lines().next().unwrap_or("");
+    Err(format!("devmap check rejects the reference map: {first}"))
+}
+
+/// Pass/total per kind of check for one architecture, and its failing cases.
+#[derive(Default)]
+struct Tally {
+    compat: (usize, usize),
+    auto: (usize, usize),
+    check: (usize, usize),
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn count(
+        slot: &mut (usize, usize),
+        label: String,
+        result: Result<(), String>,
+        fails: &mut Vec<String>,
+    ) {
+        slot.1 += 1;
+        match result {
+            Ok(()) => slot.0 += 1,
+            Err(e) => fails.push(format!("{label}: {e}")),
+        }
+    }
+}
+
+fn run_reference(r: &Reference, checkpoint_bytes: u64, dir: &Path) -> Tally {
+    let mut t = Tally::default();
+    let mut maps: Vec<&Value> = Vec::new();
+    let mut auto_done = std::collections::BTreeSet::new();
+    for run in &r.runs {
+        let scenario = run["scenario"].as_str().unwrap();
+        let label = format!(
+            "{} / {scenario} / {}",
+            r.name,
+            run["strategy"].as_str().unwrap()
+        );
+        Tally::count(
+            &mut t.compat,
+            label,
+            check_compat_run(r, run),
+            &mut t.failures,
+        );
+        if auto_done.insert(scenario.to_string()) {
+            if let Some(result) = check_auto_run(r, run, checkpoint_bytes) {
+                let label = format!("{} / {scenario} / devmap auto", r.name);
+                Tally::count(&mut t.auto, label, result, &mut t.failures);
+            }
+        }
+        if run["device_map"].is_object() && !maps.contains(&&run["device_map"]) {
+            maps.push(&run["device_map"]);
+        }
+    }
+    for (i, map) in maps.into_iter().enumerate() {
+        let label = format!("{} / reference map #{i}", r.name);
+        let result = check_reference_map(r, map, dir, i);
+        Tally::count(&mut t.check, label, result, &mut t.failures);
+    }
+    t
+}
+
+fn reference_files() -> Vec<PathBuf> {
+    let dir = repo().join("fixtures/folder-reference");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn checkpoint_bytes(path: &Path) -> u64 {
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    doc["checkpoint_bytes"].as_u64().expect("checkpoint_bytes")
+}
+
+fn fmt_slot((pass, total): (usize, usize)) -> String {
+    format!("{pass}/{total}")
+}
+
+fn report_table(tallies: &BTreeMap<String, Tally>) -> String {
+    let mut out = String::from("| model | compat = reference | auto covers keys | check accepts reference |\n|---|---|---|---|\n");
+    let mut sum = [(0, 0); 3];
+    for (name, t) in tallies {
+        out += &format!(
+            "| {name} | {} | {} | {} |\n",
+            fmt_slot(t.compat),
+            fmt_slot(t.auto),
+            fmt_slot(t.check)
+        );
+        for (s, v) in sum.iter_mut().zip([t.compat, t.auto, t.check]) {
+            s.0 += v.0;
+            s.1 += v.1;
+        }
+    }
+    out += &format!(
+        "| **all {} models** | {} | {} | {} |\n",
+        tallies.len(),
+        fmt_slot(sum[0]),
+        fmt_slot(sum[1]),
+        fmt_slot(sum[2])
+    );
+    out
+}
+
+#[test]
+fn folder_plans_equal_transformers_maps() {
+    let files = reference_files();
+    assert!(
+        files.len() >= MIN_FOLDERS,
+        "expected >= {MIN_FOLDERS} reference files, found {}",
+        files.len()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let queue = Mutex::new(files.into_iter());
+    let tallies = Mutex::new(BTreeMap::new());
+    std::thread::scope(|s| {
+        for _ in 0..WORKERS {
+            s.spawn(|| loop {
+                let Some(path) = queue.lock().unwrap().next() else {
+                    break;
+                };
+                let r = read_reference(&path);
+                assert_sharded(&r.folder);
+                let t = run_reference(&r, checkpoint_bytes(&path), tmp.path());
+                tallies.lock().unwrap().insert(r.name.clone(), t);
+            });
+        }
+    });
+    let tallies = tallies.into_inner().unwrap();
+    let table = report_table(&tallies);
+    let failures: Vec<&String> = tallies.values().flat_map(|t| &t.failures).collect();
+    if std::env::var_os("DEVMAP_FOLDER_PARITY_REPORT").is_some() {
+        let all: Vec<&str> = failures.iter().map(|f| f.as_str()).collect();
+        eprintln!("{table}\nevery failing case:\n{}", all.join("\n"));
+    }
+    // One failing case per model keeps the message readable; the report lists them all.
+    let first_per_model: Vec<&str> = tallies
+        .values()
+        .filter_map(|t| t.failures.first().map(String::as_str))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failing cases; per model:\n{table}\nthe first failing case of each model:\n{}",
+        failures.len(),
+        first_per_model.join("\n")
+    );
+}
