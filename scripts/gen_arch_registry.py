@@ -64,21 +64,37 @@ class ClassTimeout(Exception):
 
 
 def list_classes(only: set[str] | None) -> list[tuple[str, str]]:
-    """(model_type, class name) for every class of the recorded auto mappings, deduplicated."""
-    from transformers.models.auto import modeling_auto
+    """(model_type, line key) for every class of the recorded auto mappings.
 
-    seen: set[str] = set()
-    out: list[tuple[str, str]] = []
+    A class several model types map to (shieldgemma2 -> Gemma3ForConditionalGeneration) has its
+    plain line for the type whose config class shares its name's prefix (gemma3: Gemma3Config) and
+    a line "Class@model_type" for each other type: conversions follow the config's model_type.
+    """
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    pairs: list[tuple[str, str]] = []
     for mapping_name in MAPPINGS:
-        mapping = getattr(modeling_auto, mapping_name, None)
-        if mapping is None:
-            continue
-        for model_type, names in mapping.items():
+        for model_type, names in getattr(modeling_auto, mapping_name, {}).items():
             for name in names if isinstance(names, (list, tuple)) else [names]:
-                if name in seen or (only and model_type not in only and name not in only):
-                    continue
-                seen.add(name)
-                out.append((model_type, name))
+                if (model_type, name) not in pairs:
+                    pairs.append((model_type, name))
+    config_names = configuration_auto.CONFIG_MAPPING_NAMES
+
+    def affinity(model_type: str, name: str) -> int:
+        config = config_names.get(model_type, "").lower()
+        named_after = name.lower().startswith(re.sub(r"[-_]", "", model_type))
+        return 100 * named_after + len(os.path.commonprefix([config, name.lower()]))
+
+    owner: dict[str, str] = {}
+    for model_type, name in pairs:
+        if name not in owner or affinity(model_type, name) > affinity(owner[name], name):
+            owner[name] = model_type
+    out = []
+    for model_type, name in pairs:
+        key = name if owner[name] == model_type else f"{name}@{model_type}"
+        if only and model_type not in only and name not in only and key not in only:
+            continue
+        out.append((model_type, key))
     return out
 
 
@@ -103,6 +119,22 @@ def sub_config_paths(config) -> dict[int, str]:
 
     walk(config, "")
     return paths
+
+
+def sub_configs(config) -> dict:
+    """Dotted path -> sub-config object ("" = the top level)."""
+    from transformers import PretrainedConfig
+
+    out = {"": config}
+
+    def walk(cfg, path, depth):
+        for key, value in vars(cfg).items():
+            if isinstance(value, PretrainedConfig) and depth < 3:
+                out[join(path, key)] = value
+                walk(value, join(path, key), depth + 1)
+
+    walk(config, "", 0)
+    return out
 
 
 def int_fields(config) -> dict:
@@ -202,8 +234,9 @@ def candidate_exprs(value: int, fields: dict, scope: str):
     # Pairs from one sub-config first (vision sizes divide by vision head counts), and head counts
     # before other divisors: they divide sizes far more often than anything else does.
     def group_of(ab):
+        own = ab[0].rpartition(".")[0] == scope
         same = ab[0].rpartition(".")[0] == ab[1].rpartition(".")[0]
-        return (not same, "heads" not in ab[1].rpartition(".")[2])
+        return (not (own and same), not same, "heads" not in ab[1].rpartition(".")[2])
 
     for key in sorted({group_of(ab) for ab in pairs}):
         group = [ab for ab in pairs if group_of(ab) == key]
@@ -273,10 +306,20 @@ SCALED_SUFFIXES = ("hidden_size", "intermediate_size", "_dim", "max_position_emb
                    "d_model", "d_ff", "d_kv", "n_embd", "n_inner", "image_size", "_head_dim")
 
 
+def scale_factor(key: str) -> int:
+    """Different factors for unrelated sizes, so that e.g. max_position_embeddings/num_heads cannot
+    pass for head_dim/2: widths (hidden, head, embed dims) x2, feed-forward sizes x3, positions x5."""
+    if "intermediate" in key or "ffn" in key or key in ("d_ff", "n_inner"):
+        return 3
+    if "position" in key:
+        return 5
+    return 2
+
+
 def scaled_config(config, shrink_layers: bool = False):
     """A copy of `config` with its size fields (hidden, intermediate, head and position sizes)
-    doubled: ratios such as hidden_size/num_attention_heads stay valid, so the model still builds,
-    and an expression that fits both builds follows the config rather than a coincidence."""
+    scaled (`scale_factor`): ratios such as hidden_size/num_attention_heads stay valid, so the model
+    still builds, and an expression that fits both builds follows the config, not a coincidence."""
     import copy
 
     from transformers import PretrainedConfig
@@ -292,7 +335,7 @@ def scaled_config(config, shrink_layers: bool = False):
                 setattr(cfg, key, 2)
             elif (isinstance(value, int) and not isinstance(value, bool) and value > 1
                   and key.endswith(SCALED_SUFFIXES) and "patch" not in key):
-                setattr(cfg, key, 2 * value)
+                setattr(cfg, key, scale_factor(key) * value)
 
     walk(scaled, 0)
     return scaled
@@ -425,6 +468,7 @@ class Recorder:
         self.shapes_b = shapes_b
         self.fields_b = int_fields(config_b) if config_b is not None else None
         self.config_paths = sub_config_paths(config)
+        self.config_objects = {path: obj for path, obj in sub_configs(config).items()}
         self.fields = int_fields(config)
         self.lists = list_fields(config)
         self.ckpt = checkpoint_tensors(model)
@@ -444,8 +488,16 @@ class Recorder:
         for depth in range(len(parts), -1, -1):
             sub = self.model.get_submodule(".".join(parts[:depth]))
             if isinstance(sub, self.pretrained_type):
-                return self.config_paths.get(id(sub.config), "")
+                return self.config_path_of(sub.config)
         return ""
+
+    def config_path_of(self, cfg) -> str:
+        """Path of a sub-model's config; by identity, else the one sub-config of the same class
+        (some models copy their sub-config)."""
+        if id(cfg) in self.config_paths:
+            return self.config_paths[id(cfg)]
+        same = [p for p, c in self.config_objects.items() if type(c) is type(cfg)]
+        return same[0] if len(same) == 1 else ""
 
     def tensor_entry(self, name: str, tensor, full: str, indices: list[int], is_buffer: bool, persistent: bool):
         if full in self.ckpt and full not in self.sources:
@@ -468,7 +520,20 @@ class Recorder:
         for dim in shape:
             self.used_paths.update(expr_paths(dim))
         entry["shape"] = shape
+        listed = self.listed_condition(name)
+        if listed:
+            entry["if_listed"] = listed
+            self.used_paths.add(listed["field"])
         return entry
+
+    def listed_condition(self, name: str):
+        """Per-layer-type buffers (`sliding_attention_inv_freq`) exist only for the layer types
+        the config lists: the field and value, or None."""
+        for path, values in self.lists.items():
+            for value in sorted(set(values), key=len, reverse=True):
+                if name.startswith(value + "_"):
+                    return {"field": path, "value": value}
+        return None
 
     def converted_entry(self, name: str, tensor, full: str, indices: list[int]):
         info = self.sources[full]
@@ -528,6 +593,11 @@ class Recorder:
                 keys.append(text)
                 variants.append(node)
             seen.append(keys.index(text))
+        if len(variants) == len(items) > 1 or (len(variants) > 1 and type(module).__name__ == "Sequential"):
+            # A pipeline of different modules (Sequential(Linear, GELU, Linear)) is no repeat.
+            out = {"n": name, "c": type(module).__name__}
+            out["m"] = [dict(v, n=str(i)) for i, v in enumerate(variants)]
+            return out
         repeat = {"count": self.count_field(len(items), path), "variants": variants}
         repeat["select"] = self.select_rule(seen, len(variants))
         return {"n": name, "c": type(module).__name__, "repeat": repeat}
@@ -548,6 +618,11 @@ class Recorder:
             return (layerish, shared, field_rank(p, scope))
 
         best = sorted(candidates, key=rank)[0]
+        layerish, shared, _ = rank(best)
+        if layerish == 2 and shared == 0 and not words & {"experts", "heads"}:
+            # A field that merely has the same value (num_channels = 3 mergers) is no count:
+            # the consumer counts the checkpoint's indices instead.
+            return None
         self.used_paths.add(best)
         return best
 
@@ -777,11 +852,12 @@ def record_class(model_type: str, class_name: str) -> dict:
     import transformers
     from transformers import AutoConfig
 
-    cls = getattr(transformers, class_name)
+    second_type = "@" in class_name
+    cls = getattr(transformers, class_name.split("@")[0])
     _fit_cache.clear()  # keyed by id() of per-class dicts
     config = AutoConfig.for_model(model_type)
     own = getattr(cls, "config_class", None)
-    if own is not None and not isinstance(config, own):
+    if own is not None and not isinstance(config, own) and not second_type:
         # e.g. Llama4ForCausalLM takes the text sub-config, not the composite Llama4Config
         config = own()
     filled: list[str] = []
