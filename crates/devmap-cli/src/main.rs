@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use devmap_core::cost::{CostModel, KvCacheSpec, Objective, Topology};
 use devmap_core::{
-    format_bytes, load_model, validate, DType, Device, DeviceMap, MemoryBudgets, Model, SizeRules,
+    format_bytes, load_model_with, validate, DType, Device, DeviceMap, MemoryBudgets, Model,
+    Registry, SizeRules,
 };
 use devmap_solver::{strategy_by_name, Auto, AutoOptions, Compat, Plan, PlanRequest, Strategy};
 
@@ -55,6 +56,10 @@ struct ModelArgs {
     /// Replaces the model's own no-split classes (or, for safetensors, the inferred numbered blocks).
     #[arg(long = "no-split", value_name = "CLASS_OR_PATTERN")]
     no_split: Vec<String>,
+    /// Architecture registry (devmap-arch-registry/1 JSON Lines) to rebuild checkpoints with,
+    /// e.g. one generated for another transformers version; the embedded one otherwise.
+    #[arg(long = "arch-registry", value_name = "FILE")]
+    arch_registry: Option<PathBuf>,
 }
 
 /// Options of the cost model and of `auto`.
@@ -165,8 +170,21 @@ fn main() -> ExitCode {
 }
 
 fn read_model(args: &ModelArgs) -> Result<Model> {
-    let mut model = load_model(&args.model)
+    let file_registry;
+    let registry = match &args.arch_registry {
+        Some(path) => {
+            file_registry = Registry::read(path)
+                .with_context(|| format!("reading --arch-registry {}", path.display()))?;
+            &file_registry
+        }
+        None => Registry::embedded()?,
+    };
+    let loaded = load_model_with(&args.model, registry)
         .with_context(|| format!("reading model {}", args.model.display()))?;
+    for note in &loaded.notes {
+        eprintln!("note: {note}");
+    }
+    let mut model = loaded.model;
     if !args.no_split.is_empty() {
         model.set_no_split(&args.no_split)?;
     }

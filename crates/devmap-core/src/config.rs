@@ -69,24 +69,55 @@ impl ModelConfig {
             (heads > 0).then(|| self.hidden_size().unwrap_or(0) / heads)
         })
     }
-    /// `tie_word_embeddings` (Hugging Face's default is true).
+    /// `tie_word_embeddings` as transformers 5 reads it for the top-level model: the top-level key
+    /// only (a `text_config` decides for its own tower, not for the head of the composite model),
+    /// and `false` without it. transformers 5 has no library-wide default: the config class sets
+    /// one, and `save_pretrained` always writes the key when the class has it, so a config.json
+    /// without it comes from a class without it (`getattr(config, "tie_word_embeddings", False)`).
+    /// [`ModelConfig::tie_word_embeddings_or`] takes a class default from the registry instead.
     pub fn tie_word_embeddings(&self) -> bool {
-        self.raw
-            .get("tie_word_embeddings")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(true)
+        self.tie_word_embeddings_or(false)
     }
-    /// Whether the architecture has a language-model head (`*ForCausalLM`, `*LMHeadModel`...).
-    pub fn has_lm_head(&self) -> bool {
+    /// `tie_word_embeddings` at the top level, or `class_default` (the config class's default,
+    /// for config.json files written without the key by older transformers versions).
+    pub fn tie_word_embeddings_or(&self, class_default: bool) -> bool {
+        self.bool_at("tie_word_embeddings", class_default)
+    }
+    /// The value at a dotted path (`text_config.num_hidden_layers`), exactly there: no fallback
+    /// to other scopes. `null` counts as absent (transformers' `None`).
+    pub fn get_path(&self, path: &str) -> Option<&serde_json::Value> {
+        let mut v = &self.raw;
+        for part in path.split('.') {
+            v = v.get(part)?;
+        }
+        (!v.is_null()).then_some(v)
+    }
+    /// A boolean at a dotted path, or `default` when absent or not a boolean.
+    pub fn bool_at(&self, path: &str, default: bool) -> bool {
+        self.get_path(path)
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(default)
+    }
+    /// `model_type`, when present.
+    pub fn model_type(&self) -> Option<&str> {
+        self.raw
+            .get("model_type")
+            .and_then(serde_json::Value::as_str)
+    }
+    /// `architectures` (the class names `save_pretrained` recorded), in order.
+    pub fn architectures(&self) -> Vec<&str> {
         self.raw
             .get("architectures")
             .and_then(serde_json::Value::as_array)
-            .is_some_and(|a| {
-                a.iter().filter_map(serde_json::Value::as_str).any(|s| {
-                    s.ends_with("ForCausalLM")
-                        || s.ends_with("LMHeadModel")
-                        || s.ends_with("ForConditionalGeneration")
-                })
-            })
+            .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+            .unwrap_or_default()
+    }
+    /// Whether the architecture has a language-model head (`*ForCausalLM`, `*LMHeadModel`...).
+    pub fn has_lm_head(&self) -> bool {
+        self.architectures().iter().any(|s| {
+            s.ends_with("ForCausalLM")
+                || s.ends_with("LMHeadModel")
+                || s.ends_with("ForConditionalGeneration")
+        })
     }
 }

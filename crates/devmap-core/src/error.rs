@@ -70,6 +70,26 @@ pub enum Error {
     /// A `--no-split` class or pattern that matches nothing in the model.
     #[error("--no-split {0:?} matches no module class or module name in the model")]
     NoSplitUnmatched(String),
+    /// One shard of a sharded checkpoint given alone, with no index beside it to complete it.
+    #[error("{shard}: {reason} (expected the index {index}); give the checkpoint folder or its index instead")]
+    LoneShard {
+        /// The shard file given.
+        shard: PathBuf,
+        /// The index that should list it.
+        index: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An architecture registry file that is malformed; `line` is 1-based.
+    #[error("{path}:{line}: {reason}")]
+    Registry {
+        /// The registry file (or `<embedded ...>` for the built-in one).
+        path: PathBuf,
+        /// The line at fault.
+        line: usize,
+        /// What is wrong, naming the field or class.
+        reason: String,
+    },
     /// A device map that cannot be parsed (not its validation: see [`crate::validate`]).
     #[error("invalid device map: {0}")]
     DeviceMap(String),

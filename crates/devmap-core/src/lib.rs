@@ -2,6 +2,8 @@
 //!
 //! - [`model`]: the module tree and tensor table ([`Model`]), sizes under Hugging Face's dtype rules.
 //! - [`load`]: read a model from safetensors files, checkpoint folders or a `devmap-manifest/1` JSON.
+//! - [`registry`], [`rebuild`]: the architecture registry and rebuilding a checkpoint as the model
+//!   transformers builds.
 //! - [`budget`]: devices and memory budgets in accelerate's `max_memory` syntax.
 //! - [`device_map`]: [`DeviceMap`], accelerate's device-map dict, with `clean`.
 //! - [`validate`]: what is wrong with a map (coverage, overlaps, no-split, ties, budgets).
@@ -35,10 +37,13 @@ pub mod cost;
 pub mod device_map;
 pub mod dtype;
 pub mod error;
+pub mod expr;
 pub mod graph;
 pub mod load;
 pub mod manifest;
 pub mod model;
+pub mod rebuild;
+pub mod registry;
 pub mod safetensors;
 pub mod synthetic;
 pub mod validate;
@@ -49,9 +54,10 @@ pub use cost::{CostModel, Estimate, Exec, KvCacheSpec, Objective, Topology};
 pub use device_map::DeviceMap;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use load::load_model;
+pub use load::{load_model, load_model_with, Loaded};
 pub use manifest::Manifest;
 pub use model::{
     Model, ModelBuilder, Module, ModuleId, Node, SizeRules, Tensor, TensorId, TensorKind,
 };
+pub use registry::Registry;
 pub use validate::{validate, Problem, Report};

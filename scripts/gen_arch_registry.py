@@ -1,0 +1,1062 @@
+#!/usr/bin/env python3
+"""Generate devmap's architecture registry (`devmap-arch-registry/1`, JSON Lines).
+
+Run by hand with transformers installed (not in CI):
+
+    python scripts/gen_arch_registry.py --out crates/devmap-core/registry/arch-registry.jsonl
+
+For every model class transformers' auto mappings name (base models and the heads devmap
+plans for), the script builds the class at its config's defaults on the meta device (no memory,
+no weights) and records what planning needs and a checkpoint does not say: the module tree in
+registration order (repeated layers as templates), module classes, `_no_split_modules`, tie
+aliases and the config field deciding them, `_keep_in_fp32_modules(_strict)`, tensors a
+checkpoint never holds (with dtype and shape expressions over config fields), and the
+checkpoint-key -> model-key conversions transformers applies on load. The checkpoint's key set
+is what `save_pretrained` writes: the state dict, less `_keys_to_ignore_on_save`, with
+transformers' own conversions reverted (run on meta tensors). The format is described in
+docs/formats.md ("Architecture registry").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter, defaultdict
+
+FORMAT = "devmap-arch-registry/1"
+
+# The auto mappings whose classes are recorded, in the order a class's heads are listed.
+MAPPINGS = [
+    "MODEL_MAPPING_NAMES",
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+    "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+]
+
+DTYPE_NAMES = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+    "bool": "BOOL", "complex64": "C64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+
+CLASS_TIMEOUT_S = 60
+
+
+class ClassTimeout(Exception):
+    """A class took longer than CLASS_TIMEOUT_S to build and record."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Enumerating classes
+# ---------------------------------------------------------------------------------------------
+
+
+def list_classes(only: set[str] | None) -> list[tuple[str, str]]:
+    """(model_type, class name) for every class of the recorded auto mappings, deduplicated."""
+    from transformers.models.auto import modeling_auto
+
+    seen: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for mapping_name in MAPPINGS:
+        mapping = getattr(modeling_auto, mapping_name, None)
+        if mapping is None:
+            continue
+        for model_type, names in mapping.items():
+            for name in names if isinstance(names, (list, tuple)) else [names]:
+                if name in seen or (only and model_type not in only and name not in only):
+                    continue
+                seen.add(name)
+                out.append((model_type, name))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Config paths and expressions
+# ---------------------------------------------------------------------------------------------
+
+
+def sub_config_paths(config) -> dict[int, str]:
+    """id(config object) -> dotted path from the top-level config ("" for the top)."""
+    from transformers import PretrainedConfig
+
+    paths: dict[int, str] = {}
+
+    def walk(cfg, path: str) -> None:
+        if id(cfg) in paths:
+            return
+        paths[id(cfg)] = path
+        for key, value in vars(cfg).items():
+            if isinstance(value, PretrainedConfig):
+                walk(value, f"{path}.{key}" if path else key)
+
+    walk(config, "")
+    return paths
+
+
+def int_fields(config) -> dict:
+    """Every integer (not bool) config field, by dotted path, sub-configs included, and the
+    rotary fractions (floats) the shape expressions may also use."""
+    from transformers import PretrainedConfig
+
+    out: dict[str, int] = {}
+
+    def walk(cfg, path: str, depth: int) -> None:
+        for key, value in vars(cfg).items():
+            if key.startswith("_"):
+                continue
+            full = f"{path}.{key}" if path else key
+            if isinstance(value, PretrainedConfig) and depth < 3:
+                walk(value, full, depth + 1)
+            elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                out[full] = value
+
+    walk(config, "", 0)
+    out.update(rotary_fractions(config))
+    return out
+
+
+def rotary_fractions(config) -> dict[str, float]:
+    """Float fields that scale rotary dimensions (`partial_rotary_factor`, `rotary_pct`)."""
+    from transformers import PretrainedConfig
+
+    out: dict[str, float] = {}
+
+    def walk(cfg, path: str, depth: int) -> None:
+        for key, value in vars(cfg).items():
+            full = f"{path}.{key}" if path else key
+            if isinstance(value, PretrainedConfig) and depth < 3:
+                walk(value, full, depth + 1)
+            elif isinstance(value, float) and 0 < value < 1 and ("rotary" in key or "partial" in key):
+                out[full] = value
+            elif isinstance(value, dict) and key.startswith("rope"):
+                for sub, inner in value.items():
+                    if isinstance(inner, float) and 0 < inner < 1 and ("rotary" in sub or "partial" in sub):
+                        out[f"{full}.{sub}"] = inner
+
+    walk(config, "", 0)
+    return out
+
+
+def list_fields(config) -> dict[str, list]:
+    """Every list-of-str config field, by dotted path (candidates for choosing layer variants)."""
+    from transformers import PretrainedConfig
+
+    out: dict[str, list] = {}
+
+    def walk(cfg, path: str, depth: int) -> None:
+        for key, value in vars(cfg).items():
+            full = f"{path}.{key}" if path else key
+            if isinstance(value, PretrainedConfig) and depth < 3:
+                walk(value, full, depth + 1)
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+                out[full] = list(value)
+
+    walk(config, "", 0)
+    return out
+
+
+# Fields preferred when several have the value a dimension needs (most specific first).
+PREFERRED_FIELDS = [
+    "head_dim", "hidden_size", "num_attention_heads", "max_position_embeddings",
+    "num_key_value_heads", "intermediate_size", "vocab_size", "d_model", "d_kv", "n_positions",
+    "num_hidden_layers", "num_experts", "image_size", "patch_size", "num_channels",
+]
+
+
+def field_rank(path: str, scope: str) -> tuple:
+    """Sort key: fields in the tensor's own sub-config first, then preferred names, then short."""
+    leaf = path.rsplit(".", 1)[-1]
+    in_scope = 0 if (path.rsplit(".", 1)[0] if "." in path else "") == scope else 1
+    pref = PREFERRED_FIELDS.index(leaf) if leaf in PREFERRED_FIELDS else len(PREFERRED_FIELDS)
+    return (in_scope, pref, len(path), path)
+
+
+def candidate_exprs(value: int, fields: dict, scope: str):
+    """Expressions over config fields equal to `value` on `fields`, simplest first.
+
+    Forms: one field, field/2, field/field, field/field/2, field*2, field*fraction/2,
+    field/field*fraction/2 (partial rotary), field/field*field/field(+1) (patch grids). Among
+    equal forms, fields of the tensor's own sub-config and PREFERRED_FIELDS come first.
+    """
+    ints = {p: v for p, v in fields.items() if isinstance(v, int)}
+    fracs = [p for p, v in fields.items() if isinstance(v, float)]
+    ranked = sorted(ints, key=lambda p: field_rank(p, scope))
+    few = ranked[:60]
+    pairs = [(a, b) for a in few for b in few if a != b and ints[b] > 1]
+    yield from (p for p in ranked if ints[p] == value)
+    yield from (f"{p}/2" for p in ranked if ints[p] == 2 * value)
+    for f in fracs:
+        yield from (f"{p}*{f}/2" for p in few if int(ints[p] * fields[f]) // 2 == value)
+    # Pairs from one sub-config first (vision sizes divide by vision head counts), and head counts
+    # before other divisors: they divide sizes far more often than anything else does.
+    def group_of(ab):
+        same = ab[0].rpartition(".")[0] == ab[1].rpartition(".")[0]
+        return (not same, "heads" not in ab[1].rpartition(".")[2])
+
+    for key in sorted({group_of(ab) for ab in pairs}):
+        group = [ab for ab in pairs if group_of(ab) == key]
+        yield from (f"{a}/{b}" for a, b in group if ints[a] == value * ints[b])
+        yield from (f"{a}/{b}/2" for a, b in group if ints[a] == 2 * value * ints[b])
+        for f in fracs:
+            yield from (f"{a}/{b}*{f}/2" for a, b in group if int(ints[a] // ints[b] * fields[f]) // 2 == value)
+        yield from (f"{a}/{b}/4" for a, b in group if ints[a] == 4 * value * ints[b])
+    yield from (f"{p}*2" for p in ranked if 2 * ints[p] == value)
+    for a in few:
+        for b in few:
+            if a != b and ints[b] > 1 and ints[a] % ints[b] == 0:
+                grid = (ints[a] // ints[b]) ** 2
+                if grid == value:
+                    yield f"({a}/{b})*({a}/{b})"
+                elif grid + 1 == value:
+                    yield f"({a}/{b})*({a}/{b})+1"
+
+
+def eval_expr(expr: str, fields: dict):
+    """Value of an expression (`+ - * /`, usual precedence, in floats, truncated at the end), or
+    None if a path is absent. The Rust reader evaluates the same way (docs/formats.md)."""
+    tokens = re.findall(r"[A-Za-z_][A-Za-z0-9_.]*|\d+|[-+*/()]", expr)
+    values = []
+    for tok in tokens:
+        if tok[0].isalpha() or tok[0] == "_":
+            if tok not in fields:
+                return None
+            values.append(str(float(fields[tok])))
+        else:
+            values.append(tok)
+    try:
+        return int(eval("".join(values), {"__builtins__": {}}))  # noqa: S307 - tokens are numbers/operators
+    except ZeroDivisionError:
+        return None
+
+
+_fit_cache: dict = {}
+
+
+def fit_dim(value: int, fields: dict, scope: str, value_b=None, fields_b=None):
+    """Memoized `fit_dim_uncached` (the same rotary buffer recurs in every layer)."""
+    key = (value, id(fields), scope, value_b, id(fields_b))
+    if key not in _fit_cache:
+        _fit_cache[key] = fit_dim_uncached(value, fields, scope, value_b, fields_b)
+    return _fit_cache[key]
+
+
+def fit_dim_uncached(value: int, fields: dict, scope: str, value_b=None, fields_b=None):
+    """An expression over config fields for one dimension of a tensor the checkpoint lacks.
+
+    With a second build (`value_b` on `fields_b`, sizes scaled), an expression must give both
+    values; a dimension that did not change and matches no field is a constant; otherwise "?".
+    With one build only, small values are constants and the first candidate is taken.
+    """
+    if fields_b is None:
+        return value if value <= 2 else next(candidate_exprs(value, fields, scope), value)
+    if value <= 2 and value == value_b:
+        return value
+    for expr in candidate_exprs(value, fields, scope):
+        if eval_expr(expr, fields_b) == value_b:
+            return expr
+    return value if value == value_b else "?"
+
+
+SCALED_SUFFIXES = ("hidden_size", "intermediate_size", "_dim", "max_position_embeddings", "_positions",
+                   "d_model", "d_ff", "d_kv", "n_embd", "n_inner", "image_size", "_head_dim")
+
+
+def scaled_config(config, shrink_layers: bool = False):
+    """A copy of `config` with its size fields (hidden, intermediate, head and position sizes)
+    doubled: ratios such as hidden_size/num_attention_heads stay valid, so the model still builds,
+    and an expression that fits both builds follows the config rather than a coincidence."""
+    import copy
+
+    from transformers import PretrainedConfig
+
+    scaled = copy.deepcopy(config)
+
+    def walk(cfg, depth):
+        for key, value in list(vars(cfg).items()):
+            if isinstance(value, PretrainedConfig) and depth < 3:
+                walk(value, depth + 1)
+            elif (shrink_layers and isinstance(value, int) and not isinstance(value, bool) and value > 2
+                  and any(word in key for word in LAYER_COUNT_WORDS) and "num" in key or key == "n_layer"):
+                setattr(cfg, key, 2)
+            elif (isinstance(value, int) and not isinstance(value, bool) and value > 1
+                  and key.endswith(SCALED_SUFFIXES) and "patch" not in key):
+                setattr(cfg, key, 2 * value)
+
+    walk(scaled, 0)
+    return scaled
+
+
+def expr_paths(expr) -> list[str]:
+    """Config paths an expression refers to."""
+    if not isinstance(expr, str):
+        return []
+    return [tok for tok in re.split(r"[+\-*/() ]+", expr) if tok and not tok.isdigit() and tok != "?"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint keys and conversions
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_tensors(model) -> dict[str, tuple]:
+    """What save_pretrained writes: key -> (shape, dtype), tied aliases kept (see `tied`)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = model.state_dict()
+    for key in list(getattr(model, "_keys_to_ignore_on_save", None) or []):
+        state.pop(key, None)
+    state = revert_weight_conversion(model, state)
+    return {k: (tuple(v.shape), v.dtype) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def conversion_lists(model):
+    """transformers' load-time conversions for this model: (renamings, converters)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    return renamings, converters
+
+
+def op_entries(converter) -> list[dict] | None:
+    """The converter's operations in the registry's shape vocabulary (None: not expressible)."""
+    out = []
+    for op in converter.operations:
+        name = type(op).__name__
+        if name == "MergeModulelist":
+            out.append({"op": "stack", "dim": op.dim})
+        elif name == "Concatenate":
+            out.append({"op": "concat", "dim": op.dim})
+        elif name in ("Chunk", "Split"):
+            out.append({"op": "chunk", "dim": op.dim, "n": len(converter.target_patterns)})
+        elif name == "Transpose":
+            out.append({"op": "transpose", "dim0": op.dim0, "dim1": op.dim1})
+        elif name in ("PermuteForRope", "Interleave"):
+            out.append({"op": "same"})
+        else:
+            return None
+    return out
+
+
+def map_checkpoint_to_model(ckpt_keys, model_keys: set[str], model):
+    """model key -> (source checkpoint keys grouped by converter pattern, ops, converter index).
+
+    Keys whose model key equals the checkpoint key are left out (they need no conversion).
+    """
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = conversion_lists(model)
+    if not renamings and not converters:
+        return {}
+    prefix = getattr(model, "base_model_prefix", None) or None
+    sources: dict[str, dict] = {}
+    meta_state = dict.fromkeys(model_keys, 1)
+    for ckpt_key in sorted(ckpt_keys):
+        target, pattern = rename_source_key(ckpt_key, renamings, converters, prefix, meta_state)
+        if target == ckpt_key and pattern is None:
+            continue
+        conv = next((c for c in converters if pattern is not None and pattern in c.source_patterns), None)
+        targets = [target]
+        if conv is not None and len(conv.target_patterns) > 1:
+            first = conv.target_patterns[0]
+            targets = [target.replace(first, t) for t in conv.target_patterns] if first in target else targets
+        for part, tgt in enumerate(targets):
+            entry = sources.setdefault(tgt, {"groups": defaultdict(list), "conv": conv, "part": part})
+            group = conv.source_patterns.index(pattern) if conv is not None else 0
+            entry["groups"][group].append(ckpt_key)
+    return sources
+
+
+def apply_ops(groups: list[list[tuple]], ops: list[dict]):
+    """Shape of the model tensor from the source shapes, under the registry's op semantics."""
+    shapes = [[list(s) for s in g] for g in groups]
+    stacked = False
+    for op in ops:
+        kind = op["op"]
+        if kind == "stack":
+            shapes = [[s[0][: op["dim"]] + [len(s)] + s[0][op["dim"]:]] for s in shapes]
+            stacked = True
+        elif kind == "concat":
+            first = [g[0] for g in shapes]
+            out = list(first[0])
+            out[op["dim"]] = sum(s[op["dim"]] for s in first)
+            shapes = [[out]]
+        elif kind == "chunk":
+            s = list(shapes[0][0])
+            s[op["dim"]] //= op["n"]
+            shapes = [[s]]
+        elif kind == "transpose":
+            s = list(shapes[0][0])
+            s[op["dim0"]], s[op["dim1"]] = s[op["dim1"]], s[op["dim0"]]
+            shapes = [[s]]
+    del stacked
+    if len(shapes) != 1 or len(shapes[0]) != 1:
+        return None
+    return tuple(shapes[0][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The module tree
+# ---------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Walks one built model and produces the registry's nodes (see docs/formats.md)."""
+
+    def __init__(self, model, config, shapes_b=None, config_b=None):
+        from transformers import PreTrainedModel
+
+        self.model = model
+        self.config = config
+        self.shapes_b = shapes_b
+        self.fields_b = int_fields(config_b) if config_b is not None else None
+        self.config_paths = sub_config_paths(config)
+        self.fields = int_fields(config)
+        self.lists = list_fields(config)
+        self.ckpt = checkpoint_tensors(model)
+        model_keys = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+        model_keys |= {k for k, _ in model.named_buffers(remove_duplicate=False)}
+        self.sources = map_checkpoint_to_model(self.ckpt.keys(), model_keys, model)
+        self.seen_modules: dict[int, str] = {}
+        self.used_paths: set[str] = set()
+        self.notes: list[str] = []
+        self.pretrained_type = PreTrainedModel
+
+    # -- tensors --------------------------------------------------------------------------
+
+    def scope_of(self, module_path: str) -> str:
+        """Config path of the nearest PreTrainedModel at or above `module_path`."""
+        parts = module_path.split(".") if module_path else []
+        for depth in range(len(parts), -1, -1):
+            sub = self.model.get_submodule(".".join(parts[:depth]))
+            if isinstance(sub, self.pretrained_type):
+                return self.config_paths.get(id(sub.config), "")
+        return ""
+
+    def tensor_entry(self, name: str, tensor, full: str, indices: list[int], is_buffer: bool, persistent: bool):
+        if full in self.ckpt and full not in self.sources:
+            if not is_buffer or persistent:
+                return name
+        if full in self.sources:
+            return self.converted_entry(name, tensor, full, indices)
+        entry = {"n": name, "ckpt": False}
+        if is_buffer and not persistent:
+            entry["persistent"] = False
+        entry["dtype"] = DTYPE_NAMES.get(str(tensor.dtype).replace("torch.", ""), str(tensor.dtype))
+        scope = self.scope_of(full.rsplit(".", 1)[0] if "." in full else "")
+        shape_b = self.shapes_b.get(digits_to_template(full)) if self.shapes_b is not None else None
+        if shape_b is None or len(shape_b) != len(tensor.shape):
+            shape = [fit_dim(int(d), self.fields, scope) for d in tensor.shape]
+        else:
+            shape = [fit_dim(int(d), self.fields, scope, int(b), self.fields_b) for d, b in zip(tensor.shape, shape_b)]
+        if "?" in shape:
+            entry["shape_default"] = [int(d) for d in tensor.shape]
+        for dim in shape:
+            self.used_paths.update(expr_paths(dim))
+        entry["shape"] = shape
+        return entry
+
+    def converted_entry(self, name: str, tensor, full: str, indices: list[int]):
+        info = self.sources[full]
+        conv = info["conv"]
+        groups = [sorted(info["groups"][g], key=natural_key) for g in sorted(info["groups"])]
+        ops = [] if conv is None else op_entries(conv)
+        if ops is not None and conv is not None and len(conv.target_patterns) > 1:
+            ops = [dict(o, part=info["part"]) if o["op"] == "chunk" else o for o in ops]
+        keys = [sorted({template_key(k, indices) for k in g}) for g in groups]
+        entry = {"n": name, "src": {"keys": keys, "ops": ops if ops is not None else []}}
+        src_shapes = [[self.ckpt[k][0] for k in g] for g in groups]
+        expected = tuple(tensor.shape)
+        got = apply_ops(src_shapes, ops) if ops is not None else None
+        if ops is None or got != expected:
+            entry["src"]["shape_unverified"] = True
+            self.notes.append(f"{full}: conversion shape not reproduced ({got} vs {expected})")
+        return entry
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    def node(self, module, name: str, path: str, indices: list[int]) -> dict:
+        if id(module) in self.seen_modules:
+            return {"n": name, "alias": self.seen_modules[id(module)]}
+        self.seen_modules[id(module)] = path
+        children = [(k, v) for k, v in module._modules.items() if v is not None]
+        numbered = bool(children) and [k for k, _ in children] == [str(i) for i in range(len(children))]
+        if numbered and not module._parameters and not module._buffers:
+            return self.container(module, name, path, indices)
+        out: dict = {"n": name, "c": type(module).__name__}
+        params = [
+            self.tensor_entry(k, v, join(path, k), indices, False, True)
+            for k, v in module._parameters.items() if v is not None
+        ]
+        nodes = [self.node(v, k, join(path, k), indices) for k, v in children]
+        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        buffers = [
+            self.tensor_entry(k, v, join(path, k), indices, True, k not in non_persistent)
+            for k, v in module._buffers.items() if v is not None
+        ]
+        if params:
+            out["p"] = params
+        if nodes:
+            out["m"] = nodes
+        if buffers:
+            out["b"] = buffers
+        return out
+
+    def container(self, module, name: str, path: str, indices: list[int]) -> dict:
+        items = [(k, v) for k, v in module._modules.items() if v is not None]
+        variants: list[dict] = []
+        keys: list[str] = []
+        seen: list[int] = []
+        for key, child in items:
+            node = self.node(child, "{i}", join(path, key), indices + [int(key)])
+            text = json.dumps(node, sort_keys=True)
+            if text not in keys:
+                keys.append(text)
+                variants.append(node)
+            seen.append(keys.index(text))
+        repeat = {"count": self.count_field(len(items), path), "variants": variants}
+        repeat["select"] = self.select_rule(seen, len(variants))
+        return {"n": name, "c": type(module).__name__, "repeat": repeat}
+
+    def count_field(self, count: int, path: str):
+        scope = self.scope_of(path)
+        candidates = [p for p, v in self.fields.items() if v == count]
+        if not candidates:
+            return None
+
+        words = {w for seg in path.split(".") for w in seg.split("_") if len(w) > 2}
+
+        def rank(p):
+            leaf = p.rsplit(".", 1)[-1]
+            layerish = 0 if "layers" in leaf else (1 if "layer" in leaf or "depth" in leaf or "blocks" in leaf else 2)
+            # `decoder.block` counts `num_decoder_layers`, `encoder.layers` `encoder_layers`...
+            shared = -len(words & set(leaf.split("_")))
+            return (layerish, shared, field_rank(p, scope))
+
+        best = sorted(candidates, key=rank)[0]
+        self.used_paths.add(best)
+        return best
+
+    def select_rule(self, seen: list[int], n_variants: int) -> dict:
+        if n_variants == 1:
+            return {"by": "all", "variant": 0}
+        for path, values in self.lists.items():
+            if len(values) != len(seen):
+                continue
+            mapping: dict[str, int] = {}
+            if all(mapping.setdefault(v, s) == s for v, s in zip(values, seen)):
+                by_variant = defaultdict(set)
+                for v, s in mapping.items():
+                    by_variant[s].add(v)
+                self.used_paths.add(path)
+                return {"by": "list", "field": path, "values": mapping, "seen": seen}
+        return {"by": "checkpoint", "seen": seen}
+
+
+def join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def natural_key(key: str):
+    return [int(t) if t.isdigit() else t for t in key.split(".")]
+
+
+def template_key(key: str, indices: list[int]) -> str:
+    """A checkpoint key with the enclosing repeat indices as {i0}.. and any other number as {e}."""
+    parts = key.split(".")
+    pending = list(indices)
+    level = 0
+    out = []
+    for part in parts:
+        if part.isdigit():
+            if pending and int(part) == pending[0]:
+                out.append("{i%d}" % level)
+                pending.pop(0)
+                level += 1
+            else:
+                out.append("{e}")
+        else:
+            out.append(part)
+    return ".".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# One class
+# ---------------------------------------------------------------------------------------------
+
+
+def tied_entries(model, config_paths) -> list[dict]:
+    """Every tie the model can make, with the condition on config.json deciding it."""
+    from transformers import PreTrainedModel
+
+    out = []
+    for prefix, sub in model.named_modules():
+        if not isinstance(sub, PreTrainedModel) or not sub._tied_weights_keys:
+            continue
+        cfg = sub.config
+        had = "tie_word_embeddings" in vars(cfg)
+        old = getattr(cfg, "tie_word_embeddings", None)
+        try:
+            cfg.tie_word_embeddings = True
+            mapping = sub.get_expanded_tied_weights_keys(all_submodels=False)
+        finally:
+            if had:
+                cfg.tie_word_embeddings = old
+            else:
+                delattr(cfg, "tie_word_embeddings")
+        cond = tie_condition(type(model.config), config_paths.get(id(cfg), ""), model.config)
+        for target, source in mapping.items():
+            out.append({"t": join(prefix, target), "s": join(prefix, source), "if": cond})
+    unique = {(e["t"], e["s"]): e for e in out}
+    return list(unique.values())
+
+
+TIE = "tie_word_embeddings"
+_tie_cache: dict = {}
+
+
+def tie_condition(config_cls, scope: str, config):
+    """How transformers decides `tie_word_embeddings` for the sub-config at `scope`.
+
+    Probes the config class: builds it from config.json-like dicts with the flag absent, true or
+    false at the top level, in `text_config` and at `scope`, and reads the flag where
+    `get_expanded_tied_weights_keys` does (`getattr(config, "tie_word_embeddings", False)`).
+    The result is the smallest condition that reproduces every probe (see docs/formats.md).
+    """
+    key = (config_cls, scope)
+    if key not in _tie_cache:
+        fields = [TIE]
+        for sub in [scope, "text_config"]:
+            if sub and hasattr(config, sub.split(".")[0]) and join(sub, TIE) not in fields:
+                fields.append(join(sub, TIE))
+        rows = probe_tie(config_cls, scope, fields)
+        _tie_cache[key] = simplest_condition(fields, rows)
+    return _tie_cache[key]
+
+
+def probe_tie(config_cls, scope: str, fields: list[str]) -> list[list]:
+    import itertools
+
+    rows = []
+    for values in itertools.product([None, True, False], repeat=len(fields)):
+        data: dict = {}
+        for path, value in zip(fields, values):
+            if value is None:
+                continue
+            obj = data
+            parts = path.split(".")
+            for part in parts[:-1]:
+                obj = obj.setdefault(part, {})
+            obj[parts[-1]] = value
+        try:
+            built = config_cls.from_dict(data)
+            target = built
+            for part in [p for p in scope.split(".") if p]:
+                target = getattr(target, part)
+            rows.append(list(values) + [bool(getattr(target, TIE, False))])
+        except Exception:  # noqa: BLE001 - a combination the class rejects is no evidence
+            continue
+    return rows
+
+
+def simplest_condition(fields: list[str], rows: list[list]):
+    """true/false, one field with a default, or the probe table itself."""
+    results = {r[-1] for r in rows}
+    if len(results) == 1:
+        return results.pop()
+    for n, path in enumerate(fields):
+        absent = [r[-1] for r in rows if r[n] is None]
+        if len(set(absent)) != 1:
+            continue
+        default = absent[0]
+        if all(r[-1] == (default if r[n] is None else r[n]) for r in rows):
+            return {"field": path, "default": default}
+    import itertools
+
+    def value(row, n, default):
+        return default if row[n] is None else row[n]
+
+    for a, b in itertools.combinations(range(len(fields)), 2):
+        for da, db in itertools.product([False, True], repeat=2):
+            for kind, join_op in (("any", any), ("all", all)):
+                if all(r[-1] == join_op([value(r, a, da), value(r, b, db)]) for r in rows):
+                    return {kind: [{"field": fields[a], "default": da}, {"field": fields[b], "default": db}]}
+    return {"table": {"fields": fields, "rows": rows}}
+
+
+def defaults_for(config, paths: set[str], config_b=None) -> tuple[dict, dict]:
+    """The config classes' defaults for `paths`, and expressions for computed ones."""
+    defaults: dict = {}
+    derived: dict = {}
+    fields = int_fields(config)
+    fields_b = int_fields(config_b) if config_b is not None else None
+    for path in sorted(paths):
+        obj = config
+        parts = path.split(".")
+        for part in parts[:-1]:
+            obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+        leaf = parts[-1]
+        if isinstance(obj, dict):
+            defaults[path] = obj.get(leaf)
+            continue
+        value = getattr(obj, leaf, None) if obj is not None else None
+        declared = declared_default(type(obj), leaf) if obj is not None else value
+        if declared is None and isinstance(value, int) and not isinstance(value, bool):
+            defaults[path] = None
+            scope = ".".join(parts[:-1])
+            others = {p: v for p, v in fields.items() if p != path}
+            if fields_b is not None and path in fields_b:
+                expr = fit_dim(value, others, scope, fields_b[path], fields_b)
+            else:
+                expr = fit_dim(value, others, scope)
+            derived[path] = expr
+        else:
+            defaults[path] = value if isinstance(value, (int, float, str, bool, list)) or value is None else str(value)
+    return defaults, derived
+
+
+def declared_default(config_cls, field: str):
+    """The default `field` has in the config class's __init__ (None also when not declared)."""
+    import inspect
+
+    try:
+        param = inspect.signature(config_cls.__init__).parameters.get(field)
+    except (TypeError, ValueError):
+        param = None
+    if param is not None and param.default is not inspect.Parameter.empty:
+        return param.default
+    value = getattr(config_cls, field, None)
+    return value if not callable(value) and not isinstance(value, property) else None
+
+
+def fill_unset_sizes(config) -> list[str]:
+    """Give None sizes the values transformers usually derives (head_dim = hidden/heads, KV heads
+    = heads, vocab 32000); returns the paths set, recorded on the line as `config_filled`."""
+    from transformers import PretrainedConfig
+
+    filled = []
+
+    def walk(cfg, path):
+        rules = {
+            "head_dim": lambda c: c.hidden_size // c.num_attention_heads,
+            "num_key_value_heads": lambda c: c.num_attention_heads,
+            "vocab_size": lambda c: 32000,
+        }
+        for key, rule in rules.items():
+            if key in vars(cfg) and getattr(cfg, key) is None:
+                try:
+                    setattr(cfg, key, rule(cfg))
+                    filled.append(join(path, key))
+                except (AttributeError, TypeError, ZeroDivisionError):
+                    pass
+        for key, value in list(vars(cfg).items()):
+            if isinstance(value, PretrainedConfig):
+                walk(value, join(path, key))
+
+    walk(config, "")
+    return filled
+
+
+def record_class(model_type: str, class_name: str) -> dict:
+    """Build one class on the meta device and return its registry line (as a dict)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    cls = getattr(transformers, class_name)
+    _fit_cache.clear()  # keyed by id() of per-class dicts
+    config = AutoConfig.for_model(model_type)
+    own = getattr(cls, "config_class", None)
+    if own is not None and not isinstance(config, own):
+        # e.g. Llama4ForCausalLM takes the text sub-config, not the composite Llama4Config
+        config = own()
+    filled: list[str] = []
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except (TypeError, AttributeError, ValueError):
+        # Some config classes default a size to None and expect config.json to set it.
+        filled = fill_unset_sizes(config)
+        if not filled:
+            raise
+        with torch.device("meta"):
+            model = cls(config)
+    model.eval()
+    shapes_b, config_b = second_build(cls, config)
+    rec = Recorder(model, config, shapes_b, config_b)
+    tree = rec.node(model, "", "", [])
+    tied = tied_entries(model, rec.config_paths)
+    defaults, derived = defaults_for(config, rec.used_paths, config_b)
+    extra = {p for expr in derived.values() for p in expr_paths(expr)} - set(defaults)
+    if extra:
+        more, _ = defaults_for(config, extra, config_b)
+        defaults = dict(sorted({**defaults, **more}.items()))
+    line = {
+        "class": class_name,
+        "model_type": model_type,
+        "config_class": type(config).__name__,
+        "config_model_type": getattr(config, "model_type", model_type) or model_type,
+        "base_model_prefix": getattr(model, "base_model_prefix", "") or "",
+        "no_split": sorted(model._no_split_modules or []),
+        "keep_in_fp32": sorted(model._keep_in_fp32_modules or []),
+        "keep_in_fp32_strict": sorted(model._keep_in_fp32_modules_strict or []),
+        "tied": tied,
+        "defaults": defaults,
+    }
+    if derived:
+        line["derived"] = derived
+    if filled:
+        line["config_filled"] = filled
+    line["tree"] = tree
+    return {"line": line, "notes": rec.notes}
+
+
+LAYER_COUNT_WORDS = ("layers", "layer", "depth", "n_layer")
+
+
+def second_build(cls, config):
+    """Shapes of the class built at `scaled_config`, by key template (digits -> `{i}`), or
+    (None, None) when it cannot be built.
+
+    Layer counts are cut to 2 first (the shapes of one layer are those of all), then, if the config
+    refuses that (e.g. `layer_types` must match), kept."""
+    import torch
+
+    for shrink in (True, False):
+        try:
+            config_b = scaled_config(config, shrink_layers=shrink)
+            with torch.device("meta"):
+                model_b = cls(config_b)
+            break
+        except Exception:  # noqa: BLE001 - then try unshrunk, and finally fit on one build only
+            continue
+    else:
+        return None, None
+    shapes: dict = {}
+    for key, tensor in [*model_b.named_parameters(remove_duplicate=False), *model_b.named_buffers(remove_duplicate=False)]:
+        shapes.setdefault(digits_to_template(key), tuple(tensor.shape))
+    return shapes, config_b
+
+
+def digits_to_template(key: str) -> str:
+    return ".".join("{i}" if part.isdigit() else part for part in key.split("."))
+
+
+def on_timeout(signum, frame):
+    raise ClassTimeout(f"took over {CLASS_TIMEOUT_S} s")
+
+
+def worker(item):
+    """Pool worker: one class -> ("ok", line, notes, seconds) or ("fail", reason, detail, seconds)."""
+    model_type, class_name = item
+    start = time.time()
+    signal.signal(signal.SIGALRM, on_timeout)
+    signal.alarm(CLASS_TIMEOUT_S)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = record_class(model_type, class_name)
+        return ("ok", model_type, class_name, result["line"], result["notes"], time.time() - start)
+    except BaseException as exc:  # noqa: BLE001 - every failure is recorded with its reason
+        reason = failure_reason(exc)
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()[:400]
+        return ("fail", model_type, class_name, reason, detail, time.time() - start)
+    finally:
+        signal.alarm(0)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short bucket for the summary: exception type plus the first words of its message."""
+    text = str(exc).split("\n")[0]
+    if "requires the" in text or "pip install" in text or isinstance(exc, ImportError):
+        return "missing optional dependency"
+    if isinstance(exc, ClassTimeout):
+        return "timeout"
+    if "meta" in text.lower():
+        return f"{type(exc).__name__}: meta device"
+    return type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The file
+# ---------------------------------------------------------------------------------------------
+
+
+def prefixed(node: dict, prefix: str) -> dict:
+    """A copy of `node` whose full-key strings (src templates, alias paths) start with `prefix`."""
+    out = {}
+    for key, value in node.items():
+        if key == "alias":
+            out[key] = join(prefix, value)
+        elif key == "src":
+            out[key] = dict(value, keys=[[join(prefix, k) for k in group] for group in value["keys"]])
+        elif isinstance(value, dict):
+            out[key] = prefixed(value, prefix)
+        elif isinstance(value, list):
+            out[key] = [prefixed(v, prefix) if isinstance(v, dict) else v for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+def share_subtrees(lines: list[dict]) -> int:
+    """Replace subtrees equal to another class's whole tree by `ref` (keeps the file small).
+
+    Only classes that are never `ref`ed themselves are rewritten, so a ref is one level deep.
+    Returns the number of subtrees replaced.
+    """
+    by_root: dict[str, list[dict]] = defaultdict(list)
+    for line in lines:
+        by_root[line["tree"]["c"]].append(line)
+    replaced = 0
+    referenced: set[str] = set()
+
+    def visit(node: dict, path: str, owner: dict) -> dict:
+        nonlocal replaced
+        for target in by_root.get(node.get("c", ""), []):
+            if target is owner or target["class"] in rewritten or not path:
+                continue
+            candidate = prefixed(dict(target["tree"], n=node["n"]), path)
+            if compact(candidate) == compact(node):
+                replaced += 1
+                referenced.add(target["class"])
+                return {"n": node["n"], "ref": target["class"]}
+        if "m" in node:
+            node = dict(node, m=[visit(child, join(path, child["n"]), owner) for child in node["m"]])
+        return node
+
+    rewritten: set[str] = set()
+    # Largest trees first: a referenced tree is a proper subtree of its referrer, hence smaller,
+    # so it is visited later and then skipped (it stays whole).
+    for line in sorted(lines, key=lambda l: -len(compact(l["tree"]))):
+        if line["class"] in referenced:
+            continue
+        new_tree = visit(line["tree"], "", line)
+        if new_tree is not line["tree"]:
+            line["tree"] = new_tree
+            rewritten.add(line["class"])
+    return replaced
+
+
+def compact(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def write_registry(path: str, results: list, elapsed: float) -> dict:
+    import torch
+    import transformers
+
+    ok = [r for r in results if r[0] == "ok"]
+    shared = share_subtrees([r[3] for r in ok])
+    print(f"{shared} subtrees shared by ref", file=sys.stderr)
+    failed = [r for r in results if r[0] == "fail"]
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for _, model_type, class_name, *_ in ok:
+        by_type[model_type].append(class_name)
+    header = {
+        "format": FORMAT,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "classes": len(ok),
+        "failed": dict(Counter(r[3] for r in failed).most_common()),
+        "by_model_type": dict(sorted(by_type.items())),
+    }
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(compact(header) + "\n")
+        for r in sorted(ok, key=lambda r: r[2]):
+            out.write(compact(r[3]) + "\n")
+    failures = {
+        "transformers": transformers.__version__,
+        "failed": [{"class": r[2], "model_type": r[1], "reason": r[3], "detail": r[4]} for r in failed],
+        "notes": {r[2]: r[4] for r in ok if r[4]},
+        "seconds": round(elapsed, 1),
+    }
+    with open(os.path.join(os.path.dirname(path) or ".", "failures.json"), "w", encoding="utf-8") as out:
+        json.dump(failures, out, indent=1, sort_keys=True)
+        out.write("\n")
+    return header
+
+
+def check_registry(path: str) -> list[str]:
+    """Problems in a registry file (empty when it keeps the format's promises)."""
+    problems: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    header = json.loads(lines[0])
+    if header.get("format") != FORMAT:
+        problems.append(f"{path}:1: format is {header.get('format')!r}")
+    classes = {}
+    for number, text in enumerate(lines[1:], 2):
+        line = json.loads(text)
+        prefix = '{"class":%s,"model_type":%s,' % (json.dumps(line["class"]), json.dumps(line["model_type"]))
+        if not text.startswith(prefix):
+            problems.append(f"{path}:{number}: does not start with {prefix}")
+        if line["class"] in classes:
+            problems.append(f"{path}:{number}: class {line['class']} repeated")
+        classes[line["class"]] = line
+    for model_type, names in header["by_model_type"].items():
+        problems += [f"{path}: by_model_type {model_type} names absent class {n}" for n in names if n not in classes]
+    for name, line in classes.items():
+        for ref in re.findall(r'"ref":"([^"]+)"', compact(line["tree"])):
+            if ref not in classes or '"ref"' in compact(classes[ref]["tree"]):
+                problems.append(f"{path}: {name} refs {ref}, absent or itself holding refs")
+    if header["classes"] != len(classes):
+        problems.append(f"{path}: header says {header['classes']} classes, file has {len(classes)}")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="crates/devmap-core/registry/arch-registry.jsonl")
+    parser.add_argument("--only", nargs="*", help="model types or class names to record (default: all)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--check", metavar="FILE", help="only check an existing registry file")
+    args = parser.parse_args()
+    if args.check:
+        problems = check_registry(args.check)
+        print("\n".join(problems) or f"{args.check}: ok", file=sys.stderr)
+        return 1 if problems else 0
+
+    start = time.time()
+    items = list_classes(set(args.only) if args.only else None)
+    print(f"{len(items)} classes to record", file=sys.stderr)
+    results = []
+    ctx = mp.get_context("fork")
+    with ctx.Pool(args.jobs, maxtasksperchild=40) as pool:
+        for n, result in enumerate(pool.imap_unordered(worker, items, chunksize=1), 1):
+            results.append(result)
+            if n % 50 == 0:
+                print(f"  {n}/{len(items)} ({time.time() - start:.0f} s)", file=sys.stderr)
+    order = {name: n for n, (_, name) in enumerate(items)}
+    results.sort(key=lambda r: order[r[2]])
+    header = write_registry(args.out, results, time.time() - start)
+    size = os.path.getsize(args.out)
+    print(f"built {header['classes']} of {len(items)} classes in {time.time() - start:.0f} s; "
+          f"{args.out}: {size / 1e6:.2f} MB", file=sys.stderr)
+    for reason, count in header["failed"].items():
+        print(f"  failed {count:4d}  {reason}", file=sys.stderr)
+    problems = check_registry(args.out)
+    print("\n".join(problems) or "check: ok", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
