@@ -105,6 +105,22 @@ def sub_config_paths(config) -> dict[int, str]:
     return paths
 
 
+def sub_configs(config) -> dict:
+    """Dotted path -> sub-config object ("" = the top level)."""
+    from transformers import PretrainedConfig
+
+    out = {"": config}
+
+    def walk(cfg, path, depth):
+        for key, value in vars(cfg).items():
+            if isinstance(value, PretrainedConfig) and depth < 3:
+                out[join(path, key)] = value
+                walk(value, join(path, key), depth + 1)
+
+    walk(config, "", 0)
+    return out
+
+
 def int_fields(config) -> dict:
     """Every integer (not bool) config field, by dotted path, sub-configs included, and the
     rotary fractions (floats) the shape expressions may also use."""
@@ -202,8 +218,9 @@ def candidate_exprs(value: int, fields: dict, scope: str):
     # Pairs from one sub-config first (vision sizes divide by vision head counts), and head counts
     # before other divisors: they divide sizes far more often than anything else does.
     def group_of(ab):
+        own = ab[0].rpartition(".")[0] == scope
         same = ab[0].rpartition(".")[0] == ab[1].rpartition(".")[0]
-        return (not same, "heads" not in ab[1].rpartition(".")[2])
+        return (not (own and same), not same, "heads" not in ab[1].rpartition(".")[2])
 
     for key in sorted({group_of(ab) for ab in pairs}):
         group = [ab for ab in pairs if group_of(ab) == key]
@@ -273,10 +290,20 @@ SCALED_SUFFIXES = ("hidden_size", "intermediate_size", "_dim", "max_position_emb
                    "d_model", "d_ff", "d_kv", "n_embd", "n_inner", "image_size", "_head_dim")
 
 
+def scale_factor(key: str) -> int:
+    """Different factors for unrelated sizes, so that e.g. max_position_embeddings/num_heads cannot
+    pass for head_dim/2: widths (hidden, head, embed dims) x2, feed-forward sizes x3, positions x5."""
+    if "intermediate" in key or "ffn" in key or key in ("d_ff", "n_inner"):
+        return 3
+    if "position" in key:
+        return 5
+    return 2
+
+
 def scaled_config(config, shrink_layers: bool = False):
     """A copy of `config` with its size fields (hidden, intermediate, head and position sizes)
-    doubled: ratios such as hidden_size/num_attention_heads stay valid, so the model still builds,
-    and an expression that fits both builds follows the config rather than a coincidence."""
+    scaled (`scale_factor`): ratios such as hidden_size/num_attention_heads stay valid, so the model
+    still builds, and an expression that fits both builds follows the config, not a coincidence."""
     import copy
 
     from transformers import PretrainedConfig
@@ -292,7 +319,7 @@ def scaled_config(config, shrink_layers: bool = False):
                 setattr(cfg, key, 2)
             elif (isinstance(value, int) and not isinstance(value, bool) and value > 1
                   and key.endswith(SCALED_SUFFIXES) and "patch" not in key):
-                setattr(cfg, key, 2 * value)
+                setattr(cfg, key, scale_factor(key) * value)
 
     walk(scaled, 0)
     return scaled
@@ -425,6 +452,7 @@ class Recorder:
         self.shapes_b = shapes_b
         self.fields_b = int_fields(config_b) if config_b is not None else None
         self.config_paths = sub_config_paths(config)
+        self.config_objects = {path: obj for path, obj in sub_configs(config).items()}
         self.fields = int_fields(config)
         self.lists = list_fields(config)
         self.ckpt = checkpoint_tensors(model)
@@ -444,8 +472,16 @@ class Recorder:
         for depth in range(len(parts), -1, -1):
             sub = self.model.get_submodule(".".join(parts[:depth]))
             if isinstance(sub, self.pretrained_type):
-                return self.config_paths.get(id(sub.config), "")
+                return self.config_path_of(sub.config)
         return ""
+
+    def config_path_of(self, cfg) -> str:
+        """Path of a sub-model's config; by identity, else the one sub-config of the same class
+        (some models copy their sub-config)."""
+        if id(cfg) in self.config_paths:
+            return self.config_paths[id(cfg)]
+        same = [p for p, c in self.config_objects.items() if type(c) is type(cfg)]
+        return same[0] if len(same) == 1 else ""
 
     def tensor_entry(self, name: str, tensor, full: str, indices: list[int], is_buffer: bool, persistent: bool):
         if full in self.ckpt and full not in self.sources:
@@ -468,7 +504,20 @@ class Recorder:
         for dim in shape:
             self.used_paths.update(expr_paths(dim))
         entry["shape"] = shape
+        listed = self.listed_condition(name)
+        if listed:
+            entry["if_listed"] = listed
+            self.used_paths.add(listed["field"])
         return entry
+
+    def listed_condition(self, name: str):
+        """Per-layer-type buffers (`sliding_attention_inv_freq`) exist only for the layer types
+        the config lists: the field and value, or None."""
+        for path, values in self.lists.items():
+            for value in sorted(set(values), key=len, reverse=True):
+                if name.startswith(value + "_"):
+                    return {"field": path, "value": value}
+        return None
 
     def converted_entry(self, name: str, tensor, full: str, indices: list[int]):
         info = self.sources[full]
@@ -528,6 +577,11 @@ class Recorder:
                 keys.append(text)
                 variants.append(node)
             seen.append(keys.index(text))
+        if len(variants) == len(items) > 1:
+            # Every child differs (a Sequential of Linear, LayerNorm...): not a repeat.
+            out = {"n": name, "c": type(module).__name__}
+            out["m"] = [dict(v, n=str(i)) for i, v in enumerate(variants)]
+            return out
         repeat = {"count": self.count_field(len(items), path), "variants": variants}
         repeat["select"] = self.select_rule(seen, len(variants))
         return {"n": name, "c": type(module).__name__, "repeat": repeat}

@@ -33,16 +33,22 @@ pub struct Registry {
     text: Cow<'static, str>,
     /// transformers version the file was generated with.
     transformers: String,
-    by_model_type: HashMap<String, Vec<String>>,
+    /// Byte length of the header line: `by_model_type` is parsed only when a lookup needs it.
+    header_len: usize,
     /// class name -> (1-based line number, byte range of the line).
     lines: HashMap<String, (usize, std::ops::Range<usize>)>,
 }
 
+/// What opening needs from line 1 (serde skips the rest without allocating).
 #[derive(Deserialize)]
 struct HeaderLine {
     format: String,
     #[serde(default)]
     transformers: String,
+}
+
+#[derive(Deserialize)]
+struct ModelTypes {
     #[serde(default)]
     by_model_type: HashMap<String, Vec<String>>,
 }
@@ -93,8 +99,9 @@ impl Registry {
                 ),
             ));
         }
+        let header_len = first.len();
         let mut lines = HashMap::new();
-        let mut start = first.len() + 1;
+        let mut start = header_len + 1;
         for (i, line) in text.split('\n').enumerate().skip(1) {
             let range = start..start + line.len();
             start = range.end + 1;
@@ -118,7 +125,7 @@ impl Registry {
             path: path.to_path_buf(),
             text,
             transformers: header.transformers,
-            by_model_type: header.by_model_type,
+            header_len,
             lines,
         })
     }
@@ -154,7 +161,10 @@ impl Registry {
                 return Some(name);
             }
         }
-        let classes = self.by_model_type.get(config.model_type()?)?;
+        let model_type = config.model_type()?;
+        // The header was checked at open; only a lookup by model_type needs this part of it.
+        let types: ModelTypes = serde_json::from_str(&self.text[..self.header_len]).ok()?;
+        let classes = types.by_model_type.get(model_type)?;
         classes.iter().find_map(|c| {
             self.lines
                 .get_key_value(c.as_str())
