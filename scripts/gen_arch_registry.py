@@ -64,21 +64,37 @@ class ClassTimeout(Exception):
 
 
 def list_classes(only: set[str] | None) -> list[tuple[str, str]]:
-    """(model_type, class name) for every class of the recorded auto mappings, deduplicated."""
-    from transformers.models.auto import modeling_auto
+    """(model_type, line key) for every class of the recorded auto mappings.
 
-    seen: set[str] = set()
-    out: list[tuple[str, str]] = []
+    A class several model types map to (shieldgemma2 -> Gemma3ForConditionalGeneration) has its
+    plain line for the type whose config class shares its name's prefix (gemma3: Gemma3Config) and
+    a line "Class@model_type" for each other type: conversions follow the config's model_type.
+    """
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    pairs: list[tuple[str, str]] = []
     for mapping_name in MAPPINGS:
-        mapping = getattr(modeling_auto, mapping_name, None)
-        if mapping is None:
-            continue
-        for model_type, names in mapping.items():
+        for model_type, names in getattr(modeling_auto, mapping_name, {}).items():
             for name in names if isinstance(names, (list, tuple)) else [names]:
-                if name in seen or (only and model_type not in only and name not in only):
-                    continue
-                seen.add(name)
-                out.append((model_type, name))
+                if (model_type, name) not in pairs:
+                    pairs.append((model_type, name))
+    config_names = configuration_auto.CONFIG_MAPPING_NAMES
+
+    def affinity(model_type: str, name: str) -> int:
+        config = config_names.get(model_type, "").lower()
+        named_after = name.lower().startswith(re.sub(r"[-_]", "", model_type))
+        return 100 * named_after + len(os.path.commonprefix([config, name.lower()]))
+
+    owner: dict[str, str] = {}
+    for model_type, name in pairs:
+        if name not in owner or affinity(model_type, name) > affinity(owner[name], name):
+            owner[name] = model_type
+    out = []
+    for model_type, name in pairs:
+        key = name if owner[name] == model_type else f"{name}@{model_type}"
+        if only and model_type not in only and name not in only and key not in only:
+            continue
+        out.append((model_type, key))
     return out
 
 
@@ -577,8 +593,8 @@ class Recorder:
                 keys.append(text)
                 variants.append(node)
             seen.append(keys.index(text))
-        if len(variants) == len(items) > 1:
-            # Every child differs (a Sequential of Linear, LayerNorm...): not a repeat.
+        if len(variants) == len(items) > 1 or (len(variants) > 1 and type(module).__name__ == "Sequential"):
+            # A pipeline of different modules (Sequential(Linear, GELU, Linear)) is no repeat.
             out = {"n": name, "c": type(module).__name__}
             out["m"] = [dict(v, n=str(i)) for i, v in enumerate(variants)]
             return out
@@ -602,6 +618,11 @@ class Recorder:
             return (layerish, shared, field_rank(p, scope))
 
         best = sorted(candidates, key=rank)[0]
+        layerish, shared, _ = rank(best)
+        if layerish == 2 and shared == 0 and not words & {"experts", "heads"}:
+            # A field that merely has the same value (num_channels = 3 mergers) is no count:
+            # the consumer counts the checkpoint's indices instead.
+            return None
         self.used_paths.add(best)
         return best
 
@@ -831,11 +852,12 @@ def record_class(model_type: str, class_name: str) -> dict:
     import transformers
     from transformers import AutoConfig
 
-    cls = getattr(transformers, class_name)
+    second_type = "@" in class_name
+    cls = getattr(transformers, class_name.split("@")[0])
     _fit_cache.clear()  # keyed by id() of per-class dicts
     config = AutoConfig.for_model(model_type)
     own = getattr(cls, "config_class", None)
-    if own is not None and not isinstance(config, own):
+    if own is not None and not isinstance(config, own) and not second_type:
         # e.g. Llama4ForCausalLM takes the text sub-config, not the composite Llama4Config
         config = own()
     filled: list[str] = []
