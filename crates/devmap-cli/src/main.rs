@@ -55,6 +55,10 @@ struct ModelArgs {
     /// Replaces the model's own no-split classes (or, for safetensors, the inferred numbered blocks).
     #[arg(long = "no-split", value_name = "CLASS_OR_PATTERN")]
     no_split: Vec<String>,
+    /// A quantization_config JSON (as `BitsAndBytesConfig(...).to_dict()` writes it): quantize on
+    /// load; overrides config.json's `quantization_config`.
+    #[arg(long = "quantization-config", value_name = "FILE")]
+    quantization_config: Option<PathBuf>,
 }
 
 /// Options of the cost model and of `auto`.
@@ -170,6 +174,12 @@ fn read_model(args: &ModelArgs) -> Result<Model> {
     if !args.no_split.is_empty() {
         model.set_no_split(&args.no_split)?;
     }
+    if let Some(path) = &args.quantization_config {
+        model.quantization = Some(devmap_core::Quantization {
+            config: devmap_core::QuantConfig::read(path)?,
+            pre_quantized: false,
+        });
+    }
     Ok(model)
 }
 
@@ -191,6 +201,15 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
     let mut auto_options = auto_options(&args.cost, &model)?;
     if let (Some(t), None) = (discovered, &args.cost.topology) {
         auto_options.topology = t;
+    }
+    if let (Some(q), "auto", None) = (&model.quantization, args.strategy.as_str(), compat) {
+        // auto sizes every tensor at its dtype: a quantized model would get a wrong plan.
+        anyhow::bail!(
+            "--strategy auto does not plan quantized models yet (quant_method {:?}); use \
+             --strategy balanced, balanced_low_0 or sequential with --compat transformers for \
+             Hugging Face's quantized plan",
+            q.config.method()
+        );
     }
     let strategy: Box<dyn Strategy> = match (args.strategy.as_str(), compat) {
         ("auto", None) => Box::new(Auto::new(auto_options.clone())),

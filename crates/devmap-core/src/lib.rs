@@ -6,6 +6,7 @@
 //! - [`device_map`]: [`DeviceMap`], accelerate's device-map dict, with `clean`.
 //! - [`validate`]: what is wrong with a map (coverage, overlaps, no-split, ties, budgets).
 //! - [`graph`]: the petgraph DAG of modules and placement units.
+//! - [`quant`]: quantization configs and the rules quantizers apply before planning.
 //! - [`synthetic`]: generated dense, MoE and encoder-decoder models and budgets for benches and tests.
 //!
 //! No solver and no CUDA live here; `devmap-solver`, `devmap-offload` and `devmap-cuda` build on it.
@@ -39,6 +40,7 @@ pub mod graph;
 pub mod load;
 pub mod manifest;
 pub mod model;
+pub mod quant;
 pub mod safetensors;
 pub mod synthetic;
 pub mod validate;
@@ -54,4 +56,5 @@ pub use manifest::Manifest;
 pub use model::{
     Model, ModelBuilder, Module, ModuleId, Node, SizeRules, Tensor, TensorId, TensorKind,
 };
+pub use quant::{QuantConfig, Quantization};
 pub use validate::{validate, Problem, Report};

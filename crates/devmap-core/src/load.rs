@@ -16,6 +16,12 @@ use crate::safetensors::{read_folder, read_index, Header};
 /// ordered numerically (`layers.2` before `layers.10`) with embeddings first and heads last, and the
 /// repeated numbered blocks become the no-split units ([`Model::infer_no_split_blocks`]).
 pub fn load_model(path: &Path) -> Result<Model> {
+    let mut model = load_unquantized(path)?;
+    model.quantization = crate::quant::Quantization::from_model_config(model.config.as_ref())?;
+    Ok(model)
+}
+
+fn load_unquantized(path: &Path) -> Result<Model> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         let headers = read_folder(path)?;
