@@ -99,9 +99,7 @@ fn check_run(model: &Model, run: &serde_json::Value, origin: &Path) -> Option<St
     if let Some(d) = map_diff(&map, &want) {
         return Some(format!("map differs: {d}"));
     }
-    let Some(used) = budgets_used else {
-        return None;
-    };
+    let used = budgets_used?;
     // Python holds the ×0.9 budgets as floats; devmap reports them rounded down.
     let inferred: BTreeMap<String, u64> = run["inferred_max_memory"]
         .as_object()
