@@ -141,10 +141,43 @@ def hidden_size(config):
     return None
 
 
+def torch_kind(module) -> str | None:
+    """What a quantizer needs to know of a module's class: exact `nn.Linear`, a subclass, or `Conv1D`.
+
+    bitsandbytes converts only exact `nn.Linear` and transformers' `Conv1D`; other quantizers accept
+    subclasses. Other modules get no entry."""
+    import torch
+
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if type(module) is torch.nn.Linear:
+        return "linear"
+    if isinstance(module, torch.nn.Linear):
+        return "linear_subclass"
+    return None
+
+
+def module_entry(name: str, module) -> dict:
+    entry = {"name": name, "class": type(module).__name__}
+    kind = torch_kind(module)
+    if kind is not None:
+        entry["torch_kind"] = kind
+    return entry
+
+
+def output_embedding_name(model) -> str | None:
+    """The module name of `get_output_embeddings()` (quantizers keep it in full precision)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    out = getter() if getter is not None else None
+    if out is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is out), None)
+
+
 def manifest(model, name: str, torch_dtype) -> dict:
-    modules = [
-        {"name": n, "class": type(m).__name__} for n, m in model.named_modules() if n != ""
-    ]
+    modules = [module_entry(n, m) for n, m in model.named_modules() if n != ""]
     tensors = []
     for n, p in model.named_parameters(remove_duplicate=False):
         tensors.append({"name": n, "dtype": st_dtype(p.dtype), "shape": list(p.shape), "kind": "param"})
@@ -165,6 +198,9 @@ def manifest(model, name: str, torch_dtype) -> dict:
         "tied_targets": sorted(k for k in (getattr(model, "all_tied_weights_keys", None) or {}) if k in set(params)),
         "no_split": sorted(no_split),
         "hidden_size": hidden_size(model.config),
+        # For quantizers (docs/quantization.md): modules they keep in float32 / full precision.
+        "keep_in_fp32_modules": sorted(getattr(model, "_keep_in_fp32_modules", None) or []),
+        "output_embedding": output_embedding_name(model),
     }
 
 

@@ -65,6 +65,10 @@ struct ModelArgs {
     /// e.g. one generated for another transformers version; the embedded one otherwise.
     #[arg(long = "arch-registry", value_name = "FILE")]
     arch_registry: Option<PathBuf>,
+    /// A quantization_config JSON (as `BitsAndBytesConfig(...).to_dict()` writes it): quantize on
+    /// load; overrides config.json's `quantization_config`.
+    #[arg(long = "quantization-config", value_name = "FILE")]
+    quantization_config: Option<PathBuf>,
 }
 
 /// Options of the cost model and of the memory model (shared by `plan`, `compare`, `check`).
@@ -222,6 +226,12 @@ fn read_model(args: &ModelArgs) -> Result<Model> {
     if !args.no_split.is_empty() {
         model.set_no_split(&args.no_split)?;
     }
+    if let Some(path) = &args.quantization_config {
+        model.quantization = Some(devmap_core::Quantization {
+            config: devmap_core::QuantConfig::read(path)?,
+            pre_quantized: false,
+        });
+    }
     Ok(model)
 }
 
@@ -244,6 +254,15 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
         auto_options(&args.cost, Some(&args.solve), &model, args.model.dtype)?;
     if let (Some(t), None) = (discovered, &args.cost.topology) {
         auto_options.topology = t;
+    }
+    if let (Some(q), "auto", None) = (&model.quantization, args.strategy.as_str(), compat) {
+        // auto sizes every tensor at its dtype: a quantized model would get a wrong plan.
+        anyhow::bail!(
+            "--strategy auto does not plan quantized models yet (quant_method {:?}); use \
+             --strategy balanced, balanced_low_0 or sequential with --compat transformers for \
+             Hugging Face's quantized plan",
+            q.config.method()
+        );
     }
     let strategy: Box<dyn Strategy> = match (args.strategy.as_str(), compat) {
         ("auto", None) => Box::new(Auto::new(auto_options.clone())),

@@ -35,6 +35,14 @@ pub enum Error {
     /// A model whose tensor table is inconsistent (duplicate names, a tensor named like a module...).
     #[error("invalid model: {0}")]
     Model(String),
+    /// A quantization config that is unknown, unsupported or malformed.
+    #[error("{origin}: quantization_config: {reason}")]
+    QuantConfig {
+        /// Where the config came from (a config.json or a `--quantization-config` file).
+        origin: String,
+        /// What is wrong, naming the field or the method.
+        reason: String,
+    },
     /// An unknown dtype spelling.
     #[error("unknown dtype {0:?} (expected one of F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL F8_E4M3 F8_E5M2, or bf16/f16/f32)")]
     UnknownDtype(String),

@@ -9,6 +9,7 @@
 //! - [`validate`]: what is wrong with a map (coverage, overlaps, no-split, ties, budgets).
 //! - [`memory`]: the memory model (workload, KV cache, activations, streaming buffers).
 //! - [`graph`]: the petgraph DAG of modules and placement units.
+//! - [`quant`]: quantization configs and the rules quantizers apply before planning.
 //! - [`synthetic`]: generated dense, MoE and encoder-decoder models and budgets for benches and tests.
 //!
 //! No solver and no CUDA live here; `devmap-solver`, `devmap-offload` and `devmap-cuda` build on it.
@@ -44,6 +45,7 @@ pub mod load;
 pub mod manifest;
 pub mod memory;
 pub mod model;
+pub mod quant;
 pub mod rebuild;
 pub mod registry;
 pub mod safetensors;
@@ -62,5 +64,6 @@ pub use memory::{Workload, WorkloadMemory};
 pub use model::{
     Model, ModelBuilder, Module, ModuleId, Node, SizeRules, Tensor, TensorId, TensorKind,
 };
+pub use quant::{QuantConfig, Quantization};
 pub use registry::Registry;
 pub use validate::{validate, Problem, Report};

@@ -37,6 +37,13 @@ pub fn load_model(path: &Path) -> Result<Model> {
 /// ([`Model::infer_no_split_blocks`]); a note says so. A shard given alone is read as the whole
 /// checkpoint its index (beside it) describes.
 pub fn load_model_with(path: &Path, registry: &Registry) -> Result<Loaded> {
+    let mut loaded = load_unquantized(path, registry)?;
+    loaded.model.quantization =
+        crate::quant::Quantization::from_model_config(loaded.model.config.as_ref())?;
+    Ok(loaded)
+}
+
+fn load_unquantized(path: &Path, registry: &Registry) -> Result<Loaded> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         let headers = read_folder(path)?;

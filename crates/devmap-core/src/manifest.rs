@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelBuilder, TensorKind, TensorSpec};
+use crate::quant::{QuantMeta, TorchKind};
 
 /// The format tag a manifest must carry.
 pub const MANIFEST_FORMAT: &str = "devmap-manifest/1";
@@ -44,6 +45,12 @@ pub struct Manifest {
     /// Activation width.
     #[serde(default)]
     pub hidden_size: Option<u64>,
+    /// The model's `_keep_in_fp32_modules` (quantizers keep them unconverted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_in_fp32_modules: Vec<String>,
+    /// The module name of `get_output_embeddings()` (quantizers keep it unconverted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_embedding: Option<String>,
 }
 
 /// A module entry.
@@ -53,6 +60,9 @@ pub struct ManifestModule {
     pub name: String,
     /// Class name.
     pub class: String,
+    /// `linear` (exactly `nn.Linear`), `linear_subclass` or `conv1d`; absent for other modules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_kind: Option<TorchKind>,
 }
 
 /// A tensor entry.
@@ -106,6 +116,11 @@ impl Manifest {
         .root_class(self.root_class.unwrap_or_default())
         .no_split_classes(self.no_split)
         .hidden_size(self.hidden_size);
+        let quant_meta = quant_meta(
+            &self.modules,
+            self.keep_in_fp32_modules,
+            self.output_embedding,
+        );
         for m in self.modules {
             b = b.module(m.name, m.class);
         }
@@ -128,7 +143,9 @@ impl Manifest {
             b = b.tied(g);
         }
         b = b.tied_targets(self.tied_targets);
-        b.build().map_err(|e| Error::json(origin, e.to_string()))
+        let mut model = b.build().map_err(|e| Error::json(origin, e.to_string()))?;
+        model.quant_meta = quant_meta;
+        Ok(model)
     }
 
     /// Describe an existing model as a manifest.
@@ -140,9 +157,15 @@ impl Manifest {
             root_class: Some(model.module(0).class.clone()).filter(|c| !c.is_empty()),
             modules: model.modules()[1..]
                 .iter()
-                .map(|m| ManifestModule {
+                .enumerate()
+                .map(|(i, m)| ManifestModule {
                     name: m.name.clone(),
                     class: m.class.clone(),
+                    torch_kind: model
+                        .quant_meta
+                        .torch_kinds
+                        .as_ref()
+                        .and_then(|_| model.quant_meta.torch_kind(model, i + 1)),
                 })
                 .collect(),
             tensors: model
@@ -166,6 +189,25 @@ impl Manifest {
                 .collect(),
             no_split: model.no_split_classes(),
             hidden_size: model.hidden_size,
+            keep_in_fp32_modules: model.quant_meta.keep_in_fp32_modules.clone(),
+            output_embedding: model.quant_meta.output_embedding.clone(),
         }
+    }
+}
+
+/// Quantizer facts from manifest fields: `torch_kind` counts as recorded when any module has one.
+fn quant_meta(
+    modules: &[ManifestModule],
+    keep_in_fp32_modules: Vec<String>,
+    output_embedding: Option<String>,
+) -> QuantMeta {
+    let kinds: std::collections::HashMap<String, TorchKind> = modules
+        .iter()
+        .filter_map(|m| m.torch_kind.map(|k| (m.name.clone(), k)))
+        .collect();
+    QuantMeta {
+        torch_kinds: (!kinds.is_empty()).then_some(kinds),
+        keep_in_fp32_modules,
+        output_embedding,
     }
 }

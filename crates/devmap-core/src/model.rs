@@ -128,6 +128,10 @@ pub struct Model {
     pub hidden_size: Option<u64>,
     /// The model's `config.json`, when one was found.
     pub config: Option<ModelConfig>,
+    /// Its quantization (config.json's `quantization_config`, or one given to quantize on load).
+    pub quantization: Option<crate::quant::Quantization>,
+    /// Module facts quantizers need (from a manifest; defaults otherwise).
+    pub quant_meta: crate::quant::QuantMeta,
 }
 
 /// A tensor as described by a manifest or a safetensors header.
@@ -248,6 +252,8 @@ impl ModelBuilder {
             by_name: HashMap::with_capacity(self.modules.len() + self.tensors.len() + 1),
             hidden_size: self.hidden_size,
             config: self.config,
+            quantization: None,
+            quant_meta: crate::quant::QuantMeta::default(),
         };
         model.by_name.insert(String::new(), Node::Module(0));
         for (name, class) in self.modules {

@@ -34,6 +34,19 @@ pub enum Error {
     /// A case where Hugging Face itself raises; reproduced as an error with the reason.
     #[error("Hugging Face's planner fails here: {0}")]
     HfRaises(String),
+    /// Hugging Face's quantizer rejects the map its planner computed (`validate_environment`).
+    #[error("Hugging Face's {method} quantizer rejects the map its planner computed: ValueError: {message}")]
+    QuantizerRejects {
+        /// The `quant_method`.
+        method: String,
+        /// The exception's message, exactly as transformers 5.23 words it.
+        message: String,
+        /// The map it rejects.
+        map: Box<devmap_core::DeviceMap>,
+    },
+    /// A quantized model this strategy cannot plan yet (named method or path).
+    #[error("{0}")]
+    QuantUnsupported(String),
     /// A strategy asked for a device that has no budget.
     #[error("device {0} has no memory budget (give it one in --max-memory)")]
     NoBudget(Device),

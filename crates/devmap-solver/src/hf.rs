@@ -24,6 +24,66 @@ use devmap_core::{
 
 use crate::error::Error;
 
+/// What a transformers quantizer changes in the planning (`param_element_size`,
+/// `adjust_max_memory`, `validate_environment`); only bitsandbytes quantize-on-load so far.
+#[derive(Debug, Clone)]
+pub struct HfQuantizer {
+    /// Per tensor, the bytes per element the quantizer counts instead of the dtype's.
+    pub element_sizes: Vec<Option<f64>>,
+    /// `adjust_max_memory`'s factor on every key.
+    pub max_memory_factor: f64,
+    config: devmap_core::quant::BnbConfig,
+}
+
+impl HfQuantizer {
+    /// The quantizer `model.quantization` calls for under `compat`; `None` for an unquantized model.
+    pub fn for_model(model: &Model, compat: Compat) -> Result<Option<HfQuantizer>, Error> {
+        let Some(q) = &model.quantization else {
+            return Ok(None);
+        };
+        if compat == Compat::Accelerate {
+            return Err(Error::QuantUnsupported(
+                "accelerate's infer_auto_device_map takes no quantizer; plan quantized models with --compat transformers".into(),
+            ));
+        }
+        let devmap_core::QuantConfig::Bnb(config) = &q.config else {
+            return Err(Error::QuantUnsupported(format!(
+                "Hugging Face parity for quant_method {:?} is not implemented yet (bitsandbytes quantize-on-load is)",
+                q.config.method()
+            )));
+        };
+        if q.pre_quantized {
+            return Err(Error::QuantUnsupported(
+                "Hugging Face parity for pre-quantized bitsandbytes checkpoints is not implemented yet; \
+                 quantize on load with --quantization-config over the full-precision checkpoint"
+                    .into(),
+            ));
+        }
+        Ok(Some(HfQuantizer {
+            element_sizes: config.hf_element_sizes(model)?,
+            max_memory_factor: 0.9,
+            config: config.clone(),
+        }))
+    }
+
+    /// `validate_environment(device_map=map)`: the quantizer's verdict on the computed map.
+    pub fn validate(&self, map: &DeviceMap) -> Result<(), Error> {
+        let devices: Vec<Device> = map.entries().iter().map(|(_, d)| *d).collect();
+        let offloaded = devices
+            .iter()
+            .any(|&d| d == Device::Cpu || d == Device::Disk);
+        let all_cpu = devices.iter().all(|&d| d == Device::Cpu);
+        match self.config.map_verdict(offloaded, all_cpu) {
+            None => Ok(()),
+            Some(message) => Err(Error::QuantizerRejects {
+                method: "bitsandbytes".into(),
+                message: message.to_string(),
+                map: Box::new(map.clone()),
+            }),
+        }
+    }
+}
+
 /// Which Hugging Face implementation to reproduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Compat {
@@ -53,37 +113,101 @@ impl Compat {
     }
 }
 
-/// Sizes as Hugging Face sees them: per tensor and per module (subtree sums).
+/// Sizes as Hugging Face sees them: per tensor and per module (subtree sums). Bytes as `f64`, as
+/// Python has them once a quantizer counts half a byte per element (exact: multiples of 0.5 far
+/// below 2^52).
 #[derive(Debug, Clone)]
 pub struct HfSizes {
     /// Per tensor (tied duplicates 0).
-    pub tensors: Vec<u64>,
+    pub tensors: Vec<f64>,
     /// Per module.
-    pub modules: Vec<u64>,
+    pub modules: Vec<f64>,
 }
 
 impl HfSizes {
     /// Compute sizes for `model` under `compat`'s rules.
     pub fn new(model: &Model, compat: Compat, target_dtype: Option<DType>) -> HfSizes {
-        let mut tensors = model.tensor_sizes(compat.size_rules(target_dtype));
+        HfSizes::with_quantizer(model, compat, target_dtype, None)
+    }
+
+    /// Sizes with a quantizer's `param_element_size`: `element_sizes[t]`, when set, replaces
+    /// tensor `t`'s bytes per element (transformers only).
+    pub fn with_quantizer(
+        model: &Model,
+        compat: Compat,
+        target_dtype: Option<DType>,
+        element_sizes: Option<&[Option<f64>]>,
+    ) -> HfSizes {
+        let mut tensors: Vec<f64> = model
+            .tensor_sizes(compat.size_rules(target_dtype))
+            .into_iter()
+            .map(|b| b as f64)
+            .collect();
+        for (t, per) in element_sizes.unwrap_or(&[]).iter().enumerate() {
+            if let (Some(per), false) = (per, model.is_tied_duplicate(t)) {
+                tensors[t] = model.tensor(t).numel as f64 * per;
+            }
+        }
         if compat == Compat::Transformers {
             // transformers skips every tie target by name; when a target is the first name
             // registered, the shared storage is never counted at all.
             for (t, size) in tensors.iter_mut().enumerate() {
                 if model.is_tied_target(t) {
-                    *size = 0;
+                    *size = 0.0;
                 }
             }
         }
-        let modules = model.module_sizes(&tensors);
+        let mut modules = vec![0.0; model.modules().len()];
+        for (t, size) in tensors.iter().enumerate() {
+            let mut cur = Some(model.tensor(t).module);
+            while let Some(m) = cur {
+                modules[m] += size;
+                cur = model.module(m).parent;
+            }
+        }
         HfSizes { tensors, modules }
     }
 
-    fn of(&self, e: Entry) -> u64 {
+    fn of(&self, e: Entry) -> f64 {
         match e {
             Entry::Module(m) => self.modules[m],
             Entry::Tensor(t) => self.tensors[t],
         }
+    }
+}
+
+/// Per-device caps as Hugging Face holds them (`max_memory` values: ints, or floats once a
+/// quantizer scales them), in budget order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfCaps(pub Vec<(Device, f64)>);
+
+impl HfCaps {
+    /// The user's budgets.
+    pub fn from_budgets(budgets: &MemoryBudgets) -> HfCaps {
+        HfCaps(budgets.iter().map(|b| (b.device, b.bytes as f64)).collect())
+    }
+    /// The caps rounded down to whole bytes (for reporting).
+    pub fn to_budgets(&self) -> MemoryBudgets {
+        let mut out = MemoryBudgets::default();
+        for &(d, v) in &self.0 {
+            out.set(d, v.max(0.0).floor() as u64);
+        }
+        out
+    }
+    fn get(&self, d: Device) -> Option<f64> {
+        self.0.iter().find(|c| c.0 == d).map(|c| c.1)
+    }
+    fn set(&mut self, d: Device, v: f64) {
+        if let Some(c) = self.0.iter_mut().find(|c| c.0 == d) {
+            c.1 = v;
+        }
+    }
+    /// `adjust_max_memory` of bitsandbytes (and quanto, BitNet, torchao): every key × 0.9.
+    pub fn scaled(mut self, factor: f64) -> HfCaps {
+        for c in &mut self.0 {
+            c.1 *= factor;
+        }
+        self
     }
 }
 
@@ -94,7 +218,7 @@ pub fn balanced_budgets(
     sizes: &HfSizes,
     compat: Compat,
     low_zero: bool,
-) -> Result<MemoryBudgets, Error> {
+) -> Result<HfCaps, Error> {
     if compat == Compat::Accelerate && budgets.contains(Device::Disk) {
         // accelerate resolves every non-integer key with torch.device(), which rejects "disk".
         return Err(Error::HfRaises(
@@ -103,7 +227,7 @@ pub fn balanced_budgets(
                 .into(),
         ));
     }
-    let mut out = budgets.clone();
+    let mut out = HfCaps::from_budgets(budgets);
     let gpus: Vec<u32> = budgets
         .iter()
         .filter_map(|b| match b.device {
@@ -117,50 +241,34 @@ pub fn balanced_budgets(
     }
     let low_zero = low_zero && num_devices > 1;
     let total = sizes.modules[0];
-    let mut per_gpu = total
-        / if low_zero {
-            num_devices - 1
-        } else {
-            num_devices
-        };
+    let divisor = if low_zero {
+        num_devices - 1
+    } else {
+        num_devices
+    };
+    // Python's `//` on a multiple of 0.5: exact in half-byte units.
+    let mut per_gpu = ((total * 2.0) as u64 / (2 * divisor)) as f64;
 
     let buffer_base = match compat {
-        Compat::Transformers => {
-            let biggest_no_split = model
-                .modules()
-                .iter()
-                .enumerate()
-                .filter(|(_, m)| m.no_split)
-                .map(|(id, _)| sizes.modules[id])
-                .max()
-                .unwrap_or(0);
-            // Leaves: modules owning tensors directly, by the tensors they own (top-level tensors excluded).
-            let mut leaf = vec![0u64; model.modules().len()];
-            for (id, t) in model.tensors().iter().enumerate() {
-                if !model.is_tied_duplicate(id) && !model.is_tied_target(id) && t.module != 0 {
-                    leaf[t.module] += sizes.tensors[id];
-                }
-            }
-            biggest_no_split.max(leaf.into_iter().max().unwrap_or(0))
-        }
+        Compat::Transformers => transformers_buffer_base(model, sizes),
         Compat::Accelerate => accelerate_buffer_base(model, sizes),
     };
-    per_gpu += (1.25 * buffer_base as f64) as u64;
+    per_gpu += (1.25 * buffer_base).trunc();
 
     let mut gpus_sorted = gpus.clone();
     gpus_sorted.sort_unstable();
-    let original_zero = budgets.get(Device::Gpu(0));
+    let original_zero = out.get(Device::Gpu(0));
     for &idx in &gpus_sorted[..gpus_sorted.len() - 1] {
-        let current = out.get(Device::Gpu(idx)).unwrap_or(0);
+        let current = out.get(Device::Gpu(idx)).unwrap_or(0.0);
         let cap = if low_zero && idx == 0 {
-            original_zero.unwrap_or(0)
+            original_zero.unwrap_or(0.0)
         } else {
             per_gpu
         };
-        out.set(Device::Gpu(idx), cap.min(current));
+        out.set(Device::Gpu(idx), py_min(cap, current));
     }
     if low_zero {
-        let mut others = 0u64;
+        let mut others = 0.0;
         for i in 1..num_devices as u32 {
             others += out.get(Device::Gpu(i)).ok_or_else(|| {
                 Error::HfRaises(format!(
@@ -174,13 +282,41 @@ pub fn balanced_budgets(
                 "balanced_low_0 needs a budget for GPU 0 (Hugging Face raises KeyError)".into(),
             )
         })?;
-        out.set(Device::Gpu(0), total.saturating_sub(others).min(zero));
+        out.set(Device::Gpu(0), py_min((total - others).max(0.0), zero));
     }
     Ok(out)
 }
 
+/// Python's `min(a, b)`: `a` unless `b < a`.
+fn py_min(a: f64, b: f64) -> f64 {
+    if b < a {
+        b
+    } else {
+        a
+    }
+}
+
+/// transformers 5.23's margin: max(largest no-split block, largest leaf), before × 1.25.
+fn transformers_buffer_base(model: &Model, sizes: &HfSizes) -> f64 {
+    let biggest_no_split = model
+        .modules()
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.no_split)
+        .map(|(id, _)| sizes.modules[id])
+        .fold(0.0, f64::max);
+    // Leaves: modules owning tensors directly, by the tensors they own (top-level tensors excluded).
+    let mut leaf = vec![0.0; model.modules().len()];
+    for (id, t) in model.tensors().iter().enumerate() {
+        if !model.is_tied_duplicate(id) && !model.is_tied_target(id) && t.module != 0 {
+            leaf[t.module] += sizes.tensors[id];
+        }
+    }
+    biggest_no_split.max(leaf.into_iter().fold(0.0, f64::max))
+}
+
 /// accelerate 1.15's margin: max(first no-split block of each class, mean leaf module), before × 1.25.
-fn accelerate_buffer_base(model: &Model, sizes: &HfSizes) -> u64 {
+fn accelerate_buffer_base(model: &Model, sizes: &HfSizes) -> f64 {
     // A module "has a size entry" iff a non-duplicate tensor lies under it; entries appear in the
     // order their first tensor is met (parameters, then buffers, as listed).
     let classes: Vec<&str> = {
@@ -193,7 +329,7 @@ fn accelerate_buffer_base(model: &Model, sizes: &HfSizes) -> u64 {
         c
     };
     let mut present = vec![false; model.modules().len()];
-    let mut first_of_class: Vec<(&str, u64)> = Vec::new();
+    let mut first_of_class: Vec<(&str, f64)> = Vec::new();
     for (id, t) in model.tensors().iter().enumerate() {
         if model.is_tied_duplicate(id) {
             continue;
@@ -219,7 +355,7 @@ fn accelerate_buffer_base(model: &Model, sizes: &HfSizes) -> u64 {
             }
         }
     }
-    let no_split = first_of_class.iter().map(|(_, s)| *s).max().unwrap_or(0);
+    let no_split = first_of_class.iter().map(|(_, s)| *s).fold(0.0, f64::max);
     // Leaves after dropping tensor entries: present modules with no present child module.
     let mut has_child = vec![false; model.modules().len()];
     for (id, m) in model.modules().iter().enumerate().skip(1) {
@@ -232,14 +368,14 @@ fn accelerate_buffer_base(model: &Model, sizes: &HfSizes) -> u64 {
             }
         }
     }
-    let (mut sum, mut count) = (0u64, 0u64);
+    let (mut sum, mut count) = (0.0f64, 0u64);
     for id in 1..model.modules().len() {
         if present[id] && !has_child[id] {
             sum += sizes.modules[id];
             count += 1;
         }
     }
-    let mean = (sum as f64 / count.max(1) as f64) as u64;
+    let mean = (sum / count.max(1) as f64).trunc();
     no_split.max(mean)
 }
 
@@ -308,8 +444,8 @@ fn max_layer(
     model: &Model,
     sizes: &HfSizes,
     entries: impl Iterator<Item = Entry>,
-) -> (u64, Vec<Entry>) {
-    let mut max = 0u64;
+) -> (f64, Vec<Entry>) {
+    let mut max = 0.0f64;
     let mut names: Vec<Entry> = Vec::new();
     let mut stack: Vec<Entry> = entries.collect();
     stack.reverse();
@@ -361,15 +497,16 @@ fn starts_with_dotted(name: &str, prefix: &str) -> bool {
 /// Returns the cleaned map.
 pub fn infer_auto_device_map(
     model: &Model,
-    budgets: &MemoryBudgets,
+    budgets: &HfCaps,
     sizes: &HfSizes,
     compat: Compat,
 ) -> Result<DeviceMap, Error> {
-    let mut devices: Vec<(Device, Option<u64>)> = budgets
+    let mut devices: Vec<(Device, Option<f64>)> = budgets
+        .0
         .iter()
-        .map(|b| (b.device, (b.device != Device::Disk).then_some(b.bytes)))
+        .map(|&(d, v)| (d, (d != Device::Disk).then_some(v)))
         .collect();
-    if !budgets.contains(Device::Disk) {
+    if budgets.get(Device::Disk).is_none() {
         devices.push((Device::Disk, None));
     }
     let first_gpu = devices.iter().map(|d| d.0).find(|d| d.is_gpu());
@@ -402,7 +539,7 @@ pub fn infer_auto_device_map(
             }
         };
     let mut current = 0usize;
-    let mut used: Vec<i128> = vec![0; devices.len()];
+    let mut used: Vec<f64> = vec![0.0; devices.len()];
     let (mut max_layer_size, mut max_layer_names) = max_layer(model, sizes, work.iter());
 
     while let Some(entry) = work.pop_front() {
@@ -415,7 +552,7 @@ pub fn infer_auto_device_map(
             (max_layer_size, max_layer_names) =
                 max_layer(model, sizes, work.iter().filter(|e| e.is_module()));
         }
-        let module_size = sizes.of(entry) as i128;
+        let module_size = sizes.of(entry);
 
         // Tied parameters outside the entry whose group has a member inside it.
         let mut tied_params: Vec<&str> = Vec::new();
@@ -431,13 +568,13 @@ pub fn infer_auto_device_map(
                 "ran out of devices (Hugging Face raises IndexError)".into(),
             ));
         };
-        let mut current_max: Option<i128> = cap.map(|c| c as i128);
-        let mut reserved: i128 = 0;
+        let mut current_max: Option<f64> = cap;
+        let mut reserved = 0.0;
         if is_main(device) {
             if let Some(c) = current_max.as_mut() {
-                *c -= max_layer_size as i128;
+                *c -= max_layer_size;
             }
-            reserved = max_layer_size as i128;
+            reserved = max_layer_size;
         }
 
         // Size with ties: each tied parameter's first enclosing work-list entry.
@@ -456,16 +593,16 @@ pub fn infer_auto_device_map(
                 Compat::Transformers => {
                     if !tied_entries.contains(&found) {
                         tied_entries.push(found);
-                        size_with_ties += sizes.of(found) as i128;
+                        size_with_ties += sizes.of(found);
                     }
                 }
                 Compat::Accelerate => {
                     tied_entries.push(found);
                     let param_size = match model.node(p) {
                         Some(Node::Tensor(t)) => sizes.tensors[t],
-                        _ => 0,
+                        _ => 0.0,
                     };
-                    size_with_ties += sizes.of(found) as i128 - param_size as i128;
+                    size_with_ties += sizes.of(found) - param_size;
                 }
             }
         }

@@ -212,9 +212,12 @@ impl Strategy for HfGreedy {
         if req.budgets.is_empty() {
             return Err(Error::NoDevices);
         }
-        let sizes = hf::HfSizes::new(req.model, self.compat, req.target_dtype);
-        let budgets = match self.kind {
-            HfKind::Sequential => req.budgets.clone(),
+        let quantizer = hf::HfQuantizer::for_model(req.model, self.compat)?;
+        let element_sizes = quantizer.as_ref().map(|q| q.element_sizes.as_slice());
+        let sizes =
+            hf::HfSizes::with_quantizer(req.model, self.compat, req.target_dtype, element_sizes);
+        let mut budgets = match self.kind {
+            HfKind::Sequential => hf::HfCaps::from_budgets(req.budgets),
             HfKind::Balanced | HfKind::BalancedLow0 => hf::balanced_budgets(
                 req.model,
                 req.budgets,
@@ -223,12 +226,18 @@ impl Strategy for HfGreedy {
                 self.kind == HfKind::BalancedLow0,
             )?,
         };
+        if let Some(q) = &quantizer {
+            budgets = budgets.scaled(q.max_memory_factor);
+        }
         let map = hf::infer_auto_device_map(req.model, &budgets, &sizes, self.compat)?;
+        if let Some(q) = &quantizer {
+            q.validate(&map)?;
+        }
         let mut plan = Plan::with_rules(
             self.name(),
             req,
             map,
-            budgets,
+            budgets.to_budgets(),
             self.compat.size_rules(req.target_dtype),
         );
         if !self.spill_to_disk && !req.budgets.contains(Device::Disk) {

@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Compute Hugging Face's device maps for one model quantized on load: a devmap-quant-reference/1 file.
+
+    python scripts/hf_quant_reference.py fixtures/quant/models/NAME.json \
+        --quant fixtures/quant/configs/bnb-4bit-nf4.json [--quant ...] \
+        -o fixtures/quant/reference/NAME.json [--scenarios fixtures/scenarios.json]
+
+NAME.json is a devmap manifest written by scripts/export_manifest.py; the model is rebuilt from
+`NAME.config.json` beside it in the manifest's dtype, exactly as export_manifest builds it (meta device,
+weights tied). For every quantization config (a `BitsAndBytesConfig(...).to_dict()` JSON), every
+scenario of fixtures/scenarios.json and every strategy (balanced, balanced_low_0, sequential; "auto" is
+"balanced"), it runs what `from_pretrained(quantization_config=..., device_map=strategy,
+max_memory=...)` runs before loading any weight:
+
+1. `AutoHfQuantizer.from_config(config, pre_quantized=False)`;
+2. `hf_quantizer.preprocess_model(model, dtype, device_map=strategy)` under the model's default dtype
+   (this replaces the modules the quantizer converts, e.g. `nn.Linear` -> `Linear4bit`);
+3. the body of `transformers.integrations.accelerate._get_device_map` step by step with the real
+   functions (`get_balanced_memory` or `get_max_memory`, `hf_quantizer.adjust_max_memory`,
+   `infer_auto_device_map`), so the map the planner computed is kept even when
+4. `hf_quantizer.validate_environment(device_map=map)` then rejects it; its message is recorded in
+   `error`. The script checks that `_get_device_map` itself gives the same map or raises the same error.
+
+The backend check bitsandbytes makes inside validate_environment (a CUDA/CPU backend for bnb) is about
+the machine, not the map; it is reported in `backend_check` and the map verdict is reproduced without
+it. Needs torch, transformers 5.23, accelerate and bitsandbytes; no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import export_manifest  # noqa: E402
+import hf_reference  # noqa: E402
+
+STRATEGIES = ["balanced", "balanced_low_0", "sequential"]
+
+
+def build_quantized(config, torch_dtype, quant_dict: dict):
+    """The model as from_pretrained has it when it computes the device map, and its quantizer."""
+    import torch
+    from transformers.quantizers.auto import AutoHfQuantizer, AutoQuantizationConfig
+
+    qconfig = AutoQuantizationConfig.from_dict(copy.deepcopy(quant_dict))
+    hf_quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
+    model = export_manifest.build_model(config, torch_dtype)
+    export_manifest.tie(model)
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch_dtype)
+        with torch.device("meta"):
+            hf_quantizer.preprocess_model(
+                model=model, dtype=torch_dtype, device_map="auto", checkpoint_files=None, use_kernels=False
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    return model, hf_quantizer
+
+
+def map_verdict(hf_quantizer, device_map: dict) -> str | None:
+    """validate_environment's verdict on a computed map, without the machine's backend check."""
+    from transformers.integrations import bitsandbytes as tf_bnb
+
+    real = tf_bnb.validate_bnb_backend_availability
+    try:
+        # The check lives in integrations/__init__; the quantizer imports it from there at call time.
+        import transformers.integrations as integ
+
+        integ.validate_bnb_backend_availability = lambda *a, **k: True
+        hf_quantizer.validate_environment(device_map=device_map)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        integ.validate_bnb_backend_availability = real
+    return None
+
+
+def backend_check() -> str:
+    from transformers.integrations import validate_bnb_backend_availability
+
+    try:
+        validate_bnb_backend_availability(raise_exception=True)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "ok"
+
+
+def run_one(model, hf_quantizer, scenario: dict, strategy: str) -> dict:
+    from transformers.integrations import accelerate as tfa
+
+    max_memory = hf_reference.user_max_memory(scenario["max_memory"])
+    out = {
+        "scenario": scenario["name"],
+        "strategy": strategy,
+        "max_memory": scenario["max_memory"],
+        "inferred_max_memory": None,
+        "device_map": None,
+        "error": None,
+    }
+    try:
+        mm = copy.deepcopy(max_memory)
+        if strategy == "sequential":
+            inferred = tfa.get_max_memory(mm)
+        else:
+            inferred = tfa.get_balanced_memory(
+                model,
+                max_memory=mm,
+                no_split_module_classes=model._no_split_modules,
+                hf_quantizer=hf_quantizer,
+                low_zero=(strategy == "balanced_low_0"),
+            )
+        inferred = hf_quantizer.adjust_max_memory(inferred)
+        out["inferred_max_memory"] = hf_reference.jsonable(inferred)
+        device_map = tfa.infer_auto_device_map(
+            model,
+            max_memory=inferred,
+            no_split_module_classes=model._no_split_modules,
+            hf_quantizer=hf_quantizer,
+            no_placement_params=getattr(model, "_no_placement_params", None),
+        )
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        return out
+    out["device_map"] = dict(device_map)
+    out["error"] = map_verdict(hf_quantizer, dict(device_map))
+    check_against_get_device_map(model, hf_quantizer, strategy, max_memory, out)
+    return out
+
+
+def check_against_get_device_map(model, hf_quantizer, strategy, max_memory, out) -> None:
+    """The step-by-step replay must agree with transformers' own `_get_device_map`."""
+    from transformers.integrations import accelerate as tfa
+    import transformers.integrations as integ
+
+    real = integ.validate_bnb_backend_availability
+    integ.validate_bnb_backend_availability = lambda *a, **k: True
+    try:
+        got = tfa._get_device_map(model, strategy, copy.deepcopy(max_memory), hf_quantizer)
+        got_error = None
+    except Exception as e:
+        got, got_error = None, f"{type(e).__name__}: {e}"
+    finally:
+        integ.validate_bnb_backend_availability = real
+    if got_error != out["error"] or (got is not None and dict(got) != out["device_map"]):
+        raise SystemExit(f"replay differs from _get_device_map for {out['scenario']} / {strategy}")
+
+
+def main(argv=None) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("manifest", help="a manifest from export_manifest.py, NAME.config.json beside it")
+    ap.add_argument("--quant", action="append", required=True, help="quantization_config JSON (repeatable)")
+    ap.add_argument("--scenarios", default=os.path.join(here, "..", "fixtures", "scenarios.json"))
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("-o", "--output", required=True)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "accelerate", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.set_verbosity_error()
+
+    with open(args.manifest) as f:
+        manifest = json.load(f)
+    stem = args.manifest[: -len(".json")]
+    torch_dtype = getattr(torch, export_manifest.DTYPE_ARGS[manifest["dtype"].lower()])
+    config = export_manifest.load_config(stem + ".config.json")
+    with open(args.scenarios) as f:
+        scenarios = json.load(f)["scenarios"]
+
+    runs = []
+    for qpath in args.quant:
+        with open(qpath) as f:
+            quant_dict = json.load(f)
+        qname = os.path.basename(qpath)[: -len(".json")]
+        model, hf_quantizer = build_quantized(config, torch_dtype, quant_dict)
+        for sc in scenarios:
+            for strategy in args.strategies.split(","):
+                r = {"quant": qname, **run_one(model, hf_quantizer, sc, strategy)}
+                r["modules_to_not_convert"] = sorted(getattr(hf_quantizer, "modules_to_not_convert", []) or [])
+                runs.append(r)
+                status = (r["error"] or "")[:50] or f"{len(r['device_map'])} entries"
+                print(f"{qname:28} {sc['name']:26} {strategy:15} {status}", file=sys.stderr)
+
+    doc = {
+        "format": "devmap-quant-reference/1",
+        "model": manifest["name"],
+        "manifest": os.path.relpath(args.manifest, os.path.join(here, "..")),
+        "versions": {**hf_reference.versions(), "bitsandbytes": __import__("bitsandbytes").__version__},
+        "backend_check": backend_check(),
+        "host": {"python": platform.python_version(), "platform": platform.platform()},
+        "runs": runs,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        f.write(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
