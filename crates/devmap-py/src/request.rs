@@ -22,7 +22,7 @@ pub enum ModelSource {
     /// A manifest read from a live `torch.nn.Module`, with its `config.to_dict()` when it has one.
     Module {
         /// The `devmap-manifest/1` document.
-        manifest: Manifest,
+        manifest: Box<Manifest>,
         /// The model's config (for KV-cache sizing).
         #[serde(default)]
         config: Option<serde_json::Value>,
