@@ -70,7 +70,7 @@ pub enum Error {
     /// A `--no-split` class or pattern that matches nothing in the model.
     #[error("--no-split {0:?} matches no module class or module name in the model")]
     NoSplitUnmatched(String),
-    /// A device map that cannot be parsed (not its validation: see [`crate::validate`]).
+    /// A device map that cannot be parsed (not its validation: see [`crate::validate()`]).
     #[error("invalid device map: {0}")]
     DeviceMap(String),
 }

@@ -4,7 +4,7 @@
 //! - [`load`]: read a model from safetensors files, checkpoint folders or a `devmap-manifest/1` JSON.
 //! - [`budget`]: devices and memory budgets in accelerate's `max_memory` syntax.
 //! - [`device_map`]: [`DeviceMap`], accelerate's device-map dict, with `clean`.
-//! - [`validate`]: what is wrong with a map (coverage, overlaps, no-split, ties, budgets).
+//! - [`validate`](mod@validate): what is wrong with a map (coverage, overlaps, no-split, ties, budgets).
 //! - [`graph`]: the petgraph DAG of modules and placement units.
 //! - [`synthetic`]: generated dense, MoE and encoder-decoder models and budgets for benches and tests.
 //!
