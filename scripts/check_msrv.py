@@ -20,7 +20,7 @@ def version(text: str) -> tuple[int, ...]:
 
 def main() -> int:
     meta = json.loads(subprocess.check_output(
-        ["cargo", "metadata", "--format-version", "1", "--locked", "--offline"], text=True))
+        ["cargo", "metadata", "--format-version", "1", "--locked"], text=True))
     members = set(meta["workspace_members"])
     ours = {p["rust_version"] for p in meta["packages"] if p["id"] in members}
     if len(ours) != 1 or None in ours:
