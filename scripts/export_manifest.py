@@ -22,7 +22,10 @@ import json
 import os
 import sys
 
-FORMAT = "devmap-manifest/1"
+# The export itself lives in the Python package (python/devmap/_export.py), which needs no build
+# to be imported from a checkout.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from devmap._export import FORMAT, SAFETENSORS_NAMES, manifest, st_dtype, tied_groups, hidden_size  # noqa: E402,F401
 
 # argument spelling -> torch dtype attribute name
 DTYPE_ARGS = {
@@ -31,24 +34,6 @@ DTYPE_ARGS = {
     "f32": "float32", "fp32": "float32", "float32": "float32", "float": "float32",
     "f64": "float64", "fp64": "float64", "float64": "float64", "double": "float64",
 }
-
-# torch dtype attribute name -> safetensors spelling
-SAFETENSORS_NAMES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-    # less common, spelled as in safetensors where it has a name
-    "uint16": "U16", "uint32": "U32", "uint64": "U64",
-    "complex64": "C64", "float8_e8m0fnu": "F8_E8M0",
-}
-
-
-def st_dtype(torch_dtype) -> str:
-    name = str(torch_dtype).removeprefix("torch.")
-    try:
-        return SAFETENSORS_NAMES[name]
-    except KeyError:
-        raise SystemExit(f"export_manifest: no safetensors spelling for dtype {torch_dtype}")
 
 
 def load_config(source: str):
@@ -98,112 +83,6 @@ def tie(model) -> None:
         model.tie_weights()
 
 
-def tied_groups(model, param_names: list[str]) -> list[list[str]]:
-    """Groups of tensor names sharing one storage, each sorted, sorted by first member."""
-    groups: dict[str, set[str]] = {}
-    keys = getattr(model, "all_tied_weights_keys", None)
-    if keys:
-        # {tied name: source name}; one group per source.
-        for target, source in keys.items():
-            groups.setdefault(source, {source}).add(target)
-    # Identity-based grouping catches ties the mapping does not name (older models, custom code).
-    by_id: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    for names in by_id.values():
-        if len(names) < 2:
-            continue
-        merged = set(names)
-        for key in [k for k, g in groups.items() if g & merged]:
-            merged |= groups.pop(key)
-        groups[min(merged)] = merged
-    known = set(param_names)
-    out = []
-    for g in groups.values():
-        missing = sorted(n for n in g if n not in known)
-        if missing:
-            print(f"export_manifest: warning: tied names {missing} are not parameters of the model; left out",
-                  file=sys.stderr)
-        kept = sorted(n for n in g if n in known)
-        if len(kept) > 1:
-            out.append(kept)
-    return sorted(out)
-
-
-def hidden_size(config):
-    for c in (getattr(config, "text_config", None), config):
-        if c is None:
-            continue
-        for attr in ("hidden_size", "d_model", "n_embd", "dim"):
-            v = getattr(c, attr, None)
-            if isinstance(v, int):
-                return v
-    return None
-
-
-def torch_kind(module) -> str | None:
-    """What a quantizer needs to know of a module's class: exact `nn.Linear`, a subclass, or `Conv1D`.
-
-    bitsandbytes converts only exact `nn.Linear` and transformers' `Conv1D`; other quantizers accept
-    subclasses. Other modules get no entry."""
-    import torch
-
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        return "conv1d"
-    if type(module) is torch.nn.Linear:
-        return "linear"
-    if isinstance(module, torch.nn.Linear):
-        return "linear_subclass"
-    return None
-
-
-def module_entry(name: str, module) -> dict:
-    entry = {"name": name, "class": type(module).__name__}
-    kind = torch_kind(module)
-    if kind is not None:
-        entry["torch_kind"] = kind
-    return entry
-
-
-def output_embedding_name(model) -> str | None:
-    """The module name of `get_output_embeddings()` (quantizers keep it in full precision)."""
-    getter = getattr(model, "get_output_embeddings", None)
-    out = getter() if getter is not None else None
-    if out is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is out), None)
-
-
-def manifest(model, name: str, torch_dtype) -> dict:
-    modules = [module_entry(n, m) for n, m in model.named_modules() if n != ""]
-    tensors = []
-    for n, p in model.named_parameters(remove_duplicate=False):
-        tensors.append({"name": n, "dtype": st_dtype(p.dtype), "shape": list(p.shape), "kind": "param"})
-    params = [t["name"] for t in tensors]
-    for n, b in model.named_buffers():
-        tensors.append({"name": n, "dtype": st_dtype(b.dtype), "shape": list(b.shape), "kind": "buffer"})
-    no_split = getattr(model, "_no_split_modules", None) or []
-    return {
-        "format": FORMAT,
-        "name": name,
-        "dtype": st_dtype(torch_dtype),
-        "root_class": type(model).__name__,
-        "modules": modules,
-        "tensors": tensors,
-        "tied": tied_groups(model, params),
-        # The names transformers treats as tie targets (it never counts their size, which drops a
-        # shared storage entirely when a target is registered before its source).
-        "tied_targets": sorted(k for k in (getattr(model, "all_tied_weights_keys", None) or {}) if k in set(params)),
-        "no_split": sorted(no_split),
-        "hidden_size": hidden_size(model.config),
-        # For quantizers (docs/quantization.md): modules they keep in float32 / full precision.
-        "keep_in_fp32_modules": sorted(getattr(model, "_keep_in_fp32_modules", None) or []),
-        "output_embedding": output_embedding_name(model),
-    }
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="path to a config.json (or a directory holding one) or a Hub id")
@@ -223,7 +102,8 @@ def main(argv=None) -> int:
     model = build_model(config, torch_dtype)
     tie(model)
     name = args.name or getattr(config, "_name_or_path", "") or args.model
-    out = manifest(model, name, torch_dtype)
+    out = manifest(model, name)
+    out["dtype"] = st_dtype(torch_dtype)
     text = json.dumps(out, indent=1) + "\n"
     if not args.output:
         sys.stdout.write(text)

@@ -98,7 +98,7 @@ pub enum Error {
         /// What is wrong, naming the field or class.
         reason: String,
     },
-    /// A device map that cannot be parsed (not its validation: see [`crate::validate`]).
+    /// A device map that cannot be parsed (not its validation: see [`crate::validate()`]).
     #[error("invalid device map: {0}")]
     DeviceMap(String),
 }

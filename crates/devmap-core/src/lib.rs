@@ -6,7 +6,7 @@
 //!   transformers builds.
 //! - [`budget`]: devices and memory budgets in accelerate's `max_memory` syntax.
 //! - [`device_map`]: [`DeviceMap`], accelerate's device-map dict, with `clean`.
-//! - [`validate`]: what is wrong with a map (coverage, overlaps, no-split, ties, budgets).
+//! - [`validate`](mod@validate): what is wrong with a map (coverage, overlaps, no-split, ties, budgets).
 //! - [`memory`]: the memory model (workload, KV cache, activations, streaming buffers).
 //! - [`graph`]: the petgraph DAG of modules and placement units.
 //! - [`quant`]: quantization configs and the rules quantizers apply before planning.

@@ -345,7 +345,7 @@ pub fn write_file(path: &Path, tensors: &[(&str, DType, Vec<u64>, Vec<u8>)]) -> 
         offset = end;
     }
     let mut json = serde_json::to_vec(&header).map_err(|e| Error::json(path, e.to_string()))?;
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut f = std::io::BufWriter::new(File::create(path).map_err(|e| Error::io(path, e))?);

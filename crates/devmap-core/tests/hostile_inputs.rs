@@ -686,7 +686,7 @@ fn header_parsing_never_reads_the_data_section() {
         data_len - 16
     )
     .into_bytes();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     {

@@ -59,7 +59,7 @@ fn write_safetensors(path: &Path, tensors: &[Spec]) {
         offset += bytes;
     }
     let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut f = File::create(path).unwrap();

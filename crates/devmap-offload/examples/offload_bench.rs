@@ -121,7 +121,7 @@ fn generate(path: &Path, bytes: u64) -> std::io::Result<u64> {
         );
     }
     let mut json = serde_json::to_vec(&header).expect("JSON");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut f = File::create(path)?;

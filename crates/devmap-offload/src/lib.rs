@@ -1,7 +1,7 @@
 //! devmap-offload: put the weights a plan maps to `disk` where a runtime reads them fast, in the
 //! offload folder format accelerate 1.15 and transformers 5 read, and read them back zero-copy.
 //!
-//! - [`offload`] ([`write`]): from a model read from safetensors and a [`devmap_core::DeviceMap`],
+//! - [`offload`] ([`write`](mod@write)): from a model read from safetensors and a [`devmap_core::DeviceMap`],
 //!   write `index.json` entries for every disk-mapped tensor. By default ([`Form::Reference`]) the
 //!   entries point into the original safetensors files and nothing is copied; [`Form::Copy`] streams
 //!   each tensor into `{name}.dat` through bounded mmap windows (never the whole model in memory),
@@ -11,7 +11,7 @@
 //! - [`OffloadFolder`] ([`read`]): open and validate a folder (devmap's or accelerate's), hand out
 //!   [`TensorView`]s (`&[u8]`, dtype, shape) mapped with memmap2, and [`OffloadFolder::verify`]
 //!   every tensor against its checksum.
-//! - [`format`]: the files and names; [`paths`]: how a tensor name becomes a file name safely.
+//! - [`format`](mod@format): the files and names; [`paths`]: how a tensor name becomes a file name safely.
 //!
 //! docs/offload.md describes the format, the guarantees and how accelerate reads the folder.
 //!

@@ -48,7 +48,7 @@ pub fn all_dtypes() -> Vec<Gen> {
         out.push(tensor(&format!("m{i}.weight"), d, &[3, 5 + i], 10 * i + 1));
         out.push(tensor(&format!("m{i}.scalar"), d, &[], 10 * i + 2));
         out.push(tensor(&format!("m{i}.empty"), d, &[0, 4], 10 * i + 3));
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             // Larger than one 1 MiB mmap window, not a multiple of it.
             let elems = (5 << 20) / d.size_bytes() / 2 + 7;
             out.push(tensor(&format!("m{i}.big"), d, &[elems], 10 * i + 4));

@@ -1,0 +1,81 @@
+"""The map from a live module equals the map from the same model's saved checkpoint.
+
+A checkpoint has no module classes and no non-persistent buffers (rotary `inv_freq`), so a live
+map can carry keys for tensorless or buffer-only modules (`model.rotary_emb`, `transformer.drop`)
+that the checkpoint's lacks: the comparison is per checkpoint tensor, each resolved to its device
+as accelerate resolves it. For `auto`, equal-cost alternatives are equally optimal (layers of
+equal size are interchangeable): the estimate and the offloaded bytes must agree."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import MODEL_NAMES, budgets, meta_model, real_model, resolve
+
+import devmap
+
+HF_STRATEGIES = ["sequential", "balanced", "balanced_low_0"]
+
+
+# A safetensors checkpoint carries no module order: devmap orders its names naturally (embeddings
+# first, heads last), which puts T5's `decoder` before its `encoder`. The planners' chains then
+# differ from the live module's registration order, and so do the maps. Known, reported, not hidden.
+CHECKPOINT_ORDER_DIFFERS = {"t5"}
+
+
+def _params():
+    return [pytest.param(n, marks=pytest.mark.xfail(
+        strict=True, reason="safetensors checkpoints carry no module order (decoder sorts before encoder)"))
+        if n in CHECKPOINT_ORDER_DIFFERS else n for n in MODEL_NAMES]
+
+
+@pytest.fixture(scope="module", params=_params())
+def saved(request, tmp_path_factory):
+    """(name, checkpoint folder, tensor names stored in it)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    real_model(request.param).save_pretrained(folder)
+    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return request.param, str(folder), sorted(k for k in header if k != "__metadata__")
+
+
+@pytest.mark.parametrize("scenario", ["split-offload", "fits-gpus", "tight-gpu0"])
+@pytest.mark.parametrize("strategy", HF_STRATEGIES)
+def test_hf_strategies_place_every_checkpoint_tensor_alike(saved, scenario, strategy):
+    name, folder, stored = saved
+    live = meta_model(name)
+    max_memory = budgets(live, scenario)
+    from_module = devmap.plan(live, max_memory, strategy=strategy, compat="transformers")
+    from_folder = devmap.plan(folder, max_memory, strategy=strategy, compat="transformers")
+    assert {t: resolve(from_module, t) for t in stored} == {t: resolve(from_folder, t) for t in stored}
+
+
+@pytest.mark.parametrize("scenario", ["split-offload", "fits-gpus"])
+def test_auto_is_equally_good(saved, scenario):
+    name, folder, stored = saved
+    live = meta_model(name)
+    max_memory = budgets(live, scenario)
+    a = devmap.plan_report(live, max_memory)
+    b = devmap.plan_report(folder, max_memory)
+    assert a["estimate"]["ms_per_token"] == pytest.approx(b["estimate"]["ms_per_token"], rel=1e-3)
+    assert a["offloaded_bytes"] == pytest.approx(b["offloaded_bytes"], rel=0.02)
+    # Every stored tensor is mapped by both.
+    assert all(resolve(a["device_map"], t) is not None for t in stored)
+    assert all(resolve(b["device_map"], t) is not None for t in stored)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_manifest_lists_every_parameter_and_buffer(name, tmp_path):
+    real_model(name).save_pretrained(tmp_path)
+    with open(tmp_path / "model.safetensors", "rb") as f:
+        stored = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    stored.pop("__metadata__", None)
+    live = meta_model(name)
+    doc = devmap.manifest(live)
+    names = {t["name"] for t in doc["tensors"]}
+    assert set(stored) <= names
+    assert {n for n, _ in live.named_parameters(remove_duplicate=False)} <= names
+    assert {n for n, _ in live.named_buffers()} <= names
+    assert doc["no_split"] == sorted(live._no_split_modules)
