@@ -83,6 +83,15 @@ pub struct MipResult {
 }
 
 const SCALE: f64 = 1e6; // seconds -> microseconds
+/// HiGHS' integrality (and integer-column bound) tolerance. At its default, 1e-6, a binary may sit
+/// 1e-6 off 0 or 1 (even at −4e-7), and HiGHS' dual bound and its "optimal" incumbent are those of
+/// that relaxed model. Since the cost model charges fixed per-unit seconds (per-tensor copy
+/// latency, per-module hook and eager seconds: ~68 µs a unit on every device), the throughput
+/// objective gains ~1e-6 × 68 µs per unit by splitting a unit between two execution devices to
+/// balance their busy times: the bound came out 1.5e-7 (relative) below the true integer optimum
+/// while HiGHS reported a zero gap, so a zero gap target ended "feasible". At 1e-9 (HiGHS'
+/// minimum is 1e-10) that slack is ~7e-14 s a unit, about 1e-9 of the objective (`BOUND_EPS`).
+const MIP_FEASIBILITY_TOLERANCE: f64 = 1e-9;
 /// Memory rows are written in GiB (at most, see `row_unit`): byte-sized coefficients (1e9–1e12)
 /// next to microsecond costs made HiGHS declare wrong optima.
 const GIB: f64 = (1u64 << 30) as f64;
@@ -641,6 +650,9 @@ fn run_highs(
     model.set_option("mip_rel_gap", opts.mip_rel_gap);
     // HiGHS' default absolute gap (1e-6 µs) would stop short of small objectives' optima.
     model.set_option("mip_abs_gap", 1e-9);
+    // HiGHS' dual bound is the optimum of the model relaxed by its integrality tolerance, and so is
+    // its "optimal" incumbent: see `MIP_FEASIBILITY_TOLERANCE`.
+    model.set_option("mip_feasibility_tolerance", MIP_FEASIBILITY_TOLERANCE);
     model.set_option("threads", 1);
     if !presolve {
         model.set_option("presolve", "off");
@@ -660,6 +672,13 @@ fn run_highs(
     let bound_scaled = solved
         .double_info_value(c"mip_dual_bound")
         .unwrap_or(f64::NEG_INFINITY);
+    if std::env::var_os("DEVMAP_TRACE").is_some() {
+        eprintln!(
+            "trace:   highs {status:?}: objective {:?} dual bound {bound_scaled} gap {:?}",
+            solved.double_info_value(c"objective_function_value"),
+            solved.double_info_value(c"mip_gap"),
+        );
+    }
     let mut result = MipResult {
         assignment: None,
         objective_seconds: f64::INFINITY,
