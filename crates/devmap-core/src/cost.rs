@@ -720,12 +720,16 @@ mod tests {
         let e = cm.evaluate(&m, &map, SizeRules::default());
         // b executes on GPU 1 (accelerate's main device here), next to a: no device change.
         assert_eq!(e.device_changes, 0);
-        let both_on_gpu1 = cm.evaluate(&m, &{
-            let mut all = DeviceMap::new();
-            all.insert("a", Device::Gpu(1));
-            all.insert("b", Device::Gpu(1));
-            all
-        }, SizeRules::default());
+        let both_on_gpu1 = cm.evaluate(
+            &m,
+            &{
+                let mut all = DeviceMap::new();
+                all.insert("a", Device::Gpu(1));
+                all.insert("b", Device::Gpu(1));
+                all
+            },
+            SizeRules::default(),
+        );
         // The only difference to the all-GPU-1 map is b's copy over GPU 1's pageable link.
         let link = Topology::default().stream_link(1);
         let hook = Topology::default().runtime.offload_hook_seconds;

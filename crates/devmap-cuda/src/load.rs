@@ -29,7 +29,7 @@ use memmap2::Mmap;
 use serde::Serialize;
 
 use devmap_core::validate::tensor_devices;
-use devmap_core::{validate, DType, Device, DeviceMap, Model, Problem, SizeRules};
+use devmap_core::{validate, DType, Device, DeviceMap, Model, Problem, SizeRules, TensorKind};
 
 use crate::copy::{self, GpuTarget, HostTarget, Knobs, Piece, Sources};
 use crate::driver::{self, DeviceMemory, PinnedMemory};
@@ -384,13 +384,20 @@ pub fn load(model: &Model, plan: &DeviceMap, options: &LoadOptions) -> Result<Lo
             offloaded_bytes += t.stored_bytes();
             continue;
         }
-        let source = t
+        let stored = t
             .source
             .as_ref()
-            .or_else(|| twin.get(&id).and_then(|&o| model.tensor(o).source.as_ref()))
-            .ok_or_else(|| Error::MissingTensorData {
+            .or_else(|| twin.get(&id).and_then(|&o| model.tensor(o).source.as_ref()));
+        let Some(source) = stored else {
+            // A buffer no checkpoint holds (rotary `inv_freq`, position ids: the architecture
+            // registry adds them) is computed by the model at init: nothing to copy.
+            if t.kind == TensorKind::Buffer {
+                continue;
+            }
+            return Err(Error::MissingTensorData {
                 tensor: t.name.clone(),
-            })?;
+            });
+        };
         let file = *file_index.entry(source.file.clone()).or_insert_with(|| {
             files.push(source.file.clone());
             files.len() - 1

@@ -171,7 +171,8 @@ fn only_disk_tensors_are_offloaded_and_a_tied_head_reads_its_embedding() {
     ];
     std::fs::write(
         dir.path().join("config.json"),
-        r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 8}"#,
+        // Llama ties its head only when config.json says so (LlamaConfig defaults to untied).
+        r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "tie_word_embeddings": true}"#,
     )
     .unwrap();
     let (path, model) = checkpoint(dir.path(), &tensors);

@@ -96,7 +96,12 @@ fn a_kv_cache_is_not_streamed_in_the_bound() {
         let inst = auto
             .instance_for_main(&PlanRequest::new(&m, &b), solve.main_gpu)
             .unwrap();
-        assert!(lower_bound(&inst) <= solve.objective_seconds, "{budgets}: {} > {} ({solve:?})", lower_bound(&inst), solve.objective_seconds);
+        assert!(
+            lower_bound(&inst) <= solve.objective_seconds,
+            "{budgets}: {} > {} ({solve:?})",
+            lower_bound(&inst),
+            solve.objective_seconds
+        );
         assert!(
             solve.gap <= 1e-3,
             "{budgets}: gap {} ({})",
