@@ -159,7 +159,7 @@ impl Request {
         if let Some(spec) = &self.kv_cache {
             let kv = KvCacheSpec::parse(spec).map_err(arg)?;
             kv.bytes_per_layer(model).map_err(arg)?; // fail early without a config
-            o.kv_cache = Some(kv);
+            o = o.kv_cache(Some(kv));
         }
         for (key, device) in &self.pins {
             let device = Device::parse(device)
