@@ -19,19 +19,9 @@ import devmap
 HF_STRATEGIES = ["sequential", "balanced", "balanced_low_0"]
 
 
-# A safetensors checkpoint carries no module order: devmap orders its names naturally (embeddings
-# first, heads last), which puts T5's `decoder` before its `encoder`. The planners' chains then
-# differ from the live module's registration order, and so do the maps. Known, reported, not hidden.
-CHECKPOINT_ORDER_DIFFERS = {"t5"}
-
-
-def _params():
-    return [pytest.param(n, marks=pytest.mark.xfail(
-        strict=True, reason="safetensors checkpoints carry no module order (decoder sorts before encoder)"))
-        if n in CHECKPOINT_ORDER_DIFFERS else n for n in MODEL_NAMES]
-
-
-@pytest.fixture(scope="module", params=_params())
+# Every model, T5 included: the architecture registry restores registration order (encoder
+# before decoder) that a safetensors checkpoint does not carry.
+@pytest.fixture(scope="module", params=MODEL_NAMES)
 def saved(request, tmp_path_factory):
     """(name, checkpoint folder, tensor names stored in it)."""
     folder = tmp_path_factory.mktemp(request.param)
