@@ -4,37 +4,21 @@
 //! `devmap check` accepts, the table lists every device, and a model that does not fit fails
 //! unless `--compat` asks for Hugging Face's spill to disk.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Output;
 
 use devmap_core::{load_model, validate, DeviceMap, MemoryBudgets, SizeRules};
+
+mod common;
+use common::{devmap, path_str, repo, text};
 
 /// Budgets the tiny example fits with cpu offload: embeddings on GPU 0, two layers on GPU 1.
 const FITS: &str = "0=200KiB,1=200KiB,cpu=1GiB";
 /// Budgets large enough that a `check` reports only the problem under test.
 const ROOMY: &str = "0=1GiB,1=1GiB,cpu=1GiB";
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn manifest() -> PathBuf {
     repo().join("examples/tiny-llama.manifest.json")
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
-fn devmap(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_devmap"))
-        .args(args)
-        .output()
-        .expect("the devmap binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// The failure contract, except stdout (see [`assert_fails`] and [`assert_check_fails`]).

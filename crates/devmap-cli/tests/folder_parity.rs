@@ -19,34 +19,17 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Mutex;
 
 use serde_json::{Map, Value};
+
+mod common;
+use common::{devmap, path_str, repo};
 
 /// The corpus the issue asks for: at least this many checkpoint folders.
 const MIN_FOLDERS: usize = 100;
 /// Threads running the binary (each case is one short process).
 const WORKERS: usize = 4;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn devmap(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_devmap"))
-        .args(args)
-        .output()
-        .expect("the devmap binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_string()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("fixture paths are UTF-8")
-}
 
 /// One reference file, read and checked for the fields the test needs.
 struct Reference {
@@ -166,7 +149,7 @@ fn plan_json(folder: &Path, spec: &str, extra: &[&str]) -> Result<Map<String, Va
     args.extend_from_slice(extra);
     let out = devmap(&args);
     if !out.status.success() {
-        let stderr = text(&out.stderr);
+        let stderr = common::text(&out.stderr).trim().to_string();
         // Notes (what was inferred) come before the error line: quote the error.
         let line = stderr.lines().find(|l| l.starts_with("error:"));
         return Err(line.or(stderr.lines().next()).unwrap_or("").to_string());
@@ -298,7 +281,7 @@ fn check_reference_map(r: &Reference, map: &Value, dir: &Path, i: usize) -> Resu
     let file = dir.join(format!("{}-{i}.json", r.name));
     std::fs::write(&file, map.to_string()).unwrap();
     let out = devmap(&["check", path_str(&r.folder), "--map", path_str(&file)]);
-    let stderr = text(&out.stderr);
+    let stderr = common::text(&out.stderr).trim().to_string();
     let first_error = stderr
         .lines()
         .find(|l| l.starts_with("error:"))

@@ -2,9 +2,12 @@
 //! `--format json` stays the bare dict `from_pretrained` takes.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
+
+mod common;
+use common::devmap;
 
 fn llama() -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -15,13 +18,6 @@ fn llama() -> String {
 }
 
 const BUDGETS: &str = "0=10GiB,cpu=64GiB";
-
-fn devmap(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_devmap"))
-        .args(args)
-        .output()
-        .expect("run devmap")
-}
 
 fn json_of(out: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);

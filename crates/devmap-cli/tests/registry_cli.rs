@@ -4,29 +4,12 @@
 //! planned as its whole checkpoint or refused naming the index.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{devmap, path_str, repo, text};
 
 fn tiny_llama() -> PathBuf {
     repo().join("examples/tiny-llama")
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
-fn devmap(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_devmap"))
-        .args(args)
-        .output()
-        .expect("the devmap binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// transformers 5.23's map for examples/tiny-llama: `LlamaForCausalLM.from_pretrained(folder,
