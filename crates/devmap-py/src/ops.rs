@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 
 use devmap_core::cost::CostModel;
-use devmap_core::{validate, Device, Estimate, MemoryBudgets, Model, SizeRules};
-use devmap_solver::{strategy_by_name, Auto, Compat, Plan, PlanRequest, SolveReport, Strategy};
+use devmap_core::{validate, DType, Device, Estimate, MemoryBudgets, Model, SizeRules};
+use devmap_solver::{
+    strategy_by_name, Auto, AutoOptions, Compat, Plan, PlanRequest, SolveReport, Strategy,
+};
 use serde_json::{json, Value};
 
 use crate::error::Result;
@@ -64,18 +66,47 @@ fn plan_json(plan: &Plan, budgets: &MemoryBudgets, estimate: &Estimate) -> Value
     })
 }
 
+/// What plan and compare both start from: the model, target dtype, budgets, `auto`'s options and
+/// the cost model that scores every map under them.
+struct Setup {
+    model: Model,
+    dtype: Option<DType>,
+    budgets: MemoryBudgets,
+    options: AutoOptions,
+    cost_model: CostModel,
+}
+
+impl Setup {
+    fn of(req: &Request) -> Result<Setup> {
+        let model = req.model()?;
+        let dtype = req.dtype()?;
+        let (budgets, discovered) = req.budgets()?;
+        let options = req.auto_options(&model, discovered)?;
+        let cost_model = CostModel::new(
+            &model,
+            &budgets.devices(),
+            options.topology.clone(),
+            options.objective,
+        );
+        Ok(Setup {
+            model,
+            dtype,
+            budgets,
+            options,
+            cost_model,
+        })
+    }
+}
+
 /// `devmap plan`: the plan with its estimate, per-device usage and (for `auto`) bound and gap.
 pub fn plan(req: &Request) -> Result<Value> {
-    let model = req.model()?;
-    let dtype = req.dtype()?;
-    let (budgets, discovered) = req.budgets()?;
-    let options = req.auto_options(&model, discovered)?;
-    let cost_model = CostModel::new(
-        &model,
-        &budgets.devices(),
-        options.topology.clone(),
-        options.objective,
-    );
+    let Setup {
+        model,
+        dtype,
+        budgets,
+        options,
+        cost_model,
+    } = Setup::of(req)?;
     let strategy = req.strategy(options)?;
     let plan = strategy.plan(&PlanRequest::new(&model, &budgets).with_dtype(dtype))?;
     let estimate = cost_model.evaluate(&model, &plan.map, plan.size_rules);
@@ -131,16 +162,13 @@ fn compare_strategies(auto: Auto) -> Result<Vec<(String, Box<dyn Strategy>)>> {
 /// `devmap compare`: every strategy on one model and budget set; a strategy that fails is a row
 /// with its error.
 pub fn compare(req: &Request) -> Result<Value> {
-    let model: Model = req.model()?;
-    let dtype = req.dtype()?;
-    let (budgets, discovered) = req.budgets()?;
-    let options = req.auto_options(&model, discovered)?;
-    let cost_model = CostModel::new(
-        &model,
-        &budgets.devices(),
-        options.topology.clone(),
-        options.objective,
-    );
+    let Setup {
+        model,
+        dtype,
+        budgets,
+        options,
+        cost_model,
+    } = Setup::of(req)?;
     let request = PlanRequest::new(&model, &budgets).with_dtype(dtype);
     let rows = compare_strategies(Auto::new(options))?
         .into_iter()
