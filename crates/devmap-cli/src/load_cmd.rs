@@ -27,10 +27,11 @@ pub struct LoadArgs {
     /// Size of each pinned staging buffer, MiB (default: 2).
     #[arg(long = "staging-mib")]
     staging_mib: Option<usize>,
-    /// Staging buffers per GPU, a ring (2 = double buffering; default: copy threads + 2).
+    /// Staging buffers per GPU, a ring (2 = double buffering; default: that GPU's copy threads + 8).
     #[arg(long = "staging-buffers")]
     staging_buffers: Option<usize>,
-    /// Host threads filling the staging buffers (default: one per core).
+    /// Host threads filling the staging buffers, split between the GPUs by their bytes (default:
+    /// one per core).
     #[arg(long)]
     threads: Option<usize>,
     /// How to read the files: copy out of a memory map, or pread.
@@ -95,10 +96,9 @@ pub fn run(args: LoadArgs) -> Result<ExitCode> {
     }
     if let Some(t) = args.threads {
         options.copy_threads = t;
-        options.staging_buffers = LoadOptions::buffers_for(t);
     }
     if let Some(b) = args.staging_buffers {
-        options.staging_buffers = b;
+        options.staging_buffers = Some(b);
     }
     let loaded = load(&model, &plan, &options).with_context(|| {
         format!(

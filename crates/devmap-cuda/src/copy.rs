@@ -1,4 +1,5 @@
-//! The copy engine behind [`crate::load()`]: a queue of tasks that every copy thread pulls from.
+//! The copy engine behind [`crate::load()`]: one task queue per GPU (and one for the pinned
+//! host copy), each with its own copy threads and its own staging ring.
 //!
 //! - GPU task: one chunk of one GPU's tensors (at most `staging_bytes`). The thread takes one of
 //!   that GPU's pinned staging buffers (waiting on the event of the copy that last read it),
@@ -7,8 +8,13 @@
 //!   not a round of them, and the GPU's copy engine sees a steady queue of copies.
 //! - Host task: a grain of the tensors kept in pinned host memory (`cpu` in the plan).
 //!
-//! Tasks of different GPUs are interleaved, so all GPUs load at once. Staging buffers are
-//! allocated by [`prepare`], before the copies are timed.
+//! The copy threads are split between the queues in proportion to their bytes ([`home_threads`]);
+//! each GPU's ring has one slot per home thread plus a few whose copies are queued, so the rings
+//! of all GPUs together stay about as large as one GPU's ring alone (small rings stay in the
+//! CPU's last-level cache, docs/performance.md). A thread works its home queue first and the
+//! fullest other queue when its own is empty ([`Queues::next`]), so uneven GPUs finish together.
+//! With one GPU this is the single shared queue of before. Staging buffers are allocated by
+//! [`prepare`], before the copies are timed.
 #![allow(unsafe_code)] // raw copies into pinned memory and driver copies; each block says why.
 
 use std::collections::HashMap;
@@ -30,6 +36,9 @@ use crate::load::{DeviceStats, ProgressFn, ReadMode};
 
 /// Bytes one host task copies into pinned host memory.
 const HOST_GRAIN: usize = 8 << 20;
+/// Ring slots per GPU beyond one per home thread: copies queued on the GPU while every thread
+/// fills another slot.
+pub(crate) const QUEUED_SLOTS: usize = 8;
 /// Bytes per memcpy when the destination should stay in the CPU cache: below glibc's
 /// non-temporal threshold, so memcpy uses ordinary stores.
 const CACHED_BLOCK: usize = 64 << 10;
@@ -64,7 +73,8 @@ pub(crate) struct HostTarget<'a> {
 /// Knobs of the engine (from [`crate::LoadOptions`]).
 pub(crate) struct Knobs<'a> {
     pub(crate) staging_bytes: usize,
-    pub(crate) staging_buffers: usize,
+    /// Slots per GPU ring; `None`: the GPU's home threads plus [`QUEUED_SLOTS`].
+    pub(crate) staging_buffers: Option<usize>,
     pub(crate) threads: usize,
     pub(crate) read: ReadMode,
     pub(crate) write_combined: bool,
@@ -174,21 +184,83 @@ enum Task {
 pub(crate) struct Prepared {
     lanes: Vec<Lane>,
     targets: Vec<GpuTarget>,
+    /// Home copy threads per GPU lane, then (last) for the host copy.
+    home: Vec<usize>,
 }
 
-/// Allocate what the copies need.
-pub(crate) fn prepare(targets: Vec<GpuTarget>, knobs: &Knobs<'_>) -> Result<Prepared> {
+/// Copy threads per queue, in proportion to the queue's bytes (largest remainders first, ties to
+/// the earlier queue), at least one for every queue with bytes while threads last; queues without
+/// bytes get none. The counts sum to `threads`, or to 0 when nothing is to be copied.
+pub(crate) fn home_threads(bytes: &[u64], threads: usize) -> Vec<usize> {
+    let busy: Vec<usize> = (0..bytes.len()).filter(|&i| bytes[i] > 0).collect();
+    let mut out = vec![0; bytes.len()];
+    if busy.is_empty() || threads == 0 {
+        return out;
+    }
+    // Biggest queues first, so a thread short of one each goes where the bytes are.
+    let mut by_size = busy.clone();
+    by_size.sort_by_key(|&i| (std::cmp::Reverse(bytes[i]), i));
+    if threads <= busy.len() {
+        for &i in &by_size[..threads] {
+            out[i] = 1;
+        }
+        return out;
+    }
+    // One each, then the rest by share of the bytes (largest remainder).
+    let spare = (threads - busy.len()) as u128;
+    let total: u128 = busy.iter().map(|&i| bytes[i] as u128).sum();
+    let mut rest: Vec<(u128, usize)> = Vec::new();
+    let mut given = 0;
+    for &i in &busy {
+        let exact = spare * bytes[i] as u128;
+        let whole = (exact / total) as usize;
+        out[i] = 1 + whole;
+        given += whole;
+        rest.push((exact % total, i));
+    }
+    rest.sort_by_key(|&(r, i)| (std::cmp::Reverse(r), i));
+    for &(_, i) in rest.iter().take(spare as usize - given) {
+        out[i] += 1;
+    }
+    out
+}
+
+/// Slots of a GPU's staging ring: as asked, else one per home thread plus [`QUEUED_SLOTS`];
+/// never more than the GPU has chunks (small models pin little), at least one.
+pub(crate) fn ring_slots(asked: Option<usize>, home: usize, chunks: u64) -> usize {
+    let want = asked.unwrap_or(home + QUEUED_SLOTS);
+    want.min(chunks.max(1) as usize).max(1)
+}
+
+/// Allocate what the copies need. `host_bytes`: bytes of the pinned host copy (0 without one).
+pub(crate) fn prepare(
+    targets: Vec<GpuTarget>,
+    host_bytes: u64,
+    knobs: &Knobs<'_>,
+) -> Result<Prepared> {
+    let mut queue_bytes: Vec<u64> = targets
+        .iter()
+        .map(|t| t.pieces.iter().map(|p| p.len).sum())
+        .collect();
+    queue_bytes.push(host_bytes);
+    // No more threads than tasks (a GPU's chunks are packed, so it has ceil(bytes / slot) of
+    // them; host grains are at least ceil(bytes / grain)).
+    let tasks: u64 = queue_bytes[..targets.len()]
+        .iter()
+        .map(|b| b.div_ceil(knobs.staging_bytes as u64))
+        .sum::<u64>()
+        + host_bytes.div_ceil(HOST_GRAIN as u64);
+    let home = home_threads(&queue_bytes, knobs.threads.min(tasks as usize));
+    let flags = if knobs.write_combined {
+        driver::PINNED_WRITE_COMBINED
+    } else {
+        0
+    };
     let mut lanes = Vec::with_capacity(targets.len());
-    for t in &targets {
-        let bytes: u64 = t.pieces.iter().map(|p| p.len).sum();
-        // No more slots than the lane has chunks: small models pin little.
-        let needed = bytes.div_ceil(knobs.staging_bytes as u64).max(1);
-        let count = knobs.staging_buffers.min(needed as usize);
-        let flags = if knobs.write_combined {
-            driver::PINNED_WRITE_COMBINED
-        } else {
-            0
-        };
+    for (k, t) in targets.iter().enumerate() {
+        let bytes = queue_bytes[k];
+        let chunks = bytes.div_ceil(knobs.staging_bytes as u64);
+        let count = ring_slots(knobs.staging_buffers, home[k], chunks);
         let staging = PinnedMemory::alloc(&t.ctx, t.gpu, knobs.staging_bytes * count, flags, 0)?;
         let slots = (0..count)
             .map(|_| Ok(Mutex::new(Event::new(&t.ctx, t.gpu)?)))
@@ -206,7 +278,61 @@ pub(crate) fn prepare(targets: Vec<GpuTarget>, knobs: &Knobs<'_>) -> Result<Prep
             seconds: Mutex::new(None),
         });
     }
-    Ok(Prepared { lanes, targets })
+    Ok(Prepared {
+        lanes,
+        targets,
+        home,
+    })
+}
+
+/// The tasks of one queue and the index of the next one to take.
+struct Queue {
+    tasks: Vec<Task>,
+    next: AtomicUsize,
+}
+
+impl Queue {
+    fn new(tasks: Vec<Task>) -> Queue {
+        Queue {
+            tasks,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Tasks not taken yet (a snapshot).
+    fn left(&self) -> usize {
+        self.tasks
+            .len()
+            .saturating_sub(self.next.load(Ordering::Relaxed))
+    }
+
+    fn take(&self) -> Option<&Task> {
+        self.tasks.get(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Every queue: one per GPU lane, then the host copy's.
+struct Queues {
+    queues: Vec<Queue>,
+}
+
+impl Queues {
+    /// The next task for a thread whose home is queue `home`: its own queue first, then the one
+    /// with the most tasks left. `None` once every queue is empty.
+    fn next(&self, home: usize) -> Option<&Task> {
+        if let Some(t) = self.queues[home].take() {
+            return Some(t);
+        }
+        loop {
+            let fullest = (0..self.queues.len())
+                .filter(|&q| self.queues[q].left() > 0)
+                .max_by_key(|&q| (self.queues[q].left(), std::cmp::Reverse(q)))?;
+            // Another thread may take the last task between the look and the take: look again.
+            if let Some(t) = self.queues[fullest].take() {
+                return Some(t);
+            }
+        }
+    }
 }
 
 /// Run every copy; returns per-device figures, GPUs first, then cpu.
@@ -217,58 +343,45 @@ pub(crate) fn run(
     knobs: &Knobs<'_>,
 ) -> Result<Vec<DeviceStats>> {
     let started = Instant::now();
-    let Prepared { lanes, targets } = prepared;
-    let pieces: Vec<&[Piece]> = targets.iter().map(|t| t.pieces.as_slice()).collect();
-    let tasks = build_tasks(
-        &pieces,
+    let Prepared {
+        lanes,
+        targets,
+        home,
+    } = prepared;
+    let queues = build_queues(
+        &targets,
         host.as_ref().map(|h| h.pieces),
         knobs.staging_bytes,
     );
-    for task in &tasks {
-        if let Task::Gpu { lane, .. } = task {
-            lanes[*lane].remaining.fetch_add(1, Ordering::Relaxed);
-        }
+    for (lane, queue) in lanes.iter().zip(&queues.queues) {
+        lane.remaining.store(queue.tasks.len(), Ordering::Relaxed);
     }
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let host_seconds: Mutex<f64> = Mutex::new(0.0);
-    let host_remaining = AtomicUsize::new(
-        tasks
-            .iter()
-            .filter(|t| matches!(t, Task::Host { .. }))
-            .count(),
-    );
+    let host_queue = queues.queues.len() - 1;
+    let shared = Workers {
+        lanes: &lanes,
+        queues: &queues,
+        host: host.as_ref(),
+        sources,
+        knobs,
+        started,
+        stop: AtomicBool::new(false),
+        first_error: Mutex::new(None),
+        host_seconds: Mutex::new(0.0),
+        host_remaining: AtomicUsize::new(queues.queues[host_queue].tasks.len()),
+    };
     std::thread::scope(|s| {
-        for _ in 0..knobs.threads.min(tasks.len()).max(1) {
-            s.spawn(|| {
-                while !stop.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(task) = tasks.get(i) else { break };
-                    let r = execute(task, &lanes, host.as_ref(), sources, knobs).and_then(|()| {
-                        match task {
-                            Task::Gpu { lane, .. } => finish(&lanes[*lane], started)?,
-                            Task::Host { .. } => {
-                                if host_remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                                    *host_seconds.lock().unwrap_or_else(|e| e.into_inner()) =
-                                        started.elapsed().as_secs_f64();
-                                }
-                            }
-                        }
-                        Ok(())
-                    });
-                    if let Err(e) = r {
-                        stop.store(true, Ordering::Relaxed);
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(e);
-                        break;
-                    }
-                }
-            });
+        for (queue, &count) in home.iter().enumerate() {
+            for _ in 0..count {
+                let shared = &shared;
+                s.spawn(move || shared.work(queue));
+            }
         }
     });
+    let Workers {
+        first_error,
+        host_seconds,
+        ..
+    } = shared;
     // Every queued copy completes (or fails) before the staging buffers can be freed.
     let mut sync_error = None;
     for lane in &lanes {
@@ -285,7 +398,8 @@ pub(crate) fn run(
     let elapsed = started.elapsed().as_secs_f64();
     let mut stats: Vec<DeviceStats> = lanes
         .iter()
-        .map(|l| DeviceStats {
+        .zip(&home)
+        .map(|(l, &threads)| DeviceStats {
             device: Device::Gpu(l.gpu),
             tensors: l.tensors,
             bytes: l.bytes,
@@ -294,6 +408,8 @@ pub(crate) fn run(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .unwrap_or(elapsed),
+            home_threads: threads,
+            staging_slots: l.slots.len(),
         })
         .collect();
     if let Some(h) = &host {
@@ -302,9 +418,61 @@ pub(crate) fn run(
             tensors: h.tensors,
             bytes: h.pieces.iter().map(|p| p.len).sum(),
             seconds: *host_seconds.lock().unwrap_or_else(|e| e.into_inner()),
+            home_threads: home[host_queue],
+            staging_slots: 0,
         });
     }
     Ok(stats)
+}
+
+/// What the copy threads share while they run.
+struct Workers<'a, 'h> {
+    lanes: &'a [Lane],
+    queues: &'a Queues,
+    host: Option<&'a HostTarget<'h>>,
+    sources: &'a Sources<'a>,
+    knobs: &'a Knobs<'a>,
+    started: Instant,
+    stop: AtomicBool,
+    first_error: Mutex<Option<Error>>,
+    host_seconds: Mutex<f64>,
+    host_remaining: AtomicUsize,
+}
+
+impl Workers<'_, '_> {
+    /// One copy thread whose home is queue `home`: tasks until none is left or one fails (the
+    /// first error is kept and every thread stops).
+    fn work(&self, home: usize) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let Some(task) = self.queues.next(home) else {
+                break;
+            };
+            let r = execute(task, self.lanes, self.host, self.sources, self.knobs)
+                .and_then(|()| self.done(task));
+            if let Err(e) = r {
+                self.stop.store(true, Ordering::Relaxed);
+                self.first_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(e);
+                break;
+            }
+        }
+    }
+
+    /// After a task: time its device if it was the device's last.
+    fn done(&self, task: &Task) -> Result<()> {
+        match task {
+            Task::Gpu { lane, .. } => finish(&self.lanes[*lane], self.started),
+            Task::Host { .. } => {
+                if self.host_remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    *self.host_seconds.lock().unwrap_or_else(|e| e.into_inner()) =
+                        self.started.elapsed().as_secs_f64();
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// After a GPU task: the thread that finished the lane's last task waits for its copies and
@@ -319,47 +487,36 @@ fn finish(lane: &Lane, started: Instant) -> Result<()> {
     Ok(())
 }
 
-/// GPU chunks of every lane and host grains, round-robin.
-fn build_tasks(lanes: &[&[Piece]], host: Option<&[Piece]>, cap: usize) -> Vec<Task> {
-    let mut per_lane: Vec<Vec<Task>> = lanes
+/// One queue of chunks per GPU lane, then the queue of host grains (empty without a host copy).
+fn build_queues(targets: &[GpuTarget], host: Option<&[Piece]>, cap: usize) -> Queues {
+    let mut queues: Vec<Queue> = targets
         .iter()
         .enumerate()
-        .map(|(lane, pieces)| chunks(lane, pieces, cap))
+        .map(|(lane, t)| Queue::new(chunks(lane, &t.pieces, cap)))
         .collect();
-    if let Some(host) = host {
-        let mut grains = Vec::new();
-        for p in host {
-            let mut done = 0;
-            while done < p.len {
-                let len = (p.len - done).min(HOST_GRAIN as u64);
-                grains.push(Task::Host {
-                    piece: Piece {
-                        file: p.file,
-                        src: p.src + done,
-                        dst: p.dst + done,
-                        len,
-                    },
-                });
-                done += len;
-            }
-        }
-        per_lane.push(grains);
-    }
-    // Round-robin across lanes so every GPU (and the host copy) makes progress at once.
-    let mut iters: Vec<_> = per_lane.into_iter().map(Vec::into_iter).collect();
-    let mut out = Vec::new();
-    loop {
-        let mut any = false;
-        for it in &mut iters {
-            if let Some(t) = it.next() {
-                out.push(t);
-                any = true;
-            }
-        }
-        if !any {
-            return out;
+    queues.push(Queue::new(host.map_or_else(Vec::new, host_grains)));
+    Queues { queues }
+}
+
+/// The host copy in grains of at most [`HOST_GRAIN`] bytes.
+fn host_grains(pieces: &[Piece]) -> Vec<Task> {
+    let mut grains = Vec::new();
+    for p in pieces {
+        let mut done = 0;
+        while done < p.len {
+            let len = (p.len - done).min(HOST_GRAIN as u64);
+            grains.push(Task::Host {
+                piece: Piece {
+                    file: p.file,
+                    src: p.src + done,
+                    dst: p.dst + done,
+                    len,
+                },
+            });
+            done += len;
         }
     }
+    grains
 }
 
 /// Pack a lane's pieces into chunks of at most `cap` bytes (parts of a piece may straddle two).
@@ -541,30 +698,107 @@ mod tests {
     }
 
     #[test]
-    fn tasks_of_several_gpus_and_the_host_interleave() {
-        let gpu0 = [piece(0, 0, 0, 3 * 4096)];
-        let gpu1 = [piece(1, 0, 0, 4096)];
-        let host = [piece(0, 0, 0, 2 * HOST_GRAIN as u64 + 1)];
-        let tasks = build_tasks(&[&gpu0, &gpu1], Some(&host), 4096);
-        let order: Vec<String> = tasks
+    fn threads_split_by_bytes_and_every_busy_queue_gets_one() {
+        // Two equal GPUs, no host copy: half each.
+        assert_eq!(home_threads(&[8 << 30, 8 << 30, 0], 32), vec![16, 16, 0]);
+        // One GPU: every thread, as the single shared queue had.
+        assert_eq!(home_threads(&[15 << 30, 0], 16), vec![16, 0]);
+        // 40+12+8+8 GiB: one each, then the 28 spare by share (16.47, 4.94, 3.29, 3.29: 26
+        // whole, the last 2 to the largest remainders, GPU 1's .94 and GPU 0's .47).
+        let split = home_threads(&[40, 12, 8, 8, 0], 32);
+        assert_eq!(split, vec![18, 6, 4, 4, 0]);
+        assert_eq!(split.iter().sum::<usize>(), 32);
+        // The host copy is a queue like the GPUs'.
+        assert_eq!(home_threads(&[7, 0, 9], 4), vec![2, 0, 2]);
+        // Fewer threads than busy queues: the biggest queues get them, the rest are stolen.
+        assert_eq!(home_threads(&[1, 5, 3, 0], 2), vec![0, 1, 1, 0]);
+        // Nothing to copy: no threads.
+        assert_eq!(home_threads(&[0, 0], 8), vec![0, 0]);
+        assert_eq!(home_threads(&[5], 0), vec![0]);
+    }
+
+    #[test]
+    fn rings_hold_a_slot_per_home_thread_plus_queued_copies() {
+        assert_eq!(ring_slots(None, 16, 10_000), 16 + QUEUED_SLOTS);
+        // Two GPUs on 32 threads together pin what one GPU on 32 threads pinned before, + 8.
+        let two: usize = home_threads(&[8 << 30, 8 << 30, 0], 32)[..2]
             .iter()
-            .map(|t| match t {
-                Task::Gpu { lane, seq, .. } => format!("g{lane}.{seq}"),
-                Task::Host { piece } => format!("h{}", piece.len),
-            })
-            .collect();
+            .map(|&h| ring_slots(None, h, 10_000))
+            .sum();
+        assert_eq!(two, 32 + 2 * QUEUED_SLOTS);
+        assert_eq!(ring_slots(Some(3), 16, 10_000), 3);
+        // Never more slots than chunks, never none.
+        assert_eq!(ring_slots(None, 16, 5), 5);
+        assert_eq!(ring_slots(Some(4), 0, 0), 1);
+    }
+
+    fn gpu_queue(lane: usize, chunks_of: usize) -> Queue {
+        let pieces = [piece(lane, 0, 0, (chunks_of * 4096) as u64)];
+        Queue::new(chunks(lane, &pieces, 4096))
+    }
+
+    fn label(t: &Task) -> String {
+        match t {
+            Task::Gpu { lane, seq, .. } => format!("g{lane}.{seq}"),
+            Task::Host { piece } => format!("h{}", piece.src),
+        }
+    }
+
+    #[test]
+    fn a_thread_drains_its_home_queue_then_steals_from_the_fullest() {
+        let host = host_grains(&[piece(0, 0, 0, 2 * HOST_GRAIN as u64 + 1)]);
+        assert_eq!(host.len(), 3);
+        let queues = Queues {
+            queues: vec![gpu_queue(0, 2), gpu_queue(1, 4), Queue::new(host)],
+        };
+        let mut order = Vec::new();
+        while let Some(t) = queues.next(0) {
+            order.push(label(t));
+        }
         let grain = HOST_GRAIN;
         assert_eq!(
             order,
             vec![
                 "g0.0".to_string(),
-                "g1.0".into(),
-                format!("h{grain}"),
                 "g0.1".into(),
+                // GPU 1 has 4 left, the host 3: GPU 1; then 3 and 3, a tie, to the earlier queue.
+                "g1.0".into(),
+                "g1.1".into(),
+                // Then always the queue with more left, ties to GPU 1.
+                "h0".into(),
+                "g1.2".into(),
                 format!("h{grain}"),
-                "g0.2".into(),
-                "h1".into(),
+                "g1.3".into(),
+                format!("h{}", 2 * grain),
             ]
         );
+        assert!(queues.next(1).is_none() && queues.next(2).is_none());
+    }
+
+    #[test]
+    fn threads_on_every_queue_take_each_task_exactly_once() {
+        let queues = Queues {
+            queues: vec![gpu_queue(0, 300), gpu_queue(1, 50), gpu_queue(2, 7)],
+        };
+        let taken = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for home in [0, 0, 1, 2, 2, 2] {
+                let (queues, taken) = (&queues, &taken);
+                s.spawn(move || {
+                    while let Some(t) = queues.next(home) {
+                        taken.lock().unwrap().push(label(t));
+                    }
+                });
+            }
+        });
+        let mut taken = taken.into_inner().unwrap();
+        taken.sort();
+        let mut expected: Vec<String> = (0..300)
+            .map(|i| format!("g0.{i}"))
+            .chain((0..50).map(|i| format!("g1.{i}")))
+            .chain((0..7).map(|i| format!("g2.{i}")))
+            .collect();
+        expected.sort();
+        assert_eq!(taken, expected);
     }
 }

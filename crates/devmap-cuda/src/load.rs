@@ -5,10 +5,12 @@
 //! 1. Lay out the GPU's tensors in one device allocation, in file order, each at a 256-byte
 //!    boundary; consecutive tensors whose file bytes are contiguous and whose slots are adjacent
 //!    merge into one copy (for a typical checkpoint, one copy per file and GPU).
-//! 2. Stream the file bytes through pinned, write-combined staging buffers (double-buffered by
-//!    default, sized in [`LoadOptions`]): host threads fill one buffer from the mmap (or with
-//!    `pread`) while the GPU's copy engine drains the other with `cuMemcpyHtoDAsync` on the GPU's
-//!    own stream. Pageable memory would be staged again by the driver, synchronously.
+//! 2. Stream the file bytes through a ring of pinned staging buffers per GPU (sized in
+//!    [`LoadOptions`]): each GPU has its own copy threads (the threads are split between GPUs in
+//!    proportion to their bytes, and steal from the fullest queue when theirs is empty), which
+//!    fill slots from the mmap (or with `pread`) while the GPU's copy engine drains filled ones
+//!    with `cuMemcpyHtoDAsync` on the GPU's own stream. Pageable memory would be staged again by
+//!    the driver, synchronously.
 //! 3. Tensors the plan keeps on `cpu` are copied into one pinned host allocation (so engines can
 //!    stream them to a GPU at full speed); tensors on `disk` are left to devmap-offload's reader.
 //!
@@ -58,9 +60,12 @@ pub struct LoadOptions {
     /// Bytes per pinned staging buffer.
     pub staging_bytes: usize,
     /// Staging buffers per GPU, a ring: threads fill some while the GPU copies out of others
-    /// (2 is plain double buffering; one per copy thread keeps every thread busy).
-    pub staging_buffers: usize,
-    /// Host threads that fill staging buffers and copy cpu-mapped tensors (shared by all GPUs).
+    /// (2 is plain double buffering). `None`: one per copy thread of that GPU plus 8 (see
+    /// [`LoadOptions::buffers_for`]), so the rings of all GPUs together stay about one GPU's
+    /// size.
+    pub staging_buffers: Option<usize>,
+    /// Host threads that fill staging buffers and copy cpu-mapped tensors, split between the
+    /// GPUs (and the pinned host copy) in proportion to their bytes.
     pub copy_threads: usize,
     /// How the files are read.
     pub read: ReadMode,
@@ -73,14 +78,14 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     /// One copy thread per core; per GPU a ring of 2 MiB cached staging buffers, 8 more than
-    /// threads (48 MiB with 16 threads: small enough to stay in the CPU's last-level cache,
-    /// so the GPU reads the staged bytes from there); mmap reads. docs/performance.md has the
-    /// measurements behind each choice.
+    /// that GPU's threads (48 MiB with 16 threads on one GPU: small enough to stay in the CPU's
+    /// last-level cache, so the GPU reads the staged bytes from there); mmap reads.
+    /// docs/performance.md has the measurements behind each choice.
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
         LoadOptions {
             staging_bytes: 2 << 20,
-            staging_buffers: LoadOptions::buffers_for(threads),
+            staging_buffers: None,
             copy_threads: threads,
             read: ReadMode::Mmap,
             write_combined: false,
@@ -90,10 +95,10 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    /// The default ring size for `threads` copy threads: one buffer each being filled, plus 8
-    /// whose copies are queued on the GPU.
+    /// The default ring size of a GPU with `threads` copy threads of its own: one buffer each
+    /// being filled, plus 8 whose copies are queued on the GPU.
     pub fn buffers_for(threads: usize) -> usize {
-        threads + 8
+        copy::ring_slots(None, threads, u64::MAX)
     }
 }
 
@@ -146,6 +151,10 @@ pub struct DeviceStats {
     pub bytes: u64,
     /// Copy time, seconds (first fill to the last copy's completion).
     pub seconds: f64,
+    /// Copy threads whose home queue was this device's (they help other devices when done).
+    pub home_threads: usize,
+    /// Slots of its pinned staging ring (0 for `cpu`, which is copied into directly).
+    pub staging_slots: usize,
 }
 
 impl DeviceStats {
@@ -348,9 +357,10 @@ struct Layout {
 /// ([`Error::NoSuchGpu`]); not enough memory ([`Error::OutOfMemory`]); no driver.
 pub fn load(model: &Model, plan: &DeviceMap, options: &LoadOptions) -> Result<LoadedModel> {
     let started = Instant::now();
-    if options.staging_bytes == 0 || options.staging_buffers == 0 || options.copy_threads == 0 {
+    if options.staging_bytes == 0 || options.staging_buffers == Some(0) || options.copy_threads == 0
+    {
         return Err(Error::Options(format!(
-            "staging_bytes ({}), staging_buffers ({}) and copy_threads ({}) must be positive",
+            "staging_bytes ({}), staging_buffers ({:?}) and copy_threads ({}) must be positive",
             options.staging_bytes, options.staging_buffers, options.copy_threads
         )));
     }
@@ -590,7 +600,10 @@ pub fn load(model: &Model, plan: &DeviceMap, options: &LoadOptions) -> Result<Lo
         maps: &maps,
         files: &files,
     };
-    let prepared = copy::prepare(targets, &knobs)?;
+    let host_bytes = host
+        .as_ref()
+        .map_or(0, |h| h.pieces.iter().map(|p| p.len).sum());
+    let prepared = copy::prepare(targets, host_bytes, &knobs)?;
     let setup_seconds = started.elapsed().as_secs_f64();
 
     let copy_started = Instant::now();

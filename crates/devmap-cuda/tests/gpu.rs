@@ -310,7 +310,7 @@ fn gpu_load_splits_across_gpu_cpu_and_disk_and_verifies() {
     ] {
         let options = LoadOptions {
             staging_bytes: staging,
-            staging_buffers: buffers,
+            staging_buffers: Some(buffers),
             copy_threads: 3,
             read,
             ..LoadOptions::default()
