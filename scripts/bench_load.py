@@ -72,7 +72,25 @@ def tensor_shapes(cfg):
     return out
 
 
-def make_checkpoint(path):
+def shard_layout(cfg):
+    """The checkpoint's shards: lists of (name, shape), each shard up to SHARD_BYTES of bf16."""
+    shards, current, size = [], [], 0
+    for name, shape in tensor_shapes(cfg):
+        n = 2
+        for d in shape:
+            n *= d
+        if current and size + n > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += n
+    shards.append(current)
+    return shards
+
+
+def make_checkpoint(path, cfg=LLAMA_31_8B):
+    """Random bf16 weights of `cfg`'s Llama shape (generated on the GPU) under `path`, unless
+    its index is there."""
     import torch
     from safetensors.torch import save_file
 
@@ -83,18 +101,7 @@ def make_checkpoint(path):
     os.makedirs(path, exist_ok=True)
     t0 = time.perf_counter()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = tensor_shapes(LLAMA_31_8B)
-    shards, current, size = [], [], 0
-    for name, shape in shapes:
-        n = 2
-        for d in shape:
-            n *= d
-        if current and size + n > SHARD_BYTES:
-            shards.append(current)
-            current, size = [], 0
-        current.append((name, shape))
-        size += n
-    shards.append(current)
+    shards = shard_layout(cfg)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -110,7 +117,7 @@ def make_checkpoint(path):
     with open(index, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(LLAMA_31_8B, f, indent=1)
+        json.dump(cfg, f, indent=1)
     subprocess.run(["sync"], check=False)
     print(f"checkpoint: {total / 1e9:.2f} GB in {len(shards)} shards, {time.perf_counter() - t0:.1f} s", flush=True)
 

@@ -123,6 +123,23 @@ def devmap_features(devmap):
 # ---------------------------------------------------------------- planning
 
 
+def gpu_caps(cap):
+    """GiB per GPU: a number is GPU 0's cap, a sequence one cap per GPU (0, 1, ...)."""
+    return [float(cap)] if isinstance(cap, (int, float)) else [float(c) for c in cap]
+
+
+def max_memory_spec(cap, cpu):
+    """devmap's --max-memory for `cap` (see gpu_caps) and the cpu budget: `0=12GiB,1=4GiB,cpu=CPU`."""
+    return ",".join([f"{g}={c:g}GiB" for g, c in enumerate(gpu_caps(cap))] + [f"cpu={cpu}"])
+
+
+def max_memory_dict(cap, cpu):
+    """The same budgets as Hugging Face's max_memory: {0: "12GiB", 1: "4GiB", "cpu": CPU}."""
+    out = {g: f"{c:g}GiB" for g, c in enumerate(gpu_caps(cap))}
+    out["cpu"] = cpu
+    return out
+
+
 def workload_flags(features, prompt, new):
     if features["workload"]:
         return ["--workload", f"batch=1,prompt={prompt},new={new}"]
@@ -130,7 +147,8 @@ def workload_flags(features, prompt, new):
 
 
 def plan_devmap(args, ckpt, topo, features, cap, prompt):
-    base = [args.devmap, "plan", ckpt, "--max-memory", f"0={cap:g}GiB,cpu={args.cpu}", "--topology", topo]
+    base = [args.devmap, "plan", ckpt, "--max-memory", max_memory_spec(cap, args.cpu)]
+    base += ["--topology", topo] if topo else []
     base += workload_flags(features, prompt, args.new_tokens)
 
     def run(extra):
@@ -162,7 +180,7 @@ def predict_hf(args, ckpt, topo, features, cap, prompt, device_map):
     """devmap's estimate (ms/token) of Hugging Face's map: `devmap check --format json` when the
     binary scores maps, else the `balanced (transformers)` row of `devmap compare` (devmap's
     reproduction of device_map="auto", equal to it by the parity tests)."""
-    budgets = ["--max-memory", f"0={cap:g}GiB,cpu={args.cpu}", "--topology", topo]
+    budgets = ["--max-memory", max_memory_spec(cap, args.cpu)] + (["--topology", topo] if topo else [])
     budgets += workload_flags(features, prompt, args.new_tokens)
     if features["check_json"]:
         path = os.path.join(args.work, "hf_map.json")
@@ -212,7 +230,7 @@ def load(ckpt, device_map, cap, cpu, work):
         return AutoModelForCausalLM.from_pretrained(
             ckpt,
             device_map=device_map,
-            max_memory={0: f"{cap:g}GiB", "cpu": cpu},
+            max_memory=max_memory_dict(cap, cpu),
             dtype=torch.bfloat16,
             offload_folder=os.path.join(work, "offload"),
         ).eval()
