@@ -503,6 +503,10 @@ def main(argv=None):
     if args.dry_run:
         gpus = args.gpus or (len(args.caps.split(",")[0].split("+")) if args.caps else 2)
     else:
+        if args.gpus and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            # Before CUDA starts: this process, devmap (its discovered budgets, calibrate, load)
+            # and transformers' subprocess then all see the same first --gpus GPUs.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(args.gpus))
         import torch
 
         if not torch.cuda.is_available():
