@@ -448,7 +448,9 @@ def load_phase(args, ckpt, topo_json):
         json.dump(plan, f)
     out = {"plan": plan, "calibrated_pinned_gib_per_s": calibrated_pinned(topo_json, args.gpus)}
     out["torch_h2d"] = bench_load.torch_h2d()
-    configs = [(args.devmap, []), (args.devmap, ["--read", "pread"])]
+    # Defaults first (load_summary relies on it); then the suspects of a host-side bound:
+    # page faults of the mapping (pread) and rings that outgrow the CPU cache (12 slots per GPU).
+    configs = [(args.devmap, []), (args.devmap, ["--read", "pread"]), (args.devmap, ["--staging-buffers", "12"])]
     if args.compare_devmap:
         configs.append((args.compare_devmap, []))
     out["devmap"] = bench_load.interleaved(configs, ckpt, plan_path, args.load_repeats)
