@@ -113,7 +113,7 @@ def parse_args(argv=None):
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="devmap and HF strategies")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="start no new map after this")
     ap.add_argument("--dry-run", action="store_true", help="plan every cell on CPU, measure nothing")
-    ap.add_argument("--phases", default="load,cells", help="what to measure: load (devmap load), cells (decode)")
+    ap.add_argument("--phases", default="load,cells", help="what to measure after preparing the checkpoint and topology: load (devmap load), cells (decode), or prepare (nothing more)")
     ap.add_argument("--load-repeats", type=int, default=5, help="devmap load processes per variant")
     ap.add_argument("--hf-load-repeats", type=int, default=2, help="from_pretrained calls")
     ap.add_argument("--compare-devmap", help="another devmap build timed in the load phase too")
@@ -121,8 +121,8 @@ def parse_args(argv=None):
     args.prompts = [int(p) for p in args.prompts.split(",") if p]
     args.strategies = [s for s in args.strategies.split(",") if s]
     args.phases = [p for p in args.phases.split(",") if p]
-    if not set(args.phases) <= {"load", "cells"}:
-        raise SystemExit(f"--phases: {args.phases}; known: load, cells")
+    if not set(args.phases) <= {"prepare", "load", "cells"}:
+        raise SystemExit(f"--phases: {args.phases}; known: prepare, load, cells")
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
         raise SystemExit(f"--strategies: unknown {unknown}; known: {STRATEGIES}")
