@@ -302,16 +302,20 @@ fn gpu_load_splits_across_gpu_cpu_and_disk_and_verifies() {
             "model.layers.2": 0, "model.layers.3": "disk", "model.norm": "cpu", "lm_head": 0}"#,
     );
     // Tiny staging buffers force many chunks, pieces split across chunks, and buffer reuse.
-    // Fewer buffers than threads makes threads queue for a buffer.
-    for (read, staging, buffers) in [
-        (ReadMode::Mmap, 4096, 2),
-        (ReadMode::Pread, 5000, 3),
-        (ReadMode::Mmap, 64 << 20, 2),
+    // Fewer buffers than threads makes threads queue for a buffer. One thread has a home queue
+    // (the GPU's or the pinned RAM copy's, whichever is larger) and must steal the other's
+    // tasks; the default ring follows the GPU's share of the threads.
+    for (read, staging, buffers, threads) in [
+        (ReadMode::Mmap, 4096, Some(2), 3),
+        (ReadMode::Pread, 5000, Some(3), 3),
+        (ReadMode::Mmap, 64 << 20, Some(2), 3),
+        (ReadMode::Mmap, 4096, None, 1),
+        (ReadMode::Pread, 4096, None, 2),
     ] {
         let options = LoadOptions {
             staging_bytes: staging,
-            staging_buffers: Some(buffers),
-            copy_threads: 3,
+            staging_buffers: buffers,
+            copy_threads: threads,
             read,
             ..LoadOptions::default()
         };
@@ -347,6 +351,23 @@ fn gpu_load_onto_two_gpus_verifies() {
             "model.layers.2": 0, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}"#,
     );
     check_small_load(&folder, &plan, &LoadOptions::default());
+    // One thread serves both GPUs (it steals the other GPU's queue); five split between them.
+    for threads in [1, 5] {
+        let options = LoadOptions {
+            staging_bytes: 4096,
+            copy_threads: threads,
+            ..LoadOptions::default()
+        };
+        check_small_load(&folder, &plan, &options);
+        let model = load_model(&folder).unwrap();
+        let loaded = load(&model, &plan, &options).unwrap();
+        let gpus: Vec<_> = loaded.stats().devices.iter().collect();
+        assert_eq!(gpus.len(), 2);
+        assert_eq!(gpus.iter().map(|d| d.home_threads).sum::<usize>(), threads);
+        for d in gpus {
+            assert_eq!(d.staging_slots, d.home_threads + 8, "{d:?}");
+        }
+    }
 }
 
 #[test]
