@@ -454,10 +454,22 @@ def load_phase(args, ckpt, topo_json):
     if args.compare_devmap:
         configs.append((args.compare_devmap, []))
     out["devmap"] = bench_load.interleaved(configs, ckpt, plan_path, args.load_repeats)
+    # The loaded bytes read back and compared with the files (xxh3-64), once.
+    verified = bench_load.devmap_once(args.devmap, ckpt, plan_path, ["--verify"])
+    out["verify"] = verified.get("verify") or {"error": verified.get("error")}
     out["transformers"] = bench_load.transformers_load(ckpt, plan_path, args.hf_load_repeats)
     out["summary"] = load_summary(out, args.gpus)
     log(f"load phase: {json.dumps(out['summary'])}")
     return out
+
+
+def verify_mismatches(report):
+    """Tensors whose loaded bytes differ from the file, or the error that stopped the check."""
+    if not report:
+        return None
+    if "mismatches" not in report:
+        return report.get("error") or "no verify report"
+    return len(report["mismatches"])
 
 
 def load_summary(phase, gpus):
@@ -484,6 +496,7 @@ def load_summary(phase, gpus):
             for c in best
         ],
         "transformers_s": hf,
+        "verify_mismatches": verify_mismatches(phase.get("verify")),
     }
     if default:
         bytes_ = default["bytes"]
@@ -637,6 +650,7 @@ def load_markdown(s):
         f"- transformers from_pretrained, same map: {vg.fmt(s.get('transformers_s'), '.2f')} s "
         f"({vg.fmt(s.get('transformers_gib_per_s'), '.1f')} GiB/s); devmap {vg.fmt(s.get('speedup_vs_transformers'), '.1f')}x faster (load call)"
     )
+    lines.append(f"- `devmap load --verify`: {s.get('verify_mismatches', '-')} tensors differ from the files")
     lines.append(
         f"- devmap (defaults) at {vg.fmt(s.get('devmap_vs_ceiling'), '.0%')} of the calibrated sum, "
         f"{vg.fmt(s.get('devmap_vs_torch_all_at_once'), '.0%')} of PyTorch's all-at-once rate"

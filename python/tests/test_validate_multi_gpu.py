@@ -121,6 +121,7 @@ def test_load_summary_relates_devmap_to_the_ceilings():
              "load_call_seconds_median": 0.6, "bytes": 40 * gib},
         ],
         "transformers": {"median_seconds": 4.0},
+        "verify": {"tensors": 291, "mismatches": []},
     }
     s = vm.load_summary(phase, 2)
     assert s["sum_of_calibrated_pinned_gib_per_s"] == 102.0
@@ -130,6 +131,11 @@ def test_load_summary_relates_devmap_to_the_ceilings():
     assert s["transformers_gib_per_s"] == pytest.approx(10.0)
     assert s["speedup_vs_transformers"] == pytest.approx(8.0)
     assert [v["options"] for v in s["variants"]] == [[], ["--read", "pread"]]
+    assert s["verify_mismatches"] == 0
+    md = vm.load_markdown(s)
+    assert "80% of the calibrated sum" in md and "0 tensors differ" in md
+    phase["verify"] = {"error": "error: lm_head.weight on GPU 1: loaded bytes hash to 1, the file's to 2"}
+    assert "lm_head.weight" in vm.load_summary(phase, 2)["verify_mismatches"]
     # A GPU calibrate did not measure leaves the sum unknown rather than low.
     phase["calibrated_pinned_gib_per_s"] = [50.0, None]
     assert vm.load_summary(phase, 2)["sum_of_calibrated_pinned_gib_per_s"] is None
