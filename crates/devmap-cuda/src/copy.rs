@@ -395,10 +395,28 @@ pub(crate) fn run(
     if let Some(e) = sync_error {
         return Err(e);
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let host_seconds = *host_seconds.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(device_stats(
+        &lanes,
+        &home,
+        host.as_ref(),
+        host_seconds,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+/// Per-device figures after the copies: GPUs first (a lane never timed gets the whole copy
+/// time), then the pinned host copy.
+fn device_stats(
+    lanes: &[Lane],
+    home: &[usize],
+    host: Option<&HostTarget<'_>>,
+    host_seconds: f64,
+    elapsed: f64,
+) -> Vec<DeviceStats> {
     let mut stats: Vec<DeviceStats> = lanes
         .iter()
-        .zip(&home)
+        .zip(home)
         .map(|(l, &threads)| DeviceStats {
             device: Device::Gpu(l.gpu),
             tensors: l.tensors,
@@ -412,17 +430,17 @@ pub(crate) fn run(
             staging_slots: l.slots.len(),
         })
         .collect();
-    if let Some(h) = &host {
+    if let Some(h) = host {
         stats.push(DeviceStats {
             device: Device::Cpu,
             tensors: h.tensors,
             bytes: h.pieces.iter().map(|p| p.len).sum(),
-            seconds: *host_seconds.lock().unwrap_or_else(|e| e.into_inner()),
-            home_threads: home[host_queue],
+            seconds: host_seconds,
+            home_threads: home[home.len() - 1],
             staging_slots: 0,
         });
     }
-    Ok(stats)
+    stats
 }
 
 /// What the copy threads share while they run.
