@@ -8,7 +8,11 @@
 
     python scripts/bench_pinned.py CHECKPOINT --max-memory 0=10GiB,cpu=64GiB [--tokens 8]
         [--repeat 2] [--prompt-tokens 32] [--strategy auto] [--max-ram-share 0.5] [-o out.json]
+    python scripts/bench_pinned.py --random-llama8b /tmp/dv --max-memory 0=10GiB,cpu=64GiB
     python scripts/bench_pinned.py --dry-run      # CPU only, a tiny random Llama: checks the script
+
+--random-llama8b WORK writes (unless present) the random Llama-3.1-8B-shaped bf16 checkpoint that
+scripts/validate_gpu.py measures (scripts/bench_load.py's writer, WORK/llama8b) and uses it.
 
 The three devmap set-ups share one load (pinning and prefetch change the loaded model in place,
 not its map), so the run is two loads plus the decodes: about 2 minutes for Llama-3.1-8B at a
@@ -156,6 +160,19 @@ def tiny_checkpoint(folder: str) -> None:
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
 
 
+def random_llama8b(work: str) -> str:
+    """validate_gpu.py's checkpoint: written once under ``work``, then read into the page cache."""
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_load import make_checkpoint, read_into_page_cache
+
+    folder = os.path.join(work, "llama8b")
+    make_checkpoint(folder)
+    read_into_page_cache(folder)
+    return folder
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", nargs="?")
@@ -167,10 +184,12 @@ def parse_args(argv):
     ap.add_argument("--max-ram-share", type=float, default=0.5)
     ap.add_argument("--offload-folder", default="/tmp/devmap-bench-offload")
     ap.add_argument("--dry-run", action="store_true", help="CPU only, a tiny random Llama")
+    ap.add_argument("--random-llama8b", metavar="WORK",
+                    help="write/use validate_gpu.py's random Llama-3.1-8B-shaped checkpoint under WORK")
     ap.add_argument("-o", "--output")
     args = ap.parse_args(argv)
-    if not args.dry_run and not (args.checkpoint and args.max_memory):
-        ap.error("CHECKPOINT and --max-memory are required (or --dry-run)")
+    if not args.dry_run and not ((args.checkpoint or args.random_llama8b) and args.max_memory):
+        ap.error("CHECKPOINT (or --random-llama8b WORK) and --max-memory are required (or --dry-run)")
     return args
 
 
@@ -190,6 +209,8 @@ def main(argv=None) -> int:
             raise SystemExit("bench_pinned: needs a CUDA GPU (or --dry-run)")
         else:
             machine = Gpu()
+            if args.random_llama8b:
+                args.checkpoint = random_llama8b(args.random_llama8b)
         plan = devmap.plan_report(args.checkpoint, parse_max_memory(args.max_memory),
                                   strategy=args.strategy, dtype="bf16")
         rows = run_setups(args, machine, plan["device_map"])

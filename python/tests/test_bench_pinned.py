@@ -28,4 +28,4 @@ def test_dry_run_runs_every_setup(tmp_path):
 
 def test_needs_a_checkpoint_without_dry_run():
     done = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "CHECKPOINT and --max-memory are required" in done.stderr
+    assert done.returncode == 2 and "CHECKPOINT (or --random-llama8b WORK) and --max-memory are required" in done.stderr
