@@ -50,6 +50,9 @@ rm -rf "$cache/wheels"
 "$py" -m pip install -q --force-reinstall --no-deps "$cache"/wheels/devmap-*.whl
 # The tests must import the installed wheel, not python/devmap from this checkout.
 (cd "$cache" && "$py" -c "import devmap, devmap._devmap; assert 'site-packages' in devmap.__file__, devmap.__file__")
+# The wheel's `devmap` command (a console script into the Rust CLI): python/tests/test_cli.py
+# checks its maps and errors; this says early and plainly when pip did not install it.
+"$venv/bin/devmap" --version >&2 || { echo "test_python: the wheel installed no working devmap command" >&2; exit 1; }
 
 (cd python/tests && "$py" -m pytest -q -p no:cacheprovider .)
 bash scripts/test_setup.sh

@@ -71,6 +71,18 @@ fake libclang-path ldconfig 'exit 0'
 mkdir -p "$work/native" && touch "$work/native/libclang.so"
 expect libclang-path "" LIBCLANG_PATH="$work/native"
 
+# LIBCLANG_PATH naming the library file itself (clang-sys accepts both).
+base_bin libclang-file >/dev/null
+fake libclang-file ldconfig 'exit 0'
+mkdir -p "$work/native-file" && touch "$work/native-file/libclang-18.so.18"
+expect libclang-file "" LIBCLANG_PATH="$work/native-file/libclang-18.so.18"
+
+# A stale LIBCLANG_PATH (no libclang there) does not hide the one the linker cache knows.
+base_bin stale-path >/dev/null
+fake stale-path ldconfig 'printf "\tlibclang-14.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libclang-14.so.1\n"'
+mkdir -p "$work/empty"
+expect stale-path "" LIBCLANG_PATH="$work/empty"
+
 # Debian 13: only libclang1-19 offered; nothing found.
 base_bin trixie >/dev/null
 fake trixie ldconfig 'exit 0'

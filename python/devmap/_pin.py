@@ -7,6 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from . import _prefetch
 from ._errors import PinError
 
 
@@ -24,6 +25,8 @@ class PinReport:
     seconds: float
     #: Physical RAM of this machine, bytes (what ``max_ram_share`` is a share of).
     ram_bytes: int
+    #: Offloading hooks that prefetch their successor (0 without ``prefetch=True``).
+    prefetch_units: int = 0
 
 
 def ram_bytes() -> int:
@@ -58,7 +61,7 @@ def _fmt(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def pin_offloaded(model, max_ram_share: float = 0.5) -> PinReport:
+def pin_offloaded(model, max_ram_share: float = 0.5, prefetch: bool = False) -> PinReport:
     """Replace the cpu-offloaded weights accelerate holds for ``model`` (after
     ``from_pretrained(device_map=...)`` or ``accelerate.dispatch_model``) by pinned copies.
 
@@ -67,6 +70,11 @@ def pin_offloaded(model, max_ram_share: float = 0.5) -> PinReport:
     cannot be swapped or reclaimed: pinning too much starves the rest of the system), or when
     torch has no CUDA device to pin for. The map is unchanged; disk-offloaded weights are not
     touched. Returns the bytes and tensors pinned and the time it took.
+
+    With ``prefetch=True`` each offloaded module's copy to the GPU is also issued one module ahead
+    on a side CUDA stream, overlapping the running module's compute (``devmap._prefetch``; it holds
+    at most one extra module on the GPU). Off by default: measure it with
+    ``scripts/bench_pinned.py`` before relying on it.
     """
     if not (isinstance(max_ram_share, (int, float)) and 0 < max_ram_share <= 1):
         raise PinError(f"max_ram_share must be a fraction in (0, 1], not {max_ram_share!r}")
@@ -89,10 +97,19 @@ def pin_offloaded(model, max_ram_share: float = 0.5) -> PinReport:
         )
     import torch
 
-    if todo and not torch.cuda.is_available():
-        raise PinError("pinning needs a CUDA device: torch.cuda.is_available() is False here")
+    if (todo or prefetch) and not torch.cuda.is_available():
+        what = "prefetching" if prefetch and not todo else "pinning"
+        raise PinError(f"{what} needs a CUDA device: torch.cuda.is_available() is False here")
     start = time.perf_counter()
     for sd, k in todo:
         sd[k] = sd[k].pin_memory()
+    units = _install_prefetch(model, _prefetch.CudaCopier()) if prefetch else 0
     return PinReport(bytes=need, tensors=len(todo), already_pinned=already,
-                     seconds=time.perf_counter() - start, ram_bytes=ram)
+                     seconds=time.perf_counter() - start, ram_bytes=ram, prefetch_units=units)
+
+
+def _install_prefetch(model, copier) -> int:
+    try:
+        return len(_prefetch.install(model, copier).units)
+    except ValueError as e:
+        raise PinError(f"prefetch=True: {e}") from None

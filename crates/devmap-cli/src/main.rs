@@ -1,6 +1,9 @@
 //! `devmap`: plan where every weight of a model lives, and check hand-written maps.
 //!
-//! A thin binary over devmap-core (models, budgets, maps) and devmap-solver (strategies).
+//! The command-line interface over devmap-core (models, budgets, maps) and devmap-solver
+//! (strategies), as a library whose one entry is [`run`]: the `devmap` binary (src/bin/devmap.rs)
+//! and the Python package's `devmap` command (crates/devmap-py) both call it, so this crate stays
+//! the only composer of the command.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -187,9 +190,35 @@ fn parse_dtype(text: &str) -> Result<DType, String> {
     DType::parse(text).map_err(|e| e.to_string())
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+/// Run the `devmap` command on `args` (the program name first, as `std::env::args_os` gives
+/// them) and return its exit status. Help, `--version` and usage errors are printed as clap
+/// prints them; stdout is flushed before returning (a host process such as Python does not flush
+/// Rust's stdout at exit).
+pub fn run<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let code = match Cli::try_parse_from(args) {
+        Ok(cli) => dispatch(cli.command),
+        Err(e) => {
+            let _ = e.print();
+            return u8::try_from(e.exit_code()).unwrap_or(2);
+        }
+    };
+    let _ = std::io::stdout().flush();
+    status_number(code)
+}
+
+/// The number of an `ExitCode` (std has no accessor; the commands return 0, 1 or their own codes).
+fn status_number(code: ExitCode) -> u8 {
+    (0..=u8::MAX)
+        .find(|n| ExitCode::from(*n) == code)
+        .unwrap_or(1)
+}
+
+fn dispatch(command: Command) -> ExitCode {
+    let result = match command {
         Command::Plan(args) => plan(args),
         Command::Check(args) => check(args),
         Command::Compare(args) => compare(args),

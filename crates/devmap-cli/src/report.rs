@@ -128,13 +128,13 @@ pub fn plan_table(
                 units = format!("({note}) {units}");
             }
         }
-        let _ = writeln!(
-            s,
+        let row = format!(
             "{:<6} {:>11} / {:>11}   {bar}  {units}",
             d.to_string(),
             format_bytes(used),
             budget_text
         );
+        let _ = writeln!(s, "{}", row.trim_end());
     }
     let cpu = plan.bytes_on(Device::Cpu);
     let disk = plan.bytes_on(Device::Disk);
@@ -295,7 +295,7 @@ impl CompareRow {
             .usage
             .iter()
             .filter(|(d, b)| **b > 0 || budgets.contains(**d))
-            .map(|(d, b)| format!("{d}:{:.1}", *b as f64 / (1u64 << 30) as f64))
+            .map(|(d, b)| format!("{d}:{}", format_bytes(*b)))
             .collect();
         let offloaded = plan.bytes_on(Device::Cpu) + plan.bytes_on(Device::Disk);
         let mut note = String::new();
@@ -330,8 +330,9 @@ impl CompareRow {
     }
 }
 
-/// Render `devmap compare`.
+/// Render `devmap compare`: one row per strategy, sizes in human units (`format_bytes`).
 pub fn compare_table(model: &Model, budgets: &MemoryBudgets, rows: &[CompareRow]) -> String {
+    const PER_DEVICE: &str = "memory per device";
     let mut s = String::new();
     let budget_text: Vec<String> = budgets
         .iter()
@@ -343,19 +344,33 @@ pub fn compare_table(model: &Model, budgets: &MemoryBudgets, rows: &[CompareRow]
         model.name,
         budget_text.join(", ")
     );
-    let _ = writeln!(
-        s,
-        "{:<30} {:>10} {:>10} {:>8} {:>9}  {:<40} note",
-        "strategy", "ms/token", "offload", "changes", "plan ms", "GiB per device"
-    );
+    let width = rows
+        .iter()
+        .map(|r| r.per_device.len())
+        .chain([PER_DEVICE.len()])
+        .max()
+        .unwrap_or_default();
+    let mut line = |cells: [&str; 7]| {
+        let [label, ms, off, changes, millis, per_device, note] = cells;
+        let text = format!(
+            "{label:<30} {ms:>10} {off:>11} {changes:>8} {millis:>9}  {per_device:<width$}  {note}"
+        );
+        let _ = writeln!(s, "{}", text.trim_end());
+    };
+    line([
+        "strategy", "ms/token", "offload", "changes", "plan ms", PER_DEVICE, "note",
+    ]);
     for r in rows {
         let ms = r.ms.map_or_else(|| "-".to_string(), |m| format!("{m:.3}"));
-        let off = format!("{:.2} GiB", r.offloaded as f64 / (1u64 << 30) as f64);
-        let _ = writeln!(
-            s,
-            "{:<30} {:>10} {:>10} {:>8} {:>9.2}  {:<40} {}",
-            r.label, ms, off, r.changes, r.millis, r.per_device, r.note
-        );
+        line([
+            &r.label,
+            &ms,
+            &format_bytes(r.offloaded),
+            &r.changes.to_string(),
+            &format!("{:.2}", r.millis),
+            &r.per_device,
+            &r.note,
+        ]);
     }
     s
 }

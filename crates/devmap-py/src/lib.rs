@@ -52,12 +52,20 @@ fn compare(py: Python<'_>, request: &str) -> PyResult<String> {
     run(py, request, ops::compare)
 }
 
+/// Run the `devmap` command with `argv` (program name first) and return its exit status: the
+/// entry of the wheel's `devmap` script (python/devmap/_cli.py). The command runs without the GIL.
+#[pyfunction]
+fn cli(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> u8 {
+    py.detach(|| devmap_cli::run(argv))
+}
+
 /// The native module.
 #[pymodule]
 fn _devmap(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(compare, m)?)?;
+    m.add_function(wrap_pyfunction!(cli, m)?)?;
     m.add("NativeError", m.py().get_type::<NativeError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
