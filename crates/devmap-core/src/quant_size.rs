@@ -346,3 +346,90 @@ fn pre_quantized(model: &Model, q: &Quantization, full: &[u64]) -> RuntimeBytes 
         offload,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelBuilder;
+
+    /// embed [1000, 128], one Linear fc [128 -> 256 out... weight [256, 128]] with bias, fused
+    /// experts [4, 256, 128], lm_head [1000, 128]: every figure below is computed by hand.
+    fn small(config: &str) -> Model {
+        let mut m = ModelBuilder::new("small")
+            .module("embed", "Embedding")
+            .module("fc", "Linear")
+            .module("moe.experts", "MixtralExperts")
+            .module("lm_head", "Linear")
+            .param("embed.weight", DType::BF16, &[1000, 128])
+            .param("fc.weight", DType::BF16, &[256, 128])
+            .param("fc.bias", DType::BF16, &[256])
+            .param("moe.experts.gate_up_proj", DType::BF16, &[4, 256, 128])
+            .param("lm_head.weight", DType::BF16, &[1000, 128])
+            .build()
+            .unwrap();
+        m.quantization = Some(Quantization {
+            config: QuantConfig::from_json(&serde_json::from_str(config).unwrap(), "q").unwrap(),
+            pre_quantized: false,
+        });
+        m
+    }
+
+    fn bytes(config: &str) -> RuntimeBytes {
+        runtime_bytes(&small(config), SizeRules::default())
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn bnb_4bit_nf4_packs_half_a_byte_plus_absmax_and_code() {
+        let b = bytes(r#"{"quant_method":"bitsandbytes","load_in_4bit":true,"bnb_4bit_quant_type":"nf4"}"#);
+        // fc.weight: 32768 elements -> 16384 packed + 512 blocks x 4 (absmax) + 64 (code).
+        assert_eq!(b.on_gpu, vec![256_000, 18_496, 512, 262_144, 256_000]);
+        // lm_head is the output embedding's last parameter: kept; experts are not nn.Linear.
+        assert_eq!(b.quantized, vec![false, true, false, false, false]);
+        assert_eq!(b.workspace, 65_536);
+        assert!(!b.offload.cpu && !b.offload.disk);
+        assert_eq!(b.offloaded, b.on_gpu);
+    }
+
+    #[test]
+    fn bnb_double_quant_and_8bit() {
+        let dq = bytes(r#"{"quant_method":"bitsandbytes","load_in_4bit":true,"bnb_4bit_use_double_quant":true}"#);
+        // 16384 + 512 (uint8 absmax) + 2 x 4 (nested absmax) + 1024 + 4 (nested code, offset) + 64.
+        assert_eq!(dq.on_gpu[1], 17_996);
+        let e = bytes(r#"{"quant_method":"bitsandbytes","load_in_8bit":true,"llm_int8_enable_fp32_cpu_offload":true}"#);
+        // int8 weight + one float32 SCB per output row.
+        assert_eq!(e.on_gpu[1], 32_768 + 256 * 4);
+        assert_eq!(e.workspace, 0);
+        assert!(e.offload.cpu && e.offload.offloaded_full_precision);
+        assert_eq!(e.offloaded[1], 65_536);
+        let devices = [Some(Device::Gpu(0)), Some(Device::Cpu), None, None, Some(Device::Gpu(0))];
+        let split = e.split_by_device(&small("{\"load_in_8bit\":true}"), &devices);
+        assert_eq!(split[&Device::Gpu(0)], (0, 512_000));
+        // fc offloaded: full precision, as it then loads.
+        assert_eq!(split[&Device::Cpu], (0, 65_536));
+    }
+
+    #[test]
+    fn fp8_quantizes_linears_and_fused_experts_with_block_scales() {
+        let b = bytes(r#"{"quant_method":"fp8","weight_block_size":[128,128]}"#);
+        // fc: 32768 fp8 + 2 x 1 blocks x 4; experts: 131072 + 4 x 2 x 1 x 4.
+        assert_eq!(b.on_gpu, vec![256_000, 32_776, 512, 131_104, 256_000]);
+        let per_tensor = bytes(r#"{"quant_method":"fp8","weight_block_size":null}"#);
+        assert_eq!(per_tensor.on_gpu[1], 32_772);
+        assert_eq!(
+            b.verdicts(&[Device::Gpu(0), Device::Cpu]),
+            vec![
+                (format!("cpu entries forbidden ({}); map uses cpu: true", b.offload.rule), false),
+                (format!("disk entries forbidden ({}); map uses disk: false", b.offload.rule), true),
+            ]
+        );
+    }
+
+    #[test]
+    fn methods_that_cannot_quantize_on_load_are_named() {
+        let m = small(r#"{"quant_method":"gptq","bits":4}"#);
+        let e = runtime_bytes(&m, SizeRules::default()).unwrap_err().to_string();
+        assert!(e.contains("\"gptq\"") && e.contains("pre-quantized"), "{e}");
+    }
+}

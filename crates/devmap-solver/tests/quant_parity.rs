@@ -164,3 +164,81 @@ fn quantized_maps_and_verdicts_equal_hugging_face_references() {
         failures.join("\n")
     );
 }
+
+/// The bitsandbytes config of a quantized model.
+fn bnb(model: &Model) -> &devmap_core::quant::BnbConfig {
+    match &model.quantization.as_ref().unwrap().config {
+        QuantConfig::Bnb(b) => b,
+        other => panic!("not bitsandbytes: {other:?}"),
+    }
+}
+
+/// One `auto` run on a quantized fixture: `Ok(true)` for a map transformers' quantizer accepts
+/// (checked with devmap's reproduction of `validate_environment`, the one the parity test above
+/// holds to transformers' verdicts) whose devices hold their bytes as the runtime allocates them,
+/// `Ok(false)` for a "does not fit" answer, `Err` for anything else.
+fn auto_run(model: &Model, budgets: &MemoryBudgets) -> Result<bool, String> {
+    use devmap_core::quant_size::runtime_bytes;
+    let auto = devmap_solver::Auto::new(
+        devmap_solver::AutoOptions::default().time_limit(std::time::Duration::from_secs(2)),
+    );
+    let plan = match auto.plan(&PlanRequest::new(model, budgets)) {
+        Ok(plan) => plan,
+        // Infeasible: the totals fit but no packing does (a fused-experts layer streamed at full
+        // precision needs its whole buffer on the GPU).
+        Err(
+            Error::QuantizedDoesNotFit { .. } | Error::DoesNotFit { .. } | Error::Infeasible(_),
+        ) => return Ok(false),
+        Err(e) => return Err(e.to_string()),
+    };
+    let devices: Vec<devmap_core::Device> = plan.map.entries().iter().map(|(_, d)| *d).collect();
+    let offloads = devices.iter().any(|d| !d.is_gpu());
+    let all_cpu = devices.iter().all(|d| *d == devmap_core::Device::Cpu);
+    if let Some(message) = bnb(model).map_verdict(offloads, all_cpu) {
+        return Err(format!("auto's map {:?} is rejected: {message}", plan.map.to_json()));
+    }
+    let bytes = runtime_bytes(model, Default::default()).unwrap().unwrap();
+    let tensor_devices = devmap_core::validate::tensor_devices(model, &plan.map);
+    for (d, (q, f)) in bytes.split_by_device(model, &tensor_devices) {
+        let budget = budgets.get(d).unwrap_or(u64::MAX);
+        if q + f > budget {
+            return Err(format!("{d} holds {} of weights over its budget {budget}", q + f));
+        }
+    }
+    Ok(true)
+}
+
+#[test]
+fn auto_never_emits_a_map_the_quantizer_rejects() {
+    let scenarios: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(quant_fixtures().join("scenarios.json")).unwrap(),
+    )
+    .unwrap();
+    let scenarios = scenarios["scenarios"].as_array().unwrap();
+    let mut configs: Vec<String> = std::fs::read_dir(quant_fixtures().join("configs"))
+        .unwrap()
+        .map(|e| e.unwrap().path().file_stem().unwrap().to_str().unwrap().to_string())
+        .collect();
+    configs.sort();
+    let (mut planned, mut short, mut failures) = (0, 0, Vec::new());
+    for stem in ["llama-2-7b", "gpt2-xl", "t5-11b", "mixtral-8x7b", "qwen3-30b-a3b", "gemma-2-9b"] {
+        let base =
+            load_model(&quant_fixtures().join("models").join(format!("{stem}.json"))).unwrap();
+        for quant in &configs {
+            let model = quantized(&base, quant);
+            for s in scenarios {
+                let origin = Path::new("scenarios.json");
+                let budgets =
+                    MemoryBudgets::from_json_str(&s["max_memory"].to_string(), origin).unwrap();
+                match auto_run(&model, &budgets) {
+                    Ok(true) => planned += 1,
+                    Ok(false) => short += 1,
+                    Err(e) => failures.push(format!("{stem} / {quant} / {}: {e}", s["name"])),
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(planned > 0 && short > 0, "planned {planned}, short {short}");
+    eprintln!("auto on quantized fixtures: {planned} maps the quantizer accepts, {short} does-not-fit answers");
+}
