@@ -29,13 +29,18 @@ pub fn table(model: &Model, map: &DeviceMap, rules: SizeRules) -> String {
     let full: u64 = model.tensor_sizes(rules).iter().sum();
     let mut s = String::new();
     let (quantized, kept): (u64, u64) = split.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let pre_quantized = model.quantization.as_ref().is_some_and(|q| q.pre_quantized);
+    let unquantized = if pre_quantized {
+        String::new()
+    } else {
+        format!(" ({} unquantized)", format_bytes(full))
+    };
     let _ = writeln!(
         s,
-        "\nquantization {}: {} quantized + {} full precision as loaded ({} unquantized)",
+        "\nquantization {}: {} quantized + {} full precision as loaded{unquantized}",
         q.label,
         format_bytes(quantized),
         format_bytes(kept),
-        format_bytes(full)
     );
     let _ = writeln!(s, "{:<6} {:>11} {:>15}", "device", "quantized", "full precision");
     for (d, (qb, fb)) in &split {

@@ -310,7 +310,11 @@ fn is_quant_storage(model: &Model, t: TensorId) -> bool {
     ) || leaf.ends_with("_scales")
         || leaf.ends_with("_blocks")
         || leaf.ends_with("_scale_inv")
-        || tensor.name.contains(".quant_state.");
+        || tensor.name.contains(".quant_state.")
+        // bitsandbytes' weight state, as the loader folds its names (`weight_absmax`, ...).
+        || ["weight_absmax", "weight_quant", "weight_nested"]
+            .iter()
+            .any(|p| leaf.starts_with(p));
     tensor.kind == TensorKind::Param && packed_dtype || scale_name
 }
 
