@@ -42,7 +42,11 @@ pub fn table(model: &Model, map: &DeviceMap, rules: SizeRules) -> String {
         format_bytes(quantized),
         format_bytes(kept),
     );
-    let _ = writeln!(s, "{:<6} {:>11} {:>15}", "device", "quantized", "full precision");
+    let _ = writeln!(
+        s,
+        "{:<6} {:>11} {:>15}",
+        "device", "quantized", "full precision"
+    );
     for (d, (qb, fb)) in &split {
         let _ = writeln!(
             s,
@@ -60,7 +64,11 @@ pub fn table(model: &Model, map: &DeviceMap, rules: SizeRules) -> String {
         );
     }
     for (rule, holds) in verdicts(&q, map) {
-        let _ = writeln!(s, "rule {rule}: {}", if holds { "holds" } else { "REJECTED" });
+        let _ = writeln!(
+            s,
+            "rule {rule}: {}",
+            if holds { "holds" } else { "REJECTED" }
+        );
     }
     s
 }
@@ -74,7 +82,12 @@ pub fn json(model: &Model, map: &DeviceMap, rules: SizeRules) -> Value {
     let per_device: serde_json::Map<String, Value> = q
         .split_by_device(model, &devices)
         .into_iter()
-        .map(|(d, (qb, fb))| (d.to_string(), json!({"quantized": qb, "full_precision": fb})))
+        .map(|(d, (qb, fb))| {
+            (
+                d.to_string(),
+                json!({"quantized": qb, "full_precision": fb}),
+            )
+        })
         .collect();
     let rules: Vec<Value> = verdicts(&q, map)
         .into_iter()

@@ -138,7 +138,9 @@ fn auto_plans_quantized_bytes_gpu_only_or_says_how_short() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("short by") && err.contains("on GPU 0") && err.contains("llm_int8_enable_fp32_cpu_offload"),
+        err.contains("short by")
+            && err.contains("on GPU 0")
+            && err.contains("llm_int8_enable_fp32_cpu_offload"),
         "{err}"
     );
     // With fp32 cpu offload the cpu takes layers at full precision; the table says so.

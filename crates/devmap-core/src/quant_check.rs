@@ -43,9 +43,12 @@ pub fn check_packed_tensors(model: &Model, config: &QuantConfig) -> Result<()> {
             continue;
         };
         match (config, leaf) {
-            (QuantConfig::Fp8 {
-                weight_block_size, ..
-            }, "weight_scale_inv") => check_fp8(model, tensor, prefix, *weight_block_size)?,
+            (
+                QuantConfig::Fp8 {
+                    weight_block_size, ..
+                },
+                "weight_scale_inv",
+            ) => check_fp8(model, tensor, prefix, *weight_block_size)?,
             (QuantConfig::Gptq(g), "qweight") => check_gptq(model, tensor, prefix, g)?,
             (QuantConfig::Awq(g), "qweight") => check_awq(model, tensor, prefix, g)?,
             (QuantConfig::Mxfp4 { .. }, l) if l.ends_with("_blocks") => {
@@ -54,7 +57,12 @@ pub fn check_packed_tensors(model: &Model, config: &QuantConfig) -> Result<()> {
             (QuantConfig::Bnb(b), "SCB") if b.bits == BnbBits::Eight => {
                 if let Some(w) = sibling(model, prefix, "weight") {
                     let rows = w.shape.first().copied().unwrap_or(1);
-                    expect(tensor, &[rows], "load_in_8bit", "one float32 scale per weight row")?;
+                    expect(
+                        tensor,
+                        &[rows],
+                        "load_in_8bit",
+                        "one float32 scale per weight row",
+                    )?;
                 }
             }
             (QuantConfig::Bnb(b), "absmax" | "weight_absmax") if b.bits == BnbBits::Four => {
@@ -75,7 +83,12 @@ fn check_fp8(model: &Model, scale: &Tensor, prefix: &str, block: Option<[u64; 2]
             return if scale.numel == 1 {
                 Ok(())
             } else {
-                Err(contradiction(scale, &[], "weight_block_size", "null: one scale per tensor"))
+                Err(contradiction(
+                    scale,
+                    &[],
+                    "weight_block_size",
+                    "null: one scale per tensor",
+                ))
             }
         }
         (Some([b0, b1]), [lead @ .., rows, cols]) => {
@@ -111,7 +124,11 @@ fn check_gptq(model: &Model, qweight: &Tensor, prefix: &str, g: &GroupConfig) ->
     if qweight.dtype != DType::I32 {
         return Err(Error::QuantConfig {
             origin: "config.json".into(),
-            reason: format!("tensor {:?} is {} but gptq packs qweight in int32", qweight.name, qweight.dtype.safetensors_name()),
+            reason: format!(
+                "tensor {:?} is {} but gptq packs qweight in int32",
+                qweight.name,
+                qweight.dtype.safetensors_name()
+            ),
         });
     }
     // g_idx first: it has one entry per input feature, so it tells bits apart from group_size.
@@ -125,7 +142,12 @@ fn check_gptq(model: &Model, qweight: &Tensor, prefix: &str, g: &GroupConfig) ->
         expect(s, &[rows, *out], "group_size", &why)?;
     }
     if let Some(z) = sibling(model, prefix, "qzeros") {
-        expect(z, &[rows, out / per_word], "bits", "zeros packed like qweight, per group")?;
+        expect(
+            z,
+            &[rows, out / per_word],
+            "bits",
+            "zeros packed like qweight, per group",
+        )?;
     }
     Ok(())
 }
@@ -144,7 +166,12 @@ fn check_awq(model: &Model, qweight: &Tensor, prefix: &str, g: &GroupConfig) -> 
         expect(s, &[rows, packed_out * per_word], "group_size", &why)?;
     }
     if let Some(z) = sibling(model, prefix, "qzeros") {
-        expect(z, &[rows, *packed_out], "group_size", "zeros packed like qweight, per group")?;
+        expect(
+            z,
+            &[rows, *packed_out],
+            "group_size",
+            "zeros packed like qweight, per group",
+        )?;
     }
     Ok(())
 }
@@ -156,10 +183,20 @@ fn check_mxfp4(model: &Model, blocks: &Tensor, prefix: &str, base: &str) -> Resu
         if let Some(l) = want.last_mut() {
             *l = MXFP4_BLOCK_BYTES;
         }
-        return Err(contradiction(blocks, &want, "quant_method", "mxfp4 packs 32 values in 16 bytes"));
+        return Err(contradiction(
+            blocks,
+            &want,
+            "quant_method",
+            "mxfp4 packs 32 values in 16 bytes",
+        ));
     }
     if let Some(scales) = sibling(model, prefix, &format!("{base}_scales")) {
-        expect(scales, &shape[..shape.len() - 1], "quant_method", "mxfp4: one uint8 scale per block")?;
+        expect(
+            scales,
+            &shape[..shape.len() - 1],
+            "quant_method",
+            "mxfp4: one uint8 scale per block",
+        )?;
     }
     Ok(())
 }

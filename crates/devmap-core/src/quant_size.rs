@@ -13,7 +13,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{Model, SizeRules, TensorId, TensorKind};
 use crate::quant::{modules_to_not_convert, BnbBits, BnbConfig, QuantConfig, SkipPatterns};
-use crate::quant::{TorchKind, Quantization};
+use crate::quant::{Quantization, TorchKind};
 
 /// Elements per `absmax` block of bitsandbytes' 4-bit weights (`Params4bit`'s default).
 pub const BNB_4BIT_BLOCK: u64 = 64;
@@ -97,18 +97,24 @@ impl RuntimeBytes {
     /// map has no GPU to keep weights off (bitsandbytes accepts it).
     pub fn verdicts(&self, used: &[Device]) -> Vec<(String, bool)> {
         let any_gpu = used.iter().any(|d| d.is_gpu());
-        [(Device::Cpu, self.offload.cpu), (Device::Disk, self.offload.disk)]
-            .into_iter()
-            .map(|(dev, allowed)| {
-                let uses = used.contains(&dev);
-                let holds = allowed || !uses || (dev == Device::Cpu && !any_gpu);
-                let what = if allowed { "allowed" } else { "forbidden" };
-                (
-                    format!("{dev} entries {what} ({}); map uses {dev}: {uses}", self.offload.rule),
-                    holds,
-                )
-            })
-            .collect()
+        [
+            (Device::Cpu, self.offload.cpu),
+            (Device::Disk, self.offload.disk),
+        ]
+        .into_iter()
+        .map(|(dev, allowed)| {
+            let uses = used.contains(&dev);
+            let holds = allowed || !uses || (dev == Device::Cpu && !any_gpu);
+            let what = if allowed { "allowed" } else { "forbidden" };
+            (
+                format!(
+                    "{dev} entries {what} ({}); map uses {dev}: {uses}",
+                    self.offload.rule
+                ),
+                holds,
+            )
+        })
+        .collect()
     }
 }
 
@@ -224,8 +230,9 @@ fn bnb_offload(config: &BnbConfig) -> OffloadRule {
             cpu: false,
             disk: false,
             offloaded_full_precision: false,
-            rule: "bitsandbytes forbids cpu/disk modules unless llm_int8_enable_fp32_cpu_offload=true"
-                .into(),
+            rule:
+                "bitsandbytes forbids cpu/disk modules unless llm_int8_enable_fp32_cpu_offload=true"
+                    .into(),
         }
     }
 }
@@ -241,7 +248,8 @@ fn fp8_converted(model: &Model, skip: Option<&[String]>) -> Result<Vec<bool>> {
             if tensor.kind != TensorKind::Param || !patterns.should_convert(&module.name) {
                 return false;
             }
-            let linear = model.quant_meta.torch_kind(model, tensor.module) == Some(TorchKind::Linear);
+            let linear =
+                model.quant_meta.torch_kind(model, tensor.module) == Some(TorchKind::Linear);
             let leaf = tensor.name.rsplit('.').next().unwrap_or("");
             (linear && leaf == "weight" && tensor.shape.len() == 2)
                 || (module.name.ends_with(".experts") && tensor.shape.len() == 3)
@@ -319,7 +327,9 @@ fn is_quant_storage(model: &Model, t: TensorId) -> bool {
 }
 
 fn pre_quantized(model: &Model, q: &Quantization, full: &[u64]) -> RuntimeBytes {
-    let quantized: Vec<bool> = (0..full.len()).map(|t| is_quant_storage(model, t)).collect();
+    let quantized: Vec<bool> = (0..full.len())
+        .map(|t| is_quant_storage(model, t))
+        .collect();
     let on_gpu: Vec<u64> = (0..full.len())
         .map(|t| {
             if quantized[t] {
@@ -386,7 +396,9 @@ mod tests {
 
     #[test]
     fn bnb_4bit_nf4_packs_half_a_byte_plus_absmax_and_code() {
-        let b = bytes(r#"{"quant_method":"bitsandbytes","load_in_4bit":true,"bnb_4bit_quant_type":"nf4"}"#);
+        let b = bytes(
+            r#"{"quant_method":"bitsandbytes","load_in_4bit":true,"bnb_4bit_quant_type":"nf4"}"#,
+        );
         // fc.weight: 32768 elements -> 16384 packed + 512 blocks x 4 (absmax) + 64 (code).
         assert_eq!(b.on_gpu, vec![256_000, 18_496, 512, 262_144, 256_000]);
         // lm_head is the output embedding's last parameter: kept; experts are not nn.Linear.
@@ -398,16 +410,26 @@ mod tests {
 
     #[test]
     fn bnb_double_quant_and_8bit() {
-        let dq = bytes(r#"{"quant_method":"bitsandbytes","load_in_4bit":true,"bnb_4bit_use_double_quant":true}"#);
+        let dq = bytes(
+            r#"{"quant_method":"bitsandbytes","load_in_4bit":true,"bnb_4bit_use_double_quant":true}"#,
+        );
         // 16384 + 512 (uint8 absmax) + 2 x 4 (nested absmax) + 1024 + 4 (nested code, offset) + 64.
         assert_eq!(dq.on_gpu[1], 17_996);
-        let e = bytes(r#"{"quant_method":"bitsandbytes","load_in_8bit":true,"llm_int8_enable_fp32_cpu_offload":true}"#);
+        let e = bytes(
+            r#"{"quant_method":"bitsandbytes","load_in_8bit":true,"llm_int8_enable_fp32_cpu_offload":true}"#,
+        );
         // int8 weight + one float32 SCB per output row.
         assert_eq!(e.on_gpu[1], 32_768 + 256 * 4);
         assert_eq!(e.workspace, 0);
         assert!(e.offload.cpu && e.offload.offloaded_full_precision);
         assert_eq!(e.offloaded[1], 65_536);
-        let devices = [Some(Device::Gpu(0)), Some(Device::Cpu), None, None, Some(Device::Gpu(0))];
+        let devices = [
+            Some(Device::Gpu(0)),
+            Some(Device::Cpu),
+            None,
+            None,
+            Some(Device::Gpu(0)),
+        ];
         let split = e.split_by_device(&small("{\"load_in_8bit\":true}"), &devices);
         assert_eq!(split[&Device::Gpu(0)], (0, 512_000));
         // fc offloaded: full precision, as it then loads.
@@ -424,8 +446,20 @@ mod tests {
         assert_eq!(
             b.verdicts(&[Device::Gpu(0), Device::Cpu]),
             vec![
-                (format!("cpu entries forbidden ({}); map uses cpu: true", b.offload.rule), false),
-                (format!("disk entries forbidden ({}); map uses disk: false", b.offload.rule), true),
+                (
+                    format!(
+                        "cpu entries forbidden ({}); map uses cpu: true",
+                        b.offload.rule
+                    ),
+                    false
+                ),
+                (
+                    format!(
+                        "disk entries forbidden ({}); map uses disk: false",
+                        b.offload.rule
+                    ),
+                    true
+                ),
             ]
         );
     }
@@ -433,7 +467,9 @@ mod tests {
     #[test]
     fn methods_that_cannot_quantize_on_load_are_named() {
         let m = small(r#"{"quant_method":"gptq","bits":4}"#);
-        let e = runtime_bytes(&m, SizeRules::default()).unwrap_err().to_string();
+        let e = runtime_bytes(&m, SizeRules::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"gptq\"") && e.contains("pre-quantized"), "{e}");
     }
 }

@@ -18,7 +18,9 @@ fn checkpoint(name: &str) -> PathBuf {
 fn split(path: &Path) -> (u64, u64) {
     let model = load_model(path).unwrap();
     assert!(model.quantization.as_ref().unwrap().pre_quantized);
-    let bytes = runtime_bytes(&model, SizeRules::default()).unwrap().unwrap();
+    let bytes = runtime_bytes(&model, SizeRules::default())
+        .unwrap()
+        .unwrap();
     let mut out = (0, 0);
     for (t, b) in bytes.on_gpu.iter().enumerate() {
         if bytes.quantized[t] {
@@ -45,7 +47,11 @@ fn stored_bytes_are_what_auto_counts() {
         // qweight n/2 + qzeros 576 + scales 2304 per layer.
         ("awq", 2 * (73_728 + 576 + 2_304), LLAMA_FULL),
         // uint8 packed n/2 + float32 absmax n/64 + 14 x (16 float32 quant_map + 120 B quant_state).
-        ("bnb-4bit", 147_456 + 294_912 / 64 * 4 + 14 * (64 + 120), LLAMA_FULL),
+        (
+            "bnb-4bit",
+            147_456 + 294_912 / 64 * 4 + 14 * (64 + 120),
+            LLAMA_FULL,
+        ),
     ] {
         assert_eq!(split(&checkpoint(name)), (quantized, full), "{name}");
     }
@@ -75,12 +81,22 @@ fn with_field(name: &str, field: &str, value: serde_json::Value) -> tempfile::Te
 fn fields_that_contradict_packed_shapes_are_named() {
     use serde_json::json;
     for (name, field, value, tensor) in [
-        ("fp8", "weight_block_size", json!([64, 64]), "weight_scale_inv"),
+        (
+            "fp8",
+            "weight_block_size",
+            json!([64, 64]),
+            "weight_scale_inv",
+        ),
         ("fp8", "weight_block_size", json!(null), "weight_scale_inv"),
         ("gptq", "group_size", json!(64), "scales"),
         ("gptq", "bits", json!(8), "g_idx"),
         ("awq", "group_size", json!(32), "scales"),
-        ("bnb-4bit", "bnb_4bit_use_double_quant", json!(true), "absmax"),
+        (
+            "bnb-4bit",
+            "bnb_4bit_use_double_quant",
+            json!(true),
+            "absmax",
+        ),
     ] {
         let dir = with_field(name, field, value.clone());
         let e = load_model(dir.path()).unwrap_err().to_string();

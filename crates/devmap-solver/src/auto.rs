@@ -731,7 +731,12 @@ fn check_pins(inst: &Instance) -> Result<(), Error> {
 fn infeasible(model: &Model, inst: &Instance) -> Error {
     let total: u64 = inst.mem.iter().sum::<u64>() + inst.kv.iter().sum::<u64>();
     let caps: u64 = inst.caps.iter().sum();
-    let devices: Vec<(Device, u64)> = inst.devices.iter().copied().zip(inst.caps.clone()).collect();
+    let devices: Vec<(Device, u64)> = inst
+        .devices
+        .iter()
+        .copied()
+        .zip(inst.caps.clone())
+        .collect();
     if let (Some(rule), true) = (&inst.gpu_only_rule, total > caps) {
         return Error::QuantizedDoesNotFit {
             shortfall: total - caps,

@@ -162,11 +162,7 @@ pub fn instance_for_map(
 
 /// Cut `map` into pieces of the instance's units: per unit, its tensors grouped by device (devices
 /// without a row, i.e. without a budget, are left out: validation reports them).
-fn pieces_of_map(
-    model: &Model,
-    inst: &Instance,
-    map: &DeviceMap,
-) -> (Vec<Piece>, Vec<usize>) {
+fn pieces_of_map(model: &Model, inst: &Instance, map: &DeviceMap) -> (Vec<Piece>, Vec<usize>) {
     let devices = devmap_core::validate::tensor_devices(model, map);
     let bytes = &inst.tensor_bytes;
     let mut pieces = Vec::new();

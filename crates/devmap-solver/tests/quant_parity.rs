@@ -195,14 +195,20 @@ fn auto_run(model: &Model, budgets: &MemoryBudgets) -> Result<bool, String> {
     let offloads = devices.iter().any(|d| !d.is_gpu());
     let all_cpu = devices.iter().all(|d| *d == devmap_core::Device::Cpu);
     if let Some(message) = bnb(model).map_verdict(offloads, all_cpu) {
-        return Err(format!("auto's map {:?} is rejected: {message}", plan.map.to_json()));
+        return Err(format!(
+            "auto's map {:?} is rejected: {message}",
+            plan.map.to_json()
+        ));
     }
     let bytes = runtime_bytes(model, Default::default()).unwrap().unwrap();
     let tensor_devices = devmap_core::validate::tensor_devices(model, &plan.map);
     for (d, (q, f)) in bytes.split_by_device(model, &tensor_devices) {
         let budget = budgets.get(d).unwrap_or(u64::MAX);
         if q + f > budget {
-            return Err(format!("{d} holds {} of weights over its budget {budget}", q + f));
+            return Err(format!(
+                "{d} holds {} of weights over its budget {budget}",
+                q + f
+            ));
         }
     }
     Ok(true)
@@ -217,11 +223,26 @@ fn auto_never_emits_a_map_the_quantizer_rejects() {
     let scenarios = scenarios["scenarios"].as_array().unwrap();
     let mut configs: Vec<String> = std::fs::read_dir(quant_fixtures().join("configs"))
         .unwrap()
-        .map(|e| e.unwrap().path().file_stem().unwrap().to_str().unwrap().to_string())
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .file_stem()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     configs.sort();
     let (mut planned, mut short, mut failures) = (0, 0, Vec::new());
-    for stem in ["llama-2-7b", "gpt2-xl", "t5-11b", "mixtral-8x7b", "qwen3-30b-a3b", "gemma-2-9b"] {
+    for stem in [
+        "llama-2-7b",
+        "gpt2-xl",
+        "t5-11b",
+        "mixtral-8x7b",
+        "qwen3-30b-a3b",
+        "gemma-2-9b",
+    ] {
         let base =
             load_model(&quant_fixtures().join("models").join(format!("{stem}.json"))).unwrap();
         for quant in &configs {
