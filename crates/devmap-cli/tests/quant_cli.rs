@@ -143,6 +143,17 @@ fn auto_plans_quantized_bytes_gpu_only_or_says_how_short() {
             && err.contains("llm_int8_enable_fp32_cpu_offload"),
         "{err}"
     );
+    // A pin to the cpu is a map bitsandbytes rejects: named as such.
+    let out = plan(
+        &config("bnb-4bit-nf4.json"),
+        &["--max-memory", "0=24GiB,cpu=64GiB", "--pin", "lm_head=cpu"],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("\"lm_head\" to cpu cannot load") && err.contains("bitsandbytes forbids"),
+        "{err}"
+    );
     // With fp32 cpu offload the cpu takes layers at full precision; the table says so.
     let out = plan(
         &config("bnb-8bit-fp32-cpu-offload.json"),

@@ -260,14 +260,36 @@ fn fp8_converted(model: &Model, skip: Option<&[String]>) -> Result<Vec<bool>> {
 /// Bytes of an FP8 weight of `shape` with its float32 `weight_scale_inv` (one per block of the
 /// last two dimensions, or one per tensor).
 pub fn fp8_weight_bytes(shape: &[u64], block: Option<[u64; 2]>) -> u64 {
-    let numel: u64 = shape.iter().product();
-    let scales = match (block, shape) {
+    shape.iter().product::<u64>() + fp8_scale_count(shape, block) * 4
+}
+
+/// Elements of the `weight_scale_inv` of an FP8 weight of `shape`.
+pub fn fp8_scale_count(shape: &[u64], block: Option<[u64; 2]>) -> u64 {
+    match (block, shape) {
         (Some([b0, b1]), [lead @ .., rows, cols]) => {
             lead.iter().product::<u64>() * rows.div_ceil(b0) * cols.div_ceil(b1)
         }
         _ => 1,
-    };
-    numel + scales * 4
+    }
+}
+
+/// Per tensor, the bytes transformers' planner counts for FP8 quantize-on-load: a converted
+/// weight and its `weight_scale_inv` (which the replaced module registers beside it) at 1 byte
+/// per element, as `param_element_size` counts every non-bias parameter of `FP8Linear` and
+/// `FP8Experts`; `None` for tensors at their dtype.
+pub fn fp8_hf_tensor_bytes(
+    model: &Model,
+    block: Option<[u64; 2]>,
+    skip: Option<&[String]>,
+) -> Result<Vec<Option<f64>>> {
+    let converted = fp8_converted(model, skip)?;
+    Ok((0..converted.len())
+        .map(|t| {
+            let tensor = model.tensor(t);
+            converted[t]
+                .then(|| (tensor.numel + fp8_scale_count(&tensor.shape, block)) as f64)
+        })
+        .collect())
 }
 
 fn fp8_on_load(

@@ -422,6 +422,14 @@ impl Instance {
             .zip(&fixed)
             .map(|(r, f)| r.saturating_sub(*f))
             .collect();
+        if let (Some(rule), Some((key, dev))) = (
+            &gpu_only_rule,
+            opts.pins.iter().find(|(_, d)| !devices.contains(d)),
+        ) {
+            return Err(Error::BadPin(format!(
+                "pin {key:?} to {dev} cannot load: {rule}"
+            )));
+        }
         let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
         let unit_reads: Vec<UnitRead> = units
             .iter()

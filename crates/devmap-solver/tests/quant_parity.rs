@@ -24,9 +24,11 @@ fn kind(name: &str) -> HfKind {
 }
 
 fn quantized(model: &Model, quant: &str) -> Model {
-    let path = quant_fixtures()
-        .join("configs")
-        .join(format!("{quant}.json"));
+    quantized_from(model, "configs", quant)
+}
+
+fn quantized_from(model: &Model, configs: &str, quant: &str) -> Model {
+    let path = quant_fixtures().join(configs).join(format!("{quant}.json"));
     let mut model = model.clone();
     model.quantization = Some(Quantization {
         config: QuantConfig::read(&path).unwrap(),
@@ -114,9 +116,9 @@ fn check_run(model: &Model, run: &serde_json::Value, origin: &Path) -> Option<St
     (inferred != ours).then(|| format!("budgets differ: want {inferred:?} got {ours:?}"))
 }
 
-#[test]
-fn quantized_maps_and_verdicts_equal_hugging_face_references() {
-    let dir = quant_fixtures().join("reference");
+/// Every run of the references in `reference` (configs in `configs`): (runs, rejected, failures).
+fn check_references(reference: &str, configs: &str) -> (usize, usize, Vec<String>) {
+    let dir = quant_fixtures().join(reference);
     let mut refs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -124,7 +126,7 @@ fn quantized_maps_and_verdicts_equal_hugging_face_references() {
     refs.sort();
     assert!(
         refs.len() >= 6,
-        "expected 6 reference files, found {}",
+        "expected 6 reference files in {reference}, found {}",
         refs.len()
     );
     let (mut checked, mut rejected) = (0, 0);
@@ -140,7 +142,7 @@ fn quantized_maps_and_verdicts_equal_hugging_face_references() {
             let quant = run["quant"].as_str().unwrap();
             let model = models
                 .entry(quant.to_string())
-                .or_insert_with(|| quantized(&base, quant));
+                .or_insert_with(|| quantized_from(&base, configs, quant));
             checked += 1;
             rejected += usize::from(!run["error"].is_null());
             if let Some(problem) = check_run(model, run, &path) {
@@ -152,7 +154,12 @@ fn quantized_maps_and_verdicts_equal_hugging_face_references() {
             }
         }
     }
-    assert!(checked >= 6 * 5 * 36, "only {checked} runs checked");
+    (checked, rejected, failures)
+}
+
+fn assert_all_equal(reference: &str, configs: &str, at_least: usize) {
+    let (checked, rejected, failures) = check_references(reference, configs);
+    assert!(checked >= at_least, "only {checked} runs checked");
     assert!(
         rejected > 0,
         "no reference run exercises the quantizer's rejection"
@@ -163,6 +170,18 @@ fn quantized_maps_and_verdicts_equal_hugging_face_references() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn quantized_maps_and_verdicts_equal_hugging_face_references() {
+    assert_all_equal("reference", "configs", 6 * 5 * 36);
+}
+
+/// FP8 fine-grained quantize-on-load (fixtures/quant/reference-fp8, the GPU check stubbed on
+/// this CPU-only machine as hf_quant_reference.py records).
+#[test]
+fn fp8_maps_and_verdicts_equal_hugging_face_references() {
+    assert_all_equal("reference-fp8", "configs-fp8", 6 * 36);
 }
 
 /// The bitsandbytes config of a quantized model.
