@@ -4,8 +4,8 @@
 //! Parsing covers bitsandbytes (4-bit incl. double quant, 8-bit), FP8 fine-grained, GPTQ, AWQ,
 //! compressed-tensors and MXFP4; an unknown `quant_method` is an error listing the supported ones.
 //! The planning rules (which modules a quantizer converts, `modules_to_not_convert`, the bytes per
-//! element Hugging Face's planner counts) are implemented for bitsandbytes quantize-on-load
-//! (docs/quantization.md).
+//! element Hugging Face's planner counts) are implemented for bitsandbytes quantize-on-load, FP8's
+//! in [`crate::quant_size`] (docs/quantization.md).
 
 use std::collections::HashMap;
 

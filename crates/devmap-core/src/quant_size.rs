@@ -286,8 +286,7 @@ pub fn fp8_hf_tensor_bytes(
     Ok((0..converted.len())
         .map(|t| {
             let tensor = model.tensor(t);
-            converted[t]
-                .then(|| (tensor.numel + fp8_scale_count(&tensor.shape, block)) as f64)
+            converted[t].then(|| (tensor.numel + fp8_scale_count(&tensor.shape, block)) as f64)
         })
         .collect())
 }

@@ -184,14 +184,6 @@ fn fp8_maps_and_verdicts_equal_hugging_face_references() {
     assert_all_equal("reference-fp8", "configs-fp8", 6 * 36);
 }
 
-/// The bitsandbytes config of a quantized model.
-fn bnb(model: &Model) -> &devmap_core::quant::BnbConfig {
-    match &model.quantization.as_ref().unwrap().config {
-        QuantConfig::Bnb(b) => b,
-        other => panic!("not bitsandbytes: {other:?}"),
-    }
-}
-
 /// One `auto` run on a quantized fixture: `Ok(true)` for a map transformers' quantizer accepts
 /// (checked with devmap's reproduction of `validate_environment`, the one the parity test above
 /// holds to transformers' verdicts) whose devices hold their bytes as the runtime allocates them,
@@ -210,12 +202,12 @@ fn auto_run(model: &Model, budgets: &MemoryBudgets) -> Result<bool, String> {
         ) => return Ok(false),
         Err(e) => return Err(e.to_string()),
     };
-    let devices: Vec<devmap_core::Device> = plan.map.entries().iter().map(|(_, d)| *d).collect();
-    let offloads = devices.iter().any(|d| !d.is_gpu());
-    let all_cpu = devices.iter().all(|d| *d == devmap_core::Device::Cpu);
-    if let Some(message) = bnb(model).map_verdict(offloads, all_cpu) {
+    let quantizer = devmap_solver::hf::HfQuantizer::for_model(model, Compat::Transformers)
+        .unwrap()
+        .unwrap();
+    if let Err(e) = quantizer.validate(&plan.map) {
         return Err(format!(
-            "auto's map {:?} is rejected: {message}",
+            "auto's map {:?} is rejected: {e}",
             plan.map.to_json()
         ));
     }
@@ -240,18 +232,13 @@ fn auto_never_emits_a_map_the_quantizer_rejects() {
     )
     .unwrap();
     let scenarios = scenarios["scenarios"].as_array().unwrap();
-    let mut configs: Vec<String> = std::fs::read_dir(quant_fixtures().join("configs"))
-        .unwrap()
-        .map(|e| {
-            e.unwrap()
-                .path()
-                .file_stem()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let mut configs: Vec<(&str, String)> = Vec::new();
+    for dir in ["configs", "configs-fp8"] {
+        for e in std::fs::read_dir(quant_fixtures().join(dir)).unwrap() {
+            let path = e.unwrap().path();
+            configs.push((dir, path.file_stem().unwrap().to_str().unwrap().to_string()));
+        }
+    }
     configs.sort();
     let (mut planned, mut short, mut failures) = (0, 0, Vec::new());
     for stem in [
@@ -264,8 +251,8 @@ fn auto_never_emits_a_map_the_quantizer_rejects() {
     ] {
         let base =
             load_model(&quant_fixtures().join("models").join(format!("{stem}.json"))).unwrap();
-        for quant in &configs {
-            let model = quantized(&base, quant);
+        for (dir, quant) in &configs {
+            let model = quantized_from(&base, dir, quant);
             for s in scenarios {
                 let origin = Path::new("scenarios.json");
                 let budgets =
