@@ -23,10 +23,6 @@ fn kind(name: &str) -> HfKind {
     }
 }
 
-fn quantized(model: &Model, quant: &str) -> Model {
-    quantized_from(model, "configs", quant)
-}
-
 fn quantized_from(model: &Model, configs: &str, quant: &str) -> Model {
     let path = quant_fixtures().join(configs).join(format!("{quant}.json"));
     let mut model = model.clone();
