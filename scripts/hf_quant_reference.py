@@ -84,6 +84,17 @@ def map_verdict(hf_quantizer, device_map: dict) -> str | None:
     return None
 
 
+def stub_fp8_gpu_check() -> str:
+    """The FP8 quantizer's validate_environment asks for a GPU of compute capability >= 8.9 before
+    it judges the map (a machine property, like bitsandbytes' backend check): on a CPU-only machine
+    answer as an H100/H200 would, so that the map verdict is transformers' own."""
+    import torch
+
+    torch.cuda.is_available = lambda: True
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    return "stubbed: cuda available, capability (9, 0)"
+
+
 def backend_check() -> str:
     from transformers.integrations import validate_bnb_backend_availability
 
@@ -182,9 +193,12 @@ def main(argv=None) -> int:
         scenarios = json.load(f)["scenarios"]
 
     runs = []
+    gpu_check = None
     for qpath in args.quant:
         with open(qpath) as f:
             quant_dict = json.load(f)
+        if quant_dict.get("quant_method") == "fp8" and not torch.cuda.is_available():
+            gpu_check = stub_fp8_gpu_check()
         qname = os.path.basename(qpath)[: -len(".json")]
         model, hf_quantizer = build_quantized(config, torch_dtype, quant_dict)
         for sc in scenarios:
@@ -201,6 +215,7 @@ def main(argv=None) -> int:
         "manifest": os.path.relpath(args.manifest, os.path.join(here, "..")),
         "versions": {**hf_reference.versions(), "bitsandbytes": __import__("bitsandbytes").__version__},
         "backend_check": backend_check(),
+        "fp8_gpu_check": gpu_check,
         "host": {"python": platform.python_version(), "platform": platform.platform()},
         "runs": runs,
     }

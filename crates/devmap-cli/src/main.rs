@@ -25,6 +25,7 @@ mod calibrate_cmd;
 mod devices_cmd;
 mod load_cmd;
 mod offload_cmd;
+mod quant_report;
 mod report;
 
 /// Plan where every weight of a neural network lives: GPUs, CPU RAM or disk.
@@ -284,15 +285,6 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
     if let (Some(t), None) = (discovered, &args.cost.topology) {
         auto_options.topology = t;
     }
-    if let (Some(q), "auto", None) = (&model.quantization, args.strategy.as_str(), compat) {
-        // auto sizes every tensor at its dtype: a quantized model would get a wrong plan.
-        anyhow::bail!(
-            "--strategy auto does not plan quantized models yet (quant_method {:?}); use \
-             --strategy balanced, balanced_low_0 or sequential with --compat transformers for \
-             Hugging Face's quantized plan",
-            q.config.method()
-        );
-    }
     let strategy: Box<dyn Strategy> = match (args.strategy.as_str(), compat) {
         ("auto", None) => Box::new(Auto::new(auto_options.clone())),
         // --compat reproduces Hugging Face, whose device_map="auto" is "balanced".
@@ -316,12 +308,15 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
     )?;
     match args.format {
         Format::PlanJson => {
-            serde_json::to_writer(&mut out, &report::plan_json(&plan, &scored, &workload))?;
+            let mut json = report::plan_json(&plan, &scored, &workload);
+            json["quantization"] = quant_report::json(&model, &plan.map, plan.size_rules);
+            serde_json::to_writer(&mut out, &json)?;
             writeln!(out)?;
         }
         _ => {
             let text = report::plan_table(&model, &plan, &budgets, compat, &scored, &workload);
             out.write_all(text.as_bytes())?;
+            out.write_all(quant_report::table(&model, &plan.map, plan.size_rules).as_bytes())?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,6 @@
 //! `--quantization-config` through the binary: Hugging Face's quantized map (checked against the
 //! map transformers computed), the bitsandbytes rejection text, and clear errors for an unknown
-//! method, a malformed field and `auto` on a quantized model.
+//! method and a malformed field; `auto` on a quantized model (real bytes, GPU only, how short).
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -89,7 +89,7 @@ fn rejection_carries_the_quantizers_text() {
 }
 
 #[test]
-fn bad_configs_and_auto_are_named_errors() {
+fn bad_configs_are_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     for (body, needle) in [
         (r#"{"quant_method": "hqq"}"#, "\"hqq\""),
@@ -118,11 +118,55 @@ fn bad_configs_and_auto_are_named_errors() {
             "{err}"
         );
     }
-    let out = plan(&config("bnb-4bit-nf4.json"), &["--max-memory", "0=24GiB"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("does not plan quantized models yet"),
-        "{}",
-        stderr(&out)
+}
+
+#[test]
+fn auto_plans_quantized_bytes_gpu_only_or_says_how_short() {
+    // 4-bit Llama-2-7B holds 3.88 GiB of weights (12.55 GiB unquantized): it fits 6 GiB, on GPU only.
+    let out = plan(
+        &config("bnb-4bit-nf4.json"),
+        &["--max-memory", "0=6GiB,cpu=64GiB", "--format", "json"],
     );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(map, serde_json::json!({"": 0}));
+    // At 3 GiB it does not fit, and cpu is not an escape: bitsandbytes would reject the map.
+    let out = plan(
+        &config("bnb-4bit-nf4.json"),
+        &["--max-memory", "0=3GiB,cpu=64GiB"],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("short by")
+            && err.contains("on GPU 0")
+            && err.contains("llm_int8_enable_fp32_cpu_offload"),
+        "{err}"
+    );
+    // A pin to the cpu is a map bitsandbytes rejects: named as such.
+    let out = plan(
+        &config("bnb-4bit-nf4.json"),
+        &["--max-memory", "0=24GiB,cpu=64GiB", "--pin", "lm_head=cpu"],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("\"lm_head\" to cpu cannot load") && err.contains("bitsandbytes forbids"),
+        "{err}"
+    );
+    // With fp32 cpu offload the cpu takes layers at full precision; the table says so.
+    let out = plan(
+        &config("bnb-8bit-fp32-cpu-offload.json"),
+        &["--max-memory", "0=4GiB,cpu=64GiB"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let cpu_row = table
+        .lines()
+        .skip_while(|l| !l.starts_with("quantization bitsandbytes 8-bit"))
+        .find(|l| l.starts_with("cpu "))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cols: Vec<&str> = cpu_row.split_whitespace().collect();
+    assert_eq!(&cols[1..3], ["0", "B"], "{table}");
+    assert!(table.contains("map uses cpu: true: holds"), "{table}");
 }

@@ -10,6 +10,8 @@
 //! - [`memory`]: the memory model (workload, KV cache, activations, streaming buffers).
 //! - [`graph`]: the petgraph DAG of modules and placement units.
 //! - [`quant`]: quantization configs and the rules quantizers apply before planning.
+//! - [`quant_check`]: pre-quantized tensors checked against their quantization_config.
+//! - [`quant_size`]: the bytes a quantized model's tensors take at runtime, where quantizers let them go.
 //! - [`synthetic`]: generated dense, MoE and encoder-decoder models and budgets for benches and tests.
 //!
 //! No solver and no CUDA live here; `devmap-solver`, `devmap-offload` and `devmap-cuda` build on it.
@@ -46,6 +48,8 @@ pub mod manifest;
 pub mod memory;
 pub mod model;
 pub mod quant;
+pub mod quant_check;
+pub mod quant_size;
 pub mod rebuild;
 pub mod registry;
 pub mod safetensors;

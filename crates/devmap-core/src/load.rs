@@ -40,6 +40,9 @@ pub fn load_model_with(path: &Path, registry: &Registry) -> Result<Loaded> {
     let mut loaded = load_unquantized(path, registry)?;
     loaded.model.quantization =
         crate::quant::Quantization::from_model_config(loaded.model.config.as_ref())?;
+    if let Some(q) = &loaded.model.quantization {
+        crate::quant_check::check_packed_tensors(&loaded.model, &q.config)?;
+    }
     Ok(loaded)
 }
 
@@ -193,7 +196,16 @@ fn from_checkpoint(
         .unwrap_or("model")
         .to_string();
     let mut misfit = None;
-    if let Some(cfg) = &config {
+    // transformers' class holds the unquantized tensors: a pre-quantized checkpoint's packed
+    // tensors and scales are read from the header's names instead, so every one is counted.
+    let pre_quantized = crate::quant::Quantization::from_model_config(config.as_ref())?;
+    if let Some(q) = &pre_quantized {
+        misfit = Some(format!(
+            "pre-quantized checkpoint (quant_method {:?}): modules inferred from the header, which holds the packed tensors",
+            q.config.method()
+        ));
+    }
+    if let (Some(cfg), None) = (&config, &pre_quantized) {
         if let Some(template) = registry.find(cfg)? {
             match template.build_model(name.clone(), specs.clone(), cfg.clone())? {
                 Ok(rebuilt) => {
@@ -209,9 +221,34 @@ fn from_checkpoint(
             }
         }
     }
+    let mut specs = specs;
+    if let Some(q) = &pre_quantized {
+        if matches!(q.config, crate::quant::QuantConfig::Bnb(_)) {
+            fold_bnb_state_names(&mut specs);
+        }
+    }
     let model = infer_model(origin, name, specs, config)?;
     notes.push(inferred_note(&model, registry, misfit));
     Ok(Loaded { model, notes })
+}
+
+/// bitsandbytes serializes a 4-bit weight's state under the weight's own name
+/// (`q_proj.weight.absmax`, `q_proj.weight.quant_state.bitsandbytes__nf4`): a name cannot be a
+/// tensor and a module at once, so these become siblings of the weight (`q_proj.weight_absmax`,
+/// `q_proj.weight_quant_state_bitsandbytes__nf4`), in the same module.
+fn fold_bnb_state_names(specs: &mut [TensorSpec]) {
+    let names: std::collections::HashSet<String> = specs.iter().map(|s| s.name.clone()).collect();
+    for spec in specs.iter_mut() {
+        let owner_end = spec
+            .name
+            .match_indices('.')
+            .map(|(i, _)| i)
+            .find(|&i| names.contains(&spec.name[..i]));
+        if let Some(end) = owner_end {
+            let rest = spec.name[end + 1..].replace('.', "_");
+            spec.name = format!("{}_{rest}", &spec.name[..end]);
+        }
+    }
 }
 
 /// What the fallback inferred, for stderr.

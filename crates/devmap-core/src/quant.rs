@@ -4,8 +4,8 @@
 //! Parsing covers bitsandbytes (4-bit incl. double quant, 8-bit), FP8 fine-grained, GPTQ, AWQ,
 //! compressed-tensors and MXFP4; an unknown `quant_method` is an error listing the supported ones.
 //! The planning rules (which modules a quantizer converts, `modules_to_not_convert`, the bytes per
-//! element Hugging Face's planner counts) are implemented for bitsandbytes quantize-on-load
-//! (docs/quantization.md).
+//! element Hugging Face's planner counts) are implemented for bitsandbytes quantize-on-load, FP8's
+//! in [`crate::quant_size`] (docs/quantization.md).
 
 use std::collections::HashMap;
 
@@ -429,19 +429,25 @@ pub fn default_keys_to_not_convert(model: &Model) -> Vec<String> {
     out
 }
 
+/// transformers' `get_modules_to_not_convert` for a string device map: `skip` when set (it
+/// replaces the defaults), else [`default_keys_to_not_convert`], plus `_keep_in_fp32_modules`.
+pub fn modules_to_not_convert(model: &Model, skip: Option<&[String]>) -> Vec<String> {
+    let mut out = match skip {
+        Some(skip) => skip.to_vec(),
+        None => default_keys_to_not_convert(model),
+    };
+    out.extend(model.quant_meta.keep_in_fp32_modules.iter().cloned());
+    out.sort();
+    out.dedup();
+    out
+}
+
 impl BnbConfig {
     /// `modules_to_not_convert` as the bitsandbytes quantizers compute it for a string device map:
     /// `llm_int8_skip_modules` when set (replacing the defaults), else the defaults, plus
     /// `_keep_in_fp32_modules`.
     pub fn modules_to_not_convert(&self, model: &Model) -> Vec<String> {
-        let mut out = match &self.skip_modules {
-            Some(skip) => skip.clone(),
-            None => default_keys_to_not_convert(model),
-        };
-        out.extend(model.quant_meta.keep_in_fp32_modules.iter().cloned());
-        out.sort();
-        out.dedup();
-        out
+        modules_to_not_convert(model, self.skip_modules.as_deref())
     }
 
     /// The modules `replace_with_bnb_linear` converts: exact `nn.Linear` and `Conv1D`, unless skipped.

@@ -520,6 +520,13 @@ impl Auto {
         }
         let map = inst.to_map(req.model, &solve.assignment);
         let mut plan = Plan::from_map(self.name(), req, map, req.budgets.clone());
+        if req.model.quantization.is_some() {
+            // Weights as the quantized runtime holds them, not at their nominal dtype.
+            plan.usage = (inst.devices.iter().zip(&usage.weights))
+                .filter(|(_, w)| **w > 0)
+                .map(|(d, w)| (*d, *w))
+                .collect();
+        }
         plan.elapsed = started.elapsed();
         plan.solve = Some(SolveReport {
             objective_seconds: objective,
@@ -559,7 +566,8 @@ impl Strategy for Auto {
         for (w, inst) in worlds.iter().enumerate() {
             // The host-only world (the last) only when no GPU can hold a unit: devmap promises no
             // avoidable offload, even where the cost model rates host execution above streaming.
-            if inst.main.is_none() && best.is_some() {
+            // Nor when the quantizer keeps weights off the host (the GPU worlds dropped cpu/disk).
+            if inst.main.is_none() && (best.is_some() || worlds[0].gpu_only_rule.is_some()) {
                 break;
             }
             let incumbent = best.as_ref().map(|(_, s)| s.objective);
@@ -723,6 +731,20 @@ fn check_pins(inst: &Instance) -> Result<(), Error> {
 fn infeasible(model: &Model, inst: &Instance) -> Error {
     let total: u64 = inst.mem.iter().sum::<u64>() + inst.kv.iter().sum::<u64>();
     let caps: u64 = inst.caps.iter().sum();
+    let devices: Vec<(Device, u64)> = inst
+        .devices
+        .iter()
+        .copied()
+        .zip(inst.caps.clone())
+        .collect();
+    if let (Some(rule), true) = (&inst.gpu_only_rule, total > caps) {
+        return Error::QuantizedDoesNotFit {
+            shortfall: total - caps,
+            need: total,
+            gpus: devices,
+            rule: rule.clone(),
+        };
+    }
     if total > caps {
         return Error::DoesNotFit {
             shortfall: total - caps,
@@ -738,9 +760,14 @@ fn infeasible(model: &Model, inst: &Instance) -> Error {
         .max_by_key(|&i| inst.unit_bytes(i))
         .map(|i| inst.names[i].clone())
         .unwrap_or_default();
+    let rule = inst
+        .gpu_only_rule
+        .as_ref()
+        .map(|r| format!("; cpu and disk are not used: {r}"))
+        .unwrap_or_default();
     Error::Infeasible(format!(
         "{} needs {} and the budgets total {}, but no packing of its units fits (the largest unit is {:?}; \
-         streamed units also need room on the main GPU)",
+         streamed units also need room on the main GPU){rule}",
         model.name,
         format_bytes(total),
         format_bytes(caps),

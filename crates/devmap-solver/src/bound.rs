@@ -98,12 +98,16 @@ impl BoundUnits {
 }
 
 /// Bytes unit `i` takes on a streamed device (the least over them): what the knapsack packs.
+/// Never more than it takes on the main GPU, so that a unit a quantizer offloads at full
+/// precision (larger than on the GPU) cannot make the bound overstate.
 fn streamed_size(inst: &Instance, i: usize) -> u64 {
-    (0..inst.devices.len())
+    let streamed = (0..inst.devices.len())
         .filter(|&b| inst.is_streamed(b))
         .map(|b| inst.unit_bytes_on(i, b))
         .min()
-        .unwrap_or_else(|| inst.unit_bytes(i))
+        .unwrap_or_else(|| inst.unit_bytes(i));
+    inst.main
+        .map_or(streamed, |m| streamed.min(inst.unit_bytes_on(i, m)))
 }
 
 /// Bytes unit `i` keeps on a GPU wherever it is (its KV cache when streamed).

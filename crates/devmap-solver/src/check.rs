@@ -126,7 +126,7 @@ pub fn check_map(
     options.pins.clear();
     let req = PlanRequest::new(model, &scoring).with_dtype(target_dtype);
     let inst = instance_for_map(&Auto::new(options.clone()), &req, map)?;
-    let (pieces, unit_device) = pieces_of_map(model, &inst, map, rules);
+    let (pieces, unit_device) = pieces_of_map(model, &inst, map);
     let usage = inst.usage_of_pieces(&pieces, &unit_device);
     let memory = per_device(&inst, &usage, &options, budgets);
     let fits = budgets.is_none() || memory.values().all(|m| m.fits);
@@ -162,15 +162,9 @@ pub fn instance_for_map(
 
 /// Cut `map` into pieces of the instance's units: per unit, its tensors grouped by device (devices
 /// without a row, i.e. without a budget, are left out: validation reports them).
-fn pieces_of_map(
-    model: &Model,
-    inst: &Instance,
-    map: &DeviceMap,
-    rules: SizeRules,
-) -> (Vec<Piece>, Vec<usize>) {
+fn pieces_of_map(model: &Model, inst: &Instance, map: &DeviceMap) -> (Vec<Piece>, Vec<usize>) {
     let devices = devmap_core::validate::tensor_devices(model, map);
-    let sizes = model.tensor_sizes(rules);
-    let read = model.read_sizes(rules);
+    let bytes = &inst.tensor_bytes;
     let mut pieces = Vec::new();
     let mut unit_device = vec![usize::MAX; inst.n()];
     for (i, unit) in inst.units.iter().enumerate() {
@@ -189,11 +183,16 @@ fn pieces_of_map(
             unit_device[i] = *row;
         }
         for (row, tensors) in groups {
+            let held = if inst.is_streamed(row) {
+                &bytes.offloaded
+            } else {
+                &bytes.on_gpu
+            };
             pieces.push(Piece {
                 unit: i,
                 device: row,
-                weights: tensors.iter().map(|&t| sizes[t]).sum(),
-                stream: stream_buffer(model, &tensors, &read),
+                weights: tensors.iter().map(|&t| held[t]).sum(),
+                stream: stream_buffer(model, &tensors, &bytes.offloaded_read),
             });
         }
     }

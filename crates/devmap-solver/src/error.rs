@@ -44,6 +44,25 @@ pub enum Error {
         /// The map it rejects.
         map: Box<devmap_core::DeviceMap>,
     },
+    /// A quantized model whose quantizer forbids cpu/disk does not fit the GPUs.
+    #[error(
+        "the quantized model does not fit: short by {} on {} (weights and KV cache need {}; room after reserves and activations: {}); \
+         {rule}",
+        format_bytes(*shortfall),
+        gpu_names(gpus),
+        format_bytes(*need),
+        by_device_list(gpus)
+    )]
+    QuantizedDoesNotFit {
+        /// Bytes the GPUs lack.
+        shortfall: u64,
+        /// Bytes the GPUs must hold (weights, KV cache).
+        need: u64,
+        /// The GPUs and their room for units.
+        gpus: Vec<(Device, u64)>,
+        /// The quantizer's rule that keeps weights off cpu and disk.
+        rule: String,
+    },
     /// A quantized model this strategy cannot plan yet (named method or path).
     #[error("{0}")]
     QuantUnsupported(String),
@@ -70,6 +89,22 @@ pub enum Error {
     /// Input data error from devmap-core.
     #[error(transparent)]
     Core(#[from] devmap_core::Error),
+}
+
+fn gpu_names(gpus: &[(Device, u64)]) -> String {
+    let names: Vec<String> = gpus.iter().map(|(d, _)| d.to_string()).collect();
+    match names.len() {
+        1 => format!("GPU {}", names[0]),
+        _ => format!("GPUs {}", names.join("+")),
+    }
+}
+
+fn by_device_list(devices: &[(Device, u64)]) -> String {
+    let parts: Vec<String> = devices
+        .iter()
+        .map(|(d, b)| format!("{d}={}", format_bytes(*b)))
+        .collect();
+    parts.join(", ")
 }
 
 fn by_device_note(devices: &[(Device, u64)]) -> String {

@@ -25,15 +25,27 @@ use devmap_core::{
 use crate::error::Error;
 
 /// What a transformers quantizer changes in the planning (`param_element_size`,
-/// `adjust_max_memory`, `validate_environment`); only bitsandbytes quantize-on-load so far.
+/// `adjust_max_memory`, `validate_environment`): bitsandbytes and FP8 quantize-on-load.
 #[derive(Debug, Clone)]
 pub struct HfQuantizer {
-    /// Per tensor, the bytes per element the quantizer counts instead of the dtype's.
-    pub element_sizes: Vec<Option<f64>>,
+    /// Per tensor, the bytes the quantizer counts instead of the dtype's (`None`: the dtype's).
+    pub tensor_bytes: Vec<Option<f64>>,
     /// `adjust_max_memory`'s factor on every key.
     pub max_memory_factor: f64,
-    config: devmap_core::quant::BnbConfig,
+    rule: MapRule,
 }
+
+/// The map rule of a quantizer's `validate_environment`.
+#[derive(Debug, Clone)]
+enum MapRule {
+    Bnb(devmap_core::quant::BnbConfig),
+    /// FP8 quantize-on-load: a dict map of more than one entry may not hold cpu or disk.
+    Fp8,
+}
+
+/// The exact text transformers 5.23's FP8 quantizer raises (ValueError) on a quantize-on-load map
+/// with cpu or disk entries.
+pub const FP8_OFFLOAD_REJECTION: &str = "You are attempting to load an FP8 model with a device_map that contains a cpu/disk device.This is not supported when the model is quantized on the fly. Please use a quantized checkpoint or remove the cpu/disk device from the device_map.";
 
 impl HfQuantizer {
     /// The quantizer `model.quantization` calls for under `compat`; `None` for an unquantized model.
@@ -46,24 +58,40 @@ impl HfQuantizer {
                 "accelerate's infer_auto_device_map takes no quantizer; plan quantized models with --compat transformers".into(),
             ));
         }
-        let devmap_core::QuantConfig::Bnb(config) = &q.config else {
+        if q.pre_quantized {
             return Err(Error::QuantUnsupported(format!(
-                "Hugging Face parity for quant_method {:?} is not implemented yet (bitsandbytes quantize-on-load is)",
+                "Hugging Face parity for pre-quantized {} checkpoints is not implemented yet; \
+                 quantize on load with --quantization-config over the full-precision checkpoint, \
+                 or plan with --strategy auto",
                 q.config.method()
             )));
-        };
-        if q.pre_quantized {
-            return Err(Error::QuantUnsupported(
-                "Hugging Face parity for pre-quantized bitsandbytes checkpoints is not implemented yet; \
-                 quantize on load with --quantization-config over the full-precision checkpoint"
-                    .into(),
-            ));
         }
-        Ok(Some(HfQuantizer {
-            element_sizes: config.hf_element_sizes(model)?,
-            max_memory_factor: 0.9,
-            config: config.clone(),
-        }))
+        let quantizer = match &q.config {
+            devmap_core::QuantConfig::Bnb(config) => HfQuantizer {
+                tensor_bytes: per_tensor_total(model, config.hf_element_sizes(model)?),
+                max_memory_factor: 0.9,
+                rule: MapRule::Bnb(config.clone()),
+            },
+            devmap_core::QuantConfig::Fp8 {
+                weight_block_size,
+                modules_to_not_convert,
+            } => HfQuantizer {
+                tensor_bytes: devmap_core::quant_size::fp8_hf_tensor_bytes(
+                    model,
+                    *weight_block_size,
+                    modules_to_not_convert.as_deref(),
+                )?,
+                max_memory_factor: 1.0,
+                rule: MapRule::Fp8,
+            },
+            other => {
+                return Err(Error::QuantUnsupported(format!(
+                    "Hugging Face parity for quant_method {:?} is not implemented yet (bitsandbytes and fp8 quantize-on-load are)",
+                    other.method()
+                )))
+            }
+        };
+        Ok(Some(quantizer))
     }
 
     /// `validate_environment(device_map=map)`: the quantizer's verdict on the computed map.
@@ -72,16 +100,34 @@ impl HfQuantizer {
         let offloaded = devices
             .iter()
             .any(|&d| d == Device::Cpu || d == Device::Disk);
-        let all_cpu = devices.iter().all(|&d| d == Device::Cpu);
-        match self.config.map_verdict(offloaded, all_cpu) {
+        let (method, message) = match &self.rule {
+            MapRule::Bnb(config) => {
+                let all_cpu = devices.iter().all(|&d| d == Device::Cpu);
+                ("bitsandbytes", config.map_verdict(offloaded, all_cpu))
+            }
+            MapRule::Fp8 => (
+                "fp8",
+                (offloaded && devices.len() > 1).then_some(FP8_OFFLOAD_REJECTION),
+            ),
+        };
+        match message {
             None => Ok(()),
             Some(message) => Err(Error::QuantizerRejects {
-                method: "bitsandbytes".into(),
+                method: method.into(),
                 message: message.to_string(),
                 map: Box::new(map.clone()),
             }),
         }
     }
+}
+
+/// Per-element sizes as per-tensor bytes.
+fn per_tensor_total(model: &Model, per_element: Vec<Option<f64>>) -> Vec<Option<f64>> {
+    per_element
+        .into_iter()
+        .enumerate()
+        .map(|(t, per)| per.map(|p| model.tensor(t).numel as f64 * p))
+        .collect()
 }
 
 /// Which Hugging Face implementation to reproduce.
@@ -130,22 +176,22 @@ impl HfSizes {
         HfSizes::with_quantizer(model, compat, target_dtype, None)
     }
 
-    /// Sizes with a quantizer's `param_element_size`: `element_sizes[t]`, when set, replaces
-    /// tensor `t`'s bytes per element (transformers only).
+    /// Sizes with a quantizer's `param_element_size`: `tensor_bytes[t]`, when set, replaces
+    /// tensor `t`'s bytes (transformers only).
     pub fn with_quantizer(
         model: &Model,
         compat: Compat,
         target_dtype: Option<DType>,
-        element_sizes: Option<&[Option<f64>]>,
+        tensor_bytes: Option<&[Option<f64>]>,
     ) -> HfSizes {
         let mut tensors: Vec<f64> = model
             .tensor_sizes(compat.size_rules(target_dtype))
             .into_iter()
             .map(|b| b as f64)
             .collect();
-        for (t, per) in element_sizes.unwrap_or(&[]).iter().enumerate() {
-            if let (Some(per), false) = (per, model.is_tied_duplicate(t)) {
-                tensors[t] = model.tensor(t).numel as f64 * per;
+        for (t, bytes) in tensor_bytes.unwrap_or(&[]).iter().enumerate() {
+            if let (Some(bytes), false) = (bytes, model.is_tied_duplicate(t)) {
+                tensors[t] = *bytes;
             }
         }
         if compat == Compat::Transformers {

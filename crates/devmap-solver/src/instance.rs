@@ -5,6 +5,7 @@
 use devmap_core::cost::{CostModel, Exec, UnitRead};
 use devmap_core::graph::{units, Unit};
 use devmap_core::memory::{self, Workload, WorkloadMemory};
+use devmap_core::quant_size::RuntimeBytes;
 use devmap_core::{Device, DeviceMap, MemoryBudgets, Model, SizeRules};
 
 use crate::Error;
@@ -30,10 +31,21 @@ pub struct Instance {
     pub names: Vec<String>,
     /// Bytes each unit adds to its device's memory (tied duplicates excluded).
     pub mem: Vec<u64>,
+    /// Bytes each unit adds to cpu or disk when offloaded there: `mem`, except for a quantizer
+    /// that loads offloaded modules at full precision (bitsandbytes' fp32 cpu offload).
+    pub offload_mem: Vec<u64>,
+    /// Per tensor, held bytes on a GPU and when offloaded (tied duplicates at 0), and the bytes
+    /// read when streamed: what `check_map` cuts a map's pieces with.
+    pub tensor_bytes: TensorBytes,
+    /// The quantizer's offload rule, when it removed cpu and disk from the devices.
+    pub gpu_only_rule: Option<String>,
     /// Bytes each unit reads per step (tied duplicates included).
     pub read: Vec<u64>,
     /// What each unit reads per step: bytes, tensors and modules (the cost model's input).
     pub unit_reads: Vec<UnitRead>,
+    /// What each unit reads per step when cpu or disk streams it (`unit_reads` unless a quantizer
+    /// offloads it at full precision).
+    pub streamed_reads: Vec<UnitRead>,
     /// KV-cache bytes each unit needs where it executes.
     pub kv: Vec<u64>,
     /// Bytes the main device holds while it streams the unit from cpu/disk (its largest
@@ -69,6 +81,36 @@ pub struct Instance {
     pub ties: Vec<Tie>,
     /// The cost model used.
     pub cost_model: CostModel,
+}
+
+/// Per tensor sizes an instance was built from.
+#[derive(Debug, Clone, Default)]
+pub struct TensorBytes {
+    /// Held on a GPU.
+    pub on_gpu: Vec<u64>,
+    /// Held on cpu or disk.
+    pub offloaded: Vec<u64>,
+    /// Read when streamed from cpu or disk (tied duplicates included).
+    pub offloaded_read: Vec<u64>,
+}
+
+/// Per tensor sizes of `model` under `rules`, quantized as the runtime holds them: `(held on a
+/// GPU, read on a GPU, the offloaded TensorBytes, the runtime bytes when quantized)`.
+fn sized_tensors(
+    model: &Model,
+    rules: SizeRules,
+) -> Result<(Vec<u64>, TensorBytes, Option<RuntimeBytes>), Error> {
+    let quant = devmap_core::quant_size::runtime_bytes(model, rules)?;
+    let (read_gpu, read_off) = match &quant {
+        Some(q) => (q.on_gpu.clone(), q.offloaded.clone()),
+        None => (model.read_sizes(rules), model.read_sizes(rules)),
+    };
+    let bytes = TensorBytes {
+        on_gpu: RuntimeBytes::held(model, &read_gpu),
+        offloaded: RuntimeBytes::held(model, &read_off),
+        offloaded_read: read_off,
+    };
+    Ok((read_gpu, bytes, quant))
 }
 
 /// Options that shape the instance.
@@ -216,7 +258,13 @@ fn pinned_devices(
 /// transfer seconds between them, and the seconds of each unit on each device.
 type ExecTables = (Vec<Exec>, Vec<usize>, Vec<Vec<f64>>, Vec<Vec<f64>>);
 
-fn exec_tables(cost_model: &CostModel, devices: &[Device], reads: &[UnitRead]) -> ExecTables {
+/// `reads` per unit when it executes where it is held, `streamed` when cpu/disk stream it.
+fn exec_tables(
+    cost_model: &CostModel,
+    devices: &[Device],
+    reads: &[UnitRead],
+    streamed: &[UnitRead],
+) -> ExecTables {
     let mut execs: Vec<Exec> = Vec::new();
     let exec_of: Vec<usize> = devices
         .iter()
@@ -237,12 +285,17 @@ fn exec_tables(cost_model: &CostModel, devices: &[Device], reads: &[UnitRead]) -
                 .collect()
         })
         .collect();
+    let any_gpu = devices.iter().any(|d| d.is_gpu());
     let cost = reads
         .iter()
-        .map(|&r| {
+        .zip(streamed)
+        .map(|(&r, &s)| {
             devices
                 .iter()
-                .map(|&d| cost_model.unit_seconds(r, d))
+                .map(|&d| {
+                    let read = if any_gpu && !d.is_gpu() { s } else { r };
+                    cost_model.unit_seconds(read, d)
+                })
                 .collect()
         })
         .collect();
@@ -306,6 +359,36 @@ fn workload_terms(
     Ok((kv, fixed))
 }
 
+/// Drop cpu and disk from `devices` (and their `room`) when the quantizer rejects maps using
+/// them and a GPU is there to hold everything; the rule when it did.
+fn gpu_only(q: &RuntimeBytes, devices: &mut Vec<Device>, room: &mut Vec<u64>) -> Option<String> {
+    if !devices.iter().any(|d| d.is_gpu()) {
+        return None;
+    }
+    let keep: Vec<bool> = devices
+        .iter()
+        .map(|d| match d {
+            Device::Cpu => q.offload.cpu,
+            Device::Disk => q.offload.disk,
+            _ => true,
+        })
+        .collect();
+    if keep.iter().all(|k| *k) {
+        return None;
+    }
+    let mut i = 0;
+    devices.retain(|_| {
+        i += 1;
+        keep[i - 1]
+    });
+    let mut j = 0;
+    room.retain(|_| {
+        j += 1;
+        keep[j - 1]
+    });
+    Some(q.offload.rule.clone())
+}
+
 impl Instance {
     /// Build the instance for `model` on `budgets`.
     pub fn new(
@@ -315,26 +398,50 @@ impl Instance {
         opts: &InstanceOptions,
     ) -> Result<Instance, Error> {
         let units = units(model);
-        let sizes = model.tensor_sizes(opts.rules);
-        let read_sizes = model.read_sizes(opts.rules);
-        let (devices, room) = candidate_devices(budgets, &opts.reserve)?;
+        let (read_sizes, tensor_bytes, quant) = sized_tensors(model, opts.rules)?;
+        let (mut devices, mut room) = candidate_devices(budgets, &opts.reserve)?;
+        let gpu_only_rule = quant
+            .as_ref()
+            .and_then(|q| gpu_only(q, &mut devices, &mut room));
         let names = unit_names(model, &units);
-        let mem = per_unit(&units, &sizes);
+        let mem = per_unit(&units, &tensor_bytes.on_gpu);
+        let offload_mem = per_unit(&units, &tensor_bytes.offloaded);
         let read = per_unit(&units, &read_sizes);
-        let stream = memory::stream_buffers(model, &units, &read_sizes);
-        let (kv, fixed) = workload_terms(model, &units, &devices, opts.workload.as_ref())?;
+        let stream = memory::stream_buffers(model, &units, &tensor_bytes.offloaded_read);
+        let (kv, mut fixed) = workload_terms(model, &units, &devices, opts.workload.as_ref())?;
+        if let (Some(q), Some(_)) = (&quant, &opts.workload) {
+            // The dequantized weight of a prefill matmul sits beside the activations.
+            for (f, d) in fixed.iter_mut().zip(&devices) {
+                if d.is_gpu() {
+                    *f += q.workspace;
+                }
+            }
+        }
         let caps = room
             .iter()
             .zip(&fixed)
             .map(|(r, f)| r.saturating_sub(*f))
             .collect();
+        if let (Some(rule), Some((key, dev))) = (
+            &gpu_only_rule,
+            opts.pins.iter().find(|(_, d)| !devices.contains(d)),
+        ) {
+            return Err(Error::BadPin(format!(
+                "pin {key:?} to {dev} cannot load: {rule}"
+            )));
+        }
         let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
         let unit_reads: Vec<UnitRead> = units
             .iter()
             .map(|u| UnitRead::of(model, &u.tensors, &read_sizes))
             .collect();
-        let (execs, exec_of, trans, cost) = exec_tables(&cost_model, &devices, &unit_reads);
-        let ties = tied_storages(model, &units, &sizes);
+        let streamed_reads: Vec<UnitRead> = units
+            .iter()
+            .map(|u| UnitRead::of(model, &u.tensors, &tensor_bytes.offloaded_read))
+            .collect();
+        let (execs, exec_of, trans, cost) =
+            exec_tables(&cost_model, &devices, &unit_reads, &streamed_reads);
+        let ties = tied_storages(model, &units, &tensor_bytes.on_gpu);
         Ok(Instance {
             main: devices.iter().position(|d| d.is_gpu()),
             cpu: devices.iter().position(|d| *d == Device::Cpu),
@@ -342,8 +449,12 @@ impl Instance {
             units,
             names,
             mem,
+            offload_mem,
+            tensor_bytes,
+            gpu_only_rule,
             read,
             unit_reads,
+            streamed_reads,
             kv,
             stream,
             devices,
@@ -370,7 +481,7 @@ impl Instance {
     /// buffers are per-device charges, not per unit (see [`Instance::usage`]).
     pub fn unit_bytes_on(&self, unit: usize, device_row: usize) -> u64 {
         if self.is_streamed(device_row) {
-            self.mem[unit]
+            self.offload_mem[unit]
         } else {
             self.mem[unit] + self.kv[unit]
         }
@@ -414,7 +525,11 @@ impl Instance {
             .map(|(i, &b)| Piece {
                 unit: i,
                 device: b,
-                weights: self.mem[i],
+                weights: if self.is_streamed(b) {
+                    self.offload_mem[i]
+                } else {
+                    self.mem[i]
+                },
                 stream: self.stream[i],
             })
             .collect();
@@ -531,7 +646,14 @@ impl Instance {
         let steps: Vec<(Device, UnitRead)> = a
             .iter()
             .enumerate()
-            .map(|(i, &b)| (self.devices[b], self.unit_reads[i]))
+            .map(|(i, &b)| {
+                let reads = if self.is_streamed(b) {
+                    &self.streamed_reads
+                } else {
+                    &self.unit_reads
+                };
+                (self.devices[b], reads[i])
+            })
             .collect();
         self.cost_model.estimate_steps(&steps).objective_seconds
     }

@@ -213,9 +213,9 @@ impl Strategy for HfGreedy {
             return Err(Error::NoDevices);
         }
         let quantizer = hf::HfQuantizer::for_model(req.model, self.compat)?;
-        let element_sizes = quantizer.as_ref().map(|q| q.element_sizes.as_slice());
+        let tensor_bytes = quantizer.as_ref().map(|q| q.tensor_bytes.as_slice());
         let sizes =
-            hf::HfSizes::with_quantizer(req.model, self.compat, req.target_dtype, element_sizes);
+            hf::HfSizes::with_quantizer(req.model, self.compat, req.target_dtype, tensor_bytes);
         let mut budgets = match self.kind {
             HfKind::Sequential => hf::HfCaps::from_budgets(req.budgets),
             HfKind::Balanced | HfKind::BalancedLow0 => hf::balanced_budgets(

@@ -23,10 +23,8 @@ fn kind(name: &str) -> HfKind {
     }
 }
 
-fn quantized(model: &Model, quant: &str) -> Model {
-    let path = quant_fixtures()
-        .join("configs")
-        .join(format!("{quant}.json"));
+fn quantized_from(model: &Model, configs: &str, quant: &str) -> Model {
+    let path = quant_fixtures().join(configs).join(format!("{quant}.json"));
     let mut model = model.clone();
     model.quantization = Some(Quantization {
         config: QuantConfig::read(&path).unwrap(),
@@ -114,9 +112,9 @@ fn check_run(model: &Model, run: &serde_json::Value, origin: &Path) -> Option<St
     (inferred != ours).then(|| format!("budgets differ: want {inferred:?} got {ours:?}"))
 }
 
-#[test]
-fn quantized_maps_and_verdicts_equal_hugging_face_references() {
-    let dir = quant_fixtures().join("reference");
+/// Every run of the references in `reference` (configs in `configs`): (runs, rejected, failures).
+fn check_references(reference: &str, configs: &str) -> (usize, usize, Vec<String>) {
+    let dir = quant_fixtures().join(reference);
     let mut refs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -124,7 +122,7 @@ fn quantized_maps_and_verdicts_equal_hugging_face_references() {
     refs.sort();
     assert!(
         refs.len() >= 6,
-        "expected 6 reference files, found {}",
+        "expected 6 reference files in {reference}, found {}",
         refs.len()
     );
     let (mut checked, mut rejected) = (0, 0);
@@ -140,7 +138,7 @@ fn quantized_maps_and_verdicts_equal_hugging_face_references() {
             let quant = run["quant"].as_str().unwrap();
             let model = models
                 .entry(quant.to_string())
-                .or_insert_with(|| quantized(&base, quant));
+                .or_insert_with(|| quantized_from(&base, configs, quant));
             checked += 1;
             rejected += usize::from(!run["error"].is_null());
             if let Some(problem) = check_run(model, run, &path) {
@@ -152,7 +150,12 @@ fn quantized_maps_and_verdicts_equal_hugging_face_references() {
             }
         }
     }
-    assert!(checked >= 6 * 5 * 36, "only {checked} runs checked");
+    (checked, rejected, failures)
+}
+
+fn assert_all_equal(reference: &str, configs: &str, at_least: usize) {
+    let (checked, rejected, failures) = check_references(reference, configs);
+    assert!(checked >= at_least, "only {checked} runs checked");
     assert!(
         rejected > 0,
         "no reference run exercises the quantizer's rejection"
@@ -163,4 +166,102 @@ fn quantized_maps_and_verdicts_equal_hugging_face_references() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn quantized_maps_and_verdicts_equal_hugging_face_references() {
+    assert_all_equal("reference", "configs", 6 * 5 * 36);
+}
+
+/// FP8 fine-grained quantize-on-load (fixtures/quant/reference-fp8, the GPU check stubbed on
+/// this CPU-only machine as hf_quant_reference.py records).
+#[test]
+fn fp8_maps_and_verdicts_equal_hugging_face_references() {
+    assert_all_equal("reference-fp8", "configs-fp8", 6 * 36);
+}
+
+/// One `auto` run on a quantized fixture: `Ok(true)` for a map transformers' quantizer accepts
+/// (checked with devmap's reproduction of `validate_environment`, the one the parity test above
+/// holds to transformers' verdicts) whose devices hold their bytes as the runtime allocates them,
+/// `Ok(false)` for a "does not fit" answer, `Err` for anything else.
+fn auto_run(model: &Model, budgets: &MemoryBudgets) -> Result<bool, String> {
+    use devmap_core::quant_size::runtime_bytes;
+    let auto = devmap_solver::Auto::new(
+        devmap_solver::AutoOptions::default().time_limit(std::time::Duration::from_secs(2)),
+    );
+    let plan = match auto.plan(&PlanRequest::new(model, budgets)) {
+        Ok(plan) => plan,
+        // Infeasible: the totals fit but no packing does (a fused-experts layer streamed at full
+        // precision needs its whole buffer on the GPU).
+        Err(
+            Error::QuantizedDoesNotFit { .. } | Error::DoesNotFit { .. } | Error::Infeasible(_),
+        ) => return Ok(false),
+        Err(e) => return Err(e.to_string()),
+    };
+    let quantizer = devmap_solver::hf::HfQuantizer::for_model(model, Compat::Transformers)
+        .unwrap()
+        .unwrap();
+    if let Err(e) = quantizer.validate(&plan.map) {
+        return Err(format!(
+            "auto's map {:?} is rejected: {e}",
+            plan.map.to_json()
+        ));
+    }
+    let bytes = runtime_bytes(model, Default::default()).unwrap().unwrap();
+    let tensor_devices = devmap_core::validate::tensor_devices(model, &plan.map);
+    for (d, (q, f)) in bytes.split_by_device(model, &tensor_devices) {
+        let budget = budgets.get(d).unwrap_or(u64::MAX);
+        if q + f > budget {
+            return Err(format!(
+                "{d} holds {} of weights over its budget {budget}",
+                q + f
+            ));
+        }
+    }
+    Ok(true)
+}
+
+#[test]
+fn auto_never_emits_a_map_the_quantizer_rejects() {
+    let scenarios: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(quant_fixtures().join("scenarios.json")).unwrap(),
+    )
+    .unwrap();
+    let scenarios = scenarios["scenarios"].as_array().unwrap();
+    let mut configs: Vec<(&str, String)> = Vec::new();
+    for dir in ["configs", "configs-fp8"] {
+        for e in std::fs::read_dir(quant_fixtures().join(dir)).unwrap() {
+            let path = e.unwrap().path();
+            configs.push((dir, path.file_stem().unwrap().to_str().unwrap().to_string()));
+        }
+    }
+    configs.sort();
+    let (mut planned, mut short, mut failures) = (0, 0, Vec::new());
+    for stem in [
+        "llama-2-7b",
+        "gpt2-xl",
+        "t5-11b",
+        "mixtral-8x7b",
+        "qwen3-30b-a3b",
+        "gemma-2-9b",
+    ] {
+        let base =
+            load_model(&quant_fixtures().join("models").join(format!("{stem}.json"))).unwrap();
+        for (dir, quant) in &configs {
+            let model = quantized_from(&base, dir, quant);
+            for s in scenarios {
+                let origin = Path::new("scenarios.json");
+                let budgets =
+                    MemoryBudgets::from_json_str(&s["max_memory"].to_string(), origin).unwrap();
+                match auto_run(&model, &budgets) {
+                    Ok(true) => planned += 1,
+                    Ok(false) => short += 1,
+                    Err(e) => failures.push(format!("{stem} / {quant} / {}: {e}", s["name"])),
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(planned > 0 && short > 0, "planned {planned}, short {short}");
+    eprintln!("auto on quantized fixtures: {planned} maps the quantizer accepts, {short} does-not-fit answers");
 }

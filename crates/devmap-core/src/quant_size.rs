@@ -1,0 +1,496 @@
+//! What a quantized model's tensors take where the runtime holds them (`auto`'s real bytes), and
+//! where each quantizer lets them go (docs/quantization.md, "auto with real bytes").
+//!
+//! Quantize on load: bitsandbytes 4-bit (packed weight, `absmax`, the 4-bit code, the nested
+//! double-quant tensors), 8-bit (int8 weight and `SCB`), FP8 fine-grained (fp8 weight and
+//! `weight_scale_inv`, fused experts included). Pre-quantized checkpoints: the header's stored
+//! dtypes and shapes, which are already what the runtime allocates.
+
+use std::collections::BTreeMap;
+
+use crate::budget::Device;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::{Model, SizeRules, TensorId, TensorKind};
+use crate::quant::{modules_to_not_convert, BnbBits, BnbConfig, QuantConfig, SkipPatterns};
+use crate::quant::{Quantization, TorchKind};
+
+/// Elements per `absmax` block of bitsandbytes' 4-bit weights (`Params4bit`'s default).
+pub const BNB_4BIT_BLOCK: u64 = 64;
+/// Elements per nested block when double quantization quantizes `absmax` itself.
+pub const BNB_NESTED_BLOCK: u64 = 256;
+/// Bytes of the 4-bit code (16 float32 values) each `QuantState` holds.
+const BNB_4BIT_CODE_BYTES: u64 = 16 * 4;
+/// Bytes of the nested 8-bit dynamic code (256 float32) plus the float32 offset of double quant.
+const BNB_NESTED_FIXED_BYTES: u64 = 256 * 4 + 4;
+
+/// Where a quantizer lets weights go, as its `validate_environment` judges a map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffloadRule {
+    /// cpu entries load.
+    pub cpu: bool,
+    /// disk entries load.
+    pub disk: bool,
+    /// Offloaded modules load unquantized, at full precision (`llm_int8_enable_fp32_cpu_offload`).
+    pub offloaded_full_precision: bool,
+    /// The rule in words, naming the config field that decides it.
+    pub rule: String,
+}
+
+/// Per tensor bytes of a quantized model as the runtime allocates them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeBytes {
+    /// The method, as the table shows it (`bitsandbytes 4-bit nf4`).
+    pub label: String,
+    /// Per tensor, bytes on a GPU (tied duplicates included, as [`Model::read_sizes`]).
+    pub on_gpu: Vec<u64>,
+    /// Per tensor, bytes when its module is offloaded to cpu or disk.
+    pub offloaded: Vec<u64>,
+    /// Per tensor, whether it is held quantized on a GPU.
+    pub quantized: Vec<bool>,
+    /// Scratch an executing GPU needs beside the weights: the largest weight bitsandbytes 4-bit
+    /// dequantizes into the compute dtype for a prefill matmul (0 for the other methods).
+    pub workspace: u64,
+    /// Where weights may go.
+    pub offload: OffloadRule,
+}
+
+impl RuntimeBytes {
+    /// `per_tensor` with tied duplicates at 0 (the storage counted once, as [`Model::tensor_sizes`]).
+    pub fn held(model: &Model, per_tensor: &[u64]) -> Vec<u64> {
+        per_tensor
+            .iter()
+            .enumerate()
+            .map(|(t, &b)| if model.is_tied_duplicate(t) { 0 } else { b })
+            .collect()
+    }
+
+    /// Per device of `tensor_devices` (a device per tensor, `None` when unmapped): bytes held
+    /// quantized and bytes held at full precision, tied duplicates counted once.
+    pub fn split_by_device(
+        &self,
+        model: &Model,
+        tensor_devices: &[Option<Device>],
+    ) -> BTreeMap<Device, (u64, u64)> {
+        let mut out: BTreeMap<Device, (u64, u64)> = BTreeMap::new();
+        for (t, dev) in tensor_devices.iter().enumerate() {
+            let Some(d) = dev else { continue };
+            if model.is_tied_duplicate(t) {
+                continue;
+            }
+            let bytes = if d.is_gpu() {
+                self.on_gpu[t]
+            } else {
+                self.offloaded[t]
+            };
+            let entry = out.entry(*d).or_default();
+            if self.quantized[t] && (d.is_gpu() || !self.offload.offloaded_full_precision) {
+                entry.0 += bytes;
+            } else {
+                entry.1 += bytes;
+            }
+        }
+        out
+    }
+
+    /// Each offload rule's verdict on a map using `used` devices: `(rule, holds)`. An all-cpu
+    /// map has no GPU to keep weights off (bitsandbytes accepts it).
+    pub fn verdicts(&self, used: &[Device]) -> Vec<(String, bool)> {
+        let any_gpu = used.iter().any(|d| d.is_gpu());
+        [
+            (Device::Cpu, self.offload.cpu),
+            (Device::Disk, self.offload.disk),
+        ]
+        .into_iter()
+        .map(|(dev, allowed)| {
+            let uses = used.contains(&dev);
+            let holds = allowed || !uses || (dev == Device::Cpu && !any_gpu);
+            let what = if allowed { "allowed" } else { "forbidden" };
+            (
+                format!(
+                    "{dev} entries {what} ({}); map uses {dev}: {uses}",
+                    self.offload.rule
+                ),
+                holds,
+            )
+        })
+        .collect()
+    }
+}
+
+/// The runtime bytes of `model` under its quantization (`None` when it has none).
+pub fn runtime_bytes(model: &Model, rules: SizeRules) -> Result<Option<RuntimeBytes>> {
+    let Some(q) = &model.quantization else {
+        return Ok(None);
+    };
+    let full: Vec<u64> = model.read_sizes(rules);
+    if q.pre_quantized {
+        return Ok(Some(pre_quantized(model, q, &full)));
+    }
+    match &q.config {
+        QuantConfig::Bnb(b) => bnb_on_load(model, b, &full, rules).map(Some),
+        QuantConfig::Fp8 {
+            weight_block_size,
+            modules_to_not_convert: skip,
+        } => fp8_on_load(model, *weight_block_size, skip.as_deref(), &full).map(Some),
+        other => Err(Error::QuantConfig {
+            origin: "quantization_config".into(),
+            reason: format!(
+                "quant_method {:?} cannot quantize on load (it needs a pre-quantized checkpoint: \
+                 a folder whose config.json carries this quantization_config); devmap quantizes \
+                 on load with bitsandbytes and fp8",
+                other.method()
+            ),
+        }),
+    }
+}
+
+/// The rows of a converted module's weight (`out_features`): Conv1D stores the weight transposed.
+fn out_features(model: &Model, t: TensorId) -> u64 {
+    let tensor = model.tensor(t);
+    let conv1d = model.quant_meta.torch_kind(model, tensor.module) == Some(TorchKind::Conv1d);
+    match (conv1d, tensor.shape.as_slice()) {
+        (true, [_, out]) => *out,
+        (_, [out, ..]) => *out,
+        _ => 1,
+    }
+}
+
+/// Bytes of one bitsandbytes-quantized weight of `numel` elements and `rows` output rows.
+pub fn bnb_weight_bytes(config: &BnbConfig, numel: u64, rows: u64) -> u64 {
+    match config.bits {
+        BnbBits::Eight => numel + rows * 4,
+        BnbBits::Four => {
+            let blocks = numel.div_ceil(BNB_4BIT_BLOCK);
+            let absmax = if config.double_quant {
+                blocks + blocks.div_ceil(BNB_NESTED_BLOCK) * 4 + BNB_NESTED_FIXED_BYTES
+            } else {
+                blocks * 4
+            };
+            numel.div_ceil(2) + absmax + BNB_4BIT_CODE_BYTES
+        }
+    }
+}
+
+fn bnb_on_load(
+    model: &Model,
+    config: &BnbConfig,
+    full: &[u64],
+    rules: SizeRules,
+) -> Result<RuntimeBytes> {
+    let converted = config.hf_element_sizes(model)?;
+    let mut on_gpu = full.to_vec();
+    let mut workspace = 0;
+    for (t, size) in converted.iter().enumerate() {
+        if size.is_some() {
+            let tensor = model.tensor(t);
+            on_gpu[t] = bnb_weight_bytes(config, tensor.numel, out_features(model, t));
+            if config.bits == BnbBits::Four {
+                workspace = workspace.max(tensor.bytes(rules));
+            }
+        }
+    }
+    let bits = match config.bits {
+        BnbBits::Four => format!("4-bit {}", config.quant_type),
+        BnbBits::Eight => "8-bit".to_string(),
+    };
+    let dq = if config.double_quant && config.bits == BnbBits::Four {
+        " double-quant"
+    } else {
+        ""
+    };
+    let offload = bnb_offload(config);
+    // Offloaded modules load unquantized only under fp32 cpu offload; otherwise (an all-cpu map)
+    // they stay quantized where they are.
+    let offloaded = if offload.offloaded_full_precision {
+        full.to_vec()
+    } else {
+        on_gpu.clone()
+    };
+    Ok(RuntimeBytes {
+        label: format!("bitsandbytes {bits}{dq}"),
+        offloaded,
+        quantized: converted.iter().map(Option::is_some).collect(),
+        on_gpu,
+        workspace,
+        offload,
+    })
+}
+
+fn bnb_offload(config: &BnbConfig) -> OffloadRule {
+    if config.fp32_cpu_offload {
+        OffloadRule {
+            cpu: true,
+            disk: true,
+            offloaded_full_precision: true,
+            rule: "llm_int8_enable_fp32_cpu_offload=true: cpu/disk modules load unquantized".into(),
+        }
+    } else {
+        OffloadRule {
+            cpu: false,
+            disk: false,
+            offloaded_full_precision: false,
+            rule:
+                "bitsandbytes forbids cpu/disk modules unless llm_int8_enable_fp32_cpu_offload=true"
+                    .into(),
+        }
+    }
+}
+
+/// transformers' `FP8Linear`/`FP8Experts` replacement: exact `nn.Linear` modules and modules named
+/// `*.experts`, unless skipped; per tensor, the weights it quantizes.
+fn fp8_converted(model: &Model, skip: Option<&[String]>) -> Result<Vec<bool>> {
+    let patterns = SkipPatterns::new(&modules_to_not_convert(model, skip))?;
+    Ok((0..model.tensors().len())
+        .map(|t| {
+            let tensor = model.tensor(t);
+            let module = model.module(tensor.module);
+            if tensor.kind != TensorKind::Param || !patterns.should_convert(&module.name) {
+                return false;
+            }
+            let linear =
+                model.quant_meta.torch_kind(model, tensor.module) == Some(TorchKind::Linear);
+            let leaf = tensor.name.rsplit('.').next().unwrap_or("");
+            (linear && leaf == "weight" && tensor.shape.len() == 2)
+                || (module.name.ends_with(".experts") && tensor.shape.len() == 3)
+        })
+        .collect())
+}
+
+/// Bytes of an FP8 weight of `shape` with its float32 `weight_scale_inv` (one per block of the
+/// last two dimensions, or one per tensor).
+pub fn fp8_weight_bytes(shape: &[u64], block: Option<[u64; 2]>) -> u64 {
+    shape.iter().product::<u64>() + fp8_scale_count(shape, block) * 4
+}
+
+/// Elements of the `weight_scale_inv` of an FP8 weight of `shape`.
+pub fn fp8_scale_count(shape: &[u64], block: Option<[u64; 2]>) -> u64 {
+    match (block, shape) {
+        (Some([b0, b1]), [lead @ .., rows, cols]) => {
+            lead.iter().product::<u64>() * rows.div_ceil(b0) * cols.div_ceil(b1)
+        }
+        _ => 1,
+    }
+}
+
+/// Per tensor, the bytes transformers' planner counts for FP8 quantize-on-load: a converted
+/// weight and its `weight_scale_inv` (which the replaced module registers beside it) at 1 byte
+/// per element, as `param_element_size` counts every non-bias parameter of `FP8Linear` and
+/// `FP8Experts`; `None` for tensors at their dtype.
+pub fn fp8_hf_tensor_bytes(
+    model: &Model,
+    block: Option<[u64; 2]>,
+    skip: Option<&[String]>,
+) -> Result<Vec<Option<f64>>> {
+    let converted = fp8_converted(model, skip)?;
+    Ok((0..converted.len())
+        .map(|t| {
+            let tensor = model.tensor(t);
+            converted[t].then(|| (tensor.numel + fp8_scale_count(&tensor.shape, block)) as f64)
+        })
+        .collect())
+}
+
+fn fp8_on_load(
+    model: &Model,
+    block: Option<[u64; 2]>,
+    skip: Option<&[String]>,
+    full: &[u64],
+) -> Result<RuntimeBytes> {
+    let quantized = fp8_converted(model, skip)?;
+    let on_gpu: Vec<u64> = (0..full.len())
+        .map(|t| {
+            if quantized[t] {
+                fp8_weight_bytes(&model.tensor(t).shape, block)
+            } else {
+                full[t]
+            }
+        })
+        .collect();
+    Ok(RuntimeBytes {
+        label: "fp8 fine-grained".into(),
+        offloaded: on_gpu.clone(),
+        on_gpu,
+        quantized,
+        workspace: 0,
+        offload: OffloadRule {
+            cpu: false,
+            disk: false,
+            offloaded_full_precision: false,
+            rule: "fp8 quantize-on-load forbids cpu/disk entries (use a pre-quantized checkpoint)"
+                .into(),
+        },
+    })
+}
+
+/// Tensor names that hold a quantizer's packed data or scales (their stored bytes are what loads).
+fn is_quant_storage(model: &Model, t: TensorId) -> bool {
+    let tensor = model.tensor(t);
+    let leaf = tensor.name.rsplit('.').next().unwrap_or("");
+    let packed_dtype = matches!(
+        tensor.dtype,
+        DType::I8 | DType::U8 | DType::I16 | DType::U16 | DType::I32 | DType::U32
+    ) || matches!(tensor.dtype, DType::F8E4M3 | DType::F8E5M2);
+    let scale_name = matches!(
+        leaf,
+        "qweight" | "qzeros" | "scales" | "g_idx" | "absmax" | "quant_map" | "nested_absmax"
+            | "nested_quant_map" | "SCB" | "weight_scale" | "weight_scale_inv" | "input_scale"
+            | "weight_zero_point" | "weight_packed" | "weight_shape"
+    ) || leaf.ends_with("_scales")
+        || leaf.ends_with("_blocks")
+        || leaf.ends_with("_scale_inv")
+        || tensor.name.contains(".quant_state.")
+        // bitsandbytes' weight state, as the loader folds its names (`weight_absmax`, ...).
+        || ["weight_absmax", "weight_quant", "weight_nested"]
+            .iter()
+            .any(|p| leaf.starts_with(p));
+    tensor.kind == TensorKind::Param && packed_dtype || scale_name
+}
+
+fn pre_quantized(model: &Model, q: &Quantization, full: &[u64]) -> RuntimeBytes {
+    let quantized: Vec<bool> = (0..full.len())
+        .map(|t| is_quant_storage(model, t))
+        .collect();
+    let on_gpu: Vec<u64> = (0..full.len())
+        .map(|t| {
+            if quantized[t] {
+                model.tensor(t).stored_bytes()
+            } else {
+                full[t]
+            }
+        })
+        .collect();
+    let offload = match &q.config {
+        QuantConfig::Bnb(b) => bnb_offload(b),
+        other => OffloadRule {
+            cpu: true,
+            disk: true,
+            offloaded_full_precision: false,
+            rule: format!(
+                "pre-quantized {}: cpu/disk modules load as stored",
+                other.method()
+            ),
+        },
+    };
+    RuntimeBytes {
+        label: format!("{} (pre-quantized)", q.config.method()),
+        offloaded: on_gpu.clone(),
+        on_gpu,
+        quantized,
+        workspace: 0,
+        offload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelBuilder;
+
+    /// embed [1000, 128], one Linear fc [128 -> 256 out... weight [256, 128]] with bias, fused
+    /// experts [4, 256, 128], lm_head [1000, 128]: every figure below is computed by hand.
+    fn small(config: &str) -> Model {
+        let mut m = ModelBuilder::new("small")
+            .module("embed", "Embedding")
+            .module("fc", "Linear")
+            .module("moe.experts", "MixtralExperts")
+            .module("lm_head", "Linear")
+            .param("embed.weight", DType::BF16, &[1000, 128])
+            .param("fc.weight", DType::BF16, &[256, 128])
+            .param("fc.bias", DType::BF16, &[256])
+            .param("moe.experts.gate_up_proj", DType::BF16, &[4, 256, 128])
+            .param("lm_head.weight", DType::BF16, &[1000, 128])
+            .build()
+            .unwrap();
+        m.quantization = Some(Quantization {
+            config: QuantConfig::from_json(&serde_json::from_str(config).unwrap(), "q").unwrap(),
+            pre_quantized: false,
+        });
+        m
+    }
+
+    fn bytes(config: &str) -> RuntimeBytes {
+        runtime_bytes(&small(config), SizeRules::default())
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn bnb_4bit_nf4_packs_half_a_byte_plus_absmax_and_code() {
+        let b = bytes(
+            r#"{"quant_method":"bitsandbytes","load_in_4bit":true,"bnb_4bit_quant_type":"nf4"}"#,
+        );
+        // fc.weight: 32768 elements -> 16384 packed + 512 blocks x 4 (absmax) + 64 (code).
+        assert_eq!(b.on_gpu, vec![256_000, 18_496, 512, 262_144, 256_000]);
+        // lm_head is the output embedding's last parameter: kept; experts are not nn.Linear.
+        assert_eq!(b.quantized, vec![false, true, false, false, false]);
+        assert_eq!(b.workspace, 65_536);
+        assert!(!b.offload.cpu && !b.offload.disk);
+        assert_eq!(b.offloaded, b.on_gpu);
+    }
+
+    #[test]
+    fn bnb_double_quant_and_8bit() {
+        let dq = bytes(
+            r#"{"quant_method":"bitsandbytes","load_in_4bit":true,"bnb_4bit_use_double_quant":true}"#,
+        );
+        // 16384 + 512 (uint8 absmax) + 2 x 4 (nested absmax) + 1024 + 4 (nested code, offset) + 64.
+        assert_eq!(dq.on_gpu[1], 17_996);
+        let e = bytes(
+            r#"{"quant_method":"bitsandbytes","load_in_8bit":true,"llm_int8_enable_fp32_cpu_offload":true}"#,
+        );
+        // int8 weight + one float32 SCB per output row.
+        assert_eq!(e.on_gpu[1], 32_768 + 256 * 4);
+        assert_eq!(e.workspace, 0);
+        assert!(e.offload.cpu && e.offload.offloaded_full_precision);
+        assert_eq!(e.offloaded[1], 65_536);
+        let devices = [
+            Some(Device::Gpu(0)),
+            Some(Device::Cpu),
+            None,
+            None,
+            Some(Device::Gpu(0)),
+        ];
+        let split = e.split_by_device(&small("{\"load_in_8bit\":true}"), &devices);
+        assert_eq!(split[&Device::Gpu(0)], (0, 512_000));
+        // fc offloaded: full precision, as it then loads.
+        assert_eq!(split[&Device::Cpu], (0, 65_536));
+    }
+
+    #[test]
+    fn fp8_quantizes_linears_and_fused_experts_with_block_scales() {
+        let b = bytes(r#"{"quant_method":"fp8","weight_block_size":[128,128]}"#);
+        // fc: 32768 fp8 + 2 x 1 blocks x 4; experts: 131072 + 4 x 2 x 1 x 4.
+        assert_eq!(b.on_gpu, vec![256_000, 32_776, 512, 131_104, 256_000]);
+        let per_tensor = bytes(r#"{"quant_method":"fp8","weight_block_size":null}"#);
+        assert_eq!(per_tensor.on_gpu[1], 32_772);
+        assert_eq!(
+            b.verdicts(&[Device::Gpu(0), Device::Cpu]),
+            vec![
+                (
+                    format!(
+                        "cpu entries forbidden ({}); map uses cpu: true",
+                        b.offload.rule
+                    ),
+                    false
+                ),
+                (
+                    format!(
+                        "disk entries forbidden ({}); map uses disk: false",
+                        b.offload.rule
+                    ),
+                    true
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn methods_that_cannot_quantize_on_load_are_named() {
+        let m = small(r#"{"quant_method":"gptq","bits":4}"#);
+        let e = runtime_bytes(&m, SizeRules::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"gptq\"") && e.contains("pre-quantized"), "{e}");
+    }
+}
