@@ -347,6 +347,10 @@ pub struct CostModel {
     pub main_gpu: Option<u32>,
     /// Activation bytes moved per device change (hidden size × activation dtype bytes × tokens).
     pub activation_bytes: u64,
+    /// KV-cache bytes of each decoder layer under the workload estimated
+    /// ([`CostModel::with_workload`]; empty: no cache). `auto` charges the same bytes through
+    /// [`UnitRead::kv`] of its units.
+    pub kv_layers: Vec<u64>,
 }
 
 impl CostModel {
@@ -370,7 +374,22 @@ impl CostModel {
             main_gpu: main_gpu_of(devices.iter().copied()),
             // Saturating: `hidden_size` comes from a manifest or config.json.
             activation_bytes: model.hidden_size.unwrap_or(0).saturating_mul(act_dtype),
+            kv_layers: Vec::new(),
         }
+    }
+
+    /// The same model estimating decode steps of `workload`: its KV cache is read where each
+    /// layer executes ([`KV_PASSES_PER_STEP`]). Errors as [`crate::memory::WorkloadMemory::new`].
+    pub fn with_workload(
+        self,
+        model: &Model,
+        workload: Option<&crate::memory::Workload>,
+    ) -> Result<CostModel> {
+        let kv_layers = match workload {
+            Some(w) => crate::memory::WorkloadMemory::new(model, w)?.kv_layers,
+            None => Vec::new(),
+        };
+        Ok(CostModel { kv_layers, ..self })
     }
 
     /// The same model with another main GPU.
@@ -452,8 +471,10 @@ impl CostModel {
         let read = TensorReads::new(model, &model.read_sizes(rules));
         let devices = tensor_devices(model, map);
         let fallback = self.main_gpu.map_or(Device::Cpu, Device::Gpu);
+        let units = units(model);
+        let kv = crate::memory::kv_per_unit(model, &units, &self.kv_layers);
         let mut steps: Vec<(Device, UnitRead)> = Vec::new();
-        for unit in units(model) {
+        for (unit, &kv) in units.iter().zip(&kv) {
             let mut groups: Vec<(Device, Vec<TensorId>)> = Vec::new();
             for &t in &unit.tensors {
                 let d = devices[t].unwrap_or(fallback);
@@ -462,11 +483,11 @@ impl CostModel {
                     None => groups.push((d, vec![t])),
                 }
             }
-            steps.extend(
-                groups
-                    .into_iter()
-                    .map(|(d, ts)| (d, UnitRead::of(model, &ts, &read))),
-            );
+            // A unit divided between devices: its attention (and cache) runs with its first part.
+            steps.extend(groups.into_iter().enumerate().map(|(k, (d, ts))| {
+                let r = UnitRead::of(model, &ts, &read);
+                (d, if k == 0 { r.with_kv(kv) } else { r })
+            }));
         }
         self.estimate_steps(&steps)
     }

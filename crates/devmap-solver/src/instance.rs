@@ -336,6 +336,8 @@ impl Instance {
             .zip(&kv)
             .map(|(u, &kv)| UnitRead::of(model, &u.tensors, &tensor_reads).with_kv(kv))
             .collect();
+        // The instance's own scorer (check_map's estimate) reads the same KV cache.
+        let cost_model = cost_model.with_workload(model, opts.workload.as_ref())?;
         let (execs, exec_of, trans, cost) = exec_tables(&cost_model, &devices, &unit_reads);
         let ties = tied_storages(model, &units, &sizes);
         Ok(Instance {
