@@ -108,7 +108,6 @@ pub struct Runtime {
 }
 
 const GB: f64 = 1e9;
-const GIB: f64 = (1u64 << 30) as f64;
 
 impl Default for Runtime {
     /// Measured on one H200 with transformers 5.17 and accelerate 1.15 (docs/cost-model.md).
@@ -130,8 +129,8 @@ pub const DEFAULT_EAGER_MODULE_SECONDS: f64 = 68e-6;
 impl Default for Topology {
     /// Defaults (sources in docs/cost-model.md): a generic data-center GPU at 2.0 TB/s (between
     /// A100-80GB's 2.04 and H100-PCIe's 2.0 TB/s), PCIe 4.0 x16 host links at 25 GB/s sustained with
-    /// 10 µs per transfer from pinned memory, pageable copies at 6.2 GiB/s and 7 µs (measured,
-    /// H200), GPU peers over PCIe at 20 GB/s and 15 µs, host RAM at 50 GB/s, disk at 5 GB/s, and
+    /// 10 µs per transfer from pinned memory, pageable copies at 7.5 GB/s and 7 µs (fitted to the
+    /// decode steps of 22 maps measured on an H200, docs/validation.md), GPU peers over PCIe at 20 GB/s and 15 µs, host RAM at 50 GB/s, disk at 5 GB/s, and
     /// [`Runtime::default`].
     fn default() -> Self {
         Topology {
@@ -147,7 +146,7 @@ impl Default for Topology {
                 latency: 10e-6,
             },
             default_pageable_host_link: Link {
-                bandwidth: 6.2 * GIB,
+                bandwidth: 7.5 * GB,
                 latency: 7e-6,
             },
             peer_links: BTreeMap::new(),
