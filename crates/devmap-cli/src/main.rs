@@ -391,7 +391,8 @@ fn compare(args: CompareArgs) -> Result<ExitCode> {
         &budgets.devices(),
         options.topology.clone(),
         options.objective,
-    );
+    )
+    .for_workload(options.workload.as_ref());
     let mut rows = Vec::new();
     let mut strategies: Vec<(String, Box<dyn Strategy>)> = Vec::new();
     for compat in [Compat::Transformers, Compat::Accelerate] {

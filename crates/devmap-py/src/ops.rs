@@ -87,7 +87,8 @@ impl Setup {
             &budgets.devices(),
             options.topology.clone(),
             options.objective,
-        );
+        )
+        .for_workload(options.workload.as_ref());
         Ok(Setup {
             model,
             dtype,

@@ -11,8 +11,9 @@
 //!   on a streamed device; what stays on a GPU even when a unit is streamed (its KV cache) and
 //!   what pinned units hold come off the GPU capacity. A pinned unit's cost is in `base` only.
 //! - `changes`: the execution devices any plan must visit (the GPUs pins use, the main GPU when a
-//!   pin streams a unit, enough GPUs to hold what cpu and disk cannot) cost one change each but
-//!   the first, at the cheapest link.
+//!   pin streams a unit, enough GPUs to hold what cpu and disk cannot): `k` devices over a
+//!   transfer graph of `c` connected pieces cut at least `k − c` edges, each at the cheapest
+//!   edge and link.
 //!
 //! Unit costs and transfers are separate sums of the latency, so the three terms add. The
 //! throughput objective's busiest device carries at least `1/execs` of the latency and the most
@@ -148,22 +149,44 @@ fn change_floor(inst: &Instance, units: &BoundUnits) -> f64 {
         by_capacity += 1;
     }
     let execs = used.max(by_capacity);
-    if execs < 2 {
-        return 0.0;
-    }
-    let t_min = (0..inst.execs.len())
-        .flat_map(|a| {
-            (0..inst.execs.len())
-                .filter(move |&b| b != a)
-                .map(move |b| (a, b))
+    // Each connected piece of the transfer graph spans its execution devices with at least one cut
+    // edge per extra device: k devices over c pieces cut at least k − c edges.
+    let cuts = execs.saturating_sub(transfer_components(inst));
+    let t_min = (inst.transfers.iter())
+        .flat_map(|t| {
+            (0..inst.execs.len()).flat_map(move |a| {
+                (0..inst.execs.len())
+                    .filter(move |&b| b != a)
+                    .map(move |b| t.seconds[a][b])
+            })
         })
-        .map(|(a, b)| inst.trans[a][b])
         .fold(f64::INFINITY, f64::min);
-    if t_min.is_finite() {
-        (execs - 1) as f64 * t_min
+    if cuts > 0 && t_min.is_finite() {
+        cuts as f64 * t_min
     } else {
         0.0
     }
+}
+
+/// Connected components of the units under the transfers (an undirected union-find).
+fn transfer_components(inst: &Instance) -> usize {
+    let mut parent: Vec<usize> = (0..inst.n()).collect();
+    fn root(parent: &mut [usize], mut x: usize) -> usize {
+        while parent[x] != x {
+            parent[x] = parent[parent[x]];
+            x = parent[x];
+        }
+        x
+    }
+    let mut components = inst.n();
+    for t in &inst.transfers {
+        let (a, b) = (root(&mut parent, t.from), root(&mut parent, t.to));
+        if a != b {
+            parent[a] = b;
+            components -= 1;
+        }
+    }
+    components
 }
 
 /// The lower bound on the extra seconds streaming the free units costs (see the module doc):

@@ -3,6 +3,11 @@
 //! pipeline-partitioning DP; `auto` uses it as a warm start and as a cross-check of the MIP's
 //! contiguous mode (they must agree exactly).
 //!
+//! Transfers are priced on the chain edges `i → i + 1` only: the DP is exact when the instance's
+//! data flow is a chain ([`Instance::is_chain`]). On other graphs (an encoder-decoder's
+//! cross-attention edges) the assignment it returns is scored by [`Instance::evaluate`] and is only
+//! a start candidate for the MIP.
+//!
 //! The streamed suffix (units on cpu/disk) decides the main GPU's reserve (the largest streamed
 //! unit plus the streamed units' KV cache) and the cpu's reserve (the largest disk unit), so the DP
 //! enumerates where the suffix starts and runs the GPU part once per distinct reserve.
@@ -156,7 +161,7 @@ impl GpuDp {
                     let enter = if st == 0 {
                         0.0
                     } else {
-                        inst.trans[st - 1][exec]
+                        inst.next_seconds(i - 1, st - 1, exec)
                     };
                     let (mut used, mut run) = (0u64, 0.0);
                     for j in i..n {
@@ -192,7 +197,7 @@ impl GpuDp {
         let g = self.gpus.len();
         let way_back = |st: usize| match (st, back_to) {
             (0, _) | (_, None) => 0.0,
-            (st, Some(m)) => inst.trans[st - 1][m],
+            (st, Some(m)) => inst.next_seconds(s - 1, st - 1, m),
         };
         (0..self.n_states)
             .filter(|&st| self.cost[g][s][st].is_finite())
