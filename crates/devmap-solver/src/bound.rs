@@ -195,9 +195,6 @@ fn streaming_extra(inst: &Instance, units: &BoundUnits) -> (f64, Option<Packing>
     let Some(main) = inst.main else {
         return (0.0, None);
     };
-    let Some(tiers) = Tiers::new(inst, units) else {
-        return (0.0, None);
-    };
     let gpu_rows: Vec<usize> = (0..inst.devices.len())
         .filter(|&b| inst.devices[b].is_gpu())
         .collect();
@@ -210,8 +207,24 @@ fn streaming_extra(inst: &Instance, units: &BoundUnits) -> (f64, Option<Packing>
     levels(inst, units, &gpu_rows)
         .into_iter()
         .map(|level| {
+            // At this level the GPUs hold at most `gpu_cap` of the free units' streamed bytes
+            // (the main GPU keeps the level's buffer; each free unit's KV cache is on a GPU
+            // wherever it is), so every placement of the level streams at least the rest.
+            let gpu_cap = (gpu_rows.iter())
+                .map(|&g| {
+                    let room = gpu_room(inst, units, g);
+                    if g == main {
+                        room.saturating_sub(level.reserve)
+                    } else {
+                        room
+                    }
+                })
+                .sum::<u64>()
+                .saturating_sub(kv_free);
+            let Some(tiers) = Tiers::new(inst, units, free_bytes.saturating_sub(gpu_cap)) else {
+                return (0.0, None);
+            };
             let mut bins = bins(inst, units, &gpu_rows, &tiers, main, level.reserve);
-            // Every free unit's KV cache is on some GPU: the GPUs together hold that much less.
             bins.gpu_total = bins.gpu_total.saturating_sub(kv_free);
             pack(inst, units, &bins, &tiers, level, free_bytes)
         })
@@ -292,17 +305,28 @@ struct Tiers {
 }
 
 impl Tiers {
-    fn new(inst: &Instance, units: &BoundUnits) -> Option<Tiers> {
+    /// Each streamed device's rate: the least extra seconds per byte of a free unit there; with a
+    /// single streamed device, which every placement streams `min_streamed` bytes through, the
+    /// [`cover_rate`] of those bytes (tighter when per-unit fixed costs make small units dearer).
+    fn new(inst: &Instance, units: &BoundUnits, min_streamed: u64) -> Option<Tiers> {
+        let streamed: Vec<usize> = (0..inst.devices.len())
+            .filter(|&b| inst.is_streamed(b))
+            .collect();
         let rate = |b: usize| -> f64 {
-            units
+            let per_unit: Vec<(f64, u64)> = units
                 .free()
                 .filter(|&i| streamed_size(inst, i) > 0)
-                .map(|i| (inst.cost[i][b] - units.base[i]).max(0.0) / streamed_size(inst, i) as f64)
-                .fold(f64::INFINITY, f64::min)
+                .map(|i| {
+                    let extra = (inst.cost[i][b] - units.base[i]).max(0.0);
+                    (extra, streamed_size(inst, i))
+                })
+                .collect();
+            let floor = if streamed.len() == 1 { min_streamed } else { 0 };
+            cover_rate(per_unit, floor)
         };
-        let mut tiers: Vec<(f64, usize)> = (0..inst.devices.len())
-            .filter(|&b| inst.is_streamed(b))
-            .map(|b| (rate(b), b))
+        let mut tiers: Vec<(f64, usize)> = streamed
+            .iter()
+            .map(|&b| (rate(b), b))
             .filter(|(r, _)| r.is_finite())
             .collect();
         tiers.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -316,6 +340,30 @@ impl Tiers {
     fn ahead_of_sink(&self) -> &[(f64, usize)] {
         &self.tiers[..self.tiers.len() - 1]
     }
+}
+
+/// The lowest extra seconds per byte over any set of units holding at least `min_bytes` (units as
+/// `(extra seconds, bytes)`): the cheapest fractional cover of `min_bytes`, units taken in order of
+/// extra seconds per byte, over `min_bytes`; the least per-byte rate when `min_bytes` is 0 or more
+/// than the units hold. Valid as a per-byte rate for every set streaming at least `min_bytes`: the
+/// cheapest cover's cost over its bytes only grows with the bytes.
+fn cover_rate(mut per_unit: Vec<(f64, u64)>, min_bytes: u64) -> f64 {
+    per_unit.sort_by(|a, b| (a.0 / a.1 as f64).total_cmp(&(b.0 / b.1 as f64)));
+    let cheapest = (per_unit.first()).map_or(f64::INFINITY, |&(e, r)| e / r as f64);
+    let available: u64 = per_unit.iter().map(|u| u.1).sum();
+    if min_bytes == 0 || available < min_bytes {
+        return cheapest;
+    }
+    let (mut left, mut cost) = (min_bytes, 0.0);
+    for (e, r) in per_unit {
+        let take = r.min(left);
+        cost += e * take as f64 / r as f64;
+        left -= take;
+        if left == 0 {
+            break;
+        }
+    }
+    cheapest.max(cost / min_bytes as f64)
 }
 
 /// Bins of the knapsack: GPUs first, then the tiers ahead of the sink.
@@ -612,4 +660,20 @@ pub(crate) fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<us
         }
     }
     inst.feasible(&a).then_some(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cover_rate;
+
+    #[test]
+    fn cover_rate_takes_the_cheapest_bytes_first() {
+        // Per byte: 1.0 (10 bytes), 2.0 (10 bytes), 0.5 (4 bytes).
+        let units = vec![(10.0, 10), (20.0, 10), (2.0, 4)];
+        // 4 bytes at 0.5 + 10 at 1.0 + 2 at 2.0 = 16 s over 16 bytes.
+        assert_eq!(cover_rate(units.clone(), 16), 1.0);
+        // Nothing forced, or more than the units hold: the cheapest unit's rate.
+        assert_eq!(cover_rate(units.clone(), 0), 0.5);
+        assert_eq!(cover_rate(units, 100), 0.5);
+    }
 }

@@ -64,11 +64,12 @@ fn a_unit_pinned_to_cpu_is_streamed_once_in_the_bound() {
     let budgets = MemoryBudgets::parse("0=13GB,cpu=64GiB").unwrap();
     let inst = auto.instance(&PlanRequest::new(&m, &budgets)).unwrap();
     let lb = lower_bound(&inst);
-    // Sound, and tight to 0.5% (the per-tensor copy latency the bound prices at the cheapest
-    // unit's rate leaves it 0.23% below here; HiGHS' own bound above closes the rest).
+    // Sound, and tight to 0.1%: with one streamed device the rate is the cheapest cover of the
+    // bytes every placement streams (`cover_rate`), not the cheapest unit's (0.23% below here).
     assert!(
-        lb <= solve.objective_seconds && lb > 0.995 * solve.objective_seconds,
-        "{lb}"
+        lb <= solve.objective_seconds && lb > 0.999 * solve.objective_seconds,
+        "{lb} vs {}",
+        solve.objective_seconds
     );
 }
 
