@@ -100,10 +100,17 @@ fn tail_cost(inst: &Instance, s: usize, t: usize) -> Option<f64> {
         return None;
     }
     let disk_reserve = (t..n).map(|i| inst.stream_buffer(i)).max().unwrap_or(0);
+    // Without a GPU the cpu executes the disk units and holds their KV cache.
+    let disk_kv: u64 = match (inst.cpu, inst.disk) {
+        (Some(c), Some(d)) if inst.exec_row(d) == c => {
+            (t..n).map(|i| inst.streamed_bytes_on_main(i)).sum()
+        }
+        _ => 0,
+    };
     let mut cost = 0.0;
     if let Some(c) = inst.cpu {
         let mem: u64 = (s..t).map(|i| inst.unit_bytes_on(i, c)).sum();
-        if mem + disk_reserve > inst.caps[c] || (s..t).any(|i| !inst.allowed[i][c]) {
+        if mem + disk_reserve + disk_kv > inst.caps[c] || (s..t).any(|i| !inst.allowed[i][c]) {
             return None;
         }
         cost += (s..t).map(|i| inst.cost[i][c]).sum::<f64>();

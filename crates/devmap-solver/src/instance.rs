@@ -433,14 +433,27 @@ impl Instance {
     /// on the main GPU, see [`Instance::streamed_bytes_on_main`]). Tied copies and the streaming
     /// buffers are per-device charges, not per unit (see [`Instance::usage`]).
     pub fn unit_bytes_on(&self, unit: usize, device_row: usize) -> u64 {
-        if self.is_streamed(device_row) {
+        if self.exec_row(device_row) != device_row {
             self.mem[unit]
         } else {
             self.mem[unit] + self.kv[unit]
         }
     }
 
-    /// Bytes unit `unit` adds to the main GPU when it is streamed from cpu or disk (its KV cache).
+    /// The row whose device executes the units placed on row `device_row` (and holds their KV
+    /// cache): the main GPU for cpu/disk when there is one; without a GPU the cpu for disk (the
+    /// host runs them); otherwise the row itself.
+    pub fn exec_row(&self, device_row: usize) -> usize {
+        match (self.main, self.cpu) {
+            (Some(m), _) if self.is_streamed(device_row) => m,
+            (None, Some(c)) if Some(device_row) == self.disk => c,
+            _ => device_row,
+        }
+    }
+
+    /// Bytes unit `unit` adds to the row executing it when that is not its own row
+    /// ([`Instance::exec_row`]: the main GPU for a streamed unit, the cpu for a disk unit without
+    /// a GPU): its KV cache.
     pub fn streamed_bytes_on_main(&self, unit: usize) -> u64 {
         self.kv[unit]
     }
@@ -508,15 +521,11 @@ impl Instance {
         for p in pieces {
             u.weights[p.device] += p.weights;
             let streamed = main.is_some() && !self.devices[p.device].is_gpu();
-            let exec = if streamed {
-                main.expect("checked")
-            } else {
-                p.device
-            };
+            let exec = self.exec_row(p.device);
             executes[exec] = true;
             if !kv_charged[p.unit] {
                 kv_charged[p.unit] = true;
-                u.kv[exec] += if streamed {
+                u.kv[exec] += if exec != p.device {
                     self.streamed_bytes_on_main(p.unit)
                 } else {
                     self.unit_bytes_on(p.unit, p.device) - self.mem[p.unit]

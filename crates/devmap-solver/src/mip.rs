@@ -535,7 +535,8 @@ impl<'a> Builder<'a> {
         mem[m] += s;
     }
 
-    /// The cpu holds the largest disk unit on its way to the GPU.
+    /// The cpu holds the largest disk unit on its way to the GPU (and, without a GPU, the disk
+    /// units' KV cache).
     fn disk_reserve(&mut self, mem: &mut [Expression]) {
         let inst = self.inst;
         let (Some(c), Some(d)) = (inst.cpu, inst.disk) else {
@@ -550,8 +551,14 @@ impl<'a> Builder<'a> {
             most.unwrap_or(0) as f64 / u
         });
         let s = self.add(variable().min(0.0), s0);
+        let host_runs_disk = inst.exec_row(d) == c;
         for i in 0..inst.n() {
             let on = self.xe(i, d);
+            // Without a GPU the cpu executes disk units and holds their KV cache.
+            let kv = inst.streamed_bytes_on_main(i);
+            if host_runs_disk && kv > 0 {
+                mem[c] += kv as f64 / u * on.clone();
+            }
             self.constraints
                 .push(constraint!(s >= inst.stream_buffer(i) as f64 / u * on));
         }
