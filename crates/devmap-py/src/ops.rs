@@ -88,7 +88,8 @@ impl Setup {
             options.topology.clone(),
             options.objective,
         )
-        .for_workload(options.workload.as_ref());
+        .with_workload(&model, options.workload.as_ref())
+        .map_err(devmap_solver::Error::from)?;
         Ok(Setup {
             model,
             dtype,

@@ -266,8 +266,7 @@ impl Auto {
             self.options.topology.clone(),
             self.options.objective,
         )
-        .with_main_gpu(main)
-        .for_workload(self.options.workload.as_ref());
+        .with_main_gpu(main);
         let opts = InstanceOptions {
             reserve: (self.options.reserve.iter().copied())
                 .filter(|(d, _)| in_world(*d))

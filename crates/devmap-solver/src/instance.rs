@@ -3,6 +3,7 @@
 //! [`Instance::evaluate`], which is the single definition of "cost" and "feasible".
 
 use devmap_core::cost::{CostModel, Exec, UnitRead};
+use devmap_core::decode::TensorReads;
 use devmap_core::graph::{flows, units, Flow, Unit};
 use devmap_core::memory::{self, Workload, WorkloadMemory};
 use devmap_core::{Device, DeviceMap, MemoryBudgets, Model, SizeRules};
@@ -370,10 +371,14 @@ impl Instance {
             .map(|(r, f)| r.saturating_sub(*f))
             .collect();
         let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
+        let tensor_reads = TensorReads::new(model, &read_sizes);
         let unit_reads: Vec<UnitRead> = units
             .iter()
-            .map(|u| UnitRead::of(model, &u.tensors, &read_sizes))
+            .zip(&kv)
+            .map(|(u, &kv)| UnitRead::of(model, &u.tensors, &tensor_reads).with_kv(kv))
             .collect();
+        // The instance's own scorer (check_map's estimate) reads the same KV cache.
+        let cost_model = cost_model.with_workload(model, opts.workload.as_ref())?;
         let (execs, exec_of, cost) = exec_tables(&cost_model, &devices, &unit_reads);
         let flows = flows(model, &units);
         let (transfers, next_transfer) = transfers(&cost_model, &execs, &flows, units.len());

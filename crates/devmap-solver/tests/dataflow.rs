@@ -33,7 +33,8 @@ fn cost_model(m: &Model, workload: Option<&Workload>) -> CostModel {
         Topology::default(),
         Default::default(),
     )
-    .for_workload(workload)
+    .with_workload(m, workload)
+    .unwrap()
 }
 
 /// T5-11B (bf16, d_model 1024, 24 decoder blocks with `EncDecAttention`), prompt 512: with the

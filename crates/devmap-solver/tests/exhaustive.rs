@@ -491,7 +491,9 @@ fn check_case(case: &Case) -> Vec<String> {
                 &case.budgets.devices(),
                 case.options.topology.clone(),
                 case.options.objective,
-            );
+            )
+            .with_workload(&case.model, case.options.workload.as_ref())
+            .expect("the case's workload is valid");
             let est = cm.evaluate(&case.model, &plan.map, plan.size_rules);
             if !close(est.objective_seconds, solve.objective_seconds) {
                 fail(format!(
