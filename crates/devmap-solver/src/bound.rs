@@ -114,8 +114,31 @@ fn always_on_gpu(inst: &Instance, i: usize) -> u64 {
         .min(on_gpu.saturating_sub(streamed_size(inst, i)))
 }
 
-/// The least number of device changes any plan makes, at the cheapest link.
+/// The least transfer seconds any plan pays: cut edges at the cheapest edge and link.
 fn change_floor(inst: &Instance, units: &BoundUnits) -> f64 {
+    let execs = execs_needed(inst, units);
+    // Each connected piece of the transfer graph spans its execution devices with at least one cut
+    // edge per extra device: k devices over c pieces cut at least k − c edges.
+    let cuts = execs.saturating_sub(transfer_components(inst));
+    let t_min = (inst.transfers.iter())
+        .flat_map(|t| {
+            (0..inst.execs.len()).flat_map(move |a| {
+                (0..inst.execs.len())
+                    .filter(move |&b| b != a)
+                    .map(move |b| t.seconds[a][b])
+            })
+        })
+        .fold(f64::INFINITY, f64::min);
+    if cuts > 0 && t_min.is_finite() {
+        cuts as f64 * t_min
+    } else {
+        0.0
+    }
+}
+
+/// The execution devices any plan uses: every GPU a pin uses, the main GPU when a pin streams a
+/// unit, and enough GPUs to hold what cpu and disk cannot.
+fn execs_needed(inst: &Instance, units: &BoundUnits) -> usize {
     let gpu_rows: Vec<usize> = (0..inst.devices.len())
         .filter(|&b| inst.devices[b].is_gpu())
         .collect();
@@ -148,24 +171,7 @@ fn change_floor(inst: &Instance, units: &BoundUnits) -> f64 {
         held += c;
         by_capacity += 1;
     }
-    let execs = used.max(by_capacity);
-    // Each connected piece of the transfer graph spans its execution devices with at least one cut
-    // edge per extra device: k devices over c pieces cut at least k − c edges.
-    let cuts = execs.saturating_sub(transfer_components(inst));
-    let t_min = (inst.transfers.iter())
-        .flat_map(|t| {
-            (0..inst.execs.len()).flat_map(move |a| {
-                (0..inst.execs.len())
-                    .filter(move |&b| b != a)
-                    .map(move |b| t.seconds[a][b])
-            })
-        })
-        .fold(f64::INFINITY, f64::min);
-    if cuts > 0 && t_min.is_finite() {
-        cuts as f64 * t_min
-    } else {
-        0.0
-    }
+    used.max(by_capacity)
 }
 
 /// Connected components of the units under the transfers (an undirected union-find).

@@ -34,6 +34,34 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
     let gpus: Vec<usize> = (0..inst.devices.len())
         .filter(|&b| inst.devices[b].is_gpu())
         .collect();
+    let mut gpu_runs: HashMap<(u64, bool), GpuDp> = HashMap::new();
+    let best = best_split(inst, &gpus, &mut gpu_runs);
+    let (_, s, t, reduction, end) = best?;
+    let mut a = gpu_runs[&(reduction, s < n)].assignment(s, end);
+    for _ in s..t {
+        a.push(inst.cpu?);
+    }
+    for _ in t..n {
+        a.push(inst.disk?);
+    }
+    if !inst.feasible(&a) {
+        return None;
+    }
+    let cost = inst.evaluate(&a);
+    Some((a, cost))
+}
+
+/// (cost, s, t, reduction, end state of the GPU part): GPUs take [0, s), cpu [s, t), disk [t, n).
+type Split = (f64, usize, usize, u64, usize);
+
+/// The cheapest [`Split`] over every start of the streamed suffix and of the disk part;
+/// `gpu_runs` caches the GPU DP per main-GPU reduction.
+fn best_split(
+    inst: &Instance,
+    gpus: &[usize],
+    gpu_runs: &mut HashMap<(u64, bool), GpuDp>,
+) -> Option<Split> {
+    let n = inst.n();
     let main = inst.main;
     // Suffix statistics.
     let mut suffix_read_max = vec![0u64; n + 1];
@@ -42,9 +70,7 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
         suffix_read_max[i] = suffix_read_max[i + 1].max(inst.stream_buffer(i));
         suffix_kv[i] = suffix_kv[i + 1] + inst.streamed_bytes_on_main(i);
     }
-    let mut gpu_runs: HashMap<(u64, bool), GpuDp> = HashMap::new();
-    // (cost, s, t, reduction, end state of the GPU part)
-    let mut best: Option<(f64, usize, usize, u64, usize)> = None;
+    let mut best: Option<Split> = None;
     for s in 0..=n {
         let streamed = s < n;
         if streamed && inst.cpu.is_none() && inst.disk.is_none() {
@@ -61,7 +87,7 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
         // A streamed suffix runs on the main GPU, which then holds a unit (the main-GPU rule).
         let run = gpu_runs
             .entry((reduction, streamed))
-            .or_insert_with(|| GpuDp::run(inst, &gpus, reduction, streamed));
+            .or_insert_with(|| GpuDp::run(inst, gpus, reduction, streamed));
         // The way back to the main GPU (for a streamed suffix) is part of each end state's cost.
         let back_to = main.filter(|_| streamed).map(|m| inst.exec_of[m]);
         let Some((gpu_cost, end)) = run.best_at(inst, s, back_to) else {
@@ -77,19 +103,7 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
             }
         }
     }
-    let (_, s, t, reduction, end) = best?;
-    let mut a = gpu_runs[&(reduction, s < n)].assignment(s, end);
-    for _ in s..t {
-        a.push(inst.cpu?);
-    }
-    for _ in t..n {
-        a.push(inst.disk?);
-    }
-    if !inst.feasible(&a) {
-        return None;
-    }
-    let cost = inst.evaluate(&a);
-    Some((a, cost))
+    best
 }
 
 /// Cost of cpu taking [s, t) and disk taking [t, n), with transfers inside that stretch, or None if

@@ -642,8 +642,7 @@ fn run_highs(
     started: Instant,
     presolve: bool,
 ) -> Result<Once, Error> {
-    let rows = m.constraints.len();
-    let ncols = m.cols.len();
+    let size = (m.cols.len(), m.constraints.len());
     let x_col = m.x_col;
     let mut problem = m.vars.minimise(m.objective).using(highs);
     for c in m.constraints {
@@ -652,6 +651,22 @@ fn run_highs(
     let mut model = problem
         .try_into_inner()
         .map_err(|e| Error::Solver(format!("HiGHS could not build the model: {e}")))?;
+    set_options(&mut model, opts, started, presolve);
+    // A start that violates the symmetry rows is relabelled by HiGHS' own check; skip it then.
+    if start.is_some_and(|a| symmetry_respected(inst, a, opts.contiguous)) {
+        let _ = model.try_set_solution(Some(&m.cols), None, None, None);
+    }
+    if std::env::var_os("DEVMAP_TRACE").is_some() {
+        eprintln!("trace:   highs model ready in {:?}", started.elapsed());
+    }
+    let solved = model
+        .try_solve()
+        .map_err(|e| Error::Solver(format!("HiGHS failed on the placement model: {e:?}")))?;
+    Ok(read_solution(&solved, inst, &x_col, started, size))
+}
+
+/// HiGHS' limits, gaps and tolerances for one solve.
+fn set_options(model: &mut highs::Model, opts: MipOptions, started: Instant, presolve: bool) {
     model.make_quiet();
     // The limit covers building the model too (1–3 s on a million columns).
     model.set_option(
@@ -670,17 +685,17 @@ fn run_highs(
     if !presolve {
         model.set_option("presolve", "off");
     }
-    set_debug_options(&mut model);
-    // A start that violates the symmetry rows is relabelled by HiGHS' own check; skip it then.
-    if start.is_some_and(|a| symmetry_respected(inst, a, opts.contiguous)) {
-        let _ = model.try_set_solution(Some(&m.cols), None, None, None);
-    }
-    if std::env::var_os("DEVMAP_TRACE").is_some() {
-        eprintln!("trace:   highs model ready in {:?}", started.elapsed());
-    }
-    let solved = model
-        .try_solve()
-        .map_err(|e| Error::Solver(format!("HiGHS failed on the placement model: {e:?}")))?;
+    set_debug_options(model);
+}
+
+/// HiGHS' status, dual bound and plan (rounded, then checked exactly by the instance).
+fn read_solution(
+    solved: &highs::SolvedModel,
+    inst: &Instance,
+    x_col: &[Vec<Option<usize>>],
+    started: Instant,
+    size: (usize, usize),
+) -> Once {
     let status = solved.status();
     let bound_scaled = solved
         .double_info_value(c"mip_dual_bound")
@@ -703,7 +718,7 @@ fn run_highs(
         proven_infeasible: matches!(status, highs::HighsModelStatus::Infeasible),
         timed_out: matches!(status, highs::HighsModelStatus::ReachedTimeLimit),
         elapsed: started.elapsed(),
-        size: (ncols, rows),
+        size,
     };
     let (mut rounded_overflow, mut main_rule_broken) = (false, false);
     if matches!(
@@ -711,7 +726,7 @@ fn run_highs(
         highs::HighsSolutionStatus::Feasible
     ) {
         let values = solved.get_solution();
-        let a = rounded_assignment(&x_col, values.columns());
+        let a = rounded_assignment(x_col, values.columns());
         if inst.feasible(&a) {
             result.objective_seconds = inst.evaluate(&a);
             result.assignment = Some(a);
@@ -722,11 +737,11 @@ fn run_highs(
         }
     }
     result.gap = gap(result.objective_seconds, result.bound_seconds);
-    Ok(Once {
+    Once {
         result,
         rounded_overflow,
         main_rule_broken,
-    })
+    }
 }
 
 /// Each unit on its device with the largest x value.
