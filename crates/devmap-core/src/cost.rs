@@ -22,7 +22,7 @@ use crate::budget::Device;
 use crate::decode::TensorReads;
 use crate::device_map::DeviceMap;
 use crate::error::{Error, Result};
-use crate::graph::units;
+use crate::graph::{flows, units, Flow};
 use crate::model::{Model, ModuleId, SizeRules, TensorId, TensorKind};
 use crate::validate::tensor_devices;
 
@@ -344,8 +344,13 @@ pub struct CostModel {
     /// The GPU that executes cpu/disk-mapped units (accelerate's main device, [`main_gpu_of`]);
     /// `None` when there is no GPU. [`CostModel::evaluate`] takes it from the map it estimates.
     pub main_gpu: Option<u32>,
-    /// Activation bytes moved per device change (hidden size × activation dtype bytes × tokens).
+    /// Activation bytes of one token (hidden size × activation dtype bytes): what a residual
+    /// edge moves per decode step when its ends run on different devices.
     pub activation_bytes: u64,
+    /// Tokens of the encoded sequence an encoder-decoder sends to each cross-attention unit per
+    /// decode step ([`crate::graph::FlowKind::EncoderOutput`]): the workload's batch × prompt
+    /// ([`CostModel::with_workload`]), 1 without a workload.
+    pub encoder_tokens: u64,
     /// KV-cache bytes of each decoder layer under the workload estimated
     /// ([`CostModel::with_workload`]; empty: no cache). `auto` charges the same bytes through
     /// [`UnitRead::kv`] of its units.
@@ -373,12 +378,14 @@ impl CostModel {
             main_gpu: main_gpu_of(devices.iter().copied()),
             // Saturating: `hidden_size` comes from a manifest or config.json.
             activation_bytes: model.hidden_size.unwrap_or(0).saturating_mul(act_dtype),
+            encoder_tokens: 1,
             kv_layers: Vec::new(),
         }
     }
 
     /// The same model estimating decode steps of `workload`: its KV cache is read where each
-    /// layer executes ([`KV_PASSES_PER_STEP`]). Errors as [`crate::memory::WorkloadMemory::new`].
+    /// layer executes ([`KV_PASSES_PER_STEP`]), and an encoder-decoder's cross-attention units
+    /// receive batch × prompt encoded tokens per step. Errors as [`crate::memory::WorkloadMemory::new`].
     pub fn with_workload(
         self,
         model: &Model,
@@ -388,7 +395,12 @@ impl CostModel {
             Some(w) => crate::memory::WorkloadMemory::new(model, w)?.kv_layers,
             None => Vec::new(),
         };
-        Ok(CostModel { kv_layers, ..self })
+        let encoder_tokens = workload.map_or(1, |w| w.batch.saturating_mul(w.prompt).max(1));
+        Ok(CostModel {
+            kv_layers,
+            encoder_tokens,
+            ..self
+        })
     }
 
     /// The same model with another main GPU.
@@ -446,15 +458,28 @@ impl CostModel {
             + read.modules * self.topology.runtime.offload_hook_seconds
     }
 
-    /// Seconds to move the activations from one execution device to another (0 if the same).
+    /// Seconds to move one token of activations from one execution device to another (0 if the
+    /// same).
     pub fn transfer_seconds(&self, from: Exec, to: Exec) -> f64 {
+        self.tokens_seconds(1, from, to)
+    }
+
+    /// Seconds to move `tokens` tokens of activations between execution devices (0 if the same).
+    pub fn tokens_seconds(&self, tokens: u64, from: Exec, to: Exec) -> f64 {
         let link = match (from, to) {
             _ if from == to => return 0.0,
             (Exec::Gpu(a), Exec::Gpu(b)) => self.topology.peer_link(a, b),
             (Exec::Gpu(a), Exec::Cpu) | (Exec::Cpu, Exec::Gpu(a)) => self.topology.host_link(a),
             (Exec::Cpu, Exec::Cpu) => return 0.0,
         };
-        self.activation_bytes as f64 / link.bandwidth + link.latency
+        self.activation_bytes.saturating_mul(tokens) as f64 / link.bandwidth + link.latency
+    }
+
+    /// Seconds `flow` costs per decode step when its ends execute on `from` and `to` (0 when they
+    /// coincide or nothing crosses it per step).
+    pub fn flow_seconds(&self, flow: &Flow, from: Exec, to: Exec) -> f64 {
+        flow.tokens_per_step(self.encoder_tokens)
+            .map_or(0.0, |k| self.tokens_seconds(k, from, to))
     }
 
     /// Estimate a device map (see [`Estimate`]) as accelerate runs it: the main GPU is the map's
@@ -472,45 +497,70 @@ impl CostModel {
         let fallback = self.main_gpu.map_or(Device::Cpu, Device::Gpu);
         let units = units(model);
         let kv = crate::memory::kv_per_unit(model, &units, &self.kv_layers);
-        let mut steps: Vec<(Device, UnitRead)> = Vec::new();
-        for (unit, &kv) in units.iter().zip(&kv) {
-            let mut groups: Vec<(Device, Vec<TensorId>)> = Vec::new();
-            for &t in &unit.tensors {
-                let d = devices[t].unwrap_or(fallback);
-                match groups.iter_mut().find(|(g, _)| *g == d) {
-                    Some(g) => g.1.push(t),
-                    None => groups.push((d, vec![t])),
+        let pieces: Vec<Vec<(Device, UnitRead)>> = (units.iter().zip(&kv))
+            .map(|(unit, &kv)| {
+                let mut groups: Vec<(Device, Vec<TensorId>)> = Vec::new();
+                for &t in &unit.tensors {
+                    let d = devices[t].unwrap_or(fallback);
+                    match groups.iter_mut().find(|(g, _)| *g == d) {
+                        Some(g) => g.1.push(t),
+                        None => groups.push((d, vec![t])),
+                    }
                 }
-            }
-            // A unit divided between devices: its attention (and cache) runs with its first part.
-            steps.extend(groups.into_iter().enumerate().map(|(k, (d, ts))| {
-                let r = UnitRead::of(model, &ts, &read);
-                (d, if k == 0 { r.with_kv(kv) } else { r })
-            }));
-        }
-        self.estimate_steps(&steps)
+                (groups.into_iter().enumerate())
+                    .map(|(k, (d, ts))| {
+                        let r = UnitRead::of(model, &ts, &read);
+                        // A divided unit: its attention (and cache) runs with its first part.
+                        (d, if k == 0 { r.with_kv(kv) } else { r })
+                    })
+                    .collect()
+            })
+            .collect();
+        self.estimate_units(&pieces, &flows(model, &units))
     }
 
-    /// Estimate a sequence of (device, what the unit reads) steps in execution order.
-    pub fn estimate_steps(&self, steps: &[(Device, UnitRead)]) -> Estimate {
+    /// Estimate a decode step: `pieces[i]` are unit `i`'s parts (device, what it reads) in order
+    /// (one part unless a map divides the unit; consecutive parts on different devices pay a
+    /// one-token transfer), and each flow between units whose ends execute on different devices
+    /// pays [`CostModel::flow_seconds`] (from the last part of its upstream unit to the first of
+    /// its downstream one). For the throughput objective a transfer is the receiver's time.
+    pub fn estimate_units(&self, pieces: &[Vec<(Device, UnitRead)>], flows: &[Flow]) -> Estimate {
         let mut est = Estimate::default();
         let mut busy: BTreeMap<Exec, f64> = BTreeMap::new();
-        let mut prev: Option<Exec> = None;
-        for &(device, read) in steps {
-            let exec = self.exec(device);
-            let mut t = self.unit_seconds(read, device);
-            if let Some(p) = prev {
-                if p != exec {
-                    est.device_changes += 1;
-                    t += self.transfer_seconds(p, exec);
-                }
-            }
-            if matches!(device, Device::Cpu | Device::Disk) && self.main_gpu.is_some() {
-                est.streamed_bytes += read.copied;
-            }
+        let mut charge = |est: &mut Estimate, exec: Exec, t: f64| {
             *busy.entry(exec).or_default() += t;
             est.latency_seconds += t;
-            prev = Some(exec);
+        };
+        for unit in pieces {
+            let mut prev: Option<Exec> = None;
+            for &(device, read) in unit {
+                let exec = self.exec(device);
+                let mut t = self.unit_seconds(read, device);
+                if prev.is_some_and(|p| p != exec) {
+                    est.device_changes += 1;
+                    t += self.transfer_seconds(prev.expect("checked"), exec);
+                }
+                if matches!(device, Device::Cpu | Device::Disk) && self.main_gpu.is_some() {
+                    est.streamed_bytes += read.copied;
+                }
+                charge(&mut est, exec, t);
+                prev = Some(exec);
+            }
+        }
+        let end = |i: usize, last: bool| {
+            let parts = &pieces[i];
+            let part = if last { parts.last() } else { parts.first() };
+            part.map(|&(d, _)| self.exec(d))
+        };
+        for flow in flows {
+            let (Some(from), Some(to)) = (end(flow.from, true), end(flow.to, false)) else {
+                continue;
+            };
+            let t = self.flow_seconds(flow, from, to);
+            if from != to && flow.tokens_per_step(self.encoder_tokens).is_some() {
+                est.device_changes += 1;
+                charge(&mut est, to, t);
+            }
         }
         est.busiest_seconds = busy.values().copied().fold(0.0, f64::max);
         est.objective_seconds = match self.objective {

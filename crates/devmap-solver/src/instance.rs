@@ -4,7 +4,7 @@
 
 use devmap_core::cost::{CostModel, Exec, UnitRead};
 use devmap_core::decode::TensorReads;
-use devmap_core::graph::{units, Unit};
+use devmap_core::graph::{flows, units, Flow, Unit};
 use devmap_core::memory::{self, Workload, WorkloadMemory};
 use devmap_core::{Device, DeviceMap, MemoryBudgets, Model, SizeRules};
 
@@ -56,8 +56,13 @@ pub struct Instance {
     pub execs: Vec<Exec>,
     /// Index into `execs` of each device.
     pub exec_of: Vec<usize>,
-    /// Seconds to move activations between execution devices.
-    pub trans: Vec<Vec<f64>>,
+    /// The data-flow edges between units ([`devmap_core::graph::flows`]).
+    pub flows: Vec<Flow>,
+    /// The flows the objective charges per decode step, with their seconds between execution
+    /// devices: the transfer term sums them over edges whose ends execute apart.
+    pub transfers: Vec<Transfer>,
+    /// For each unit `i`, the transfer of the edge `i → i + 1`, if there is one.
+    pub next_transfer: Vec<Option<usize>>,
     /// Index of the main GPU in `devices` (executes cpu/disk units): the lowest GPU of the
     /// instance, which every feasible assignment that streams a unit uses
     /// ([`Instance::main_rule_holds`], `Auto::instance_for_main`).
@@ -70,6 +75,18 @@ pub struct Instance {
     pub ties: Vec<Tie>,
     /// The cost model used.
     pub cost_model: CostModel,
+}
+
+/// A data-flow edge charged per decode step (see [`Instance::transfers`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transfer {
+    /// The upstream unit.
+    pub from: usize,
+    /// The downstream unit.
+    pub to: usize,
+    /// `seconds[e][f]`: seconds per step when `from` executes on `execs[e]` and `to` on
+    /// `execs[f]` (0 on the diagonal).
+    pub seconds: Vec<Vec<f64>>,
 }
 
 /// Options that shape the instance.
@@ -213,9 +230,9 @@ fn pinned_devices(
     Ok(allowed)
 }
 
-/// Execution tables: the distinct execution devices, each device's index into them, the
-/// transfer seconds between them, and the seconds of each unit on each device.
-type ExecTables = (Vec<Exec>, Vec<usize>, Vec<Vec<f64>>, Vec<Vec<f64>>);
+/// Execution tables: the distinct execution devices, each device's index into them, and the
+/// seconds of each unit on each device.
+type ExecTables = (Vec<Exec>, Vec<usize>, Vec<Vec<f64>>);
 
 fn exec_tables(cost_model: &CostModel, devices: &[Device], reads: &[UnitRead]) -> ExecTables {
     let mut execs: Vec<Exec> = Vec::new();
@@ -229,15 +246,6 @@ fn exec_tables(cost_model: &CostModel, devices: &[Device], reads: &[UnitRead]) -
             })
         })
         .collect();
-    let trans = execs
-        .iter()
-        .map(|&a| {
-            execs
-                .iter()
-                .map(|&b| cost_model.transfer_seconds(a, b))
-                .collect()
-        })
-        .collect();
     let cost = reads
         .iter()
         .map(|&r| {
@@ -247,7 +255,40 @@ fn exec_tables(cost_model: &CostModel, devices: &[Device], reads: &[UnitRead]) -
                 .collect()
         })
         .collect();
-    (execs, exec_of, trans, cost)
+    (execs, exec_of, cost)
+}
+
+/// The flows charged per step, with their seconds between each pair of execution devices, and the
+/// transfer of each chain edge `i → i + 1`.
+fn transfers(
+    cost_model: &CostModel,
+    execs: &[Exec],
+    flows: &[Flow],
+    n: usize,
+) -> (Vec<Transfer>, Vec<Option<usize>>) {
+    let charged = flows
+        .iter()
+        .filter(|f| f.tokens_per_step(cost_model.encoder_tokens).is_some());
+    let transfers: Vec<Transfer> = charged
+        .map(|f| Transfer {
+            from: f.from,
+            to: f.to,
+            seconds: (execs.iter())
+                .map(|&a| {
+                    (execs.iter())
+                        .map(|&b| cost_model.flow_seconds(f, a, b))
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect();
+    let mut next = vec![None; n];
+    for (k, t) in transfers.iter().enumerate() {
+        if t.to == t.from + 1 && next[t.from].is_none() {
+            next[t.from] = Some(k);
+        }
+    }
+    (transfers, next)
 }
 
 /// Tied storages whose names fall in more than one unit.
@@ -338,7 +379,9 @@ impl Instance {
             .collect();
         // The instance's own scorer (check_map's estimate) reads the same KV cache.
         let cost_model = cost_model.with_workload(model, opts.workload.as_ref())?;
-        let (execs, exec_of, trans, cost) = exec_tables(&cost_model, &devices, &unit_reads);
+        let (execs, exec_of, cost) = exec_tables(&cost_model, &devices, &unit_reads);
+        let flows = flows(model, &units);
+        let (transfers, next_transfer) = transfers(&cost_model, &execs, &flows, units.len());
         let ties = tied_storages(model, &units, &sizes);
         Ok(Instance {
             main: devices.iter().position(|d| d.is_gpu()),
@@ -358,7 +401,9 @@ impl Instance {
             cost,
             execs,
             exec_of,
-            trans,
+            flows,
+            transfers,
+            next_transfer,
             ties,
             cost_model,
         })
@@ -369,19 +414,51 @@ impl Instance {
         self.units.len()
     }
 
+    /// Whether every charged flow joins consecutive units (`i → i + 1`, at most one per pair): the
+    /// graph the contiguous DP is exact on. Otherwise (an encoder-decoder's cross-attention
+    /// edges) the DP is only a start candidate.
+    pub fn is_chain(&self) -> bool {
+        self.transfers
+            .iter()
+            .enumerate()
+            .all(|(k, t)| self.next_transfer[t.from] == Some(k))
+    }
+
+    /// The seconds of the chain edge `i → i + 1` from execution device `e` to `f` (0 without one).
+    pub fn next_seconds(&self, i: usize, e: usize, f: usize) -> f64 {
+        self.next_transfer
+            .get(i)
+            .copied()
+            .flatten()
+            .map_or(0.0, |k| self.transfers[k].seconds[e][f])
+    }
+
     /// Bytes unit `unit` takes on the device of row `device_row` when it is placed there: its
     /// weights, plus its KV cache when that device also executes it (a streamed unit's cache stays
     /// on the main GPU, see [`Instance::streamed_bytes_on_main`]). Tied copies and the streaming
     /// buffers are per-device charges, not per unit (see [`Instance::usage`]).
     pub fn unit_bytes_on(&self, unit: usize, device_row: usize) -> u64 {
-        if self.is_streamed(device_row) {
+        if self.exec_row(device_row) != device_row {
             self.mem[unit]
         } else {
             self.mem[unit] + self.kv[unit]
         }
     }
 
-    /// Bytes unit `unit` adds to the main GPU when it is streamed from cpu or disk (its KV cache).
+    /// The row whose device executes the units placed on row `device_row` (and holds their KV
+    /// cache): the main GPU for cpu/disk when there is one; without a GPU the cpu for disk (the
+    /// host runs them); otherwise the row itself.
+    pub fn exec_row(&self, device_row: usize) -> usize {
+        match (self.main, self.cpu) {
+            (Some(m), _) if self.is_streamed(device_row) => m,
+            (None, Some(c)) if Some(device_row) == self.disk => c,
+            _ => device_row,
+        }
+    }
+
+    /// Bytes unit `unit` adds to the row executing it when that is not its own row
+    /// ([`Instance::exec_row`]: the main GPU for a streamed unit, the cpu for a disk unit without
+    /// a GPU): its KV cache.
     pub fn streamed_bytes_on_main(&self, unit: usize) -> u64 {
         self.kv[unit]
     }
@@ -449,15 +526,11 @@ impl Instance {
         for p in pieces {
             u.weights[p.device] += p.weights;
             let streamed = main.is_some() && !self.devices[p.device].is_gpu();
-            let exec = if streamed {
-                main.expect("checked")
-            } else {
-                p.device
-            };
+            let exec = self.exec_row(p.device);
             executes[exec] = true;
             if !kv_charged[p.unit] {
                 kv_charged[p.unit] = true;
-                u.kv[exec] += if streamed {
+                u.kv[exec] += if exec != p.device {
                     self.streamed_bytes_on_main(p.unit)
                 } else {
                     self.unit_bytes_on(p.unit, p.device) - self.mem[p.unit]
@@ -533,12 +606,14 @@ impl Instance {
 
     /// The objective value (seconds) of an assignment, exactly as the cost model estimates its map.
     pub fn evaluate(&self, a: &[usize]) -> f64 {
-        let steps: Vec<(Device, UnitRead)> = a
+        let pieces: Vec<Vec<(Device, UnitRead)>> = a
             .iter()
             .enumerate()
-            .map(|(i, &b)| (self.devices[b], self.unit_reads[i]))
+            .map(|(i, &b)| vec![(self.devices[b], self.unit_reads[i])])
             .collect();
-        self.cost_model.estimate_steps(&steps).objective_seconds
+        self.cost_model
+            .estimate_units(&pieces, &self.flows)
+            .objective_seconds
     }
 
     /// The accelerate-style map of an assignment.
