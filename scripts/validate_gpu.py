@@ -383,6 +383,19 @@ def load_done(args):
         return json.load(f)["rows"]
 
 
+def this_call_copy_link(cfg):
+    """accelerate-style pageable copy rate measured in this process (calibrate_runtime.py)."""
+    from calibrate_runtime import pageable_copy_link
+
+    try:
+        link, _ = pageable_copy_link(cfg, rounds=3)
+    except Exception as e:  # a result to record, not a reason to stop
+        log(f"pageable copy measurement failed: {e!r}")
+        return None
+    log(f"pageable .to() copies in this process: {link['bandwidth'] / 1e9:.2f} GB/s + {link['latency'] * 1e6:.1f} µs")
+    return link
+
+
 def main():
     args = parse_args()
     started = time.perf_counter()
@@ -397,10 +410,16 @@ def main():
     features = devmap_features(args.devmap)
     rows = load_done(args)
     done = {(r["cap_gib"], r["prompt"], r["strategy"]) for r in rows}
+    copy_now = this_call_copy_link(cfg)
     for k, cap in enumerate(args.caps):
         cap_gpu(cap)
         order = args.strategies if k % 2 == 0 else list(reversed(args.strategies))
-        rows += run_cap(args, ckpt, topo, features, cap, order, done, started)
+        new_rows = run_cap(args, ckpt, topo, features, cap, order, done, started)
+        for r in new_rows:
+            # The copy rate of this process: a --resume call reuses the first call's topology,
+            # and on 2026-12-01 the second call's decode steps ran ~15% slower at equal bytes.
+            r["pageable_copy_this_call"] = copy_now
+        rows += new_rows
         write_results(args, rows, topo_json, features)
     write_results(args, rows, topo_json, features)
     log(f"done in {time.perf_counter() - started:.0f} s")

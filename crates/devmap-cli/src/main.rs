@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use devmap_core::cost::{CostModel, KvCacheSpec, Objective, Topology};
+use devmap_core::cost::{CostModel, KvCacheSpec, Objective, OffloadMemory, Topology};
 use devmap_core::{
     load_model_with, DType, Device, DeviceMap, MemoryBudgets, Model, Registry, Workload,
     WorkloadMemory,
@@ -95,6 +95,35 @@ struct CostArgs {
     /// Alias of `--workload batch=B,prompt=S,new=0`: `batch=1,seq=4096[,dtype=bf16]`.
     #[arg(long = "kv-cache", value_name = "SPEC", conflicts_with = "workload")]
     kv_cache: Option<String>,
+    /// The runtime that will execute the map: `accelerate` copies offloaded weights from pageable
+    /// RAM on every step (the GPU's pageable host link); `pinned` from page-locked RAM (its pinned
+    /// host link), as after `devmap.pin_offloaded`. Default: the topology's
+    /// `runtime.offload_memory`, which is accelerate's unless the file says otherwise.
+    #[arg(long, value_enum, value_name = "RUNTIME")]
+    runtime: Option<RuntimeArg>,
+}
+
+/// `--runtime`: where the executing runtime copies offloaded weights from.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum RuntimeArg {
+    /// accelerate as it ships: pageable memory.
+    Accelerate,
+    /// Offloaded weights pinned in page-locked memory.
+    Pinned,
+}
+
+impl CostArgs {
+    /// `topology` with `--runtime` applied (the one place the flag takes effect).
+    fn with_runtime(&self, mut topology: Topology) -> Topology {
+        match self.runtime {
+            Some(RuntimeArg::Accelerate) => {
+                topology.runtime.offload_memory = OffloadMemory::Pageable
+            }
+            Some(RuntimeArg::Pinned) => topology.runtime.offload_memory = OffloadMemory::Pinned,
+            None => {}
+        }
+        topology
+    }
 }
 
 /// Options of `auto`'s search.
@@ -283,7 +312,7 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
     let (mut auto_options, workload) =
         auto_options(&args.cost, Some(&args.solve), &model, args.model.dtype)?;
     if let (Some(t), None) = (discovered, &args.cost.topology) {
-        auto_options.topology = t;
+        auto_options.topology = args.cost.with_runtime(t);
     }
     let strategy: Box<dyn Strategy> = match (args.strategy.as_str(), compat) {
         ("auto", None) => Box::new(Auto::new(auto_options.clone())),
@@ -372,6 +401,7 @@ fn auto_options(
     if let Some(path) = &args.topology {
         o.topology = Topology::read(path)?;
     }
+    o.topology = args.with_runtime(o.topology);
     o.objective = match args.objective {
         ObjectiveArg::Latency => Objective::Latency,
         ObjectiveArg::Throughput => Objective::Throughput,
@@ -407,7 +437,7 @@ fn compare(args: CompareArgs) -> Result<ExitCode> {
     let (budgets, discovered) = read_budgets(args.max_memory.as_deref())?;
     let (mut options, _) = auto_options(&args.cost, Some(&args.solve), &model, args.model.dtype)?;
     if let (Some(t), None) = (discovered, &args.cost.topology) {
-        options.topology = t;
+        options.topology = args.cost.with_runtime(t);
     }
     let request = PlanRequest::new(&model, &budgets).with_dtype(args.model.dtype);
     let cost_model = CostModel::new(
@@ -415,7 +445,8 @@ fn compare(args: CompareArgs) -> Result<ExitCode> {
         &budgets.devices(),
         options.topology.clone(),
         options.objective,
-    );
+    )
+    .with_workload(&model, options.workload.as_ref())?;
     let mut rows = Vec::new();
     let mut strategies: Vec<(String, Box<dyn Strategy>)> = Vec::new();
     for compat in [Compat::Transformers, Compat::Accelerate] {

@@ -159,3 +159,70 @@ fn workload_flags_are_checked() {
     let out = plan(&["--workload", "prompt=10", "--kv-cache", "seq=10"]);
     assert!(!out.status.success(), "the two flags conflict");
 }
+
+#[test]
+fn runtime_pinned_streams_offloaded_layers_over_the_pinned_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("map.json");
+    let mut entries = serde_json::Map::new();
+    entries.insert("model.embed_tokens".into(), 0.into());
+    for l in 0..32 {
+        let device: Value = if l >= 30 { "cpu".into() } else { 0.into() };
+        entries.insert(format!("model.layers.{l}"), device);
+    }
+    for name in ["model.norm", "model.rotary_emb", "lm_head"] {
+        entries.insert(name.into(), 0.into());
+    }
+    std::fs::write(&map, Value::Object(entries).to_string()).unwrap();
+    let m = llama();
+    let estimate = |runtime: &str| {
+        let out = devmap(&[
+            "check",
+            m.as_str(),
+            "--map",
+            map.to_str().unwrap(),
+            "--max-memory",
+            "0=20GiB,cpu=64GiB",
+            "--workload",
+            "none",
+            "--runtime",
+            runtime,
+            "--format",
+            "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        json_of(&out)["estimate_ms_per_token"].as_f64().unwrap()
+    };
+    // Two fp16 Llama-2-7B layers on cpu: q, k, v, o (4096 x 4096), gate, up, down (4096 x 11008)
+    // and two 4096-wide norms, 9 tensors each. The default links (docs/cost-model.md): pageable
+    // 7.5 GB/s + 7 µs per copy, pinned 25 GB/s + 10 µs.
+    let layer_bytes = 2.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0 + 2.0 * 4096.0);
+    let copies = 18.0;
+    let saved_ms = 1e3 * (2.0 * layer_bytes * (1.0 / 7.5e9 - 1.0 / 25e9) + copies * (7e-6 - 10e-6));
+    let (accelerate, pinned) = (estimate("accelerate"), estimate("pinned"));
+    assert!(
+        ((accelerate - pinned) - saved_ms).abs() < 1e-6,
+        "accelerate {accelerate} ms, pinned {pinned} ms, expected a {saved_ms} ms difference"
+    );
+    // Without the flag the topology's runtime (accelerate's pageable copies by default) applies.
+    let out = devmap(&[
+        "check",
+        m.as_str(),
+        "--map",
+        map.to_str().unwrap(),
+        "--max-memory",
+        "0=20GiB,cpu=64GiB",
+        "--workload",
+        "none",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(
+        json_of(&out)["estimate_ms_per_token"].as_f64().unwrap(),
+        accelerate
+    );
+}

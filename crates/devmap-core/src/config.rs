@@ -55,6 +55,16 @@ impl ModelConfig {
         self.lookup_u64(&["intermediate_size", "d_ff", "ffn_dim", "n_inner"])
             .or_else(|| self.hidden_size().map(|h| h.saturating_mul(4)))
     }
+    /// Routed experts per MoE layer (`num_local_experts` Mixtral, `num_experts` Qwen-MoE/OLMoE,
+    /// `n_routed_experts` DeepSeek), when the model has them.
+    pub fn num_experts(&self) -> Option<u64> {
+        self.lookup_u64(&["num_local_experts", "num_experts", "n_routed_experts"])
+    }
+    /// Experts each token is routed to (`num_experts_per_tok`, `moe_top_k`; not `top_k`, a
+    /// sampling setting in older configs).
+    pub fn experts_per_token(&self) -> Option<u64> {
+        self.lookup_u64(&["num_experts_per_tok", "moe_top_k"])
+    }
     /// Vocabulary size (the width of the logits).
     pub fn vocab_size(&self) -> Option<u64> {
         self.lookup_u64(&["vocab_size"])

@@ -19,9 +19,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::budget::Device;
+use crate::decode::TensorReads;
 use crate::device_map::DeviceMap;
 use crate::error::{Error, Result};
-use crate::graph::units;
+use crate::graph::{flows, units, Flow};
 use crate::model::{Model, ModuleId, SizeRules, TensorId, TensorKind};
 use crate::validate::tensor_devices;
 
@@ -107,7 +108,6 @@ pub struct Runtime {
 }
 
 const GB: f64 = 1e9;
-const GIB: f64 = (1u64 << 30) as f64;
 
 impl Default for Runtime {
     /// Measured on one H200 with transformers 5.17 and accelerate 1.15 (docs/cost-model.md).
@@ -129,8 +129,8 @@ pub const DEFAULT_EAGER_MODULE_SECONDS: f64 = 68e-6;
 impl Default for Topology {
     /// Defaults (sources in docs/cost-model.md): a generic data-center GPU at 2.0 TB/s (between
     /// A100-80GB's 2.04 and H100-PCIe's 2.0 TB/s), PCIe 4.0 x16 host links at 25 GB/s sustained with
-    /// 10 µs per transfer from pinned memory, pageable copies at 6.2 GiB/s and 7 µs (measured,
-    /// H200), GPU peers over PCIe at 20 GB/s and 15 µs, host RAM at 50 GB/s, disk at 5 GB/s, and
+    /// 10 µs per transfer from pinned memory, pageable copies at 7.5 GB/s and 7 µs (fitted to the
+    /// decode steps of 22 maps measured on an H200, docs/validation.md), GPU peers over PCIe at 20 GB/s and 15 µs, host RAM at 50 GB/s, disk at 5 GB/s, and
     /// [`Runtime::default`].
     fn default() -> Self {
         Topology {
@@ -146,7 +146,7 @@ impl Default for Topology {
                 latency: 10e-6,
             },
             default_pageable_host_link: Link {
-                bandwidth: 6.2 * GIB,
+                bandwidth: 7.5 * GB,
                 latency: 7e-6,
             },
             peer_links: BTreeMap::new(),
@@ -344,8 +344,17 @@ pub struct CostModel {
     /// The GPU that executes cpu/disk-mapped units (accelerate's main device, [`main_gpu_of`]);
     /// `None` when there is no GPU. [`CostModel::evaluate`] takes it from the map it estimates.
     pub main_gpu: Option<u32>,
-    /// Activation bytes moved per device change (hidden size × activation dtype bytes × tokens).
+    /// Activation bytes of one token (hidden size × activation dtype bytes): what a residual
+    /// edge moves per decode step when its ends run on different devices.
     pub activation_bytes: u64,
+    /// Tokens of the encoded sequence an encoder-decoder sends to each cross-attention unit per
+    /// decode step ([`crate::graph::FlowKind::EncoderOutput`]): the workload's batch × prompt
+    /// ([`CostModel::with_workload`]), 1 without a workload.
+    pub encoder_tokens: u64,
+    /// KV-cache bytes of each decoder layer under the workload estimated
+    /// ([`CostModel::with_workload`]; empty: no cache). `auto` charges the same bytes through
+    /// [`UnitRead::kv`] of its units.
+    pub kv_layers: Vec<u64>,
 }
 
 impl CostModel {
@@ -369,7 +378,29 @@ impl CostModel {
             main_gpu: main_gpu_of(devices.iter().copied()),
             // Saturating: `hidden_size` comes from a manifest or config.json.
             activation_bytes: model.hidden_size.unwrap_or(0).saturating_mul(act_dtype),
+            encoder_tokens: 1,
+            kv_layers: Vec::new(),
         }
+    }
+
+    /// The same model estimating decode steps of `workload`: its KV cache is read where each
+    /// layer executes ([`KV_PASSES_PER_STEP`]), and an encoder-decoder's cross-attention units
+    /// receive batch × prompt encoded tokens per step. Errors as [`crate::memory::WorkloadMemory::new`].
+    pub fn with_workload(
+        self,
+        model: &Model,
+        workload: Option<&crate::memory::Workload>,
+    ) -> Result<CostModel> {
+        let kv_layers = match workload {
+            Some(w) => crate::memory::WorkloadMemory::new(model, w)?.kv_layers,
+            None => Vec::new(),
+        };
+        let encoder_tokens = workload.map_or(1, |w| w.batch.saturating_mul(w.prompt).max(1));
+        Ok(CostModel {
+            kv_layers,
+            encoder_tokens,
+            ..self
+        })
     }
 
     /// The same model with another main GPU.
@@ -388,42 +419,67 @@ impl CostModel {
         }
     }
 
-    /// Seconds to run a unit whose weights, mapped to `device`, are `read`.
+    /// Seconds to run a unit mapped to `device` that reads `read` (docs/cost-model.md, "Terms").
     pub fn unit_seconds(&self, read: UnitRead, device: Device) -> f64 {
-        let b = read.bytes as f64;
         let t = &self.topology;
-        let eager = f64::from(read.modules) * t.runtime.eager_module_seconds;
-        let run_on_exec = match self.exec(device) {
-            Exec::Gpu(i) => b / t.gpu_bandwidth(i),
-            Exec::Cpu => b / t.cpu_memory_bandwidth,
+        let eager = read.modules * t.runtime.eager_module_seconds;
+        let exec_bandwidth = match self.exec(device) {
+            Exec::Gpu(i) => t.gpu_bandwidth(i),
+            Exec::Cpu => t.cpu_memory_bandwidth,
         };
-        let stream = match (device, self.main_gpu) {
-            (Device::Gpu(_), _) | (Device::Cpu, None) => 0.0,
-            (Device::Cpu, Some(m)) => self.stream_seconds(read, m),
-            (Device::Disk, Some(m)) => b / t.disk_read_bandwidth + self.stream_seconds(read, m),
-            (Device::Disk, None) => b / t.disk_read_bandwidth,
+        let kv = read.kv.saturating_mul(KV_PASSES_PER_STEP) as f64 / exec_bandwidth;
+        let copied = read.copied as f64;
+        let weights = match (device, self.main_gpu) {
+            (Device::Gpu(_), _) => read.bytes as f64 / exec_bandwidth,
+            // Without a GPU the host executes: offloaded weights are read in place.
+            (Device::Cpu, None) => read.bytes as f64 / exec_bandwidth,
+            (Device::Disk, None) => {
+                read.bytes as f64 / exec_bandwidth + copied / t.disk_read_bandwidth
+            }
+            // Copied to the main GPU, then read there as a resident unit would be.
+            (Device::Cpu, Some(m)) => {
+                read.bytes as f64 / exec_bandwidth + self.stream_seconds(read, m)
+            }
+            (Device::Disk, Some(m)) => {
+                read.bytes as f64 / exec_bandwidth
+                    + copied / t.disk_read_bandwidth
+                    + self.stream_seconds(read, m)
+            }
         };
-        run_on_exec + eager + stream
+        weights + eager + kv
     }
 
     /// Seconds to copy an offloaded unit's weights to GPU `gpu` as accelerate does on every step:
     /// one copy per tensor over the stream link, one hook per module.
     fn stream_seconds(&self, read: UnitRead, gpu: u32) -> f64 {
         let link = self.topology.stream_link(gpu);
-        read.bytes as f64 / link.bandwidth
-            + f64::from(read.tensors) * link.latency
-            + f64::from(read.modules) * self.topology.runtime.offload_hook_seconds
+        read.copied as f64 / link.bandwidth
+            + read.tensors * link.latency
+            + read.modules * self.topology.runtime.offload_hook_seconds
     }
 
-    /// Seconds to move the activations from one execution device to another (0 if the same).
+    /// Seconds to move one token of activations from one execution device to another (0 if the
+    /// same).
     pub fn transfer_seconds(&self, from: Exec, to: Exec) -> f64 {
+        self.tokens_seconds(1, from, to)
+    }
+
+    /// Seconds to move `tokens` tokens of activations between execution devices (0 if the same).
+    pub fn tokens_seconds(&self, tokens: u64, from: Exec, to: Exec) -> f64 {
         let link = match (from, to) {
             _ if from == to => return 0.0,
             (Exec::Gpu(a), Exec::Gpu(b)) => self.topology.peer_link(a, b),
             (Exec::Gpu(a), Exec::Cpu) | (Exec::Cpu, Exec::Gpu(a)) => self.topology.host_link(a),
             (Exec::Cpu, Exec::Cpu) => return 0.0,
         };
-        self.activation_bytes as f64 / link.bandwidth + link.latency
+        self.activation_bytes.saturating_mul(tokens) as f64 / link.bandwidth + link.latency
+    }
+
+    /// Seconds `flow` costs per decode step when its ends execute on `from` and `to` (0 when they
+    /// coincide or nothing crosses it per step).
+    pub fn flow_seconds(&self, flow: &Flow, from: Exec, to: Exec) -> f64 {
+        flow.tokens_per_step(self.encoder_tokens)
+            .map_or(0.0, |k| self.tokens_seconds(k, from, to))
     }
 
     /// Estimate a device map (see [`Estimate`]) as accelerate runs it: the main GPU is the map's
@@ -436,48 +492,75 @@ impl CostModel {
 
     fn evaluate_with_own_main(&self, model: &Model, map: &DeviceMap, rules: SizeRules) -> Estimate {
         // Weights are read under every name, tied duplicates included (lm_head reads the embedding).
-        let read = model.read_sizes(rules);
+        let read = TensorReads::new(model, &model.read_sizes(rules));
         let devices = tensor_devices(model, map);
         let fallback = self.main_gpu.map_or(Device::Cpu, Device::Gpu);
-        let mut steps: Vec<(Device, UnitRead)> = Vec::new();
-        for unit in units(model) {
-            let mut groups: Vec<(Device, Vec<TensorId>)> = Vec::new();
-            for &t in &unit.tensors {
-                let d = devices[t].unwrap_or(fallback);
-                match groups.iter_mut().find(|(g, _)| *g == d) {
-                    Some(g) => g.1.push(t),
-                    None => groups.push((d, vec![t])),
+        let units = units(model);
+        let kv = crate::memory::kv_per_unit(model, &units, &self.kv_layers);
+        let pieces: Vec<Vec<(Device, UnitRead)>> = (units.iter().zip(&kv))
+            .map(|(unit, &kv)| {
+                let mut groups: Vec<(Device, Vec<TensorId>)> = Vec::new();
+                for &t in &unit.tensors {
+                    let d = devices[t].unwrap_or(fallback);
+                    match groups.iter_mut().find(|(g, _)| *g == d) {
+                        Some(g) => g.1.push(t),
+                        None => groups.push((d, vec![t])),
+                    }
                 }
-            }
-            steps.extend(
-                groups
-                    .into_iter()
-                    .map(|(d, ts)| (d, UnitRead::of(model, &ts, &read))),
-            );
-        }
-        self.estimate_steps(&steps)
+                (groups.into_iter().enumerate())
+                    .map(|(k, (d, ts))| {
+                        let r = UnitRead::of(model, &ts, &read);
+                        // A divided unit: its attention (and cache) runs with its first part.
+                        (d, if k == 0 { r.with_kv(kv) } else { r })
+                    })
+                    .collect()
+            })
+            .collect();
+        self.estimate_units(&pieces, &flows(model, &units))
     }
 
-    /// Estimate a sequence of (device, what the unit reads) steps in execution order.
-    pub fn estimate_steps(&self, steps: &[(Device, UnitRead)]) -> Estimate {
+    /// Estimate a decode step: `pieces[i]` are unit `i`'s parts (device, what it reads) in order
+    /// (one part unless a map divides the unit; consecutive parts on different devices pay a
+    /// one-token transfer), and each flow between units whose ends execute on different devices
+    /// pays [`CostModel::flow_seconds`] (from the last part of its upstream unit to the first of
+    /// its downstream one). For the throughput objective a transfer is the receiver's time.
+    pub fn estimate_units(&self, pieces: &[Vec<(Device, UnitRead)>], flows: &[Flow]) -> Estimate {
         let mut est = Estimate::default();
         let mut busy: BTreeMap<Exec, f64> = BTreeMap::new();
-        let mut prev: Option<Exec> = None;
-        for &(device, read) in steps {
-            let exec = self.exec(device);
-            let mut t = self.unit_seconds(read, device);
-            if let Some(p) = prev {
-                if p != exec {
-                    est.device_changes += 1;
-                    t += self.transfer_seconds(p, exec);
-                }
-            }
-            if matches!(device, Device::Cpu | Device::Disk) && self.main_gpu.is_some() {
-                est.streamed_bytes += read.bytes;
-            }
+        let mut charge = |est: &mut Estimate, exec: Exec, t: f64| {
             *busy.entry(exec).or_default() += t;
             est.latency_seconds += t;
-            prev = Some(exec);
+        };
+        for unit in pieces {
+            let mut prev: Option<Exec> = None;
+            for &(device, read) in unit {
+                let exec = self.exec(device);
+                let mut t = self.unit_seconds(read, device);
+                if prev.is_some_and(|p| p != exec) {
+                    est.device_changes += 1;
+                    t += self.transfer_seconds(prev.expect("checked"), exec);
+                }
+                if matches!(device, Device::Cpu | Device::Disk) && self.main_gpu.is_some() {
+                    est.streamed_bytes += read.copied;
+                }
+                charge(&mut est, exec, t);
+                prev = Some(exec);
+            }
+        }
+        let end = |i: usize, last: bool| {
+            let parts = &pieces[i];
+            let part = if last { parts.last() } else { parts.first() };
+            part.map(|&(d, _)| self.exec(d))
+        };
+        for flow in flows {
+            let (Some(from), Some(to)) = (end(flow.from, true), end(flow.to, false)) else {
+                continue;
+            };
+            let t = self.flow_seconds(flow, from, to);
+            if from != to && flow.tokens_per_step(self.encoder_tokens).is_some() {
+                est.device_changes += 1;
+                charge(&mut est, to, t);
+            }
         }
         est.busiest_seconds = busy.values().copied().fold(0.0, f64::max);
         est.objective_seconds = match self.objective {
@@ -488,39 +571,65 @@ impl CostModel {
     }
 }
 
-/// What one unit reads on one device in a decode step: its weight bytes, and the tensors and
-/// modules holding them (accelerate copies an offloaded unit tensor by tensor, module by module).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What one unit costs on one device in a decode step: the weight bytes it reads when resident
+/// and copies when offloaded, the tensors and modules accelerate copies and hooks, and the KV
+/// cache its attention works on (see [`crate::decode`] and docs/cost-model.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct UnitRead {
-    /// Weight bytes read.
+    /// Weight bytes read from GPU memory when the unit is resident (embedding rows gathered, `k`
+    /// of `E` experts, nothing of an encoder).
     pub bytes: u64,
-    /// Tensors holding them.
-    pub tensors: u32,
-    /// Modules that own those tensors directly.
-    pub modules: u32,
+    /// Weight bytes accelerate copies to the execution device when the unit is offloaded.
+    pub copied: u64,
+    /// Tensor copies per step when offloaded (expected count: experts that are modules of their
+    /// own are copied only when routed to).
+    pub tensors: f64,
+    /// Modules with direct parameters that run per step (each pays eager PyTorch's cost, and a
+    /// hook when offloaded).
+    pub modules: f64,
+    /// KV-cache bytes the unit's attention works on per step, in the execution device's memory
+    /// ([`KV_PASSES_PER_STEP`] passes over them).
+    pub kv: u64,
 }
 
+/// Passes over a layer's KV cache per decode step: transformers 5's `DynamicLayer.update` grows
+/// the cache with `torch.cat` (reads the old cache, writes the new one) and attention reads it.
+pub const KV_PASSES_PER_STEP: u64 = 3;
+
 impl UnitRead {
-    /// The read of `tensors` (ids into `model`), where `read[t]` is the bytes tensor `t` reads.
+    /// The read of `tensors` (ids into `model`) with their per-tensor decode costs `reads`
+    /// ([`crate::decode::TensorReads`]); no KV cache ([`UnitRead::with_kv`] adds it).
     ///
     /// Only parameters are counted as tensors and module owners: accelerate streams no buffers
     /// (`offload_buffers=False`), and a buffer-only module (a rotary embedding) would otherwise
     /// count or not depending on whether the source lists its non-persistent buffer (a manifest
     /// does, a checkpoint does not).
-    pub fn of(model: &Model, tensors: &[TensorId], read: &[u64]) -> UnitRead {
+    pub fn of(model: &Model, tensors: &[TensorId], reads: &TensorReads) -> UnitRead {
         let params: Vec<TensorId> = tensors
             .iter()
             .copied()
             .filter(|&t| model.tensor(t).kind == TensorKind::Param)
             .collect();
-        let mut owners: Vec<ModuleId> = params.iter().map(|&t| model.tensor(t).module).collect();
-        owners.sort_unstable();
-        owners.dedup();
+        // A module runs as often as its most frequent tensor says (all of a module's tensors
+        // share one role in practice).
+        let mut owners: Vec<(ModuleId, f64)> = params
+            .iter()
+            .map(|&t| (model.tensor(t).module, reads.runs[t]))
+            .collect();
+        owners.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
+        owners.dedup_by_key(|o| o.0);
         UnitRead {
-            bytes: tensors.iter().map(|&t| read[t]).sum(),
-            tensors: u32::try_from(params.len()).unwrap_or(u32::MAX),
-            modules: u32::try_from(owners.len()).unwrap_or(u32::MAX),
+            bytes: tensors.iter().map(|&t| reads.resident[t]).sum(),
+            copied: tensors.iter().map(|&t| reads.copied[t]).sum(),
+            tensors: params.iter().map(|&t| reads.runs[t]).sum(),
+            modules: owners.iter().map(|o| o.1).sum(),
+            kv: 0,
         }
+    }
+
+    /// The same read with `kv` bytes of KV cache worked on per step.
+    pub fn with_kv(self, kv: u64) -> UnitRead {
+        UnitRead { kv, ..self }
     }
 }
 
@@ -687,16 +796,87 @@ mod tests {
             .build()
             .unwrap();
         let ids: Vec<TensorId> = (0..m.tensors().len()).collect();
-        let read = m.read_sizes(SizeRules::default());
+        let read = TensorReads::new(&m, &m.read_sizes(SizeRules::default()));
         let r = UnitRead::of(&m, &ids, &read);
         assert_eq!(
             r,
             UnitRead {
                 bytes: 2 * (10 + 2 + 10 + 4),
-                tensors: 3,
-                modules: 2
+                copied: 2 * (10 + 2 + 10 + 4),
+                tensors: 3.0,
+                modules: 2.0,
+                kv: 0,
             }
         );
+    }
+
+    #[test]
+    fn kv_reads_are_three_passes_at_the_executing_gpus_bandwidth() {
+        let m = chain();
+        let mut topology = hand_topology();
+        topology.gpus.insert(
+            1,
+            GpuProfile {
+                name: "slow".into(),
+                memory_bandwidth: 1e12,
+                host_link: None,
+                pageable_host_link: None,
+            },
+        );
+        let cm = CostModel::new(
+            &m,
+            &[Device::Gpu(0), Device::Gpu(1), Device::Cpu],
+            topology,
+            Objective::Latency,
+        );
+        let plain = UnitRead {
+            bytes: 2000,
+            copied: 2000,
+            tensors: 1.0,
+            modules: 1.0,
+            kv: 0,
+        };
+        let cached = plain.with_kv(1_000_000);
+        // 1 MB of cache, read by cat, written by cat, read by attention: 3 MB at 2 TB/s on GPU 0
+        // (1.5 µs), at 1 TB/s on GPU 1 (3 µs); a cpu unit runs on GPU 0, the main GPU.
+        for (device, extra) in [
+            (Device::Gpu(0), 3e6 / 2000e9),
+            (Device::Gpu(1), 3e6 / 1e12),
+            (Device::Cpu, 3e6 / 2000e9),
+        ] {
+            let d = cm.unit_seconds(cached, device) - cm.unit_seconds(plain, device);
+            assert!((d - extra).abs() < 1e-15, "{device:?}: {d} vs {extra}");
+        }
+    }
+
+    #[test]
+    fn a_resident_embedding_costs_a_row_and_an_offloaded_one_the_whole_copy() {
+        let m = ModelBuilder::new("t")
+            .module("embed", "Embedding")
+            .param("embed.weight", DType::F16, &[1000, 10])
+            .module("head", "Linear")
+            .param("head.weight", DType::F16, &[10])
+            .hidden_size(Some(10))
+            .build()
+            .unwrap();
+        let cm = CostModel::new(
+            &m,
+            &[Device::Gpu(0), Device::Cpu],
+            hand_topology(),
+            Objective::Latency,
+        );
+        let embed_on = |d: Device| {
+            let mut map = DeviceMap::new();
+            map.insert("embed", d);
+            map.insert("head", Device::Gpu(0));
+            cm.evaluate(&m, &map, SizeRules::default()).latency_seconds
+        };
+        // Resident: one 20-byte row and the 20-byte head at 2 TB/s, 1 ms of eager work each.
+        let resident = 40.0 / 2000e9 + 2e-3;
+        assert!((embed_on(Device::Gpu(0)) - resident).abs() < 1e-15);
+        // Offloaded: the whole 20 000-byte table at 4 GB/s, one 3 ms copy, a 2 ms hook on top.
+        let offloaded = resident + 20_000.0 / 4e9 + 3e-3 + 2e-3;
+        assert!((embed_on(Device::Cpu) - offloaded).abs() < 1e-15);
     }
 
     #[test]

@@ -1,8 +1,25 @@
 //! The model as a petgraph DAG: containment edges parent → child between modules, and data-flow
-//! edges between consecutive placement units in execution (registration) order.
+//! edges between placement units ([`Flow`]s, [`flows`]).
 //!
 //! A placement unit is a no-split module, or, outside no-split modules, a module's direct tensors
 //! (a `Linear` with its bias). Units are what strategies move between devices.
+//!
+//! Data flow, detected from module names and classes (docs/strategies.md, "Transfers along the
+//! DAG"):
+//! - the residual stream between consecutive units of a stack (registration order);
+//! - encoder-decoders (a module `encoder` with a sibling `decoder`): the encoder's last unit feeds
+//!   every decoder unit holding a cross-attention module (`cross_attn`, `encoder_attn`,
+//!   `EncDecAttention`, `crossattention`, or a class with `CrossAttention`), and not the decoder's
+//!   first unit (which reads token ids);
+//! - vision-language models (a `vision_tower` / `vision_model` / `visual` module and an optional
+//!   `multi_modal_projector` / `mm_projector`): tower → projector → the first language-model unit
+//!   after them, while the language model's own residual stream skips the tower;
+//! - tied weights: between the units holding the names of one storage.
+//!
+//! Per decode step only the decoder's residual stream and the encoder output cross their edges
+//! (accelerate's hooks send every input, `encoder_hidden_states` included, to the device of each
+//! layer on every call); the encoder's and the vision tower's flows happen at prefill, and a tied
+//! storage is copied once at load (the memory model charges the copy).
 
 use petgraph::graph::{DiGraph, NodeIndex};
 
@@ -26,11 +43,208 @@ pub struct Unit {
 pub enum Edge {
     /// Parent module contains child module.
     Contains,
-    /// Activations flow from one unit to the next.
+    /// Activations (or a tied storage) flow from one unit to another.
     DataFlow {
         /// Bytes of activation per token crossing the edge (hidden size × activation dtype bytes).
         bytes_per_token: u64,
+        /// What flows.
+        kind: FlowKind,
     },
+}
+
+/// What a data-flow edge carries, which decides how often it crosses per decode step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlowKind {
+    /// The residual stream between consecutive units of the decoding stack: one token per step.
+    Residual,
+    /// An encoder's output to a decoder unit with cross-attention: the whole encoded sequence on
+    /// every step (accelerate's hook sends `encoder_hidden_states` to the layer's device).
+    EncoderOutput,
+    /// A flow that happens only at prefill (inside an encoder or a vision tower, the image
+    /// features into the language model): nothing per decode step.
+    Prefill,
+    /// Units holding names of one tied storage: copied once at load (a memory charge), nothing
+    /// per decode step.
+    Tied,
+}
+
+/// A data-flow edge between two placement units (indices into [`units`]' order, `from < to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    /// The upstream unit.
+    pub from: usize,
+    /// The downstream unit.
+    pub to: usize,
+    /// What flows.
+    pub kind: FlowKind,
+}
+
+impl Flow {
+    /// Tokens of activation crossing the edge per decode step, or `None` when nothing crosses it
+    /// per step (prefill and tied flows). `encoder_tokens` is the encoded sequence length.
+    pub fn tokens_per_step(&self, encoder_tokens: u64) -> Option<u64> {
+        match self.kind {
+            FlowKind::Residual => Some(1),
+            FlowKind::EncoderOutput => Some(encoder_tokens),
+            FlowKind::Prefill | FlowKind::Tied => None,
+        }
+    }
+}
+
+/// Which part of the model a unit belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// The decoding stack and everything else.
+    Main,
+    /// The encoder of an encoder-decoder.
+    Encoder,
+    /// A vision tower or its projector.
+    Vision,
+}
+
+/// Last component of a dotted module name.
+fn leaf(name: &str) -> &str {
+    name.rsplit('.').next().unwrap_or(name)
+}
+
+/// Module names of cross-attention blocks (T5, BART/Whisper, BLIP/BERT-generation, mllama).
+const CROSS_ATTENTION: [&str; 5] = [
+    "EncDecAttention",
+    "encoder_attn",
+    "cross_attn",
+    "crossattention",
+    "cross_attention",
+];
+/// Module names of vision towers and multimodal projectors.
+const VISION: [&str; 7] = [
+    "vision_tower",
+    "vision_model",
+    "visual",
+    "vision_encoder",
+    "multi_modal_projector",
+    "mm_projector",
+    "vision_projection",
+];
+
+/// The encoder of an encoder-decoder: a module named `encoder` with a sibling named `decoder`.
+fn encoder_module(model: &Model) -> Option<ModuleId> {
+    let mods = model.modules();
+    mods.iter().enumerate().find_map(|(id, m)| {
+        let parent = m.parent?;
+        let has_decoder = (mods[parent].children.iter()).any(|&c| leaf(&mods[c].name) == "decoder");
+        (leaf(&m.name) == "encoder" && has_decoder).then_some(id)
+    })
+}
+
+/// The part of each unit (see [`Part`]).
+fn parts(model: &Model, units: &[Unit]) -> Vec<Part> {
+    let encoder = encoder_module(model);
+    let vision: Vec<ModuleId> = (0..model.modules().len())
+        .filter(|&id| VISION.contains(&leaf(&model.module(id).name)))
+        .collect();
+    units
+        .iter()
+        .map(|u| {
+            if encoder.is_some_and(|e| model.is_within(u.module, e)) {
+                Part::Encoder
+            } else if vision.iter().any(|&v| model.is_within(u.module, v)) {
+                Part::Vision
+            } else {
+                Part::Main
+            }
+        })
+        .collect()
+}
+
+/// Whether a unit holds a cross-attention module (its own module, or one below a whole unit).
+fn has_cross_attention(model: &Model, unit: &Unit) -> bool {
+    let is_cross = |id: ModuleId| {
+        let m = model.module(id);
+        CROSS_ATTENTION.contains(&leaf(&m.name)) || m.class.contains("CrossAttention")
+    };
+    if !unit.whole {
+        return is_cross(unit.module);
+    }
+    let mut stack = vec![unit.module];
+    while let Some(id) = stack.pop() {
+        if is_cross(id) {
+            return true;
+        }
+        stack.extend(&model.module(id).children);
+    }
+    false
+}
+
+/// Chain `members` (unit indices, ascending) with edges of `kind`.
+fn chain(members: &[usize], kind: FlowKind, out: &mut Vec<Flow>) {
+    out.extend(members.windows(2).map(|w| Flow {
+        from: w[0],
+        to: w[1],
+        kind,
+    }));
+}
+
+/// The data-flow edges between `units` (the model's units in execution order), as the module doc
+/// describes: residual chains per part, encoder output to cross-attention, vision features into
+/// the language model, tied storages. A model without an encoder-decoder or a vision tower is a
+/// chain of residual edges.
+pub fn flows(model: &Model, units: &[Unit]) -> Vec<Flow> {
+    let parts = parts(model, units);
+    let of = |p: Part| -> Vec<usize> { (0..units.len()).filter(|&i| parts[i] == p).collect() };
+    let (main, encoder, vision) = (of(Part::Main), of(Part::Encoder), of(Part::Vision));
+    let mut out = Vec::new();
+    chain(&main, FlowKind::Residual, &mut out);
+    chain(&encoder, FlowKind::Prefill, &mut out);
+    chain(&vision, FlowKind::Prefill, &mut out);
+    if let Some(&last) = encoder.last() {
+        let cross = main
+            .iter()
+            .filter(|&&i| i > last && has_cross_attention(model, &units[i]));
+        out.extend(cross.map(|&i| Flow {
+            from: last,
+            to: i,
+            kind: FlowKind::EncoderOutput,
+        }));
+    }
+    // The image features enter the language model at its first unit after the tower.
+    if let Some(&last) = vision.last() {
+        if let Some(&next) = main.iter().find(|&&i| i > last) {
+            out.push(Flow {
+                from: last,
+                to: next,
+                kind: FlowKind::Prefill,
+            });
+        }
+    }
+    out.extend(tied_flows(model, units));
+    out.sort_by_key(|f| (f.to, f.from));
+    out
+}
+
+/// One [`FlowKind::Tied`] edge from the first unit holding a name of a tied storage to each other.
+fn tied_flows(model: &Model, units: &[Unit]) -> Vec<Flow> {
+    let mut unit_of = vec![usize::MAX; model.tensors().len()];
+    for (i, u) in units.iter().enumerate() {
+        for &t in &u.tensors {
+            unit_of[t] = i;
+        }
+    }
+    let mut out = Vec::new();
+    for group in model.tied_groups() {
+        let mut holders: Vec<usize> = group
+            .iter()
+            .map(|&t| unit_of[t])
+            .filter(|&u| u != usize::MAX)
+            .collect();
+        holders.sort_unstable();
+        holders.dedup();
+        out.extend(holders.iter().skip(1).map(|&to| Flow {
+            from: holders[0],
+            to,
+            kind: FlowKind::Tied,
+        }));
+    }
+    out
 }
 
 /// The module DAG with its units.
@@ -42,6 +256,8 @@ pub struct ModelGraph {
     pub nodes: Vec<NodeIndex>,
     /// Placement units in execution order.
     pub units: Vec<Unit>,
+    /// Data-flow edges between units ([`flows`]).
+    pub flows: Vec<Flow>,
 }
 
 /// Split the model into placement units, in execution order.
@@ -110,12 +326,17 @@ impl ModelGraph {
             .unwrap_or(0)
             .saturating_mul(act.size_bytes());
         let units = units(model);
-        for pair in units.windows(2) {
-            if pair[0].module != pair[1].module {
+        let flows = flows(model, &units);
+        for &flow in &flows {
+            let (a, b) = (units[flow.from].module, units[flow.to].module);
+            if a != b {
                 graph.add_edge(
-                    nodes[pair[0].module],
-                    nodes[pair[1].module],
-                    Edge::DataFlow { bytes_per_token },
+                    nodes[a],
+                    nodes[b],
+                    Edge::DataFlow {
+                        bytes_per_token,
+                        kind: flow.kind,
+                    },
                 );
             }
         }
@@ -123,6 +344,7 @@ impl ModelGraph {
             graph,
             nodes,
             units,
+            flows,
         }
     }
 
@@ -169,7 +391,15 @@ mod tests {
         let flows = g
             .graph
             .edge_weights()
-            .filter(|e| matches!(e, Edge::DataFlow { bytes_per_token: 4 }))
+            .filter(|e| {
+                matches!(
+                    e,
+                    Edge::DataFlow {
+                        bytes_per_token: 4,
+                        kind: FlowKind::Residual
+                    }
+                )
+            })
             .count();
         assert_eq!(flows, 3);
     }

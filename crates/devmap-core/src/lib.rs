@@ -38,6 +38,7 @@
 pub mod budget;
 pub mod config;
 pub mod cost;
+pub mod decode;
 pub mod device_map;
 pub mod dtype;
 pub mod error;

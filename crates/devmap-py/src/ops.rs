@@ -87,7 +87,9 @@ impl Setup {
             &budgets.devices(),
             options.topology.clone(),
             options.objective,
-        );
+        )
+        .with_workload(&model, options.workload.as_ref())
+        .map_err(devmap_solver::Error::from)?;
         Ok(Setup {
             model,
             dtype,

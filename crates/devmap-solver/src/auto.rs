@@ -148,6 +148,9 @@ pub struct SolveReport {
     pub main_gpu: Option<u32>,
     /// Number of units.
     pub units: usize,
+    /// Whether the data flow between units is a chain (`Instance::is_chain`): the contiguous DP is
+    /// exact on it; on other graphs (encoder-decoders) the DP is only a start candidate.
+    pub chain: bool,
     /// MIP columns and rows.
     pub size: (usize, usize),
     /// Reserved bytes per device (KV cache, streaming reserve, tied copies, `--reserve`).
@@ -329,7 +332,12 @@ impl Auto {
             }
         }
         if let Some((a, cost)) = dp::solve_contiguous(inst) {
-            out.push(("contiguous DP".to_string(), a, cost));
+            let label = if inst.is_chain() {
+                "contiguous DP"
+            } else {
+                "contiguous DP (a start only: the data flow is not a chain)"
+            };
+            out.push((label.to_string(), a, cost));
         }
         // The bound's own packing, laid along the chain, is often the best start when offloading.
         if let Some(a) = packing.and_then(|p| packing_start(inst, p)) {
@@ -539,6 +547,7 @@ impl Auto {
                 solve.assignment.iter().map(|&b| inst.devices[b]),
             ),
             units: inst.n(),
+            chain: inst.is_chain(),
             size: solve.size,
             overhead,
         });

@@ -11,8 +11,9 @@
 //!   on a streamed device; what stays on a GPU even when a unit is streamed (its KV cache) and
 //!   what pinned units hold come off the GPU capacity. A pinned unit's cost is in `base` only.
 //! - `changes`: the execution devices any plan must visit (the GPUs pins use, the main GPU when a
-//!   pin streams a unit, enough GPUs to hold what cpu and disk cannot) cost one change each but
-//!   the first, at the cheapest link.
+//!   pin streams a unit, enough GPUs to hold what cpu and disk cannot): `k` devices over a
+//!   transfer graph of `c` connected pieces cut at least `k − c` edges, each at the cheapest
+//!   edge and link.
 //!
 //! Unit costs and transfers are separate sums of the latency, so the three terms add. The
 //! throughput objective's busiest device carries at least `1/execs` of the latency and the most
@@ -117,8 +118,31 @@ fn always_on_gpu(inst: &Instance, i: usize) -> u64 {
         .min(on_gpu.saturating_sub(streamed_size(inst, i)))
 }
 
-/// The least number of device changes any plan makes, at the cheapest link.
+/// The least transfer seconds any plan pays: cut edges at the cheapest edge and link.
 fn change_floor(inst: &Instance, units: &BoundUnits) -> f64 {
+    let execs = execs_needed(inst, units);
+    // Each connected piece of the transfer graph spans its execution devices with at least one cut
+    // edge per extra device: k devices over c pieces cut at least k − c edges.
+    let cuts = execs.saturating_sub(transfer_components(inst));
+    let t_min = (inst.transfers.iter())
+        .flat_map(|t| {
+            (0..inst.execs.len()).flat_map(move |a| {
+                (0..inst.execs.len())
+                    .filter(move |&b| b != a)
+                    .map(move |b| t.seconds[a][b])
+            })
+        })
+        .fold(f64::INFINITY, f64::min);
+    if cuts > 0 && t_min.is_finite() {
+        cuts as f64 * t_min
+    } else {
+        0.0
+    }
+}
+
+/// The execution devices any plan uses: every GPU a pin uses, the main GPU when a pin streams a
+/// unit, and enough GPUs to hold what cpu and disk cannot.
+fn execs_needed(inst: &Instance, units: &BoundUnits) -> usize {
     let gpu_rows: Vec<usize> = (0..inst.devices.len())
         .filter(|&b| inst.devices[b].is_gpu())
         .collect();
@@ -151,32 +175,34 @@ fn change_floor(inst: &Instance, units: &BoundUnits) -> f64 {
         held += c;
         by_capacity += 1;
     }
-    let execs = used.max(by_capacity);
-    if execs < 2 {
-        return 0.0;
+    used.max(by_capacity)
+}
+
+/// Connected components of the units under the transfers (an undirected union-find).
+fn transfer_components(inst: &Instance) -> usize {
+    let mut parent: Vec<usize> = (0..inst.n()).collect();
+    fn root(parent: &mut [usize], mut x: usize) -> usize {
+        while parent[x] != x {
+            parent[x] = parent[parent[x]];
+            x = parent[x];
+        }
+        x
     }
-    let t_min = (0..inst.execs.len())
-        .flat_map(|a| {
-            (0..inst.execs.len())
-                .filter(move |&b| b != a)
-                .map(move |b| (a, b))
-        })
-        .map(|(a, b)| inst.trans[a][b])
-        .fold(f64::INFINITY, f64::min);
-    if t_min.is_finite() {
-        (execs - 1) as f64 * t_min
-    } else {
-        0.0
+    let mut components = inst.n();
+    for t in &inst.transfers {
+        let (a, b) = (root(&mut parent, t.from), root(&mut parent, t.to));
+        if a != b {
+            parent[a] = b;
+            components -= 1;
+        }
     }
+    components
 }
 
 /// The lower bound on the extra seconds streaming the free units costs (see the module doc):
 /// the least over the main GPU's streaming buffer levels.
 fn streaming_extra(inst: &Instance, units: &BoundUnits) -> (f64, Option<Packing>) {
     let Some(main) = inst.main else {
-        return (0.0, None);
-    };
-    let Some(tiers) = Tiers::new(inst, units) else {
         return (0.0, None);
     };
     let gpu_rows: Vec<usize> = (0..inst.devices.len())
@@ -191,8 +217,24 @@ fn streaming_extra(inst: &Instance, units: &BoundUnits) -> (f64, Option<Packing>
     levels(inst, units, &gpu_rows)
         .into_iter()
         .map(|level| {
+            // At this level the GPUs hold at most `gpu_cap` of the free units' streamed bytes
+            // (the main GPU keeps the level's buffer; each free unit's KV cache is on a GPU
+            // wherever it is), so every placement of the level streams at least the rest.
+            let gpu_cap = (gpu_rows.iter())
+                .map(|&g| {
+                    let room = gpu_room(inst, units, g);
+                    if g == main {
+                        room.saturating_sub(level.reserve)
+                    } else {
+                        room
+                    }
+                })
+                .sum::<u64>()
+                .saturating_sub(kv_free);
+            let Some(tiers) = Tiers::new(inst, units, free_bytes.saturating_sub(gpu_cap)) else {
+                return (0.0, None);
+            };
             let mut bins = bins(inst, units, &gpu_rows, &tiers, main, level.reserve);
-            // Every free unit's KV cache is on some GPU: the GPUs together hold that much less.
             bins.gpu_total = bins.gpu_total.saturating_sub(kv_free);
             pack(inst, units, &bins, &tiers, level, free_bytes)
         })
@@ -273,17 +315,28 @@ struct Tiers {
 }
 
 impl Tiers {
-    fn new(inst: &Instance, units: &BoundUnits) -> Option<Tiers> {
+    /// Each streamed device's rate: the least extra seconds per byte of a free unit there; with a
+    /// single streamed device, which every placement streams `min_streamed` bytes through, the
+    /// [`cover_rate`] of those bytes (tighter when per-unit fixed costs make small units dearer).
+    fn new(inst: &Instance, units: &BoundUnits, min_streamed: u64) -> Option<Tiers> {
+        let streamed: Vec<usize> = (0..inst.devices.len())
+            .filter(|&b| inst.is_streamed(b))
+            .collect();
         let rate = |b: usize| -> f64 {
-            units
+            let per_unit: Vec<(f64, u64)> = units
                 .free()
                 .filter(|&i| streamed_size(inst, i) > 0)
-                .map(|i| (inst.cost[i][b] - units.base[i]).max(0.0) / streamed_size(inst, i) as f64)
-                .fold(f64::INFINITY, f64::min)
+                .map(|i| {
+                    let extra = (inst.cost[i][b] - units.base[i]).max(0.0);
+                    (extra, streamed_size(inst, i))
+                })
+                .collect();
+            let floor = if streamed.len() == 1 { min_streamed } else { 0 };
+            cover_rate(per_unit, floor)
         };
-        let mut tiers: Vec<(f64, usize)> = (0..inst.devices.len())
-            .filter(|&b| inst.is_streamed(b))
-            .map(|b| (rate(b), b))
+        let mut tiers: Vec<(f64, usize)> = streamed
+            .iter()
+            .map(|&b| (rate(b), b))
             .filter(|(r, _)| r.is_finite())
             .collect();
         tiers.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -297,6 +350,30 @@ impl Tiers {
     fn ahead_of_sink(&self) -> &[(f64, usize)] {
         &self.tiers[..self.tiers.len() - 1]
     }
+}
+
+/// The lowest extra seconds per byte over any set of units holding at least `min_bytes` (units as
+/// `(extra seconds, bytes)`): the cheapest fractional cover of `min_bytes`, units taken in order of
+/// extra seconds per byte, over `min_bytes`; the least per-byte rate when `min_bytes` is 0 or more
+/// than the units hold. Valid as a per-byte rate for every set streaming at least `min_bytes`: the
+/// cheapest cover's cost over its bytes only grows with the bytes.
+fn cover_rate(mut per_unit: Vec<(f64, u64)>, min_bytes: u64) -> f64 {
+    per_unit.sort_by(|a, b| (a.0 / a.1 as f64).total_cmp(&(b.0 / b.1 as f64)));
+    let cheapest = (per_unit.first()).map_or(f64::INFINITY, |&(e, r)| e / r as f64);
+    let available: u64 = per_unit.iter().map(|u| u.1).sum();
+    if min_bytes == 0 || available < min_bytes {
+        return cheapest;
+    }
+    let (mut left, mut cost) = (min_bytes, 0.0);
+    for (e, r) in per_unit {
+        let take = r.min(left);
+        cost += e * take as f64 / r as f64;
+        left -= take;
+        if left == 0 {
+            break;
+        }
+    }
+    cheapest.max(cost / min_bytes as f64)
 }
 
 /// Bins of the knapsack: GPUs first, then the tiers ahead of the sink.
@@ -593,4 +670,20 @@ pub(crate) fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<us
         }
     }
     inst.feasible(&a).then_some(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cover_rate;
+
+    #[test]
+    fn cover_rate_takes_the_cheapest_bytes_first() {
+        // Per byte: 1.0 (10 bytes), 2.0 (10 bytes), 0.5 (4 bytes).
+        let units = vec![(10.0, 10), (20.0, 10), (2.0, 4)];
+        // 4 bytes at 0.5 + 10 at 1.0 + 2 at 2.0 = 16 s over 16 bytes.
+        assert_eq!(cover_rate(units.clone(), 16), 1.0);
+        // Nothing forced, or more than the units hold: the cheapest unit's rate.
+        assert_eq!(cover_rate(units.clone(), 0), 0.5);
+        assert_eq!(cover_rate(units, 100), 0.5);
+    }
 }

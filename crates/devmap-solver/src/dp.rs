@@ -3,6 +3,11 @@
 //! pipeline-partitioning DP; `auto` uses it as a warm start and as a cross-check of the MIP's
 //! contiguous mode (they must agree exactly).
 //!
+//! Transfers are priced on the chain edges `i → i + 1` only: the DP is exact when the instance's
+//! data flow is a chain ([`Instance::is_chain`]). On other graphs (an encoder-decoder's
+//! cross-attention edges) the assignment it returns is scored by [`Instance::evaluate`] and is only
+//! a start candidate for the MIP.
+//!
 //! The streamed suffix (units on cpu/disk) decides the main GPU's reserve (the largest streamed
 //! unit plus the streamed units' KV cache) and the cpu's reserve (the largest disk unit), so the DP
 //! enumerates where the suffix starts and runs the GPU part once per distinct reserve.
@@ -29,6 +34,34 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
     let gpus: Vec<usize> = (0..inst.devices.len())
         .filter(|&b| inst.devices[b].is_gpu())
         .collect();
+    let mut gpu_runs: HashMap<(u64, bool), GpuDp> = HashMap::new();
+    let best = best_split(inst, &gpus, &mut gpu_runs);
+    let (_, s, t, reduction, end) = best?;
+    let mut a = gpu_runs[&(reduction, s < n)].assignment(s, end);
+    for _ in s..t {
+        a.push(inst.cpu?);
+    }
+    for _ in t..n {
+        a.push(inst.disk?);
+    }
+    if !inst.feasible(&a) {
+        return None;
+    }
+    let cost = inst.evaluate(&a);
+    Some((a, cost))
+}
+
+/// (cost, s, t, reduction, end state of the GPU part): GPUs take [0, s), cpu [s, t), disk [t, n).
+type Split = (f64, usize, usize, u64, usize);
+
+/// The cheapest [`Split`] over every start of the streamed suffix and of the disk part;
+/// `gpu_runs` caches the GPU DP per main-GPU reduction.
+fn best_split(
+    inst: &Instance,
+    gpus: &[usize],
+    gpu_runs: &mut HashMap<(u64, bool), GpuDp>,
+) -> Option<Split> {
+    let n = inst.n();
     let main = inst.main;
     // Suffix statistics.
     let mut suffix_read_max = vec![0u64; n + 1];
@@ -37,9 +70,7 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
         suffix_read_max[i] = suffix_read_max[i + 1].max(inst.stream_buffer(i));
         suffix_kv[i] = suffix_kv[i + 1] + inst.streamed_bytes_on_main(i);
     }
-    let mut gpu_runs: HashMap<(u64, bool), GpuDp> = HashMap::new();
-    // (cost, s, t, reduction, end state of the GPU part)
-    let mut best: Option<(f64, usize, usize, u64, usize)> = None;
+    let mut best: Option<Split> = None;
     for s in 0..=n {
         let streamed = s < n;
         if streamed && inst.cpu.is_none() && inst.disk.is_none() {
@@ -56,7 +87,7 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
         // A streamed suffix runs on the main GPU, which then holds a unit (the main-GPU rule).
         let run = gpu_runs
             .entry((reduction, streamed))
-            .or_insert_with(|| GpuDp::run(inst, &gpus, reduction, streamed));
+            .or_insert_with(|| GpuDp::run(inst, gpus, reduction, streamed));
         // The way back to the main GPU (for a streamed suffix) is part of each end state's cost.
         let back_to = main.filter(|_| streamed).map(|m| inst.exec_of[m]);
         let Some((gpu_cost, end)) = run.best_at(inst, s, back_to) else {
@@ -72,19 +103,7 @@ pub fn solve_contiguous(inst: &Instance) -> Option<(Vec<usize>, f64)> {
             }
         }
     }
-    let (_, s, t, reduction, end) = best?;
-    let mut a = gpu_runs[&(reduction, s < n)].assignment(s, end);
-    for _ in s..t {
-        a.push(inst.cpu?);
-    }
-    for _ in t..n {
-        a.push(inst.disk?);
-    }
-    if !inst.feasible(&a) {
-        return None;
-    }
-    let cost = inst.evaluate(&a);
-    Some((a, cost))
+    best
 }
 
 /// Cost of cpu taking [s, t) and disk taking [t, n), with transfers inside that stretch, or None if
@@ -95,10 +114,17 @@ fn tail_cost(inst: &Instance, s: usize, t: usize) -> Option<f64> {
         return None;
     }
     let disk_reserve = (t..n).map(|i| inst.stream_buffer(i)).max().unwrap_or(0);
+    // Without a GPU the cpu executes the disk units and holds their KV cache.
+    let disk_kv: u64 = match (inst.cpu, inst.disk) {
+        (Some(c), Some(d)) if inst.exec_row(d) == c => {
+            (t..n).map(|i| inst.streamed_bytes_on_main(i)).sum()
+        }
+        _ => 0,
+    };
     let mut cost = 0.0;
     if let Some(c) = inst.cpu {
         let mem: u64 = (s..t).map(|i| inst.unit_bytes_on(i, c)).sum();
-        if mem + disk_reserve > inst.caps[c] || (s..t).any(|i| !inst.allowed[i][c]) {
+        if mem + disk_reserve + disk_kv > inst.caps[c] || (s..t).any(|i| !inst.allowed[i][c]) {
             return None;
         }
         cost += (s..t).map(|i| inst.cost[i][c]).sum::<f64>();
@@ -156,7 +182,7 @@ impl GpuDp {
                     let enter = if st == 0 {
                         0.0
                     } else {
-                        inst.trans[st - 1][exec]
+                        inst.next_seconds(i - 1, st - 1, exec)
                     };
                     let (mut used, mut run) = (0u64, 0.0);
                     for j in i..n {
@@ -192,7 +218,7 @@ impl GpuDp {
         let g = self.gpus.len();
         let way_back = |st: usize| match (st, back_to) {
             (0, _) | (_, None) => 0.0,
-            (st, Some(m)) => inst.trans[st - 1][m],
+            (st, Some(m)) => inst.next_seconds(s - 1, st - 1, m),
         };
         (0..self.n_states)
             .filter(|&st| self.cost[g][s][st].is_finite())

@@ -3,7 +3,8 @@
 //! [`Instance::evaluate`], which is the single definition of "cost" and "feasible".
 
 use devmap_core::cost::{CostModel, Exec, UnitRead};
-use devmap_core::graph::{units, Unit};
+use devmap_core::decode::TensorReads;
+use devmap_core::graph::{flows, units, Flow, Unit};
 use devmap_core::memory::{self, Workload, WorkloadMemory};
 use devmap_core::quant_size::RuntimeBytes;
 use devmap_core::{Device, DeviceMap, MemoryBudgets, Model, SizeRules};
@@ -67,8 +68,13 @@ pub struct Instance {
     pub execs: Vec<Exec>,
     /// Index into `execs` of each device.
     pub exec_of: Vec<usize>,
-    /// Seconds to move activations between execution devices.
-    pub trans: Vec<Vec<f64>>,
+    /// The data-flow edges between units ([`devmap_core::graph::flows`]).
+    pub flows: Vec<Flow>,
+    /// The flows the objective charges per decode step, with their seconds between execution
+    /// devices: the transfer term sums them over edges whose ends execute apart.
+    pub transfers: Vec<Transfer>,
+    /// For each unit `i`, the transfer of the edge `i → i + 1`, if there is one.
+    pub next_transfer: Vec<Option<usize>>,
     /// Index of the main GPU in `devices` (executes cpu/disk units): the lowest GPU of the
     /// instance, which every feasible assignment that streams a unit uses
     /// ([`Instance::main_rule_holds`], `Auto::instance_for_main`).
@@ -94,8 +100,8 @@ pub struct TensorBytes {
     pub offloaded_read: Vec<u64>,
 }
 
-/// Per tensor sizes of `model` under `rules`, quantized as the runtime holds them: `(held on a
-/// GPU, read on a GPU, the offloaded TensorBytes, the runtime bytes when quantized)`.
+/// Per tensor sizes of `model` under `rules`, quantized as the runtime holds them: `(read on a
+/// GPU, the TensorBytes, the runtime bytes when quantized)`.
 fn sized_tensors(
     model: &Model,
     rules: SizeRules,
@@ -111,6 +117,18 @@ fn sized_tensors(
         offloaded_read: read_off,
     };
     Ok((read_gpu, bytes, quant))
+}
+
+/// A data-flow edge charged per decode step (see [`Instance::transfers`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transfer {
+    /// The upstream unit.
+    pub from: usize,
+    /// The downstream unit.
+    pub to: usize,
+    /// `seconds[e][f]`: seconds per step when `from` executes on `execs[e]` and `to` on
+    /// `execs[f]` (0 on the diagonal).
+    pub seconds: Vec<Vec<f64>>,
 }
 
 /// Options that shape the instance.
@@ -254,9 +272,9 @@ fn pinned_devices(
     Ok(allowed)
 }
 
-/// Execution tables: the distinct execution devices, each device's index into them, the
-/// transfer seconds between them, and the seconds of each unit on each device.
-type ExecTables = (Vec<Exec>, Vec<usize>, Vec<Vec<f64>>, Vec<Vec<f64>>);
+/// Execution tables: the distinct execution devices, each device's index into them, and the
+/// seconds of each unit on each device.
+type ExecTables = (Vec<Exec>, Vec<usize>, Vec<Vec<f64>>);
 
 /// `reads` per unit when it executes where it is held, `streamed` when cpu/disk stream it.
 fn exec_tables(
@@ -276,15 +294,6 @@ fn exec_tables(
             })
         })
         .collect();
-    let trans = execs
-        .iter()
-        .map(|&a| {
-            execs
-                .iter()
-                .map(|&b| cost_model.transfer_seconds(a, b))
-                .collect()
-        })
-        .collect();
     let any_gpu = devices.iter().any(|d| d.is_gpu());
     let cost = reads
         .iter()
@@ -299,7 +308,40 @@ fn exec_tables(
                 .collect()
         })
         .collect();
-    (execs, exec_of, trans, cost)
+    (execs, exec_of, cost)
+}
+
+/// The flows charged per step, with their seconds between each pair of execution devices, and the
+/// transfer of each chain edge `i → i + 1`.
+fn transfers(
+    cost_model: &CostModel,
+    execs: &[Exec],
+    flows: &[Flow],
+    n: usize,
+) -> (Vec<Transfer>, Vec<Option<usize>>) {
+    let charged = flows
+        .iter()
+        .filter(|f| f.tokens_per_step(cost_model.encoder_tokens).is_some());
+    let transfers: Vec<Transfer> = charged
+        .map(|f| Transfer {
+            from: f.from,
+            to: f.to,
+            seconds: (execs.iter())
+                .map(|&a| {
+                    (execs.iter())
+                        .map(|&b| cost_model.flow_seconds(f, a, b))
+                        .collect()
+                })
+                .collect(),
+        })
+        .collect();
+    let mut next = vec![None; n];
+    for (k, t) in transfers.iter().enumerate() {
+        if t.to == t.from + 1 && next[t.from].is_none() {
+            next[t.from] = Some(k);
+        }
+    }
+    (transfers, next)
 }
 
 /// Tied storages whose names fall in more than one unit.
@@ -389,6 +431,44 @@ fn gpu_only(q: &RuntimeBytes, devices: &mut Vec<Device>, room: &mut Vec<u64>) ->
     Some(q.offload.rule.clone())
 }
 
+/// Add the quantizer's dequantization workspace to each GPU's fixed charge (the dequantized
+/// weight of a prefill matmul sits beside the activations).
+fn add_workspace(fixed: &mut [u64], devices: &[Device], quant: Option<&RuntimeBytes>) {
+    if let Some(q) = quant {
+        for (f, d) in fixed.iter_mut().zip(devices) {
+            if d.is_gpu() {
+                *f += q.workspace;
+            }
+        }
+    }
+}
+
+/// A pin onto a device the quantizer removed cannot load: say so, naming the rule.
+fn check_pins_allowed(
+    gpu_only_rule: Option<&String>,
+    pins: &[(String, Device)],
+    devices: &[Device],
+) -> Result<(), Error> {
+    if let (Some(rule), Some((key, dev))) =
+        (gpu_only_rule, pins.iter().find(|(_, d)| !devices.contains(d)))
+    {
+        return Err(Error::BadPin(format!(
+            "pin {key:?} to {dev} cannot load: {rule}"
+        )));
+    }
+    Ok(())
+}
+
+/// What each unit reads per decode step from per-tensor `read_sizes`, with its KV cache.
+fn unit_reads_of(model: &Model, units: &[Unit], read_sizes: &[u64], kv: &[u64]) -> Vec<UnitRead> {
+    let tensor_reads = TensorReads::new(model, read_sizes);
+    units
+        .iter()
+        .zip(kv)
+        .map(|(u, &kv)| UnitRead::of(model, &u.tensors, &tensor_reads).with_kv(kv))
+        .collect()
+}
+
 impl Instance {
     /// Build the instance for `model` on `budgets`.
     pub fn new(
@@ -409,38 +489,24 @@ impl Instance {
         let read = per_unit(&units, &read_sizes);
         let stream = memory::stream_buffers(model, &units, &tensor_bytes.offloaded_read);
         let (kv, mut fixed) = workload_terms(model, &units, &devices, opts.workload.as_ref())?;
-        if let (Some(q), Some(_)) = (&quant, &opts.workload) {
-            // The dequantized weight of a prefill matmul sits beside the activations.
-            for (f, d) in fixed.iter_mut().zip(&devices) {
-                if d.is_gpu() {
-                    *f += q.workspace;
-                }
-            }
+        if opts.workload.is_some() {
+            add_workspace(&mut fixed, &devices, quant.as_ref());
         }
         let caps = room
             .iter()
             .zip(&fixed)
             .map(|(r, f)| r.saturating_sub(*f))
             .collect();
-        if let (Some(rule), Some((key, dev))) = (
-            &gpu_only_rule,
-            opts.pins.iter().find(|(_, d)| !devices.contains(d)),
-        ) {
-            return Err(Error::BadPin(format!(
-                "pin {key:?} to {dev} cannot load: {rule}"
-            )));
-        }
+        check_pins_allowed(gpu_only_rule.as_ref(), &opts.pins, &devices)?;
         let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
-        let unit_reads: Vec<UnitRead> = units
-            .iter()
-            .map(|u| UnitRead::of(model, &u.tensors, &read_sizes))
-            .collect();
-        let streamed_reads: Vec<UnitRead> = units
-            .iter()
-            .map(|u| UnitRead::of(model, &u.tensors, &tensor_bytes.offloaded_read))
-            .collect();
-        let (execs, exec_of, trans, cost) =
+        let unit_reads = unit_reads_of(model, &units, &read_sizes, &kv);
+        let streamed_reads = unit_reads_of(model, &units, &tensor_bytes.offloaded_read, &kv);
+        // The instance's own scorer (check_map's estimate) reads the same KV cache.
+        let cost_model = cost_model.with_workload(model, opts.workload.as_ref())?;
+        let (execs, exec_of, cost) =
             exec_tables(&cost_model, &devices, &unit_reads, &streamed_reads);
+        let flows = flows(model, &units);
+        let (transfers, next_transfer) = transfers(&cost_model, &execs, &flows, units.len());
         let ties = tied_storages(model, &units, &tensor_bytes.on_gpu);
         Ok(Instance {
             main: devices.iter().position(|d| d.is_gpu()),
@@ -464,7 +530,9 @@ impl Instance {
             cost,
             execs,
             exec_of,
-            trans,
+            flows,
+            transfers,
+            next_transfer,
             ties,
             cost_model,
         })
@@ -475,19 +543,56 @@ impl Instance {
         self.units.len()
     }
 
+    /// Whether every charged flow joins consecutive units (`i → i + 1`, at most one per pair): the
+    /// graph the contiguous DP is exact on. Otherwise (an encoder-decoder's cross-attention
+    /// edges) the DP is only a start candidate.
+    pub fn is_chain(&self) -> bool {
+        self.transfers
+            .iter()
+            .enumerate()
+            .all(|(k, t)| self.next_transfer[t.from] == Some(k))
+    }
+
+    /// The seconds of the chain edge `i → i + 1` from execution device `e` to `f` (0 without one).
+    pub fn next_seconds(&self, i: usize, e: usize, f: usize) -> f64 {
+        self.next_transfer
+            .get(i)
+            .copied()
+            .flatten()
+            .map_or(0.0, |k| self.transfers[k].seconds[e][f])
+    }
+
     /// Bytes unit `unit` takes on the device of row `device_row` when it is placed there: its
     /// weights, plus its KV cache when that device also executes it (a streamed unit's cache stays
     /// on the main GPU, see [`Instance::streamed_bytes_on_main`]). Tied copies and the streaming
     /// buffers are per-device charges, not per unit (see [`Instance::usage`]).
     pub fn unit_bytes_on(&self, unit: usize, device_row: usize) -> u64 {
-        if self.is_streamed(device_row) {
+        let weights = if self.is_streamed(device_row) {
             self.offload_mem[unit]
         } else {
-            self.mem[unit] + self.kv[unit]
+            self.mem[unit]
+        };
+        if self.exec_row(device_row) != device_row {
+            weights
+        } else {
+            weights + self.kv[unit]
         }
     }
 
-    /// Bytes unit `unit` adds to the main GPU when it is streamed from cpu or disk (its KV cache).
+    /// The row whose device executes the units placed on row `device_row` (and holds their KV
+    /// cache): the main GPU for cpu/disk when there is one; without a GPU the cpu for disk (the
+    /// host runs them); otherwise the row itself.
+    pub fn exec_row(&self, device_row: usize) -> usize {
+        match (self.main, self.cpu) {
+            (Some(m), _) if self.is_streamed(device_row) => m,
+            (None, Some(c)) if Some(device_row) == self.disk => c,
+            _ => device_row,
+        }
+    }
+
+    /// Bytes unit `unit` adds to the row executing it when that is not its own row
+    /// ([`Instance::exec_row`]: the main GPU for a streamed unit, the cpu for a disk unit without
+    /// a GPU): its KV cache.
     pub fn streamed_bytes_on_main(&self, unit: usize) -> u64 {
         self.kv[unit]
     }
@@ -559,15 +664,11 @@ impl Instance {
         for p in pieces {
             u.weights[p.device] += p.weights;
             let streamed = main.is_some() && !self.devices[p.device].is_gpu();
-            let exec = if streamed {
-                main.expect("checked")
-            } else {
-                p.device
-            };
+            let exec = self.exec_row(p.device);
             executes[exec] = true;
             if !kv_charged[p.unit] {
                 kv_charged[p.unit] = true;
-                u.kv[exec] += if streamed {
+                u.kv[exec] += if exec != p.device {
                     self.streamed_bytes_on_main(p.unit)
                 } else {
                     self.unit_bytes_on(p.unit, p.device) - self.mem[p.unit]
@@ -643,19 +744,23 @@ impl Instance {
 
     /// The objective value (seconds) of an assignment, exactly as the cost model estimates its map.
     pub fn evaluate(&self, a: &[usize]) -> f64 {
-        let steps: Vec<(Device, UnitRead)> = a
+        let pieces: Vec<Vec<(Device, UnitRead)>> = a
             .iter()
             .enumerate()
-            .map(|(i, &b)| {
-                let reads = if self.is_streamed(b) {
-                    &self.streamed_reads
-                } else {
-                    &self.unit_reads
-                };
-                (self.devices[b], reads[i])
-            })
+            .map(|(i, &b)| vec![(self.devices[b], self.reads_on(i, b))])
             .collect();
-        self.cost_model.estimate_steps(&steps).objective_seconds
+        self.cost_model
+            .estimate_units(&pieces, &self.flows)
+            .objective_seconds
+    }
+
+    /// What unit `i` reads per step on device row `b`: its streamed reads when cpu/disk stream it.
+    pub fn reads_on(&self, i: usize, b: usize) -> UnitRead {
+        if self.is_streamed(b) {
+            self.streamed_reads[i]
+        } else {
+            self.unit_reads[i]
+        }
     }
 
     /// The accelerate-style map of an assignment.

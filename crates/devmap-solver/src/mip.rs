@@ -3,10 +3,12 @@
 //! Formulation (docs/strategies.md has the long form):
 //! - `x[i][b]` binary: unit `i` on device `b`; `Σ_b x[i][b] = 1`; pins remove columns.
 //! - Execution indicator `X[i][e] = Σ_{b executes on e} x[i][b]` (cpu/disk execute on the main GPU).
-//! - Device changes along the chain, tight per-device form: `z[i][e] ≥ X[i][e] − X[i+1][e]`, paid
-//!   `t · Σ_e z[i][e]` when every link costs the same `t`; otherwise (or for the throughput
-//!   objective) a transportation form `Σ_e' f[i][e][e'] = X[i][e]`, `Σ_e f[i][e][e'] = X[i+1][e']`
-//!   paying `t(e, e')` on `f[i][e][e']`, which is exact for chains.
+//! - Transfers along the data-flow edges `u → v` charged per step (`Instance::transfers`: the
+//!   residual stream, an encoder's output to each cross-attention unit), one edge variable set per
+//!   edge, tight per-device form: `z[uv][e] ≥ X[u][e] − X[v][e]` (|X_u − X_v| linearized), paid
+//!   `t · Σ_e z[uv][e]` when every link of the edge costs the same `t`; otherwise (or for the
+//!   throughput objective) a transportation form `Σ_e' f[uv][e][e'] = X[u][e]`,
+//!   `Σ_e f[uv][e][e'] = X[v][e']` paying `t(e, e')` on `f[uv][e][e']`, exact for any edge.
 //! - Memory rows per device; the main GPU also holds `s ≥ stream_buffer(i)·(x[i][cpu] + x[i][disk])` (the
 //!   largest streamed unit) and the streamed units' KV cache; the cpu holds the largest disk unit;
 //!   a tied storage is held by every device holding a member but not the owner (`y ≥ x[m][b] − x[o][b]`).
@@ -389,52 +391,56 @@ impl<'a> Builder<'a> {
         self.inst.cost_model.objective == Objective::Throughput
     }
 
-    /// Device changes along the chain: the tight per-device form when every link costs the same
-    /// (latency), else the transportation form, exact for chains.
+    /// Transfers along the data-flow edges charged per step (`Instance::transfers`): for edge
+    /// `u → v`, the tight per-device form `z ≥ X[u][e] − X[v][e]` (a linearized |X_u − X_v|)
+    /// when every link of the edge costs the same (latency), else the transportation form, exact
+    /// for any edge.
     fn device_changes(&mut self, busy: &mut [Expression]) {
         let inst = self.inst;
         let ne = inst.execs.len();
         if ne < 2 {
             return;
         }
-        let off_diag: Vec<f64> = (0..ne)
-            .flat_map(|a| (0..ne).filter(move |&b| b != a).map(move |b| (a, b)))
-            .map(|(a, b)| inst.trans[a][b])
-            .collect();
-        let uniform = off_diag
-            .windows(2)
-            .all(|w| (w[0] - w[1]).abs() <= 1e-15 * w[0].abs().max(1e-30));
-        for i in 0..inst.n().saturating_sub(1) {
+        for (k, tr) in inst.transfers.iter().enumerate() {
+            let off_diag: Vec<f64> = (0..ne)
+                .flat_map(|a| (0..ne).filter(move |&b| b != a).map(move |b| (a, b)))
+                .map(|(a, b)| tr.seconds[a][b])
+                .collect();
+            let uniform = off_diag
+                .windows(2)
+                .all(|w| (w[0] - w[1]).abs() <= 1e-15 * w[0].abs().max(1e-30));
             if uniform && !self.throughput() {
-                self.uniform_change(i, off_diag[0] * SCALE);
+                self.uniform_change(tr.from, tr.to, off_diag[0] * SCALE);
             } else {
-                self.transport_change(i, busy);
+                self.transport_change(k, busy);
             }
         }
     }
 
-    /// `z[i][e] ≥ X[i][e] − X[i+1][e]`, paid `t` each.
-    fn uniform_change(&mut self, i: usize, t: f64) {
+    /// `z[e] ≥ X[u][e] − X[v][e]`, paid `t` each.
+    fn uniform_change(&mut self, u: usize, v: usize, t: f64) {
         for e in 0..self.inst.execs.len() {
-            let v = (self.exec_start(i, e) - self.exec_start(i + 1, e)).max(0.0);
-            let z = self.unit_interval(v);
-            let (here, next) = (self.exec_expr(i, e), self.exec_expr(i + 1, e));
+            let z0 = (self.exec_start(u, e) - self.exec_start(v, e)).max(0.0);
+            let z = self.unit_interval(z0);
+            let (here, next) = (self.exec_expr(u, e), self.exec_expr(v, e));
             self.constraints.push(constraint!(z >= here - next));
             self.objective += t * z;
         }
     }
 
-    /// `Σ_e' f[e][e'] = X[i][e]`, `Σ_e f[e][e'] = X[i+1][e']`, paying `t(e, e')` on `f[e][e']`
-    /// (into the receiving device's busy time for throughput).
-    fn transport_change(&mut self, i: usize, busy: &mut [Expression]) {
+    /// For transfer `k` (edge `u → v`): `Σ_e' f[e][e'] = X[u][e]`, `Σ_e f[e][e'] = X[v][e']`,
+    /// paying `t(e, e')` on `f[e][e']` (into the receiving device's busy time for throughput).
+    fn transport_change(&mut self, k: usize, busy: &mut [Expression]) {
+        let tr = &self.inst.transfers[k];
+        let (u, v) = (tr.from, tr.to);
         let ne = self.inst.execs.len();
         let mut f = vec![vec![None; ne]; ne];
         for a in 0..ne {
             for b in 0..ne {
-                let v = self.exec_start(i, a) * self.exec_start(i + 1, b);
-                let var = self.unit_interval(v);
+                let f0 = self.exec_start(u, a) * self.exec_start(v, b);
+                let var = self.unit_interval(f0);
                 if a != b {
-                    let t = self.inst.trans[a][b] * SCALE;
+                    let t = tr.seconds[a][b] * SCALE;
                     if self.throughput() {
                         busy[b] += t * var;
                     } else {
@@ -449,10 +455,10 @@ impl<'a> Builder<'a> {
         };
         for a in 0..ne {
             let out = flow(&mut (0..ne).map(|b| f[a][b]));
-            let here = self.exec_expr(i, a);
+            let here = self.exec_expr(u, a);
             self.constraints.push(constraint!(out == here));
             let inn = flow(&mut (0..ne).map(|b| f[b][a]));
-            let next = self.exec_expr(i + 1, a);
+            let next = self.exec_expr(v, a);
             self.constraints.push(constraint!(inn == next));
         }
     }
@@ -529,7 +535,8 @@ impl<'a> Builder<'a> {
         mem[m] += s;
     }
 
-    /// The cpu holds the largest disk unit on its way to the GPU.
+    /// The cpu holds the largest disk unit on its way to the GPU (and, without a GPU, the disk
+    /// units' KV cache).
     fn disk_reserve(&mut self, mem: &mut [Expression]) {
         let inst = self.inst;
         let (Some(c), Some(d)) = (inst.cpu, inst.disk) else {
@@ -544,8 +551,14 @@ impl<'a> Builder<'a> {
             most.unwrap_or(0) as f64 / u
         });
         let s = self.add(variable().min(0.0), s0);
+        let host_runs_disk = inst.exec_row(d) == c;
         for i in 0..inst.n() {
             let on = self.xe(i, d);
+            // Without a GPU the cpu executes disk units and holds their KV cache.
+            let kv = inst.streamed_bytes_on_main(i);
+            if host_runs_disk && kv > 0 {
+                mem[c] += kv as f64 / u * on.clone();
+            }
             self.constraints
                 .push(constraint!(s >= inst.stream_buffer(i) as f64 / u * on));
         }
@@ -629,8 +642,7 @@ fn run_highs(
     started: Instant,
     presolve: bool,
 ) -> Result<Once, Error> {
-    let rows = m.constraints.len();
-    let ncols = m.cols.len();
+    let size = (m.cols.len(), m.constraints.len());
     let x_col = m.x_col;
     let mut problem = m.vars.minimise(m.objective).using(highs);
     for c in m.constraints {
@@ -639,6 +651,22 @@ fn run_highs(
     let mut model = problem
         .try_into_inner()
         .map_err(|e| Error::Solver(format!("HiGHS could not build the model: {e}")))?;
+    set_options(&mut model, opts, started, presolve);
+    // A start that violates the symmetry rows is relabelled by HiGHS' own check; skip it then.
+    if start.is_some_and(|a| symmetry_respected(inst, a, opts.contiguous)) {
+        let _ = model.try_set_solution(Some(&m.cols), None, None, None);
+    }
+    if std::env::var_os("DEVMAP_TRACE").is_some() {
+        eprintln!("trace:   highs model ready in {:?}", started.elapsed());
+    }
+    let solved = model
+        .try_solve()
+        .map_err(|e| Error::Solver(format!("HiGHS failed on the placement model: {e:?}")))?;
+    Ok(read_solution(&solved, inst, &x_col, started, size))
+}
+
+/// HiGHS' limits, gaps and tolerances for one solve.
+fn set_options(model: &mut highs::Model, opts: MipOptions, started: Instant, presolve: bool) {
     model.make_quiet();
     // The limit covers building the model too (1–3 s on a million columns).
     model.set_option(
@@ -657,17 +685,17 @@ fn run_highs(
     if !presolve {
         model.set_option("presolve", "off");
     }
-    set_debug_options(&mut model);
-    // A start that violates the symmetry rows is relabelled by HiGHS' own check; skip it then.
-    if start.is_some_and(|a| symmetry_respected(inst, a, opts.contiguous)) {
-        let _ = model.try_set_solution(Some(&m.cols), None, None, None);
-    }
-    if std::env::var_os("DEVMAP_TRACE").is_some() {
-        eprintln!("trace:   highs model ready in {:?}", started.elapsed());
-    }
-    let solved = model
-        .try_solve()
-        .map_err(|e| Error::Solver(format!("HiGHS failed on the placement model: {e:?}")))?;
+    set_debug_options(model);
+}
+
+/// HiGHS' status, dual bound and plan (rounded, then checked exactly by the instance).
+fn read_solution(
+    solved: &highs::SolvedModel,
+    inst: &Instance,
+    x_col: &[Vec<Option<usize>>],
+    started: Instant,
+    size: (usize, usize),
+) -> Once {
     let status = solved.status();
     let bound_scaled = solved
         .double_info_value(c"mip_dual_bound")
@@ -690,7 +718,7 @@ fn run_highs(
         proven_infeasible: matches!(status, highs::HighsModelStatus::Infeasible),
         timed_out: matches!(status, highs::HighsModelStatus::ReachedTimeLimit),
         elapsed: started.elapsed(),
-        size: (ncols, rows),
+        size,
     };
     let (mut rounded_overflow, mut main_rule_broken) = (false, false);
     if matches!(
@@ -698,7 +726,7 @@ fn run_highs(
         highs::HighsSolutionStatus::Feasible
     ) {
         let values = solved.get_solution();
-        let a = rounded_assignment(&x_col, values.columns());
+        let a = rounded_assignment(x_col, values.columns());
         if inst.feasible(&a) {
             result.objective_seconds = inst.evaluate(&a);
             result.assignment = Some(a);
@@ -709,11 +737,11 @@ fn run_highs(
         }
     }
     result.gap = gap(result.objective_seconds, result.bound_seconds);
-    Ok(Once {
+    Once {
         result,
         rounded_overflow,
         main_rule_broken,
-    })
+    }
 }
 
 /// Each unit on its device with the largest x value.

@@ -64,11 +64,12 @@ fn a_unit_pinned_to_cpu_is_streamed_once_in_the_bound() {
     let budgets = MemoryBudgets::parse("0=13GB,cpu=64GiB").unwrap();
     let inst = auto.instance(&PlanRequest::new(&m, &budgets)).unwrap();
     let lb = lower_bound(&inst);
-    // Sound, and tight to 0.5% (the per-tensor copy latency the bound prices at the cheapest
-    // unit's rate leaves it 0.23% below here; HiGHS' own bound above closes the rest).
+    // Sound, and tight to 0.1%: with one streamed device the rate is the cheapest cover of the
+    // bytes every placement streams (`cover_rate`), not the cheapest unit's (0.23% below here).
     assert!(
-        lb <= solve.objective_seconds && lb > 0.995 * solve.objective_seconds,
-        "{lb}"
+        lb <= solve.objective_seconds && lb > 0.999 * solve.objective_seconds,
+        "{lb} vs {}",
+        solve.objective_seconds
     );
 }
 
@@ -288,4 +289,29 @@ fn the_dp_adds_the_way_back_to_the_main_gpu_before_choosing() {
         (cost - best).abs() <= 1e-12 * best,
         "DP {cost} ({a:?}) vs best {best}"
     );
+}
+
+/// Without a GPU the host executes every unit: a disk unit's KV cache is on the cpu, not on the
+/// disk row (memory.md, "Noticed, not fixed"). Llama-2-7B's cache is 2 × 32 heads × 128 × 2 bytes
+/// = 16 KiB per token and layer: 16 MiB per layer at 1024 tokens, 512 MiB for the 32 layers.
+#[test]
+fn without_a_gpu_the_cpu_holds_the_kv_cache_of_disk_units() {
+    let m = model("llama-2-7b");
+    let kv = KvCacheSpec::parse("batch=1,seq=1024").unwrap();
+    let auto = Auto::new(AutoOptions::default().kv_cache(Some(kv)));
+    let budgets = MemoryBudgets::parse("cpu=4GiB,disk=64GiB").unwrap();
+    let req = PlanRequest::new(&m, &budgets);
+    let plan = auto.plan(&req).unwrap();
+    let inst = auto.instance_for_main(&req, None).unwrap();
+    let a = inst.from_map(&m, &plan.map).unwrap();
+    let (cpu, disk) = (inst.cpu.unwrap(), inst.disk.unwrap());
+    assert!(a.contains(&disk), "{:?}", plan.map);
+    let usage = inst.usage(&a);
+    assert_eq!(usage.kv[cpu], 32 << 24, "{usage:?}");
+    assert_eq!(usage.kv[disk], 0);
+    assert!(usage.total(cpu) <= inst.caps[cpu]);
+    let layer = (0..inst.n()).find(|&i| inst.kv[i] > 0).unwrap();
+    assert_eq!(inst.kv[layer], 1 << 24);
+    assert_eq!(inst.unit_bytes_on(layer, disk), inst.mem[layer]);
+    assert_eq!(inst.unit_bytes_on(layer, cpu), inst.mem[layer] + (1 << 24));
 }

@@ -1,7 +1,8 @@
 //! `auto`, its lower bound and the contiguous DP against exhaustive enumeration on small random
 //! instances (≤ 8 units × 3 devices) over every option: KV cache, pins to each device kind, unequal
 //! topologies and host links, the throughput objective, reserves, tied weights, 0-byte and tiny
-//! GPUs.
+//! GPUs, and data-flow graphs that are not chains (encoder-decoders with cross-attention edges,
+//! vision towers feeding a language model).
 //!
 //! The enumeration is an independent brute force over every assignment of units to devices: an
 //! assignment's main device is the lowest GPU it uses (accelerate's rule), its memory is checked
@@ -53,14 +54,49 @@ struct Case {
 const KV_HEADS: u64 = 2;
 const HEAD_DIM: u64 = 16;
 
-/// A chain: an embedding, 1–6 decoder layers (no-split, charged a KV cache), a head (tied to the
-/// embedding at times). Unit sizes span kilobytes (device changes dominate) to megabytes
-/// (streaming dominates).
+/// A random model: a decoder-only chain (60%), an encoder-decoder whose cross-attention layers
+/// read the encoder's output (a DAG, 25%), or a vision tower and projector feeding a language model
+/// (15%). Unit sizes span kilobytes (device changes dominate) to megabytes (streaming dominates).
 fn random_model(rng: &mut Rng) -> Model {
+    match rng.below(20) {
+        0..=11 => decoder_only(rng),
+        12..=16 => encoder_decoder(rng),
+        _ => vision_language(rng),
+    }
+}
+
+/// Element counts of a unit: log-uniform up to 4 Ki or 8 Mi bytes.
+fn unit_elems(rng: &mut Rng, scale: u64) -> u64 {
+    rng.size(64, scale) / 2
+}
+
+fn size_scale(rng: &mut Rng) -> u64 {
+    if rng.chance(50) {
+        4 << 10
+    } else {
+        8 << 20
+    }
+}
+
+/// A config with `layers` KV-cached layers.
+fn config(layers: u64) -> Option<ModelConfig> {
+    Some(ModelConfig {
+        raw: serde_json::json!({
+            "num_hidden_layers": layers,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": KV_HEADS,
+            "head_dim": HEAD_DIM,
+        }),
+    })
+}
+
+/// A chain: an embedding, 1–6 decoder layers (no-split, charged a KV cache), a head (tied to the
+/// embedding at times).
+fn decoder_only(rng: &mut Rng) -> Model {
     let layers = 1 + rng.below(6);
-    let scale = if rng.chance(50) { 4 << 10 } else { 8 << 20 };
-    let elems = |rng: &mut Rng| rng.size(64, scale) / 2;
-    let embed = elems(rng).max(64);
+    let scale = size_scale(rng);
+    let embed = unit_elems(rng, scale).max(64);
     let mut b = ModelBuilder::new("exhaustive")
         .hidden_size(Some(64))
         .module("model.embed_tokens", "Embedding")
@@ -69,14 +105,14 @@ fn random_model(rng: &mut Rng) -> Model {
         b = b.module(format!("model.layers.{i}"), "DecoderLayer").param(
             format!("model.layers.{i}.w"),
             DType::F16,
-            &[elems(rng)],
+            &[unit_elems(rng, scale)],
         );
     }
     let tied = rng.chance(15);
     b = b.module("lm_head", "Linear").param(
         "lm_head.weight",
         DType::F16,
-        &[if tied { embed } else { elems(rng) }],
+        &[if tied { embed } else { unit_elems(rng, scale) }],
     );
     if tied {
         b = b.tied(vec![
@@ -84,15 +120,99 @@ fn random_model(rng: &mut Rng) -> Model {
             "lm_head.weight".into(),
         ]);
     }
-    let config = serde_json::json!({
-        "num_hidden_layers": layers,
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM,
-    });
     b.no_split_classes(vec!["DecoderLayer".into()])
-        .config(Some(ModelConfig { raw: config }))
+        .config(config(layers))
+        .build()
+        .unwrap()
+}
+
+/// An encoder-decoder (T5/BART-like names): 1–3 encoder blocks, 1–3 decoder blocks each holding
+/// an `encoder_attn` module, a head. Units: encoder blocks, decoder embedding, decoder blocks,
+/// head (≤ 8).
+fn encoder_decoder(rng: &mut Rng) -> Model {
+    let (enc, dec) = (1 + rng.below(3), 1 + rng.below(3));
+    let scale = size_scale(rng);
+    let mut b = ModelBuilder::new("exhaustive-encdec")
+        .hidden_size(Some(64))
+        .module("model", "EncDecModel")
+        .module("model.encoder", "Stack")
+        .module("model.decoder", "Stack");
+    for i in 0..enc {
+        let name = format!("model.encoder.layers.{i}");
+        b = b.module(name.clone(), "EncoderLayer").param(
+            format!("{name}.w"),
+            DType::F16,
+            &[unit_elems(rng, scale)],
+        );
+    }
+    b = b.module("model.decoder.embed_tokens", "Embedding").param(
+        "model.decoder.embed_tokens.weight",
+        DType::F16,
+        &[unit_elems(rng, scale).max(64)],
+    );
+    for i in 0..dec {
+        let name = format!("model.decoder.layers.{i}");
+        b = b
+            .module(name.clone(), "DecoderLayer")
+            .module(format!("{name}.encoder_attn"), "Attention")
+            .param(format!("{name}.w"), DType::F16, &[unit_elems(rng, scale)])
+            .param(
+                format!("{name}.encoder_attn.w"),
+                DType::F16,
+                &[unit_elems(rng, scale)],
+            );
+    }
+    b.module("lm_head", "Linear")
+        .param("lm_head.weight", DType::F16, &[unit_elems(rng, scale)])
+        .no_split_classes(vec!["EncoderLayer".into(), "DecoderLayer".into()])
+        .config(config(dec))
+        .build()
+        .unwrap()
+}
+
+/// A vision-language model (LLaVA-like names): a 1–2 layer vision tower, a projector, an
+/// embedding, 1–3 decoder layers, a head.
+fn vision_language(rng: &mut Rng) -> Model {
+    let (vis, layers) = (1 + rng.below(2), 1 + rng.below(3));
+    let scale = size_scale(rng);
+    let mut b = ModelBuilder::new("exhaustive-vlm")
+        .hidden_size(Some(64))
+        .module("model", "VlmModel")
+        .module("model.vision_tower", "VisionModel");
+    for i in 0..vis {
+        let name = format!("model.vision_tower.layers.{i}");
+        b = b.module(name.clone(), "VisionLayer").param(
+            format!("{name}.w"),
+            DType::F16,
+            &[unit_elems(rng, scale)],
+        );
+    }
+    b = b
+        .module("model.multi_modal_projector", "Projector")
+        .param(
+            "model.multi_modal_projector.w",
+            DType::F16,
+            &[unit_elems(rng, scale)],
+        )
+        .module("model.language_model", "Lm")
+        .module("model.language_model.embed_tokens", "Embedding")
+        .param(
+            "model.language_model.embed_tokens.weight",
+            DType::F16,
+            &[unit_elems(rng, scale).max(64)],
+        );
+    for i in 0..layers {
+        let name = format!("model.language_model.layers.{i}");
+        b = b.module(name.clone(), "DecoderLayer").param(
+            format!("{name}.w"),
+            DType::F16,
+            &[unit_elems(rng, scale)],
+        );
+    }
+    b.module("lm_head", "Linear")
+        .param("lm_head.weight", DType::F16, &[unit_elems(rng, scale)])
+        .no_split_classes(vec!["VisionLayer".into(), "DecoderLayer".into()])
+        .config(config(layers))
         .build()
         .unwrap()
 }
@@ -187,11 +307,14 @@ fn random_case(seed: u64) -> Case {
             .map(|b| b.device)
             .collect();
         let device = with_budget[rng.below(with_budget.len() as u64) as usize];
-        let layers = model.modules().iter().filter(|m| m.no_split).count() as u64;
+        let blocks: Vec<&str> = (model.modules().iter())
+            .filter(|m| m.no_split)
+            .map(|m| m.name.as_str())
+            .collect();
         let key = match rng.below(3) {
-            0 => "model.embed_tokens".to_string(),
+            0 => model.module(model.tensor(0).module).name.clone(),
             1 => "lm_head".to_string(),
-            _ => format!("model.layers.{}", rng.below(layers)),
+            _ => blocks[rng.below(blocks.len() as u64) as usize].to_string(),
         };
         what.push(format!("pin {key}={device}"));
         options.pins.push((key, device));
@@ -214,7 +337,8 @@ fn random_case(seed: u64) -> Case {
         what.push(format!("reserve {}={bytes}", b.device));
     }
     let what = format!(
-        "seed {seed}: budgets {:?}; {}",
+        "seed {seed}: {} budgets {:?}; {}",
+        model.name,
         budgets.to_json(),
         what.join(", ")
     );
@@ -309,8 +433,19 @@ fn check_case(case: &Case) -> Vec<String> {
                 fail(format!("world {m:?}: lower bound {lb} > optimum {opt}"));
             }
         }
-        // The DP is exact on its domain (contiguous runs in device order, latency, no ties).
-        if inst.cost_model.objective == Objective::Latency && inst.ties.is_empty() {
+        // The DP is exact on its domain (contiguous runs in device order, latency, no ties, a
+        // chain); on other graphs its plan is feasible and costs what `evaluate` says.
+        let dp_domain = inst.cost_model.objective == Objective::Latency && inst.ties.is_empty();
+        if dp_domain && !inst.is_chain() {
+            if let Some((a, c)) = dp::solve_contiguous(inst) {
+                if !inst.feasible(&a) || !close(c, inst.evaluate(&a)) {
+                    fail(format!(
+                        "world {m:?}: DP start {a:?} infeasible or mispriced"
+                    ));
+                }
+            }
+        }
+        if dp_domain && inst.is_chain() {
             let dp = dp::solve_contiguous(inst).map(|(a, c)| (c, a));
             let exact = enumerate(inst, true);
             match (&dp, &exact) {
@@ -356,7 +491,9 @@ fn check_case(case: &Case) -> Vec<String> {
                 &case.budgets.devices(),
                 case.options.topology.clone(),
                 case.options.objective,
-            );
+            )
+            .with_workload(&case.model, case.options.workload.as_ref())
+            .expect("the case's workload is valid");
             let est = cm.evaluate(&case.model, &plan.map, plan.size_rules);
             if !close(est.objective_seconds, solve.objective_seconds) {
                 fail(format!(
