@@ -51,7 +51,9 @@ DTYPE_NAMES = {
     "bool": "BOOL", "complex64": "C64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
 }
 
-CLASS_TIMEOUT_S = 60
+# Wall-clock seconds per class: on a shared 2-core machine (load ~16) the biggest classes took
+# over 60 s although they need ~10 s of CPU, and a timeout drops the class from the file.
+CLASS_TIMEOUT_S = 300
 
 
 class ClassTimeout(Exception):
@@ -254,6 +256,54 @@ def candidate_exprs(value: int, fields: dict, scope: str):
                     yield f"({a}/{b})*({a}/{b})"
                 elif grid + 1 == value:
                     yield f"({a}/{b})*({a}/{b})+1"
+    yield from composite_exprs(value, fields, ints, fracs, few)
+
+
+# Offsets that sinusoidal position tables add to their size (M2M-100/NLLB/Seamless/XGLM: padding
+# index + 1 + 1; wav2vec2-conformer/seamless relative tables: 2 * max - 1).
+POSITION_OFFSETS = (1, 2, 3, 4)
+
+
+def composite_exprs(value: int, fields: dict, ints: dict, fracs: list, few: list):
+    """Rarer forms, tried after every simpler one (only a second build makes them safe):
+    field+k / field*2-1 (sinusoidal position tables), field*fraction (rotary tables that repeat
+    each frequency twice), a*b (attention widths heads*head_dim where the config sets head_dim),
+    and tile grids divided by a scale factor, (a/b/c)^2 and (a/b/(c/2))^2 (pixel-shuffle
+    connectors)."""
+    for p in few:
+        for k in POSITION_OFFSETS:
+            if ints[p] + k == value:
+                yield f"{p}+{k}"
+        if 2 * ints[p] - 1 == value:
+            yield f"{p}*2-1"
+    for f in fracs:
+        yield from (f"{p}*{f}" for p in few if int(ints[p] * fields[f]) == value)
+    same = [(a, b) for a in few for b in few if a < b and a.rpartition(".")[0] == b.rpartition(".")[0]]
+    yield from (f"{a}*{b}" for a, b in same if ints[a] * ints[b] == value)
+    # Image sides first: a width over a head count can equal a tile side at both builds.
+    sides = sorted(few, key=lambda p: not p.endswith("image_size"))
+    for a in sides:
+        for b in sorted(few, key=lambda p: not p.endswith("patch_size")):
+            if a == b or ints[b] < 2 or ints[a] % ints[b] == 0 or a.rpartition(".")[0] != b.rpartition(".")[0]:
+                continue
+            # A side that does not divide: the grid floors it (SigLIP at 384 px, 14 px patches).
+            grid = (ints[a] // ints[b]) ** 2
+            if grid == value:
+                yield f"({a}//{b})*({a}//{b})"
+            elif grid + 1 == value:
+                yield f"({a}//{b})*({a}//{b})+1"
+    for a in sides:
+        for b in sorted(few, key=lambda p: not p.endswith("patch_size")):
+            if a == b or ints[b] < 2 or ints[a] % ints[b] or a.rpartition(".")[0] != b.rpartition(".")[0]:
+                continue
+            side = ints[a] // ints[b]
+            for c in few:
+                if c in (a, b) or not 1 < ints[c] <= 16 or c.rpartition(".")[0] != a.rpartition(".")[0]:
+                    continue
+                if side % ints[c] == 0 and (side // ints[c]) ** 2 == value:
+                    yield f"({a}/{b}/{c})*({a}/{b}/{c})"
+                if ints[c] % 2 == 0 and side % (ints[c] // 2) == 0 and (side // (ints[c] // 2)) ** 2 == value:
+                    yield f"({a}/{b}/({c}/2))*({a}/{b}/({c}/2))"
 
 
 def eval_expr(expr: str, fields: dict):
@@ -460,12 +510,13 @@ def apply_ops(groups: list[list[tuple]], ops: list[dict]):
 class Recorder:
     """Walks one built model and produces the registry's nodes (see docs/formats.md)."""
 
-    def __init__(self, model, config, shapes_b=None, config_b=None):
+    def __init__(self, model, config, shapes_b=None, config_b=None, dtypes_b=None):
         from transformers import PreTrainedModel
 
         self.model = model
         self.config = config
         self.shapes_b = shapes_b
+        self.dtypes_b = dtypes_b or {}
         self.fields_b = int_fields(config_b) if config_b is not None else None
         self.config_paths = sub_config_paths(config)
         self.config_objects = {path: obj for path, obj in sub_configs(config).items()}
@@ -509,6 +560,8 @@ class Recorder:
         if is_buffer and not persistent:
             entry["persistent"] = False
         entry["dtype"] = DTYPE_NAMES.get(str(tensor.dtype).replace("torch.", ""), str(tensor.dtype))
+        if follows_load_dtype(tensor.dtype, self.dtypes_b.get(digits_to_template(full))):
+            entry["load_dtype"] = True
         scope = self.scope_of(full.rsplit(".", 1)[0] if "." in full else "")
         shape_b = self.shapes_b.get(digits_to_template(full)) if self.shapes_b is not None else None
         if shape_b is None or len(shape_b) != len(tensor.shape):
@@ -562,6 +615,9 @@ class Recorder:
         numbered = bool(children) and [k for k, _ in children] == [str(i) for i in range(len(children))]
         if numbered and not module._parameters and not module._buffers:
             return self.container(module, name, path, indices)
+        names = numbered_names([k for k, _ in children])
+        if names and not module._parameters and not module._buffers:
+            return self.container(module, name, path, indices, names)
         out: dict = {"n": name, "c": type(module).__name__}
         params = [
             self.tensor_entry(k, v, join(path, k), indices, False, True)
@@ -581,13 +637,15 @@ class Recorder:
             out["b"] = buffers
         return out
 
-    def container(self, module, name: str, path: str, indices: list[int]) -> dict:
+    def container(self, module, name: str, path: str, indices: list[int], names: str = "{i}") -> dict:
         items = [(k, v) for k, v in module._modules.items() if v is not None]
         variants: list[dict] = []
         keys: list[str] = []
         seen: list[int] = []
-        for key, child in items:
-            node = self.node(child, "{i}", join(path, key), indices + [int(key)])
+        every: list[dict] = []
+        for number, (key, child) in enumerate(items):
+            node = self.node(child, "{i}", join(path, key), indices + [number])
+            every.append(node)
             text = json.dumps(node, sort_keys=True)
             if text not in keys:
                 keys.append(text)
@@ -596,9 +654,11 @@ class Recorder:
         if len(variants) == len(items) > 1 or (len(variants) > 1 and type(module).__name__ == "Sequential"):
             # A pipeline of different modules (Sequential(Linear, GELU, Linear)) is no repeat.
             out = {"n": name, "c": type(module).__name__}
-            out["m"] = [dict(v, n=str(i)) for i, v in enumerate(variants)]
+            out["m"] = [dict(v, n=key) for v, (key, _) in zip(every, items)]
             return out
         repeat = {"count": self.count_field(len(items), path), "variants": variants}
+        if names != "{i}":
+            repeat["names"] = names
         repeat["select"] = self.select_rule(seen, len(variants))
         return {"n": name, "c": type(module).__name__, "repeat": repeat}
 
@@ -640,6 +700,18 @@ class Recorder:
                 self.used_paths.add(path)
                 return {"by": "list", "field": path, "values": mapping, "seen": seen}
         return {"by": "checkpoint", "seen": seen}
+
+
+def numbered_names(keys: list[str]):
+    """"expert_{i}" when the children are named expert_0, expert_1, ... (Switch Transformers'
+    experts): a repeat whose child names carry a prefix. None otherwise (also for plain 0..N-1)."""
+    if len(keys) < 2:
+        return None
+    match = re.fullmatch(r"([A-Za-z_]*[A-Za-z_])0", keys[0])
+    if not match:
+        return None
+    prefix = match.group(1)
+    return prefix + "{i}" if keys == [f"{prefix}{i}" for i in range(len(keys))] else None
 
 
 def join(path: str, name: str) -> str:
@@ -788,7 +860,7 @@ def defaults_for(config, paths: set[str], config_b=None) -> tuple[dict, dict]:
         if isinstance(obj, dict):
             defaults[path] = obj.get(leaf)
             continue
-        value = getattr(obj, leaf, None) if obj is not None else None
+        value = config_attr(obj, leaf)
         declared = declared_default(type(obj), leaf) if obj is not None else value
         if declared is None and isinstance(value, int) and not isinstance(value, bool):
             defaults[path] = None
@@ -802,6 +874,17 @@ def defaults_for(config, paths: set[str], config_b=None) -> tuple[dict, dict]:
         else:
             defaults[path] = value if isinstance(value, (int, float, str, bool, list)) or value is None else str(value)
     return defaults, derived
+
+
+def config_attr(obj, leaf: str):
+    """`getattr(obj, leaf, None)`, also None where the config refuses a global value (Gemma 4's
+    per-layer `head_dim` raises; its shapes then come from the layers' own fields)."""
+    if obj is None:
+        return None
+    try:
+        return getattr(obj, leaf, None)
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError and kin
+        return None
 
 
 def declared_default(config_cls, field: str):
@@ -846,6 +929,37 @@ def fill_unset_sizes(config) -> list[str]:
     return filled
 
 
+# Config defaults of transformers 5.23 that their model class cannot be built with, and the
+# value real checkpoints' config.json carries: model_type -> {dotted path: value}.
+CONFIG_REPAIRS = {
+    # DbrxAttentionConfig has no rope_theta attribute, DbrxAttention reads it (DBRX: 500000).
+    "dbrx": {"attn_config.rope_theta": 500000.0},
+    # The default SigLIP tower (width 1152) with 14 heads does not divide; aya-vision's has 16.
+    "aya_vision": {"vision_config.num_attention_heads": 16},
+    # No image vocabulary by default; the model reads tokens from it (any dict builds).
+    "chameleon": {"vocabulary_map": {}},
+    "emu3": {"vocabulary_map": {}},
+    # Expert counts default to None (dots.llm1: 128 experts, 6 per token, 2 shared).
+    "dots1": {"n_routed_experts": 128, "num_experts_per_tok": 6, "n_shared_experts": 2},
+    # Per-layer kinds default to None; a list holding every kind records every layer variant.
+    "lfm2_moe": {"layer_types": lambda c: ["full_attention" if i % 4 == 3 else "conv" for i in range(c.num_hidden_layers)]},
+    "deepseek_ocr2": {"text_config.mlp_layer_types": lambda c: ["dense"] + ["sparse"] * (c.num_hidden_layers - 1)},
+}
+
+
+def repair_config(model_type: str, config) -> list[str]:
+    """Apply CONFIG_REPAIRS[model_type] to `config`; returns the paths set (`config_filled`)."""
+    done = []
+    for path, value in CONFIG_REPAIRS.get(model_type, {}).items():
+        *parents, leaf = path.split(".")
+        obj = config
+        for part in parents:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, value(obj) if callable(value) else value)
+        done.append(path)
+    return done
+
+
 def record_class(model_type: str, class_name: str) -> dict:
     """Build one class on the meta device and return its registry line (as a dict)."""
     import torch
@@ -865,15 +979,16 @@ def record_class(model_type: str, class_name: str) -> dict:
         with torch.device("meta"):
             model = cls(config)
     except (TypeError, AttributeError, ValueError):
-        # Some config classes default a size to None and expect config.json to set it.
-        filled = fill_unset_sizes(config)
+        # Some config classes default a size to None and expect config.json to set it; a few
+        # have defaults their own model cannot build with (CONFIG_REPAIRS).
+        filled = fill_unset_sizes(config) + repair_config(model_type, config)
         if not filled:
             raise
         with torch.device("meta"):
             model = cls(config)
     model.eval()
-    shapes_b, config_b = second_build(cls, config)
-    rec = Recorder(model, config, shapes_b, config_b)
+    shapes_b, config_b, dtypes_b = second_build(cls, config)
+    rec = Recorder(model, config, shapes_b, config_b, dtypes_b)
     tree = rec.node(model, "", "", [])
     tied = tied_entries(model, rec.config_paths)
     defaults, derived = defaults_for(config, rec.used_paths, config_b)
@@ -905,27 +1020,43 @@ LAYER_COUNT_WORDS = ("layers", "layer", "depth", "n_layer")
 
 
 def second_build(cls, config):
-    """Shapes of the class built at `scaled_config`, by key template (digits -> `{i}`), or
-    (None, None) when it cannot be built.
+    """Shapes and dtypes of the class built at `scaled_config`, by key template (digits -> `{i}`),
+    or (None, None, None) when it cannot be built.
 
     Layer counts are cut to 2 first (the shapes of one layer are those of all), then, if the config
-    refuses that (e.g. `layer_types` must match), kept."""
+    refuses that (e.g. `layer_types` must match), kept. The build runs under a bfloat16 default
+    dtype, as `from_pretrained` builds a bf16 checkpoint, so `follows_load_dtype` can tell tensors
+    made in the default dtype from those made float32 on purpose (rotary frequencies)."""
     import torch
 
+    previous = torch.get_default_dtype()
     for shrink in (True, False):
         try:
             config_b = scaled_config(config, shrink_layers=shrink)
+            torch.set_default_dtype(torch.bfloat16)
             with torch.device("meta"):
                 model_b = cls(config_b)
             break
         except Exception:  # noqa: BLE001 - then try unshrunk, and finally fit on one build only
             continue
+        finally:
+            torch.set_default_dtype(previous)
     else:
-        return None, None
+        return None, None, None
     shapes: dict = {}
+    dtypes: dict = {}
     for key, tensor in [*model_b.named_parameters(remove_duplicate=False), *model_b.named_buffers(remove_duplicate=False)]:
         shapes.setdefault(digits_to_template(key), tuple(tensor.shape))
-    return shapes, config_b
+        dtypes.setdefault(digits_to_template(key), tensor.dtype)
+    return shapes, config_b, dtypes
+
+
+def follows_load_dtype(dtype, dtype_in_bf16_build) -> bool:
+    """A tensor built float32 at the default dtype and bfloat16 under a bf16 default takes the
+    dtype transformers loads the model in (registry key `load_dtype`)."""
+    import torch
+
+    return dtype == torch.float32 and dtype_in_bf16_build == torch.bfloat16
 
 
 def digits_to_template(key: str) -> str:

@@ -5,7 +5,8 @@
 //!
 //! - plan the folder with `--compat transformers` to exactly the map transformers'
 //!   `from_pretrained(folder, device_map=strategy, max_memory=...)` computed (unordered dicts;
-//!   `auto` is planned as `balanced`, which is what transformers does), or refuse where it raised;
+//!   `auto` is planned as `balanced`, which is what transformers does), or to one of the maps it
+//!   computes under other hash seeds (`device_map_other_seeds`), or refuse where it raised;
 //! - emit maps (that one, and `--strategy auto`'s for every scenario) that give a device to every
 //!   key `from_pretrained` checks (`checked_keys`: the built model's state dict). `auto` must give
 //!   a map where GPU 0 alone holds the model twice; its refusals elsewhere are counted in the
@@ -182,7 +183,7 @@ fn check_compat_run(r: &Reference, run: &Value) -> Result<(), String> {
         };
     };
     let got = got.map_err(|e| format!("devmap failed: {e}"))?;
-    if &got != want {
+    if &got != want && !other_seed_maps(run).any(|m| m == &got) {
         return Err(first_difference(want, &got));
     }
     let missing = uncovered(&got, &r.checked_keys);
@@ -196,6 +197,16 @@ fn check_compat_run(r: &Reference, run: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// Maps transformers gives for the same call under other Python hash seeds (its tied groups come
+/// from a `set`; `scripts/folder_reference_seeds.py` records them): each is as right as `device_map`.
+fn other_seed_maps(run: &Value) -> impl Iterator<Item = &Map<String, Value>> {
+    run["device_map_other_seeds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["device_map"].as_object())
+}
+
 /// What `--strategy auto` (devmap's own) did with one scenario's budgets.
 enum AutoOutcome {
     /// A map, checked for coverage.
@@ -205,42 +216,25 @@ enum AutoOutcome {
 }
 
 /// The scenario where GPU 0 alone holds twice the model: `auto` must give a map there.
-/// Models with at least one failing case today (issue 9 is open): 2143 of 2440 compat runs equal
+/// Models with at least one failing case today (issue 9 is open): 2386 of 2440 compat runs equal
 /// transformers' maps. Strict: a listed model that passes every check fails the test until it is
 /// removed from here; any unlisted model's failure fails it too. Causes, by model, are in
 /// docs/testing.md ("Checkpoint-folder corpus").
 const KNOWN_FAILING: &[&str] = &[
-    "aya-vision",
-    "dbrx",
     "deberta",
     "deberta-v2",
     "distilbert",
-    "exaone4-5",
     "fnet",
     "git",
     "granite-docling",
-    "hyperclovax-vision-v2",
     "idefics",
-    "llava-onevision",
-    "m2m-100-tied",
-    "m2m-100-untied",
-    "marian",
     "mpnet",
     "mra",
-    "musicflamingo",
-    "nllb-moe",
     "nystromformer",
-    "paddleocr-vl",
     "qianfan-ocr",
     "qwen2-5-vl",
     "qwen2-vl-tied",
     "qwen2-vl-untied",
-    "seamless-m4t",
-    "seamless-m4t-v2",
-    "shieldgemma2",
-    "switch-transformers",
-    "t5gemma2",
-    "video-llama-3",
     "yoso",
 ];
 

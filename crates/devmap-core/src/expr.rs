@@ -1,4 +1,5 @@
-//! The registry's expression grammar: numbers, dotted config paths, `+ - * /`, parentheses,
+//! The registry's expression grammar: numbers, dotted config paths, `+ - * /`, `//` (floor
+//! division), parentheses,
 //! computed in floating point and truncated to an integer at the end (config fields such as
 //! `partial_rotary_factor` are fractions). Used for tensor shapes and repeat counts that a
 //! checkpoint does not say.
@@ -86,11 +87,18 @@ impl<'a> Parser<'a> {
         let mut v = self.atom(nest)?;
         while let Some(op @ (b'*' | b'/')) = self.peek() {
             self.pos += 1;
+            // `//` is floor division (a patch grid of 384 px in 14 px patches has 27 per side).
+            let floor = op == b'/' && self.src.as_bytes().get(self.pos) == Some(&b'/');
+            if floor {
+                self.pos += 1;
+            }
             let r = self.atom(nest)?;
             v = if op == b'*' {
                 v * r
             } else if r == 0.0 {
                 return Err("division by zero".into());
+            } else if floor {
+                (v / r).floor()
             } else {
                 v / r
             };
@@ -188,6 +196,17 @@ mod tests {
         assert_eq!(eval("1.5*4", &c, 0), Ok(6));
         assert_eq!(eval("10-2-3", &c, 0), Ok(5));
         assert_eq!(eval("42", &c, 0), Ok(42));
+    }
+
+    #[test]
+    fn floor_division_floors_each_step() {
+        let c = cfg();
+        // 64 // 14 = 4 per side: 16, where 64/14 squared would truncate to 20.
+        assert_eq!(eval("(hidden_size//14)*(hidden_size//14)", &c, 0), Ok(16));
+        assert_eq!(eval("(hidden_size/14)*(hidden_size/14)", &c, 0), Ok(20));
+        assert_eq!(eval("7//2*2", &c, 0), Ok(6));
+        assert_eq!(eval("-7//2", &c, 0), Ok(-4));
+        assert!(eval("hidden_size // 0", &c, 0).is_err());
     }
 
     #[test]

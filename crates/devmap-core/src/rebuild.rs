@@ -45,6 +45,7 @@ pub(crate) fn rebuild(
         buffers: Vec::new(),
         unknown_shapes: Vec::new(),
         aliases: Vec::new(),
+        load_dtype: load_dtype(&config, &ckpt),
     };
     let scope = Scope {
         config: &config,
@@ -179,6 +180,35 @@ impl Lookup for Scope<'_> {
     }
 }
 
+/// The dtype transformers 5 loads a checkpoint in (`dtype="auto"`): config.json's `dtype`
+/// (`torch_dtype` in older files), else the first floating tensor's of the checkpoint.
+fn load_dtype(config: &ModelConfig, ckpt: &BTreeMap<String, TensorSpec>) -> Option<DType> {
+    let named = ["dtype", "torch_dtype"]
+        .iter()
+        .filter_map(|k| config.get_path(k)?.as_str())
+        .find_map(|name| DType::parse(name).ok().filter(|d| d.is_float()));
+    named.or_else(|| ckpt.values().map(|s| s.dtype).find(|d| d.is_float()))
+}
+
+/// Whether a tensor exists at this config: an `if_listed` tensor only when its config list
+/// (config.json, else the class default) holds the value (Gemma 3's per-layer-type rotary tables).
+fn exists(entry: &TensorEntry, scope: &Scope) -> bool {
+    let TensorEntry::Described(DescribedTensor {
+        if_listed: Some(listed),
+        ..
+    }) = entry
+    else {
+        return true;
+    };
+    let full = format!("{}{}", scope.prefix, listed.field);
+    let list = scope
+        .config
+        .get_path(&full)
+        .or_else(|| scope.line.defaults.get(&listed.field));
+    list.and_then(serde_json::Value::as_array)
+        .is_none_or(|l| l.iter().any(|v| v.as_str() == Some(listed.value.as_str())))
+}
+
 fn join(path: &str, name: &str) -> String {
     if path.is_empty() {
         name.to_string()
@@ -199,6 +229,8 @@ struct Walk<'a> {
     unknown_shapes: Vec<String>,
     /// (alias module, the module it registers again).
     aliases: Vec<(String, String)>,
+    /// The dtype `from_pretrained` builds the model in (`load_dtype` tensors take it).
+    load_dtype: Option<DType>,
 }
 
 impl Walk<'_> {
@@ -237,11 +269,11 @@ impl Walk<'_> {
         if !path.is_empty() {
             self.modules.push((path.to_string(), node.c.clone()));
         }
-        for e in &node.p {
+        for e in node.p.iter().filter(|e| exists(e, scope)) {
             let slot = self.tensor(e, path, TensorKind::Param, idx, scope, key_base)?;
             self.params.push(slot);
         }
-        for e in &node.b {
+        for e in node.b.iter().filter(|e| exists(e, scope)) {
             let slot = self.tensor(e, path, TensorKind::Buffer, idx, scope, key_base)?;
             self.buffers.push(slot);
         }
@@ -309,7 +341,7 @@ impl Walk<'_> {
             idx.push(i);
             let fit = self.node(
                 &r.variants[v],
-                &join(path, &i.to_string()),
+                &join(path, &r.child_name(i)),
                 idx,
                 scope,
                 key_base,
@@ -335,17 +367,17 @@ impl Walk<'_> {
             Some(Dim::Expr(e)) => expr::eval(e, scope, 0).and_then(|n| {
                 u64::try_from(n).map_err(|_| format!("repeat count {e} of {path:?} is {n}"))
             }),
-            None => Ok(self.checkpoint_indices(path)),
+            None => Ok(self.checkpoint_indices(r, path)),
         }
     }
 
-    /// max index + 1 over the checkpoint keys `path.N...`.
-    fn checkpoint_indices(&self, path: &str) -> u64 {
+    /// max index + 1 over the checkpoint keys `path.N...` (`path.expert_N...` for named children).
+    fn checkpoint_indices(&self, r: &Repeat, path: &str) -> u64 {
         let prefix = format!("{path}.");
         self.ckpt
             .range(prefix.clone()..)
             .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter_map(|(k, _)| k[prefix.len()..].split('.').next()?.parse::<u64>().ok())
+            .filter_map(|(k, _)| r.index_of(k[prefix.len()..].split('.').next()?))
             .map(|i| i + 1)
             .max()
             .unwrap_or(0)
@@ -401,7 +433,7 @@ impl Walk<'_> {
         idx: &mut Vec<u64>,
         key_base: &str,
     ) -> Fit<usize> {
-        let child = join(path, &i.to_string());
+        let child = join(path, &r.child_name(i));
         let mut order: Vec<usize> = (0..r.variants.len()).collect();
         order.sort_by_key(|&v| (std::cmp::Reverse(tensor_entries(&r.variants[v])), v));
         idx.push(i);
@@ -454,10 +486,10 @@ impl Walk<'_> {
     fn repeat_fits(&self, r: &Repeat, path: &str, idx: &mut Vec<u64>, key_base: &str) -> bool {
         let count = match &r.count {
             Some(Dim::Int(n)) => *n,
-            _ => self.checkpoint_indices(path),
+            _ => self.checkpoint_indices(r, path),
         };
         (0..count).all(|i| {
-            let child = join(path, &i.to_string());
+            let child = join(path, &r.child_name(i));
             idx.push(i);
             let ok = match &r.select {
                 Select::All { variant } => r
@@ -554,12 +586,16 @@ impl Walk<'_> {
                 format!("tensor {:?} has ckpt:false and no dtype", d.n),
             )
         })?;
-        let dtype = DType::parse(dtype_name).map_err(|_| {
+        let built = DType::parse(dtype_name).map_err(|_| {
             self.bad_line(
                 class,
                 format!("tensor {:?} has unknown dtype {dtype_name:?}", d.n),
             )
         })?;
+        let dtype = match self.load_dtype {
+            Some(load) if d.load_dtype => load,
+            _ => built,
+        };
         let shape = match self.shape(d, scope) {
             Some(shape) => shape,
             None => {

@@ -133,14 +133,20 @@ impl Registry {
         self.lines.is_empty()
     }
 
-    /// The class config.json names: `architectures` (in order), else `model_type`'s base class.
+    /// The class config.json names: `architectures` (in order, each first as
+    /// `Class@model_type`, the line built with that model type's config, then as `Class`), else
+    /// `model_type`'s base class.
     pub fn class_for(&self, config: &ModelConfig) -> Option<&str> {
+        let model_type = config.model_type();
         for arch in config.architectures() {
-            if let Some((name, _)) = self.lines.get_key_value(arch) {
-                return Some(name);
+            let typed = model_type.map(|t| format!("{arch}@{t}"));
+            for key in typed.as_deref().into_iter().chain([arch]) {
+                if let Some((name, _)) = self.lines.get_key_value(key) {
+                    return Some(name);
+                }
             }
         }
-        let model_type = config.model_type()?;
+        let model_type = model_type?;
         // The header was checked at open; only a lookup by model_type needs this part of it.
         let types: ModelTypes = serde_json::from_str(&self.text[..self.header_len]).ok()?;
         let classes = types.by_model_type.get(model_type)?;
@@ -510,6 +516,19 @@ pub(crate) struct DescribedTensor {
     pub shape_default: Option<Vec<u64>>,
     #[serde(default)]
     pub src: Option<Conversion>,
+    /// Built in the dtype the model is loaded in (`dtype` is then the float32 default).
+    #[serde(default)]
+    pub load_dtype: bool,
+    /// The tensor exists only when this config list holds this value.
+    #[serde(default)]
+    pub if_listed: Option<Listed>,
+}
+
+/// `{"field": PATH, "value": V}`: a config list and the entry it must contain.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Listed {
+    pub field: String,
+    pub value: String,
 }
 
 fn yes() -> bool {
@@ -543,13 +562,38 @@ pub(crate) enum Op {
     Same,
 }
 
-/// A container whose children are named `0..count`.
+/// A container whose children are named `0..count` (or `names` with `{i}` replaced by the
+/// index: Switch Transformers' `expert_0`, `expert_1`...).
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct Repeat {
     #[serde(default)]
     pub count: Option<Dim>,
     pub variants: Vec<TreeNode>,
     pub select: Select,
+    #[serde(default)]
+    pub names: Option<String>,
+}
+
+impl Repeat {
+    /// The name of child `i`.
+    pub fn child_name(&self, i: u64) -> String {
+        match &self.names {
+            Some(template) => template.replace("{i}", &i.to_string()),
+            None => i.to_string(),
+        }
+    }
+
+    /// The index a child name stands for, if it is one of this container's names.
+    pub fn index_of(&self, name: &str) -> Option<u64> {
+        let digits = match self.names.as_deref().and_then(|t| t.split_once("{i}")) {
+            Some((before, after)) => name.strip_prefix(before)?.strip_suffix(after)?,
+            None => name,
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok()
+    }
 }
 
 /// How an index picks its variant.
