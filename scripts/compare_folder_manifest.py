@@ -32,7 +32,7 @@ def hf_manifest(folder: str) -> dict:
         arch = json.load(f)["architectures"][0]
     cls = getattr(transformers, arch)
     model = cls.from_pretrained(folder)
-    m = manifest(model, os.path.basename(folder), torch.float32)
+    m = manifest(model, os.path.basename(folder))
     m["no_split"] = sorted(model._get_no_split_modules("auto")) if hasattr(model, "_get_no_split_modules") else m["no_split"]
     return m
 
