@@ -639,6 +639,7 @@ class Recorder:
 
     def container(self, module, name: str, path: str, indices: list[int], names: str = "{i}") -> dict:
         items = [(k, v) for k, v in module._modules.items() if v is not None]
+        seen_before = dict(self.seen_modules)
         variants: list[dict] = []
         keys: list[str] = []
         seen: list[int] = []
@@ -653,14 +654,21 @@ class Recorder:
             seen.append(keys.index(text))
         if len(variants) == len(items) > 1 or (len(variants) > 1 and type(module).__name__ == "Sequential"):
             # A pipeline of different modules (Sequential(Linear, GELU, Linear)) is no repeat.
-            out = {"n": name, "c": type(module).__name__}
-            out["m"] = [dict(v, n=key) for v, (key, _) in zip(every, items)]
-            return out
+            self.seen_modules = seen_before
+            return self.pipeline(module, name, path, indices, items)
         repeat = {"count": self.count_field(len(items), path), "variants": variants}
         if names != "{i}":
             repeat["names"] = names
         repeat["select"] = self.select_rule(seen, len(variants))
         return {"n": name, "c": type(module).__name__, "repeat": repeat}
+
+    def pipeline(self, module, name: str, path: str, indices: list[int], items: list) -> dict:
+        """A numbered container of different modules (Sequential(Linear, GELU, Linear)) as plain
+        children "0".."N-1", one per item (a repeated item at each of its indices), walked again
+        without the index (the caller restores `seen_modules`): "mlp.0" is a name here, not a
+        repeat index to template in `src` keys."""
+        nodes = [self.node(child, key, join(path, key), indices + [ChildName(key)]) for key, child in items]
+        return {"n": name, "c": type(module).__name__, "m": nodes}
 
     def count_field(self, count: int, path: str):
         scope = self.scope_of(path)
@@ -722,15 +730,23 @@ def natural_key(key: str):
     return [int(t) if t.isdigit() else t for t in key.split(".")]
 
 
+class ChildName(int):
+    """A pipeline child's number ("mlp.2") among `indices`: kept as it is in key templates."""
+
+
 def template_key(key: str, indices: list[int]) -> str:
-    """A checkpoint key with the enclosing repeat indices as {i0}.. and any other number as {e}."""
+    """A checkpoint key with the enclosing repeat indices as {i0}.. and any other number as {e}
+    (a pipeline child's number, `ChildName`, stays literal)."""
     parts = key.split(".")
     pending = list(indices)
     level = 0
     out = []
     for part in parts:
         if part.isdigit():
-            if pending and int(part) == pending[0]:
+            if pending and isinstance(pending[0], ChildName) and int(part) == pending[0]:
+                out.append(part)
+                pending.pop(0)
+            elif pending and int(part) == pending[0]:
                 out.append("{i%d}" % level)
                 pending.pop(0)
                 level += 1
@@ -1230,12 +1246,42 @@ def check_registry(path: str) -> list[str]:
     return problems
 
 
+def splice_registry(part_path: str, into_path: str) -> int:
+    """Replace (or add) in `into_path` the class lines of `part_path`, a file written with
+    `--only`: regenerating a few model types without the hour a full run takes. The header's
+    `by_model_type` and `classes` follow; failures.json is left as it is. Returns the lines replaced."""
+    with open(part_path, encoding="utf-8") as f:
+        part = f.read().split("\n")
+    with open(into_path, encoding="utf-8") as f:
+        full = f.read().split("\n")
+    part = [t for t in part[1:] if t]
+    header, body = json.loads(full[0]), [t for t in full[1:] if t]
+    lines = {json.loads(t)["class"]: t for t in body}
+    replaced = 0
+    for text in part:
+        line = json.loads(text)
+        replaced += line["class"] in lines
+        lines[line["class"]] = text
+        names = header["by_model_type"].setdefault(line["model_type"], [])
+        if line["class"] not in names:
+            names.append(line["class"])
+    header["classes"] = len(lines)
+    header["by_model_type"] = dict(sorted(header["by_model_type"].items()))
+    with open(into_path, "w", encoding="utf-8") as out:
+        out.write(compact(header) + "\n")
+        for name in sorted(lines):
+            out.write(lines[name] + "\n")
+    return replaced
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="crates/devmap-core/registry/arch-registry.jsonl")
     parser.add_argument("--only", nargs="*", help="model types or class names to record (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--check", metavar="FILE", help="only check an existing registry file")
+    parser.add_argument("--splice-into", metavar="FILE",
+                        help="after writing --out, replace its class lines in FILE (use with --only)")
     args = parser.parse_args()
     if args.check:
         problems = check_registry(args.check)
@@ -1261,6 +1307,10 @@ def main() -> int:
     for reason, count in header["failed"].items():
         print(f"  failed {count:4d}  {reason}", file=sys.stderr)
     problems = check_registry(args.out)
+    if args.splice_into and not problems:
+        replaced = splice_registry(args.out, args.splice_into)
+        print(f"{args.splice_into}: {replaced} class lines replaced", file=sys.stderr)
+        problems = check_registry(args.splice_into)
     print("\n".join(problems) or "check: ok", file=sys.stderr)
     return 1 if problems else 0
 

@@ -10,6 +10,11 @@
 //!   checkpoint folder with the embedded registry (rebuilt as `LlamaForCausalLM`) and with an empty
 //!   one (today's inference), so the difference is the whole cost the registry adds to reading.
 //!
+//! - `registry/plan-path/{folder}/{registry,inference}`: what a `devmap plan FOLDER` process
+//!   pays to read a corpus folder (`fixtures/folders/`): open the embedded registry, look its
+//!   class up and rebuild the checkpoint (`Registry::open_embedded` + `load_model_with`), against
+//!   the inference with an empty registry; the difference is the registry's cost per plan.
+//!
 //! `cargo bench -p devmap-benches --bench registry`
 
 use std::borrow::Cow;
@@ -66,5 +71,33 @@ fn registry(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, registry);
+/// Corpus folders of several shapes: a plain decoder, an encoder-decoder with nested variants,
+/// a vision-language model with conversions, an MoE with fused experts.
+const FOLDERS: [&str; 4] = ["llama-tied", "t5-tied", "qwen2-vl-untied", "mixtral-untied"];
+
+fn plan_path(c: &mut Criterion) {
+    let mut g = c.benchmark_group("registry/plan-path");
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(300));
+    let path = Path::new("arch-registry.jsonl");
+    let header = EMBEDDED.lines().next().unwrap().to_string();
+    let empty = Registry::parse(Cow::Owned(header), path).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/folders");
+    for name in FOLDERS {
+        let folder = root.join(name);
+        g.bench_function(format!("{name}/registry"), |b| {
+            b.iter(|| {
+                let reg = Registry::open_embedded().unwrap();
+                load_model_with(black_box(&folder), &reg).unwrap()
+            })
+        });
+        g.bench_function(format!("{name}/inference"), |b| {
+            b.iter(|| load_model_with(black_box(&folder), &empty).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, registry, plan_path);
 criterion_main!(benches);

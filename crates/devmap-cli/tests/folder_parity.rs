@@ -216,26 +216,13 @@ enum AutoOutcome {
 }
 
 /// The scenario where GPU 0 alone holds twice the model: `auto` must give a map there.
-/// Models with at least one failing case today (issue 9 is open): 2386 of 2440 compat runs equal
+/// Models with at least one failing case today (issue 9 is open): 2434 of 2440 compat runs equal
 /// transformers' maps. Strict: a listed model that passes every check fails the test until it is
 /// removed from here; any unlisted model's failure fails it too. Causes, by model, are in
 /// docs/testing.md ("Checkpoint-folder corpus").
 const KNOWN_FAILING: &[&str] = &[
-    "deberta",
-    "deberta-v2",
-    "distilbert",
-    "fnet",
-    "git",
-    "granite-docling",
-    "idefics",
-    "mpnet",
     "mra",
-    "nystromformer",
     "qianfan-ocr",
-    "qwen2-5-vl",
-    "qwen2-vl-tied",
-    "qwen2-vl-untied",
-    "yoso",
 ];
 
 const MUST_FIT_SCENARIO: &str = "1gpu-fits";

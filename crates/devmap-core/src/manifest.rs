@@ -39,6 +39,9 @@ pub struct Manifest {
     /// size, so a storage whose first-registered name is a target counts 0 bytes in its planner.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tied_targets: Vec<String>,
+    /// Buffers outside `state_dict()` (`_non_persistent_buffers_set`): no device map must cover them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub non_persistent: Vec<String>,
     /// Module classes that must stay on one device.
     #[serde(default)]
     pub no_split: Vec<String>,
@@ -142,7 +145,9 @@ impl Manifest {
         for g in self.tied {
             b = b.tied(g);
         }
-        b = b.tied_targets(self.tied_targets);
+        b = b
+            .tied_targets(self.tied_targets)
+            .non_persistent(self.non_persistent);
         let mut model = b.build().map_err(|e| Error::json(origin, e.to_string()))?;
         model.quant_meta = quant_meta;
         Ok(model)
@@ -185,6 +190,10 @@ impl Manifest {
                 .collect(),
             tied_targets: (0..model.tensors().len())
                 .filter(|&t| model.is_tied_target(t))
+                .map(|t| model.tensor(t).name.clone())
+                .collect(),
+            non_persistent: (0..model.tensors().len())
+                .filter(|&t| model.is_non_persistent(t))
                 .map(|t| model.tensor(t).name.clone())
                 .collect(),
             no_split: model.no_split_classes(),

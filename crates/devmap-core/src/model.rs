@@ -123,6 +123,7 @@ pub struct Model {
     tied: Vec<Vec<TensorId>>,
     tied_duplicate: Vec<bool>,
     tied_target: Vec<bool>,
+    non_persistent: Vec<bool>,
     by_name: HashMap<String, Node>,
     /// Width of the activations passed between blocks, when known.
     pub hidden_size: Option<u64>,
@@ -158,6 +159,7 @@ pub struct ModelBuilder {
     tensors: Vec<TensorSpec>,
     tied: Vec<Vec<String>>,
     tied_targets: Vec<String>,
+    non_persistent: Vec<String>,
     no_split_classes: Vec<String>,
     hidden_size: Option<u64>,
     config: Option<ModelConfig>,
@@ -216,6 +218,11 @@ impl ModelBuilder {
         self.tied_targets = names;
         self
     }
+    /// Buffers outside the state dict (see [`Model::is_non_persistent`]).
+    pub fn non_persistent(mut self, names: Vec<String>) -> Self {
+        self.non_persistent = names;
+        self
+    }
     /// Module classes that must not be split.
     pub fn no_split_classes(mut self, classes: Vec<String>) -> Self {
         self.no_split_classes = classes;
@@ -249,6 +256,7 @@ impl ModelBuilder {
             tied: Vec::new(),
             tied_duplicate: Vec::new(),
             tied_target: Vec::new(),
+            non_persistent: Vec::new(),
             by_name: HashMap::with_capacity(self.modules.len() + self.tensors.len() + 1),
             hidden_size: self.hidden_size,
             config: self.config,
@@ -360,6 +368,19 @@ impl ModelBuilder {
                 _ => {
                     return Err(Error::Model(format!(
                         "tied target {name:?} is not a tensor of the model"
+                    )))
+                }
+            }
+        }
+        model.non_persistent = vec![false; model.tensors.len()];
+        for name in &self.non_persistent {
+            match model.by_name.get(name) {
+                Some(Node::Tensor(id)) if model.tensors[*id].kind == TensorKind::Buffer => {
+                    model.non_persistent[*id] = true
+                }
+                _ => {
+                    return Err(Error::Model(format!(
+                        "non-persistent buffer {name:?} is not a buffer of the model"
                     )))
                 }
             }
@@ -520,6 +541,12 @@ impl Model {
     /// it never counts.
     pub fn is_tied_target(&self, id: TensorId) -> bool {
         self.tied_target[id]
+    }
+    /// Whether the tensor is a non-persistent buffer: outside `state_dict()`, so accelerate's
+    /// `check_device_map` never asks a device for it (transformers' planner drops such buffers of a
+    /// module it splits).
+    pub fn is_non_persistent(&self, id: TensorId) -> bool {
+        self.non_persistent[id]
     }
     /// Look a name up.
     pub fn node(&self, name: &str) -> Option<Node> {

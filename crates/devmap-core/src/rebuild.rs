@@ -43,6 +43,7 @@ pub(crate) fn rebuild(
         modules: Vec::new(),
         params: Vec::new(),
         buffers: Vec::new(),
+        non_persistent: Vec::new(),
         unknown_shapes: Vec::new(),
         aliases: Vec::new(),
         load_dtype: load_dtype(&config, &ckpt),
@@ -59,6 +60,7 @@ pub(crate) fn rebuild(
         modules,
         mut params,
         buffers,
+        non_persistent,
         used,
         unknown_shapes,
         aliases,
@@ -108,6 +110,7 @@ pub(crate) fn rebuild(
         modules,
         params,
         buffers,
+        non_persistent,
         groups,
         targets,
     };
@@ -226,6 +229,8 @@ struct Walk<'a> {
     modules: Vec<(String, String)>,
     params: Vec<Slot>,
     buffers: Vec<Slot>,
+    /// Buffers outside the state dict (`persistent: false`).
+    non_persistent: Vec<String>,
     unknown_shapes: Vec<String>,
     /// (alias module, the module it registers again).
     aliases: Vec<(String, String)>,
@@ -546,6 +551,9 @@ impl Walk<'_> {
             TensorEntry::Described(d) => d,
         };
         let name = join(path, &d.n);
+        if kind == TensorKind::Buffer && !d.persistent {
+            self.non_persistent.push(name.clone());
+        }
         if let Some(src) = &d.src {
             // A checkpoint saved in transformers 5's own layout already holds the model key.
             if self.ckpt.contains_key(&name) {
@@ -877,6 +885,7 @@ struct Tables {
     modules: Vec<(String, String)>,
     params: Vec<Slot>,
     buffers: Vec<Slot>,
+    non_persistent: Vec<String>,
     groups: Vec<Vec<String>>,
     targets: Vec<String>,
 }
@@ -891,6 +900,7 @@ fn assemble(
         modules,
         params,
         buffers,
+        non_persistent,
         groups,
         targets,
     } = tables;
@@ -911,6 +921,7 @@ fn assemble(
         b = b.tied(g);
     }
     b.tied_targets(targets)
+        .non_persistent(non_persistent)
         .build()
         .map_err(|e| format!("{} does not fit the checkpoint: {e}", line.class))
 }

@@ -507,6 +507,9 @@ pub(crate) struct DescribedTensor {
     pub n: String,
     #[serde(default = "yes")]
     pub ckpt: bool,
+    /// Buffers only: whether `state_dict()` holds it (what accelerate checks a map against).
+    #[serde(default = "yes")]
+    pub persistent: bool,
     #[serde(default)]
     pub dtype: Option<String>,
     #[serde(default)]

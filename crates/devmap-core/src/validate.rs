@@ -20,7 +20,8 @@ pub enum Problem {
         /// The key inside it.
         inner: String,
     },
-    /// Tensors no key covers (at most the first 20 named; `count` is the total).
+    /// Tensors no key covers, non-persistent buffers aside (at most the first 20 named; `count` is
+    /// the total).
     Uncovered {
         /// Some of the tensor names.
         tensors: Vec<String>,
@@ -233,8 +234,9 @@ pub fn validate(
         }
     }
     let devices = tensor_devices(model, map);
+    // accelerate checks `state_dict()` keys: a non-persistent buffer needs no device.
     let uncovered: Vec<TensorId> = (0..devices.len())
-        .filter(|&i| devices[i].is_none())
+        .filter(|&i| devices[i].is_none() && !model.is_non_persistent(i))
         .collect();
     if !uncovered.is_empty() {
         problems.push(Problem::Uncovered {
@@ -296,5 +298,67 @@ pub fn validate(
         problems,
         usage,
         tensor_devices: devices,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::model::ModelBuilder;
+
+    /// An embedding module with a weight, a persistent buffer and a non-persistent one, beside a head.
+    fn embeddings(non_persistent: &[&str]) -> Model {
+        ModelBuilder::new("t")
+            .module("emb", "Embeddings")
+            .module("emb.word", "Embedding")
+            .module("head", "Linear")
+            .param("emb.word.weight", DType::F32, &[8, 4])
+            .param("head.weight", DType::F32, &[8, 4])
+            .buffer("emb.token_type_ids", DType::I64, &[1, 16])
+            .buffer("emb.position_ids", DType::I64, &[1, 16])
+            .non_persistent(non_persistent.iter().map(|s| s.to_string()).collect())
+            .build()
+            .unwrap()
+    }
+
+    /// The map transformers makes when it splits `emb`: its direct buffers get no key.
+    fn split_map() -> DeviceMap {
+        DeviceMap::from_json_str(r#"{"emb.word": 0, "head": "cpu"}"#).unwrap()
+    }
+
+    #[test]
+    fn an_uncovered_non_persistent_buffer_is_no_error() {
+        let model = embeddings(&["emb.position_ids", "emb.token_type_ids"]);
+        let report = validate(&model, &split_map(), None, SizeRules::default());
+        assert!(report.is_valid(), "{:?}", report.problems);
+        let pos = match model.node("emb.position_ids") {
+            Some(Node::Tensor(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(report.tensor_devices[pos], None);
+    }
+
+    #[test]
+    fn an_uncovered_persistent_buffer_is_named() {
+        let model = embeddings(&["emb.position_ids"]);
+        let report = validate(&model, &split_map(), None, SizeRules::default());
+        assert_eq!(
+            report.errors().cloned().collect::<Vec<_>>(),
+            vec![Problem::Uncovered {
+                tensors: vec!["emb.token_type_ids".to_string()],
+                count: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn only_buffers_can_be_non_persistent() {
+        let err = ModelBuilder::new("t")
+            .param("w", DType::F32, &[2])
+            .non_persistent(vec!["w".to_string()])
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("\"w\""), "{err}");
     }
 }

@@ -386,9 +386,15 @@ pub fn load(model: &Model, plan: &DeviceMap, options: &LoadOptions) -> Result<Lo
     let mut placed: HashMap<(Device, Src), usize> = HashMap::new();
     let mut aliases: Vec<(usize, usize)> = Vec::new();
     for (id, t) in model.tensors().iter().enumerate() {
-        let device = devices[id].ok_or_else(|| Error::Plan {
-            reason: format!("tensor {:?} has no device", t.name),
-        })?;
+        let Some(device) = devices[id] else {
+            // A non-persistent buffer a map may leave out: the model computes it at init.
+            if model.is_non_persistent(id) {
+                continue;
+            }
+            return Err(Error::Plan {
+                reason: format!("tensor {:?} has no device", t.name),
+            });
+        };
         if device == Device::Disk {
             left_to_offload.push(t.name.clone());
             offloaded_bytes += t.stored_bytes();
