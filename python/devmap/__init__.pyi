@@ -73,6 +73,7 @@ def plan(
     compat: str | None = None,
     *,
     time_limit: float | None = None,
+    runtime: str | None = None,
 ) -> DeviceMap: ...
 def plan_report(
     model: Model,
@@ -86,6 +87,7 @@ def plan_report(
     compat: str | None = None,
     *,
     time_limit: float | None = None,
+    runtime: str | None = None,
 ) -> PlanReport: ...
 def check(
     model: Model,
@@ -104,6 +106,7 @@ def compare(
     topology: PathLike | None = None,
     *,
     time_limit: float | None = None,
+    runtime: str | None = None,
 ) -> list[dict[str, Any]]: ...
 def manifest(model: Any, name: str | None = None) -> dict[str, Any]: ...
 def pin_offloaded(model: Any, max_ram_share: float = 0.5, prefetch: bool = False) -> PinReport: ...

@@ -34,6 +34,8 @@ def model():
     (dict(max_memory=MM, pins={"lm_head": "tpu"}), devmap.ArgumentError, r'pins\["lm_head"\]: unknown device "tpu"'),
     (dict(max_memory=MM, pins={"nothing.here": 0}), devmap.ArgumentError, r"nothing\.here"),
     (dict(max_memory=MM, topology={"gpus": {}}), devmap.ArgumentError, r"path of a topology JSON"),
+    (dict(max_memory=MM, runtime="vllm"), devmap.ArgumentError, r'runtime "vllm" is not "accelerate" or "pinned"'),
+    (dict(max_memory=MM, runtime=1), devmap.ArgumentError, r"runtime must be"),
     (dict(max_memory={0: "1KiB", "cpu": "1KiB"}), devmap.DoesNotFitError, r"does not fit: .* disk, which has no budget"),
 ])
 def test_bad_arguments(model, kwargs, error, message):

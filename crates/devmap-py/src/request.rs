@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use devmap_core::cost::{KvCacheSpec, Objective, Topology};
+use devmap_core::cost::{KvCacheSpec, Objective, OffloadMemory, Topology};
 use devmap_core::{
     load_model, DType, Device, DeviceMap, Manifest, MemoryBudgets, Model, ModelConfig,
 };
@@ -65,6 +65,10 @@ pub struct Request {
     /// `transformers` or `accelerate`.
     #[serde(default)]
     pub compat: Option<String>,
+    /// The runtime that executes the map: `accelerate` (pageable offload) or `pinned` (the CLI's
+    /// `--runtime`); `None`: the topology's own `runtime.offload_memory`.
+    #[serde(default)]
+    pub runtime: Option<String>,
     /// `auto`'s time limit, seconds.
     #[serde(default)]
     pub time_limit: Option<f64>,
@@ -132,6 +136,19 @@ impl Request {
         }
     }
 
+    /// Where the runtime copies offloaded weights from, when `runtime` was given.
+    fn offload_memory(&self) -> Result<Option<OffloadMemory>> {
+        match self.runtime.as_deref() {
+            None => Ok(None),
+            Some("accelerate") => Ok(Some(OffloadMemory::Pageable)),
+            Some("pinned") => Ok(Some(OffloadMemory::Pinned)),
+            Some(other) => Err(Error::new(
+                Kind::Argument,
+                format!("runtime {other:?} is not \"accelerate\" or \"pinned\""),
+            )),
+        }
+    }
+
     /// `auto`'s options; a discovered topology applies unless a topology file was given.
     pub fn auto_options(&self, model: &Model, discovered: Option<Topology>) -> Result<AutoOptions> {
         let arg = |e: devmap_core::Error| Error::new(Kind::Argument, e);
@@ -140,6 +157,9 @@ impl Request {
             (Some(path), _) => o.topology = Topology::read(Path::new(path)).map_err(arg)?,
             (None, Some(t)) => o.topology = t,
             (None, None) => {}
+        }
+        if let Some(memory) = self.offload_memory()? {
+            o.topology.runtime.offload_memory = memory;
         }
         o.objective = match self.objective.as_deref() {
             None | Some("latency") => Objective::Latency,
