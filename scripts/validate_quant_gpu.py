@@ -235,7 +235,10 @@ def measure(args, ckpt, method, strategy, device_map, cap):
         offloaded_gib=offloaded_bytes(model) / GIB,
         device_map=dict(getattr(model, "hf_device_map", {}) or {}),
     )
-    row.update(measure_prompt(model, args.prompt, args.new_tokens))
+    try:
+        row.update(measure_prompt(model, args.prompt, args.new_tokens))
+    except Exception as e:  # e.g. a missing quantized kernel: keep the load's figures
+        row.update(error=f"decode failed: {e!r}"[:600])
     del model
     free_gpu()
     log(f"{method} {strategy:>6} cap {cap:g} GiB: " + (row.get("error") or f"{row['ms_per_token']:.1f} ms/token, resident {row['resident_gib']:.2f} GiB, peak {row['peak_allocated_gib']:.2f} GiB"))
