@@ -220,10 +220,7 @@ enum AutoOutcome {
 /// transformers' maps. Strict: a listed model that passes every check fails the test until it is
 /// removed from here; any unlisted model's failure fails it too. Causes, by model, are in
 /// docs/testing.md ("Checkpoint-folder corpus").
-const KNOWN_FAILING: &[&str] = &[
-    "mra",
-    "qianfan-ocr",
-];
+const KNOWN_FAILING: &[&str] = &["mra", "qianfan-ocr"];
 
 const MUST_FIT_SCENARIO: &str = "1gpu-fits";
 
