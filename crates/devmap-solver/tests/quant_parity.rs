@@ -194,7 +194,8 @@ fn fp8_maps_and_verdicts_equal_hugging_face_references() {
 /// GPTQ pre-quantized checkpoints (fixtures/quant/reference-gptq, optimum's `convert_model` with
 /// gptqmodel's `QuantLinear` on the meta device): the planner counts the packed buffers at their
 /// dtypes, fused experts at full precision, and the quantizer accepts every map. 5 models: llama,
-/// gemma-2, gpt2 (Conv1D), and the MoE mixtral and qwen3-moe; 4-bit group 128 and 8-bit per channel.
+/// gemma-2, gpt2 (Conv1D), and the MoE mixtral and qwen3-moe; 4-bit group 128 and 8-bit per
+/// channel.
 #[test]
 fn gptq_pre_quantized_maps_equal_hugging_face_references() {
     assert_all_equal("reference-gptq", "configs-gptq", 5, 5 * 2 * 36, false);
