@@ -424,15 +424,61 @@ fn gptq_replaced_bytes(model: &Model, t: TensorId, config: &GroupConfig) -> Opti
 /// `g_idx` `[in]` i32, with `groups = ceil(in / group_size)` (`group_size` -1: one group).
 pub fn gptq_linear_bytes(config: &GroupConfig, in_features: u64, out_features: u64) -> u64 {
     let bits = u64::from(config.bits);
-    let group = u64::try_from(config.group_size)
-        .ok()
-        .filter(|&g| g > 0)
-        .unwrap_or(in_features);
-    let groups = in_features.div_ceil(group);
+    let groups = in_features.div_ceil(group_of(config, in_features));
     let qweight = in_features * bits / 32 * out_features * 4;
     let qzeros = groups * (out_features * bits / 32) * 4;
     let scales = groups * out_features * 2;
     qweight + qzeros + scales + in_features * 4
+}
+
+/// Per tensor, the bytes transformers' planner counts for a pre-quantized AWQ checkpoint whose
+/// model is described at full precision: `replace_with_awq_linear` swaps every `nn.Linear`
+/// (subclasses too; not `Conv1D`) that `modules_to_not_convert` (the defaults plus the config's
+/// list; bitsandbytes' list replaces the defaults) does not skip for gptqmodel's AWQ linear, whose buffers count at
+/// their dtypes: `qweight` `[in, out·bits/32]` int32, `qzeros` `[groups, out·bits/32]` int32,
+/// `scales` `[groups, out]` float16, a float16 `bias`. `None` everywhere for a model that already
+/// holds `qweight` tensors.
+pub fn awq_hf_tensor_bytes(model: &Model, config: &GroupConfig) -> Result<Vec<Option<f64>>> {
+    if model.tensors().iter().any(|t| t.name.ends_with(".qweight")) {
+        return Ok(vec![None; model.tensors().len()]);
+    }
+    // AWQ passes add_default_skips=True: the config's list extends the defaults.
+    let mut skip = modules_to_not_convert(model, None);
+    skip.extend(config.modules_to_not_convert.iter().flatten().cloned());
+    let patterns = SkipPatterns::new(&skip)?;
+    Ok((0..model.tensors().len())
+        .map(|t| {
+            let tensor = model.tensor(t);
+            let kind = model.quant_meta.torch_kind(model, tensor.module);
+            let linear = matches!(kind, Some(TorchKind::Linear | TorchKind::LinearSubclass));
+            if !linear
+                || tensor.kind != TensorKind::Param
+                || !patterns.should_convert(&model.module(tensor.module).name)
+            {
+                return None;
+            }
+            match (tensor.name.rsplit('.').next(), &tensor.shape[..]) {
+                (Some("weight"), &[out, inp]) => Some(awq_linear_bytes(config, inp, out) as f64),
+                (Some("bias"), _) => Some((tensor.numel * 2) as f64),
+                _ => None,
+            }
+        })
+        .collect())
+}
+
+/// Bytes of gptqmodel's AWQ linear buffers for one layer (bias excluded).
+pub fn awq_linear_bytes(config: &GroupConfig, in_features: u64, out_features: u64) -> u64 {
+    let packed_out = out_features * u64::from(config.bits) / 32;
+    let groups = in_features.div_ceil(group_of(config, in_features));
+    in_features * packed_out * 4 + groups * packed_out * 4 + groups * out_features * 2
+}
+
+/// The group size of `config` over `in_features` inputs (-1 or 0: one group).
+fn group_of(config: &GroupConfig, in_features: u64) -> u64 {
+    u64::try_from(config.group_size)
+        .ok()
+        .filter(|&g| g > 0)
+        .unwrap_or(in_features)
 }
 
 #[cfg(test)]
@@ -592,5 +638,18 @@ mod tests {
             gptq_hf_tensor_bytes(&model, &g),
             vec![None, Some(fc), Some(512.0), None, None]
         );
+    }
+
+    /// gptqmodel 7.7's AWQ GEMM linear over mixtral's q_proj (4096 -> 4096, 4 bits, group 128):
+    /// qweight [4096, 512], qzeros [32, 512] int32, scales [32, 4096] float16.
+    #[test]
+    fn awq_linear_bytes_match_gptqmodel_buffers() {
+        let g128 = GroupConfig {
+            bits: 4,
+            group_size: 128,
+            modules_to_not_convert: None,
+        };
+        let q_proj = 4096 * 512 * 4 + 32 * 512 * 4 + 32 * 4096 * 2;
+        assert_eq!(awq_linear_bytes(&g128, 4096, 4096), q_proj);
     }
 }

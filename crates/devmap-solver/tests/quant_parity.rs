@@ -286,3 +286,12 @@ fn auto_never_emits_a_map_the_quantizer_rejects() {
     assert!(planned > 0 && short > 0, "planned {planned}, short {short}");
     eprintln!("auto on quantized fixtures: {planned} maps the quantizer accepts, {short} does-not-fit answers");
 }
+
+/// AWQ pre-quantized checkpoints (fixtures/quant/reference-awq, transformers'
+/// `replace_with_awq_linear` with gptqmodel's AWQ linear on the meta device): every `nn.Linear`
+/// but the default skips (lm_head) is replaced, fused experts stay, no map rule. 4 models (gpt2
+/// has no nn.Linear to replace: transformers 5.23 raises UnboundLocalError there).
+#[test]
+fn awq_pre_quantized_maps_equal_hugging_face_references() {
+    assert_all_equal("reference-awq", "configs-awq", 4, 4 * 36, false);
+}
