@@ -45,13 +45,17 @@ import hf_reference  # noqa: E402
 STRATEGIES = ["balanced", "balanced_low_0", "sequential"]
 
 
-def build_quantized(config, torch_dtype, quant_dict: dict):
-    """The model as from_pretrained has it when it computes the device map, and its quantizer."""
+def build_quantized(config, torch_dtype, quant_dict: dict, pre_quantized: bool = False):
+    """The model as from_pretrained has it when it computes the device map, and its quantizer.
+
+    With `pre_quantized` the quantizer converts the model as it does for a checkpoint that already
+    holds packed weights (GPTQ: optimum's `convert_model` swaps the block's Linear/Conv1D for
+    gptqmodel's QuantLinear with qweight/qzeros/scales/g_idx buffers on the meta device)."""
     import torch
     from transformers.quantizers.auto import AutoHfQuantizer, AutoQuantizationConfig
 
     qconfig = AutoQuantizationConfig.from_dict(copy.deepcopy(quant_dict))
-    hf_quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
+    hf_quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=pre_quantized)
     model = export_manifest.build_model(config, torch_dtype)
     export_manifest.tie(model)
     previous = torch.get_default_dtype()
@@ -93,6 +97,19 @@ def stub_fp8_gpu_check() -> str:
     torch.cuda.is_available = lambda: True
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
     return "stubbed: cuda available, capability (9, 0)"
+
+
+def quantizer_versions() -> dict:
+    """Versions of the quantization packages installed (those the quantizers import)."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("bitsandbytes", "optimum", "gptqmodel"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def backend_check() -> str:
@@ -172,6 +189,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quant", action="append", required=True, help="quantization_config JSON (repeatable)")
     ap.add_argument("--scenarios", default=os.path.join(here, "..", "fixtures", "scenarios.json"))
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument(
+        "--pre-quantized",
+        action="store_true",
+        help="plan as for a checkpoint already quantized with these configs (GPTQ), not quantize-on-load",
+    )
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args(argv)
 
@@ -200,7 +222,7 @@ def main(argv=None) -> int:
         if quant_dict.get("quant_method") == "fp8" and not torch.cuda.is_available():
             gpu_check = stub_fp8_gpu_check()
         qname = os.path.basename(qpath)[: -len(".json")]
-        model, hf_quantizer = build_quantized(config, torch_dtype, quant_dict)
+        model, hf_quantizer = build_quantized(config, torch_dtype, quant_dict, args.pre_quantized)
         for sc in scenarios:
             for strategy in args.strategies.split(","):
                 r = {"quant": qname, **run_one(model, hf_quantizer, sc, strategy)}
@@ -213,7 +235,8 @@ def main(argv=None) -> int:
         "format": "devmap-quant-reference/1",
         "model": manifest["name"],
         "manifest": os.path.relpath(args.manifest, os.path.join(here, "..")),
-        "versions": {**hf_reference.versions(), "bitsandbytes": __import__("bitsandbytes").__version__},
+        "versions": {**hf_reference.versions(), **quantizer_versions()},
+        "pre_quantized": args.pre_quantized,
         "backend_check": backend_check(),
         "fp8_gpu_check": gpu_check,
         "host": {"python": platform.python_version(), "platform": platform.platform()},

@@ -12,7 +12,9 @@ use crate::budget::Device;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{Model, SizeRules, TensorId, TensorKind};
-use crate::quant::{modules_to_not_convert, BnbBits, BnbConfig, QuantConfig, SkipPatterns};
+use crate::quant::{
+    modules_to_not_convert, BnbBits, BnbConfig, GroupConfig, QuantConfig, SkipPatterns,
+};
 use crate::quant::{Quantization, TorchKind};
 
 /// Elements per `absmax` block of bitsandbytes' 4-bit weights (`Params4bit`'s default).
@@ -382,6 +384,103 @@ fn pre_quantized(model: &Model, q: &Quantization, full: &[u64]) -> RuntimeBytes 
     }
 }
 
+/// Per tensor, the bytes transformers' planner counts for a pre-quantized GPTQ checkpoint whose
+/// model is described at full precision (a manifest): optimum's `convert_model` replaces every
+/// `nn.Linear` / `Conv1D` inside a decoder block (a no-split module) by gptqmodel's `QuantLinear`,
+/// whose buffers are counted at their dtypes (int32 `qweight`, `qzeros`, `g_idx`; float16
+/// `scales` and `bias`). The whole set is charged to the weight, the float16 bias to the bias.
+/// Modules outside the blocks (embeddings, `lm_head`) and fused 3-D experts keep their dtype.
+/// `None` for a model that already holds packed `qweight` tensors (their stored bytes count).
+pub fn gptq_hf_tensor_bytes(model: &Model, config: &GroupConfig) -> Vec<Option<f64>> {
+    if model.tensors().iter().any(|t| t.name.ends_with(".qweight")) {
+        return vec![None; model.tensors().len()];
+    }
+    (0..model.tensors().len())
+        .map(|t| gptq_replaced_bytes(model, t, config).map(|b| b as f64))
+        .collect()
+}
+
+/// The `QuantLinear` bytes standing in for tensor `t`, when its module is converted.
+fn gptq_replaced_bytes(model: &Model, t: TensorId, config: &GroupConfig) -> Option<u64> {
+    let tensor = model.tensor(t);
+    let kind = model.quant_meta.torch_kind(model, tensor.module)?;
+    if tensor.kind != TensorKind::Param || model.no_split_ancestor(tensor.module).is_none() {
+        return None;
+    }
+    let leaf = tensor.name.rsplit('.').next().unwrap_or("");
+    let [rows, cols] = tensor.shape[..] else {
+        return (leaf == "bias" && kind != TorchKind::LinearSubclass).then(|| tensor.numel * 2);
+    };
+    let (in_features, out_features) = match kind {
+        TorchKind::Linear => (cols, rows),
+        TorchKind::Conv1d => (rows, cols),
+        TorchKind::LinearSubclass => return None,
+    };
+    (leaf == "weight").then(|| gptq_linear_bytes(config, in_features, out_features))
+}
+
+/// Bytes of gptqmodel's `QuantLinear` buffers for one layer (bias excluded): `qweight`
+/// `[in·bits/32, out]` i32, `qzeros` `[groups, out·bits/32]` i32, `scales` `[groups, out]` f16,
+/// `g_idx` `[in]` i32, with `groups = ceil(in / group_size)` (`group_size` -1: one group).
+pub fn gptq_linear_bytes(config: &GroupConfig, in_features: u64, out_features: u64) -> u64 {
+    let bits = u64::from(config.bits);
+    let groups = in_features.div_ceil(group_of(config, in_features));
+    let qweight = in_features * bits / 32 * out_features * 4;
+    let qzeros = groups * (out_features * bits / 32) * 4;
+    let scales = groups * out_features * 2;
+    qweight + qzeros + scales + in_features * 4
+}
+
+/// Per tensor, the bytes transformers' planner counts for a pre-quantized AWQ checkpoint whose
+/// model is described at full precision: `replace_with_awq_linear` swaps every `nn.Linear`
+/// (subclasses too; not `Conv1D`) that `modules_to_not_convert` (the defaults plus the config's
+/// list; bitsandbytes' list replaces the defaults) does not skip for gptqmodel's AWQ linear, whose buffers count at
+/// their dtypes: `qweight` `[in, out·bits/32]` int32, `qzeros` `[groups, out·bits/32]` int32,
+/// `scales` `[groups, out]` float16, a float16 `bias`. `None` everywhere for a model that already
+/// holds `qweight` tensors.
+pub fn awq_hf_tensor_bytes(model: &Model, config: &GroupConfig) -> Result<Vec<Option<f64>>> {
+    if model.tensors().iter().any(|t| t.name.ends_with(".qweight")) {
+        return Ok(vec![None; model.tensors().len()]);
+    }
+    // AWQ passes add_default_skips=True: the config's list extends the defaults.
+    let mut skip = modules_to_not_convert(model, None);
+    skip.extend(config.modules_to_not_convert.iter().flatten().cloned());
+    let patterns = SkipPatterns::new(&skip)?;
+    Ok((0..model.tensors().len())
+        .map(|t| {
+            let tensor = model.tensor(t);
+            let kind = model.quant_meta.torch_kind(model, tensor.module);
+            let linear = matches!(kind, Some(TorchKind::Linear | TorchKind::LinearSubclass));
+            if !linear
+                || tensor.kind != TensorKind::Param
+                || !patterns.should_convert(&model.module(tensor.module).name)
+            {
+                return None;
+            }
+            match (tensor.name.rsplit('.').next(), &tensor.shape[..]) {
+                (Some("weight"), &[out, inp]) => Some(awq_linear_bytes(config, inp, out) as f64),
+                (Some("bias"), _) => Some((tensor.numel * 2) as f64),
+                _ => None,
+            }
+        })
+        .collect())
+}
+
+/// Bytes of gptqmodel's AWQ linear buffers for one layer (bias excluded).
+pub fn awq_linear_bytes(config: &GroupConfig, in_features: u64, out_features: u64) -> u64 {
+    let packed_out = out_features * u64::from(config.bits) / 32;
+    let groups = in_features.div_ceil(group_of(config, in_features));
+    in_features * packed_out * 4 + groups * packed_out * 4 + groups * out_features * 2
+}
+
+/// The group size of `config` over `in_features` inputs (-1 or 0: one group).
+fn group_of(config: &GroupConfig, in_features: u64) -> u64 {
+    u64::try_from(config.group_size)
+        .ok()
+        .filter(|&g| g > 0)
+        .unwrap_or(in_features)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,5 +591,65 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"gptq\"") && e.contains("pre-quantized"), "{e}");
+    }
+
+    /// Buffer shapes gptqmodel 7.7's `QuantLinear` registers on the meta device (printed by
+    /// optimum's `convert_model` over llama-2-7b's k_proj and gpt2-xl's c_attn, 4 bits, group 128).
+    #[test]
+    fn gptq_linear_bytes_match_gptqmodel_buffers() {
+        let g128 = GroupConfig {
+            bits: 4,
+            group_size: 128,
+            modules_to_not_convert: None,
+        };
+        // k_proj 4096 -> 1024: qweight [512, 1024], qzeros [32, 128], scales [32, 1024] f16, g_idx [4096].
+        let k_proj = 512 * 1024 * 4 + 32 * 128 * 4 + 32 * 1024 * 2 + 4096 * 4;
+        assert_eq!(gptq_linear_bytes(&g128, 4096, 1024), k_proj);
+        // c_attn 1600 -> 4800: 13 groups (1600 / 128 rounded up).
+        let c_attn = 200 * 4800 * 4 + 13 * 600 * 4 + 13 * 4800 * 2 + 1600 * 4;
+        assert_eq!(gptq_linear_bytes(&g128, 1600, 4800), c_attn);
+    }
+
+    /// Only Linear/Conv1D inside a no-split block is replaced; embeddings, lm_head, fused experts
+    /// keep their dtype, and a model that already holds `qweight` is counted as stored.
+    #[test]
+    fn gptq_replaces_only_block_linears() {
+        let model = ModelBuilder::new("gptq")
+            .module("embed", "Embedding")
+            .module("layers.0", "Block")
+            .module("layers.0.fc", "Linear")
+            .module("layers.0.experts", "MixtralExperts")
+            .module("lm_head", "Linear")
+            .no_split_classes(vec!["Block".into()])
+            .param("embed.weight", DType::BF16, &[1000, 128])
+            .param("layers.0.fc.weight", DType::BF16, &[256, 128])
+            .param("layers.0.fc.bias", DType::BF16, &[256])
+            .param("layers.0.experts.gate_up_proj", DType::BF16, &[4, 256, 128])
+            .param("lm_head.weight", DType::BF16, &[1000, 128])
+            .build()
+            .unwrap();
+        let g = GroupConfig {
+            bits: 4,
+            group_size: 128,
+            modules_to_not_convert: None,
+        };
+        let fc = (128 / 8 * 256 * 4 + 256 / 8 * 4 + 256 * 2 + 128 * 4) as f64;
+        assert_eq!(
+            gptq_hf_tensor_bytes(&model, &g),
+            vec![None, Some(fc), Some(512.0), None, None]
+        );
+    }
+
+    /// gptqmodel 7.7's AWQ GEMM linear over mixtral's q_proj (4096 -> 4096, 4 bits, group 128):
+    /// qweight [4096, 512], qzeros [32, 512] int32, scales [32, 4096] float16.
+    #[test]
+    fn awq_linear_bytes_match_gptqmodel_buffers() {
+        let g128 = GroupConfig {
+            bits: 4,
+            group_size: 128,
+            modules_to_not_convert: None,
+        };
+        let q_proj = 4096 * 512 * 4 + 32 * 512 * 4 + 32 * 4096 * 2;
+        assert_eq!(awq_linear_bytes(&g128, 4096, 4096), q_proj);
     }
 }

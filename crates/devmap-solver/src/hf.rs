@@ -25,7 +25,8 @@ use devmap_core::{
 use crate::error::Error;
 
 /// What a transformers quantizer changes in the planning (`param_element_size`,
-/// `adjust_max_memory`, `validate_environment`): bitsandbytes and FP8 quantize-on-load.
+/// `adjust_max_memory`, `validate_environment`): bitsandbytes and FP8 quantize-on-load, GPTQ and AWQ
+/// pre-quantized.
 #[derive(Debug, Clone)]
 pub struct HfQuantizer {
     /// Per tensor, the bytes the quantizer counts instead of the dtype's (`None`: the dtype's).
@@ -41,6 +42,8 @@ enum MapRule {
     Bnb(devmap_core::quant::BnbConfig),
     /// FP8 quantize-on-load: a dict map of more than one entry may not hold cpu or disk.
     Fp8,
+    /// No check of the map (GPTQ, AWQ: `validate_environment` only checks installed packages).
+    AnyMap,
 }
 
 /// The exact text transformers 5.23's FP8 quantizer raises (ValueError) on a quantize-on-load map
@@ -58,9 +61,23 @@ impl HfQuantizer {
                 "accelerate's infer_auto_device_map takes no quantizer; plan quantized models with --compat transformers".into(),
             ));
         }
+        if let (true, devmap_core::QuantConfig::Gptq(config)) = (q.pre_quantized, &q.config) {
+            return Ok(Some(HfQuantizer {
+                tensor_bytes: devmap_core::quant_size::gptq_hf_tensor_bytes(model, config),
+                max_memory_factor: 1.0,
+                rule: MapRule::AnyMap,
+            }));
+        }
+        if let (true, devmap_core::QuantConfig::Awq(config)) = (q.pre_quantized, &q.config) {
+            return Ok(Some(HfQuantizer {
+                tensor_bytes: devmap_core::quant_size::awq_hf_tensor_bytes(model, config)?,
+                max_memory_factor: 1.0,
+                rule: MapRule::AnyMap,
+            }));
+        }
         if q.pre_quantized {
             return Err(Error::QuantUnsupported(format!(
-                "Hugging Face parity for pre-quantized {} checkpoints is not implemented yet; \
+                "Hugging Face parity for pre-quantized {} checkpoints is not implemented yet (gptq and awq are); \
                  quantize on load with --quantization-config over the full-precision checkpoint, \
                  or plan with --strategy auto",
                 q.config.method()
@@ -109,6 +126,7 @@ impl HfQuantizer {
                 "fp8",
                 (offloaded && devices.len() > 1).then_some(FP8_OFFLOAD_REJECTION),
             ),
+            MapRule::AnyMap => ("gptq/awq", None),
         };
         match message {
             None => Ok(()),

@@ -23,12 +23,12 @@ fn kind(name: &str) -> HfKind {
     }
 }
 
-fn quantized_from(model: &Model, configs: &str, quant: &str) -> Model {
+fn quantized_from(model: &Model, configs: &str, quant: &str, pre_quantized: bool) -> Model {
     let path = quant_fixtures().join(configs).join(format!("{quant}.json"));
     let mut model = model.clone();
     model.quantization = Some(Quantization {
         config: QuantConfig::read(&path).unwrap(),
-        pre_quantized: false,
+        pre_quantized,
     });
     model
 }
@@ -112,19 +112,16 @@ fn check_run(model: &Model, run: &serde_json::Value, origin: &Path) -> Option<St
     (inferred != ours).then(|| format!("budgets differ: want {inferred:?} got {ours:?}"))
 }
 
-/// Every run of the references in `reference` (configs in `configs`): (runs, rejected, failures).
-fn check_references(reference: &str, configs: &str) -> (usize, usize, Vec<String>) {
+/// Every run of the references in `reference` (configs in `configs`; `pre_quantized` as the
+/// reference file records it): (reference files, runs, rejected, failures).
+fn check_references(reference: &str, configs: &str) -> (usize, usize, usize, Vec<String>) {
     let dir = quant_fixtures().join(reference);
     let mut refs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     refs.sort();
-    assert!(
-        refs.len() >= 6,
-        "expected 6 reference files in {reference}, found {}",
-        refs.len()
-    );
+    let files = refs.len();
     let (mut checked, mut rejected) = (0, 0);
     let mut failures = Vec::new();
     for path in refs {
@@ -133,12 +130,13 @@ fn check_references(reference: &str, configs: &str) -> (usize, usize, Vec<String
         let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
         let base =
             load_model(&quant_fixtures().join("models").join(format!("{stem}.json"))).unwrap();
+        let pre_quantized = reference["pre_quantized"].as_bool().unwrap_or(false);
         let mut models: BTreeMap<String, Model> = BTreeMap::new();
         for run in reference["runs"].as_array().unwrap() {
             let quant = run["quant"].as_str().unwrap();
             let model = models
                 .entry(quant.to_string())
-                .or_insert_with(|| quantized_from(&base, configs, quant));
+                .or_insert_with(|| quantized_from(&base, configs, quant, pre_quantized));
             checked += 1;
             rejected += usize::from(!run["error"].is_null());
             if let Some(problem) = check_run(model, run, &path) {
@@ -150,15 +148,28 @@ fn check_references(reference: &str, configs: &str) -> (usize, usize, Vec<String
             }
         }
     }
-    (checked, rejected, failures)
+    (files, checked, rejected, failures)
 }
 
-fn assert_all_equal(reference: &str, configs: &str, at_least: usize) {
-    let (checked, rejected, failures) = check_references(reference, configs);
-    assert!(checked >= at_least, "only {checked} runs checked");
+/// All runs of `reference` equal (at least `files_at_least` models, `at_least` runs); when
+/// `rejects` the quantizer must reject some maps (GPTQ's never does).
+fn assert_all_equal(
+    reference: &str,
+    configs: &str,
+    files_at_least: usize,
+    at_least: usize,
+    rejects: bool,
+) {
+    let (files, checked, rejected, failures) = check_references(reference, configs);
     assert!(
+        files >= files_at_least,
+        "expected {files_at_least} reference files in {reference}, found {files}"
+    );
+    assert!(checked >= at_least, "only {checked} runs checked");
+    assert_eq!(
         rejected > 0,
-        "no reference run exercises the quantizer's rejection"
+        rejects,
+        "{rejected} reference runs of {reference} record a quantizer rejection"
     );
     assert!(
         failures.is_empty(),
@@ -170,14 +181,24 @@ fn assert_all_equal(reference: &str, configs: &str, at_least: usize) {
 
 #[test]
 fn quantized_maps_and_verdicts_equal_hugging_face_references() {
-    assert_all_equal("reference", "configs", 6 * 5 * 36);
+    assert_all_equal("reference", "configs", 6, 6 * 5 * 36, true);
 }
 
 /// FP8 fine-grained quantize-on-load (fixtures/quant/reference-fp8, the GPU check stubbed on
 /// this CPU-only machine as hf_quant_reference.py records).
 #[test]
 fn fp8_maps_and_verdicts_equal_hugging_face_references() {
-    assert_all_equal("reference-fp8", "configs-fp8", 6 * 36);
+    assert_all_equal("reference-fp8", "configs-fp8", 6, 6 * 36, true);
+}
+
+/// GPTQ pre-quantized checkpoints (fixtures/quant/reference-gptq, optimum's `convert_model` with
+/// gptqmodel's `QuantLinear` on the meta device): the planner counts the packed buffers at their
+/// dtypes, fused experts at full precision, and the quantizer accepts every map. 5 models: llama,
+/// gemma-2, gpt2 (Conv1D), and the MoE mixtral and qwen3-moe; 4-bit group 128 and 8-bit per
+/// channel.
+#[test]
+fn gptq_pre_quantized_maps_equal_hugging_face_references() {
+    assert_all_equal("reference-gptq", "configs-gptq", 5, 5 * 2 * 36, false);
 }
 
 /// One `auto` run on a quantized fixture: `Ok(true)` for a map transformers' quantizer accepts
@@ -248,7 +269,7 @@ fn auto_never_emits_a_map_the_quantizer_rejects() {
         let base =
             load_model(&quant_fixtures().join("models").join(format!("{stem}.json"))).unwrap();
         for (dir, quant) in &configs {
-            let model = quantized_from(&base, dir, quant);
+            let model = quantized_from(&base, dir, quant, false);
             for s in scenarios {
                 let origin = Path::new("scenarios.json");
                 let budgets =
@@ -264,4 +285,13 @@ fn auto_never_emits_a_map_the_quantizer_rejects() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(planned > 0 && short > 0, "planned {planned}, short {short}");
     eprintln!("auto on quantized fixtures: {planned} maps the quantizer accepts, {short} does-not-fit answers");
+}
+
+/// AWQ pre-quantized checkpoints (fixtures/quant/reference-awq, transformers'
+/// `replace_with_awq_linear` with gptqmodel's AWQ linear on the meta device): every `nn.Linear`
+/// but the default skips (lm_head) is replaced, fused experts stay, no map rule. 4 models (gpt2
+/// has no nn.Linear to replace: transformers 5.23 raises UnboundLocalError there).
+#[test]
+fn awq_pre_quantized_maps_equal_hugging_face_references() {
+    assert_all_equal("reference-awq", "configs-awq", 4, 4 * 36, false);
 }
