@@ -95,13 +95,15 @@ fn routed_share(model: &Model) -> Option<f64> {
 fn role(model: &Model, t: TensorId, share: Option<f64>, encoder_decoder: bool) -> Role {
     let tensor = model.tensor(t);
     let module = model.module(tensor.module);
-    let segments: Vec<&str> = tensor.name.split('.').collect();
-    if encoder_decoder && segments.contains(&"encoder") {
+    // Iterators, not a collected Vec: this runs once per tensor (170k on large MoE models).
+    if encoder_decoder && tensor.name.split('.').any(|s| s == "encoder") {
         return Role::PrefillOnly;
     }
-    if let (Some(share), Some(at)) = (share, segments.iter().position(|s| *s == "experts")) {
+    let mut segments = tensor.name.split('.');
+    if let (Some(share), true) = (share, segments.any(|s| s == "experts")) {
+        // `any` stopped at `experts`: the next segment is the expert index of an own module.
         let own_module = segments
-            .get(at + 1)
+            .next()
             .is_some_and(|s| s.bytes().all(|b| b.is_ascii_digit()));
         return if own_module {
             Role::Expert { share }

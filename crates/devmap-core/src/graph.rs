@@ -129,31 +129,44 @@ const VISION: [&str; 7] = [
 /// The encoder of an encoder-decoder: a module named `encoder` with a sibling named `decoder`.
 fn encoder_module(model: &Model) -> Option<ModuleId> {
     let mods = model.modules();
+    // The name test first: scanning every module's siblings is quadratic in wide modules (an
+    // MoE layer's experts).
     mods.iter().enumerate().find_map(|(id, m)| {
-        let parent = m.parent?;
+        let parent = m.parent.filter(|_| leaf(&m.name) == "encoder")?;
         let has_decoder = (mods[parent].children.iter()).any(|&c| leaf(&mods[c].name) == "decoder");
-        (leaf(&m.name) == "encoder" && has_decoder).then_some(id)
+        has_decoder.then_some(id)
     })
 }
 
 /// The part of each unit (see [`Part`]).
 fn parts(model: &Model, units: &[Unit]) -> Vec<Part> {
     let encoder = encoder_module(model);
-    let vision: Vec<ModuleId> = (0..model.modules().len())
-        .filter(|&id| VISION.contains(&leaf(&model.module(id).name)))
-        .collect();
     units
         .iter()
         .map(|u| {
             if encoder.is_some_and(|e| model.is_within(u.module, e)) {
                 Part::Encoder
-            } else if vision.iter().any(|&v| model.is_within(u.module, v)) {
+            } else if in_vision(model, u.module) {
                 Part::Vision
             } else {
                 Part::Main
             }
         })
         .collect()
+}
+
+/// Whether `module` or one of its ancestors is a vision tower or projector (walking up the unit's
+/// ancestors, not scanning every module of the model: MoE models have tens of thousands).
+fn in_vision(model: &Model, module: ModuleId) -> bool {
+    let mut at = Some(module);
+    while let Some(id) = at {
+        let m = model.module(id);
+        if VISION.contains(&leaf(&m.name)) {
+            return true;
+        }
+        at = m.parent;
+    }
+    false
 }
 
 /// Whether a unit holds a cross-attention module (its own module, or one below a whole unit).

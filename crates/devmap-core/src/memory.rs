@@ -442,15 +442,18 @@ pub fn stream_buffers(model: &Model, units: &[Unit], read: &[u64]) -> Vec<u64> {
 /// The largest one-module group of `tensors` (`read` bytes per tensor): what accelerate holds at
 /// once while it streams them.
 pub fn stream_buffer(model: &Model, tensors: &[TensorId], read: &[u64]) -> u64 {
-    let mut per_module: Vec<(usize, u64)> = Vec::new();
-    for &t in tensors {
-        let m = model.tensor(t).module;
-        match per_module.iter_mut().find(|(x, _)| *x == m) {
-            Some(e) => e.1 += read[t],
-            None => per_module.push((m, read[t])),
-        }
-    }
-    per_module.iter().map(|(_, b)| *b).max().unwrap_or(0)
+    // Sorted by module, not a linear search per tensor: a unit can hold thousands of modules
+    // (an MoE layer's experts).
+    let mut by_module: Vec<(usize, u64)> = tensors
+        .iter()
+        .map(|&t| (model.tensor(t).module, read[t]))
+        .collect();
+    by_module.sort_unstable_by_key(|&(m, _)| m);
+    by_module
+        .chunk_by(|a, b| a.0 == b.0)
+        .map(|group| group.iter().map(|&(_, b)| b).sum::<u64>())
+        .max()
+        .unwrap_or(0)
 }
 
 /// accelerate's main device of a map: the lowest GPU id among the devices it uses (`None` when it

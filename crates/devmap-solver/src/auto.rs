@@ -392,13 +392,26 @@ impl Auto {
         if check_pins(inst).is_err() || need > inst.caps.iter().sum::<u64>() {
             return Ok(WorldOutcome::without_plan(f64::INFINITY, false));
         }
+        let t0 = Instant::now();
         let (lower, packing) = lower_bound_with_packing(inst);
+        trace_phase("bound", t0);
         if incumbent.is_some_and(|c| self.meets(c, lower)) {
             return Ok(WorldOutcome::without_plan(lower, false));
         }
+        let t0 = Instant::now();
         let starts = self.starts(req, inst, hf_maps, packing.as_ref());
+        if std::env::var_os("DEVMAP_TRACE").is_some() {
+            for s in &starts {
+                eprintln!("trace:   start {} {:.6e} (lower {lower:.6e})", s.0, s.2);
+            }
+        }
+        trace_phase("starts", t0);
+        let t0 = Instant::now();
         let start = self.best_start(inst, starts, lower);
+        trace_phase("best_start", t0);
+        let t0 = Instant::now();
         let (mip, bound, timed_out) = self.search(inst, start.as_ref(), lower, deadline)?;
+        trace_phase("search", t0);
         let chosen = match (mip, start) {
             (Some(m), Some(s)) if s.2 < m.objective => WorldSolve {
                 assignment: s.1,
@@ -565,10 +578,14 @@ impl Strategy for Auto {
     fn plan(&self, req: &PlanRequest<'_>) -> Result<Plan, Error> {
         let started = Instant::now();
         let deadline = started + self.options.time_limit;
+        let t0 = Instant::now();
         let worlds = self.worlds(req)?;
+        trace_phase("worlds", t0);
+        let t0 = Instant::now();
         // Pins that overfill a device are the request's error (reported for the first world).
         check_pins(&worlds[0])?;
         let hf_maps = self.hf_maps(req);
+        trace_phase("hf_maps", t0);
         let mut best: Option<(usize, WorldSolve)> = None;
         let mut bound = f64::INFINITY;
         let mut timed_out = false;
@@ -782,4 +799,11 @@ fn infeasible(model: &Model, inst: &Instance) -> Error {
         format_bytes(caps),
         largest
     ))
+}
+
+/// With `DEVMAP_TRACE` set, print how long a phase of `auto` took (since `since`).
+fn trace_phase(phase: &str, since: Instant) {
+    if std::env::var_os("DEVMAP_TRACE").is_some() {
+        eprintln!("trace: {phase} {:?}", since.elapsed());
+    }
 }

@@ -46,8 +46,9 @@ pub fn lower_bound(inst: &Instance) -> f64 {
 pub(crate) fn lower_bound_with_packing(inst: &Instance) -> (f64, Option<Packing>) {
     let units = BoundUnits::new(inst);
     let base: f64 = units.base.iter().sum();
-    let (extra, packing) = streaming_extra(inst, &units);
-    let latency = base + extra + change_floor(inst, &units);
+    let gpu_rows = gpu_rows(inst);
+    let (extra, packing) = streaming_extra(inst, &units, &gpu_rows);
+    let latency = base + extra_and_changes(inst, &units, &gpu_rows, extra);
     let bound = match inst.cost_model.objective {
         Objective::Latency => latency,
         Objective::Throughput => {
@@ -118,13 +119,89 @@ fn always_on_gpu(inst: &Instance, i: usize) -> u64 {
         .min(on_gpu.saturating_sub(streamed_size(inst, i)))
 }
 
-/// The least transfer seconds any plan pays: cut edges at the cheapest edge and link.
-fn change_floor(inst: &Instance, units: &BoundUnits) -> f64 {
-    let execs = execs_needed(inst, units);
-    // Each connected piece of the transfer graph spans its execution devices with at least one cut
-    // edge per extra device: k devices over c pieces cut at least k − c edges.
-    let cuts = execs.saturating_sub(transfer_components(inst));
-    let t_min = (inst.transfers.iter())
+/// The GPU rows of `inst`, in device order.
+fn gpu_rows(inst: &Instance) -> Vec<usize> {
+    (0..inst.devices.len())
+        .filter(|&b| inst.devices[b].is_gpu())
+        .collect()
+}
+
+/// The least streaming extra plus transfer seconds of any plan, given `extra_all`, the streaming
+/// extra with every GPU. A plan executing on `j` GPUs (with a main GPU, streamed units execute on
+/// it, so the execution devices are the GPUs holding units) cuts at least `j − c` edges and, when
+/// the `j` largest GPU rooms cannot hold the free units, streams the rest at no less than the
+/// cheapest streaming rate per byte: the least over `j` of both, and never below the plain sum.
+/// Without it a start that spreads the units over every GPU (because streaming costs far more
+/// than the changes) is never certified, and HiGHS runs.
+fn extra_and_changes(
+    inst: &Instance,
+    units: &BoundUnits,
+    gpu_rows: &[usize],
+    extra_all: f64,
+) -> f64 {
+    let needed = execs_needed(inst, units);
+    let t_min = cheapest_change(inst);
+    let components = transfer_components(inst);
+    let cut_seconds = |j: usize| {
+        let cuts = j.saturating_sub(components);
+        if cuts > 0 && t_min.is_finite() {
+            cuts as f64 * t_min
+        } else {
+            0.0
+        }
+    };
+    // Valid for every plan: the extra of all GPUs and the cuts of the GPUs any plan needs.
+    let plain = extra_all + cut_seconds(needed);
+    let rate = cheapest_stream_rate(inst, units);
+    if inst.main.is_none() || rate <= 0.0 || !rate.is_finite() {
+        return plain;
+    }
+    // GPU bytes of a plan: every free unit's always-on-GPU part, plus the streamed size of each
+    // free unit it keeps on a GPU (a GPU copy is at least both).
+    let must_hold: u64 = units
+        .free()
+        .map(|i| streamed_size(inst, i) + always_on_gpu(inst, i))
+        .sum();
+    let mut rooms: Vec<u64> = gpu_rows.iter().map(|&g| gpu_room(inst, units, g)).collect();
+    rooms.sort_unstable_by(|a, b| b.cmp(a));
+    let mut held = 0u64;
+    let mut best = f64::INFINITY;
+    for (k, room) in rooms.iter().enumerate() {
+        held += room;
+        let j = k + 1;
+        let streamed = must_hold.saturating_sub(held) as f64 * rate;
+        let extra = if j == rooms.len() {
+            extra_all
+        } else {
+            streamed
+        };
+        best = best.min(extra + cut_seconds(j.max(needed)));
+    }
+    plain.max(best)
+}
+
+/// The least extra seconds per streamed byte of any free unit on any streamed device.
+fn cheapest_stream_rate(inst: &Instance, units: &BoundUnits) -> f64 {
+    let streamed: Vec<usize> = (0..inst.devices.len())
+        .filter(|&b| inst.is_streamed(b))
+        .collect();
+    units
+        .free()
+        .filter(|&i| streamed_size(inst, i) > 0)
+        .flat_map(|i| {
+            streamed
+                .iter()
+                .filter(move |&&b| inst.allowed[i][b])
+                .map(move |&b| {
+                    (inst.cost[i][b] - units.base[i]).max(0.0) / streamed_size(inst, i) as f64
+                })
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// The cheapest transfer of any charged flow between two different execution devices.
+fn cheapest_change(inst: &Instance) -> f64 {
+    (inst.transfers.iter())
         .flat_map(|t| {
             (0..inst.execs.len()).flat_map(move |a| {
                 (0..inst.execs.len())
@@ -132,12 +209,7 @@ fn change_floor(inst: &Instance, units: &BoundUnits) -> f64 {
                     .map(move |b| t.seconds[a][b])
             })
         })
-        .fold(f64::INFINITY, f64::min);
-    if cuts > 0 && t_min.is_finite() {
-        cuts as f64 * t_min
-    } else {
-        0.0
-    }
+        .fold(f64::INFINITY, f64::min)
 }
 
 /// The execution devices any plan uses: every GPU a pin uses, the main GPU when a pin streams a
@@ -201,20 +273,22 @@ fn transfer_components(inst: &Instance) -> usize {
 
 /// The lower bound on the extra seconds streaming the free units costs (see the module doc):
 /// the least over the main GPU's streaming buffer levels.
-fn streaming_extra(inst: &Instance, units: &BoundUnits) -> (f64, Option<Packing>) {
-    let Some(main) = inst.main else {
+/// Only the GPUs `gpu_rows` (the main one among them) hold units.
+fn streaming_extra(
+    inst: &Instance,
+    units: &BoundUnits,
+    gpu_rows: &[usize],
+) -> (f64, Option<Packing>) {
+    let Some(main) = inst.main.filter(|m| gpu_rows.contains(m)) else {
         return (0.0, None);
     };
-    let gpu_rows: Vec<usize> = (0..inst.devices.len())
-        .filter(|&b| inst.devices[b].is_gpu())
-        .collect();
     let free_bytes: u64 = units.free().map(|i| streamed_size(inst, i)).sum();
     let gpu_free: u64 = gpu_rows.iter().map(|&g| gpu_room(inst, units, g)).sum();
     let kv_free: u64 = units.free().map(|i| always_on_gpu(inst, i)).sum();
     if free_bytes + kv_free <= gpu_free || free_bytes == 0 {
         return (0.0, None);
     }
-    levels(inst, units, &gpu_rows)
+    levels(inst, units, gpu_rows)
         .into_iter()
         .map(|level| {
             // At this level the GPUs hold at most `gpu_cap` of the free units' streamed bytes
@@ -234,7 +308,7 @@ fn streaming_extra(inst: &Instance, units: &BoundUnits) -> (f64, Option<Packing>
             let Some(tiers) = Tiers::new(inst, units, free_bytes.saturating_sub(gpu_cap)) else {
                 return (0.0, None);
             };
-            let mut bins = bins(inst, units, &gpu_rows, &tiers, main, level.reserve);
+            let mut bins = bins(inst, units, gpu_rows, &tiers, main, level.reserve);
             bins.gpu_total = bins.gpu_total.saturating_sub(kv_free);
             pack(inst, units, &bins, &tiers, level, free_bytes)
         })
