@@ -449,9 +449,10 @@ fn check_pins_allowed(
     pins: &[(String, Device)],
     devices: &[Device],
 ) -> Result<(), Error> {
-    if let (Some(rule), Some((key, dev))) =
-        (gpu_only_rule, pins.iter().find(|(_, d)| !devices.contains(d)))
-    {
+    if let (Some(rule), Some((key, dev))) = (
+        gpu_only_rule,
+        pins.iter().find(|(_, d)| !devices.contains(d)),
+    ) {
         return Err(Error::BadPin(format!(
             "pin {key:?} to {dev} cannot load: {rule}"
         )));
