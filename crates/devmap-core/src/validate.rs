@@ -385,6 +385,27 @@ mod tests {
     }
 
     #[test]
+    fn an_uncovered_buffer_gets_its_modules_device() {
+        let model = embeddings(&["emb.position_ids"]);
+        let map = DeviceMap::from_json_str(r#"{"emb.word": 1, "head": "cpu"}"#).unwrap();
+        let devices = tensor_devices(&model, &map);
+        let uncovered = uncovered_tensors(&model, &devices);
+        let names: Vec<&str> = uncovered
+            .iter()
+            .map(|&t| model.tensor(t).name.as_str())
+            .collect();
+        assert_eq!(names, ["emb.token_type_ids"]);
+        // The first mapped tensor under `emb` is `emb.word.weight`, on GPU 1 (not the head's cpu).
+        assert_eq!(
+            neighbour_device(&model, &devices, uncovered[0]),
+            Some(Device::Gpu(1))
+        );
+        let nothing = DeviceMap::from_json_str("{}").unwrap();
+        let none = tensor_devices(&model, &nothing);
+        assert_eq!(neighbour_device(&model, &none, uncovered[0]), None);
+    }
+
+    #[test]
     fn only_buffers_can_be_non_persistent() {
         let err = ModelBuilder::new("t")
             .param("w", DType::F32, &[2])
