@@ -1287,12 +1287,16 @@ def splice_registry(part_path: str, into_path: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="crates/devmap-core/registry/arch-registry.jsonl")
+    parser.add_argument("--out", default="crates/devmap-core/registry/arch-registry.jsonl",
+                        help="file to write (default: the committed registry; with --only give "
+                             "another path, e.g. /tmp/part.jsonl, and --splice-into)")
     parser.add_argument("--only", nargs="*", help="model types or class names to record (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--check", metavar="FILE", help="only check an existing registry file")
     parser.add_argument("--splice-into", metavar="FILE",
-                        help="after writing --out, replace its class lines in FILE (use with --only)")
+                        help="after writing --out, replace (or add) its class lines in FILE, the "
+                             "full registry, and update FILE's header (use with --only; "
+                             "failures.json is left as it is)")
     args = parser.parse_args()
     if args.check:
         problems = check_registry(args.check)
