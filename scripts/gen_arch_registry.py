@@ -595,7 +595,7 @@ class Recorder:
         ops = [] if conv is None else op_entries(conv)
         if ops is not None and conv is not None and len(conv.target_patterns) > 1:
             ops = [dict(o, part=info["part"]) if o["op"] == "chunk" else o for o in ops]
-        keys = [sorted({template_key(k, indices) for k in g}) for g in groups]
+        keys = [sorted({template_key(k, indices, varying_positions(g)) for k in g}) for g in groups]
         entry = {"n": name, "src": {"keys": keys, "ops": ops if ops is not None else []}}
         src_shapes = [[self.ckpt[k][0] for k in g] for g in groups]
         expected = tuple(tensor.shape)
@@ -734,14 +734,23 @@ class ChildName(int):
     """A pipeline child's number ("mlp.2") among `indices`: kept as it is in key templates."""
 
 
-def template_key(key: str, indices: list[int]) -> str:
+def varying_positions(keys: list[str]) -> set[int]:
+    """The dot-separated positions at which the keys of one source group differ: the expert
+    number of fused experts (`experts.{e}.w1`). A rename's fixed number (`mlp1.1.weight` ->
+    `multi_modal_projector.linear_1.weight`) varies nowhere and must stay literal."""
+    split = [k.split(".") for k in keys]
+    return {i for i in range(max(map(len, split), default=0)) if len({p[i] if i < len(p) else None for p in split}) > 1}
+
+
+def template_key(key: str, indices: list[int], varying: set[int] | None = None) -> str:
     """A checkpoint key with the enclosing repeat indices as {i0}.. and any other number as {e}
-    (a pipeline child's number, `ChildName`, stays literal)."""
+    where it varies within its group (`varying`; None: everywhere); a number that does not vary
+    and a pipeline child's number (`ChildName`) stay literal."""
     parts = key.split(".")
     pending = list(indices)
     level = 0
     out = []
-    for part in parts:
+    for position, part in enumerate(parts):
         if part.isdigit():
             if pending and isinstance(pending[0], ChildName) and int(part) == pending[0]:
                 out.append(part)
@@ -750,8 +759,10 @@ def template_key(key: str, indices: list[int]) -> str:
                 out.append("{i%d}" % level)
                 pending.pop(0)
                 level += 1
-            else:
+            elif varying is None or position in varying:
                 out.append("{e}")
+            else:
+                out.append(part)
         else:
             out.append(part)
     return ".".join(out)
@@ -1276,12 +1287,16 @@ def splice_registry(part_path: str, into_path: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="crates/devmap-core/registry/arch-registry.jsonl")
+    parser.add_argument("--out", default="crates/devmap-core/registry/arch-registry.jsonl",
+                        help="file to write (default: the committed registry; with --only give "
+                             "another path, e.g. /tmp/part.jsonl, and --splice-into)")
     parser.add_argument("--only", nargs="*", help="model types or class names to record (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--check", metavar="FILE", help="only check an existing registry file")
     parser.add_argument("--splice-into", metavar="FILE",
-                        help="after writing --out, replace its class lines in FILE (use with --only)")
+                        help="after writing --out, replace (or add) its class lines in FILE, the "
+                             "full registry, and update FILE's header (use with --only; "
+                             "failures.json is left as it is)")
     args = parser.parse_args()
     if args.check:
         problems = check_registry(args.check)

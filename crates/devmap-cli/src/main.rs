@@ -322,6 +322,7 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
     };
     let request = PlanRequest::new(&model, &budgets).with_dtype(args.model.dtype);
     let plan: Plan = strategy.plan(&request)?;
+    warn_uncovered(&model, &plan.map, compat.is_some());
     let mut out = std::io::stdout().lock();
     if args.format == Format::Json {
         serde_json::to_writer(&mut out, &plan.map.to_json())?;
@@ -349,6 +350,44 @@ fn plan(args: PlanArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says on stderr which keys `map` gives no device that `from_pretrained` checks, and the fix.
+/// Only a `--compat` map can: transformers' planner drops a split module's direct buffers
+/// (mra's persistent `embeddings.position_ids` under `balanced_low_0`), and the compat map is
+/// transformers' map, bug for bug, which transformers then refuses to load.
+fn warn_uncovered(model: &Model, map: &DeviceMap, compat: bool) {
+    let devices = devmap_core::validate::tensor_devices(model, map);
+    let uncovered = devmap_core::validate::uncovered_tensors(model, &devices);
+    if uncovered.is_empty() {
+        return;
+    }
+    let additions: Vec<String> = uncovered
+        .iter()
+        .map(|&id| {
+            let device = devmap_core::validate::neighbour_device(model, &devices, id)
+                .map_or("\"cpu\"".to_string(), |d| d.to_json().to_string());
+            format!("{:?}: {device}", model.tensor(id).name)
+        })
+        .collect();
+    let why = if compat {
+        "as transformers' own map for these budgets does: its planner drops a split module's \
+         direct buffers, and --compat reproduces its map"
+    } else {
+        "a devmap bug: please report it"
+    };
+    eprintln!(
+        "warning: this map gives no device to {} key(s) from_pretrained checks: {} ({why}), so \
+         from_pretrained will refuse it (\"does not give any device for the following \
+         parameters\"); add {} to the map, or plan with --strategy auto",
+        uncovered.len(),
+        uncovered
+            .iter()
+            .map(|&id| model.tensor(id).name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        additions.join(", ")
+    );
 }
 
 /// The workload a command charges, and how it was chosen (for the reports).

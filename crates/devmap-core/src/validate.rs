@@ -169,6 +169,41 @@ pub fn tensor_devices(model: &Model, map: &DeviceMap) -> Vec<Option<Device>> {
     tensor_device
 }
 
+/// The tensors without a device (`devices` from [`tensor_devices`]) that accelerate's
+/// `check_device_map` asks one for: it checks `state_dict()` keys, so a non-persistent buffer
+/// needs none.
+pub fn uncovered_tensors(model: &Model, devices: &[Option<Device>]) -> Vec<TensorId> {
+    (0..devices.len())
+        .filter(|&i| devices[i].is_none() && !model.is_non_persistent(i))
+        .collect()
+}
+
+/// A device to give the uncovered tensor `id`: that of the first mapped tensor (registration
+/// order) under its module, else under the nearest enclosing module that has one (where
+/// transformers would have put it had its planner not dropped it); `None` when nothing is mapped.
+pub fn neighbour_device(model: &Model, devices: &[Option<Device>], id: TensorId) -> Option<Device> {
+    let mut module = Some(model.tensor(id).module);
+    while let Some(m) = module {
+        let prefix = &model.module(m).name;
+        let inside = |name: &str| {
+            prefix.is_empty()
+                || name
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+        };
+        let found = model
+            .tensors()
+            .iter()
+            .zip(devices)
+            .find_map(|(t, d)| d.filter(|_| inside(&t.name)));
+        if found.is_some() {
+            return found;
+        }
+        module = model.module(m).parent;
+    }
+    None
+}
+
 /// Bytes per device given each tensor's device; a tied storage counts once on every device holding a member.
 pub fn device_usage(
     model: &Model,
@@ -234,10 +269,7 @@ pub fn validate(
         }
     }
     let devices = tensor_devices(model, map);
-    // accelerate checks `state_dict()` keys: a non-persistent buffer needs no device.
-    let uncovered: Vec<TensorId> = (0..devices.len())
-        .filter(|&i| devices[i].is_none() && !model.is_non_persistent(i))
-        .collect();
+    let uncovered = uncovered_tensors(model, &devices);
     if !uncovered.is_empty() {
         problems.push(Problem::Uncovered {
             tensors: uncovered
@@ -350,6 +382,27 @@ mod tests {
                 count: 1
             }]
         );
+    }
+
+    #[test]
+    fn an_uncovered_buffer_gets_its_modules_device() {
+        let model = embeddings(&["emb.position_ids"]);
+        let map = DeviceMap::from_json_str(r#"{"emb.word": 1, "head": "cpu"}"#).unwrap();
+        let devices = tensor_devices(&model, &map);
+        let uncovered = uncovered_tensors(&model, &devices);
+        let names: Vec<&str> = uncovered
+            .iter()
+            .map(|&t| model.tensor(t).name.as_str())
+            .collect();
+        assert_eq!(names, ["emb.token_type_ids"]);
+        // The first mapped tensor under `emb` is `emb.word.weight`, on GPU 1 (not the head's cpu).
+        assert_eq!(
+            neighbour_device(&model, &devices, uncovered[0]),
+            Some(Device::Gpu(1))
+        );
+        let nothing = DeviceMap::from_json_str("{}").unwrap();
+        let none = tensor_devices(&model, &nothing);
+        assert_eq!(neighbour_device(&model, &none, uncovered[0]), None);
     }
 
     #[test]
