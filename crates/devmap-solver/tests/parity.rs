@@ -2,6 +2,8 @@
 //! must give exactly the map (and the balanced budgets) transformers 5.23 / accelerate 1.15 computed.
 //! The references are under fixtures/reference (format devmap-reference/1, see docs/formats.md).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -81,21 +83,8 @@ fn maps_equal_hugging_face_references() {
                 }
             };
             let expected = DeviceMap::from_json_str(&run["device_map"].to_string()).unwrap();
-            if plan.map.as_sorted() != expected.as_sorted() {
-                let got = plan.map.as_sorted();
-                let want = expected.as_sorted();
-                let diff: Vec<String> = want
-                    .iter()
-                    .filter(|(k, v)| got.get(*k) != Some(v))
-                    .map(|(k, v)| format!("{k}: want {v} got {:?}", got.get(k)))
-                    .chain(
-                        got.iter()
-                            .filter(|(k, _)| !want.contains_key(*k))
-                            .map(|(k, v)| format!("{k}: extra {v}")),
-                    )
-                    .take(6)
-                    .collect();
-                failures.push(format!("{label}: map differs: {}", diff.join("; ")));
+            if let Some(diff) = common::map_diff(&plan.map, &expected) {
+                failures.push(format!("{label}: map differs: {diff}"));
             }
             let inferred: BTreeMap<String, u64> = run["inferred_max_memory"]
                 .as_object()

@@ -4,6 +4,9 @@
 //! transformers' planner computed, the budgets it planned against, and the quantizer's verdict
 //! (its exact rejection text when it rejects the map).
 
+mod common;
+
+use common::map_diff;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -44,25 +47,6 @@ fn outcome(
         }
         Err(e) => Err(e.to_string()),
     }
-}
-
-fn map_diff(got: &DeviceMap, want: &DeviceMap) -> Option<String> {
-    let (got, want) = (got.as_sorted(), want.as_sorted());
-    if got == want {
-        return None;
-    }
-    let diff: Vec<String> = want
-        .iter()
-        .filter(|(k, v)| got.get(*k) != Some(v))
-        .map(|(k, v)| format!("{k}: want {v} got {:?}", got.get(k)))
-        .chain(
-            got.iter()
-                .filter(|(k, _)| !want.contains_key(*k))
-                .map(|(k, v)| format!("{k}: extra {v}")),
-        )
-        .take(6)
-        .collect();
-    Some(diff.join("; "))
 }
 
 fn check_run(model: &Model, run: &serde_json::Value, origin: &Path) -> Option<String> {
