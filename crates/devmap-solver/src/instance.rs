@@ -407,27 +407,20 @@ fn gpu_only(q: &RuntimeBytes, devices: &mut Vec<Device>, room: &mut Vec<u64>) ->
     if !devices.iter().any(|d| d.is_gpu()) {
         return None;
     }
-    let keep: Vec<bool> = devices
-        .iter()
-        .map(|d| match d {
-            Device::Cpu => q.offload.cpu,
-            Device::Disk => q.offload.disk,
-            _ => true,
-        })
-        .collect();
-    if keep.iter().all(|k| *k) {
+    let allowed = |d: &Device| match d {
+        Device::Cpu => q.offload.cpu,
+        Device::Disk => q.offload.disk,
+        _ => true,
+    };
+    if devices.iter().all(allowed) {
         return None;
     }
-    let mut i = 0;
-    devices.retain(|_| {
-        i += 1;
-        keep[i - 1]
-    });
-    let mut j = 0;
-    room.retain(|_| {
-        j += 1;
-        keep[j - 1]
-    });
+    (*devices, *room) = devices
+        .iter()
+        .copied()
+        .zip(room.iter().copied())
+        .filter(|(d, _)| allowed(d))
+        .unzip();
     Some(q.offload.rule.clone())
 }
 
@@ -568,11 +561,7 @@ impl Instance {
     /// on the main GPU, see [`Instance::streamed_bytes_on_main`]). Tied copies and the streaming
     /// buffers are per-device charges, not per unit (see [`Instance::usage`]).
     pub fn unit_bytes_on(&self, unit: usize, device_row: usize) -> u64 {
-        let weights = if self.is_streamed(device_row) {
-            self.offload_mem[unit]
-        } else {
-            self.mem[unit]
-        };
+        let weights = self.weights_on(unit, device_row);
         if self.exec_row(device_row) != device_row {
             weights
         } else {
@@ -631,11 +620,7 @@ impl Instance {
             .map(|(i, &b)| Piece {
                 unit: i,
                 device: b,
-                weights: if self.is_streamed(b) {
-                    self.offload_mem[i]
-                } else {
-                    self.mem[i]
-                },
+                weights: self.weights_on(i, b),
                 stream: self.stream[i],
             })
             .collect();
@@ -753,6 +738,16 @@ impl Instance {
         self.cost_model
             .estimate_units(&pieces, &self.flows)
             .objective_seconds
+    }
+
+    /// Weight bytes unit `unit` holds on device row `device_row`: `offload_mem` where cpu/disk
+    /// stream it (a quantizer may offload at full precision), `mem` elsewhere.
+    pub fn weights_on(&self, unit: usize, device_row: usize) -> u64 {
+        if self.is_streamed(device_row) {
+            self.offload_mem[unit]
+        } else {
+            self.mem[unit]
+        }
     }
 
     /// What unit `i` reads per step on device row `b`: its streamed reads when cpu/disk stream it.
