@@ -109,7 +109,10 @@ fn sized_tensors(
     let quant = devmap_core::quant_size::runtime_bytes(model, rules)?;
     let (read_gpu, read_off) = match &quant {
         Some(q) => (q.on_gpu.clone(), q.offloaded.clone()),
-        None => (model.read_sizes(rules), model.read_sizes(rules)),
+        None => {
+            let read = model.read_sizes(rules);
+            (read.clone(), read)
+        }
     };
     let bytes = TensorBytes {
         on_gpu: RuntimeBytes::held(model, &read_gpu),
@@ -494,7 +497,12 @@ impl Instance {
         check_pins_allowed(gpu_only_rule.as_ref(), &opts.pins, &devices)?;
         let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
         let unit_reads = unit_reads_of(model, &units, &read_sizes, &kv);
-        let streamed_reads = unit_reads_of(model, &units, &tensor_bytes.offloaded_read, &kv);
+        // Unquantized, streamed units read what resident ones do: no second pass over the tensors.
+        let streamed_reads = if quant.is_some() {
+            unit_reads_of(model, &units, &tensor_bytes.offloaded_read, &kv)
+        } else {
+            unit_reads.clone()
+        };
         // The instance's own scorer (check_map's estimate) reads the same KV cache.
         let cost_model = cost_model.with_workload(model, opts.workload.as_ref())?;
         let (execs, exec_of, cost) =
