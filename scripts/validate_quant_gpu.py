@@ -184,6 +184,7 @@ def plan_devmap(args, ckpt, qfile, cap):
         "predicted_ms_per_token": plan.get("estimate_ms_per_token"),
         "predicted_weights_gib": gpu0.get("weights", 0) / GIB,
         "predicted_total_gib": gpu0.get("total", 0) / GIB,
+        "predicted_load_peak_gib": gpu0.get("load_peak", 0) / GIB,
         "predicted_quantized_gib": quant.get("quantized", 0) / GIB,
         "predicted_full_precision_gib": quant.get("full_precision", 0) / GIB,
         "status": plan.get("status"),
