@@ -233,6 +233,9 @@ def measure(args, ckpt, method, strategy, device_map, cap):
     row.update(
         load_s=time.perf_counter() - t0,
         resident_gib=torch.cuda.memory_allocated(0) / GIB,
+        # free_gpu reset the peak: this is the load's own (devmap's plan-json `load_peak`).
+        load_peak_allocated_gib=torch.cuda.max_memory_allocated(0) / GIB,
+        load_peak_reserved_gib=torch.cuda.max_memory_reserved(0) / GIB,
         offloaded_gib=offloaded_bytes(model) / GIB,
         device_map=dict(getattr(model, "hf_device_map", {}) or {}),
     )
