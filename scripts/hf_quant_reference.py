@@ -56,6 +56,10 @@ def build_quantized(config, torch_dtype, quant_dict: dict, pre_quantized: bool =
 
     qconfig = AutoQuantizationConfig.from_dict(copy.deepcopy(quant_dict))
     hf_quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=pre_quantized)
+    if qconfig.quant_method == "mxfp4":
+        # from_pretrained validates before it builds the model; for MXFP4 that is where a machine
+        # without a capable GPU, Triton or `kernels` turns `dequantize` on.
+        hf_quantizer.validate_environment(device_map="auto", weights_only=True)
     model = export_manifest.build_model(config, torch_dtype)
     export_manifest.tie(model)
     previous = torch.get_default_dtype()
@@ -97,6 +101,29 @@ def stub_fp8_gpu_check() -> str:
     torch.cuda.is_available = lambda: True
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
     return "stubbed: cuda available, capability (9, 0)"
+
+
+def stub_mxfp4_gpu() -> str:
+    """The MXFP4 quantizer keeps gpt-oss' experts packed (`Mxfp4GptOssExperts`) only on a GPU of
+    compute capability >= 7.5 with Triton and the `kernels` package; on a CPU it dequantizes them
+    to the model's dtype (`dequantize = True`, what the `mxfp4-dequantize` config plans). To record
+    the GPU path on this CPU-only machine, answer as an H100/H200 with both packages would: the
+    current accelerator is cuda, Triton and kernels are there, and the Triton kernels' Hub download
+    in `replace_with_mxfp4_linear` (which only builds meta modules here) returns a placeholder."""
+    import torch
+    import transformers.integrations.hub_kernels as hub_kernels
+    import transformers.quantizers.quantizer_mxfp4 as qm
+
+    torch.cuda.is_available = lambda: True
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    qm.get_current_accelerator = lambda: torch.device("cuda")
+    qm.is_triton_available = lambda *a, **k: True
+    qm.is_kernels_available = lambda *a, **k: True
+    hub_kernels.get_kernel = lambda *a, **k: object()
+    return (
+        "stubbed: cuda accelerator, capability (9, 0), triton and kernels available, "
+        "get_kernel placeholder (no weights touched)"
+    )
 
 
 def quantizer_versions() -> dict:
@@ -194,6 +221,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="plan as for a checkpoint already quantized with these configs (GPTQ), not quantize-on-load",
     )
+    ap.add_argument(
+        "--no-mxfp4-stub",
+        action="store_true",
+        help="plan MXFP4 as this machine makes transformers do (on a CPU it dequantizes)",
+    )
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args(argv)
 
@@ -216,17 +248,23 @@ def main(argv=None) -> int:
 
     runs = []
     gpu_check = None
+    mxfp4_check = None
     for qpath in args.quant:
         with open(qpath) as f:
             quant_dict = json.load(f)
         if quant_dict.get("quant_method") == "fp8" and not torch.cuda.is_available():
             gpu_check = stub_fp8_gpu_check()
+        mxfp4_packed = quant_dict.get("quant_method") == "mxfp4" and not quant_dict.get("dequantize")
+        if mxfp4_packed and mxfp4_check is None and not args.no_mxfp4_stub:
+            mxfp4_check = stub_mxfp4_gpu()
         qname = os.path.basename(qpath)[: -len(".json")]
         model, hf_quantizer = build_quantized(config, torch_dtype, quant_dict, args.pre_quantized)
         for sc in scenarios:
             for strategy in args.strategies.split(","):
                 r = {"quant": qname, **run_one(model, hf_quantizer, sc, strategy)}
                 r["modules_to_not_convert"] = sorted(getattr(hf_quantizer, "modules_to_not_convert", []) or [])
+                if getattr(hf_quantizer.quantization_config, "quant_method", None) == "mxfp4":
+                    r["dequantize"] = bool(hf_quantizer.quantization_config.dequantize)
                 runs.append(r)
                 status = (r["error"] or "")[:50] or f"{len(r['device_map'])} entries"
                 print(f"{qname:28} {sc['name']:26} {strategy:15} {status}", file=sys.stderr)
@@ -239,6 +277,7 @@ def main(argv=None) -> int:
         "pre_quantized": args.pre_quantized,
         "backend_check": backend_check(),
         "fp8_gpu_check": gpu_check,
+        "mxfp4_gpu_check": mxfp4_check,
         "host": {"python": platform.python_version(), "platform": platform.platform()},
         "runs": runs,
     }

@@ -79,6 +79,10 @@ pub enum QuantConfig {
     Mxfp4 {
         /// `modules_to_not_convert`.
         modules_to_not_convert: Option<Vec<String>>,
+        /// `dequantize`: load the experts unpacked at the model's dtype (what transformers also
+        /// does, whatever the config says, without a GPU of compute capability >= 7.5 with Triton
+        /// and the `kernels` package).
+        dequantize: bool,
     },
 }
 
@@ -242,6 +246,7 @@ impl QuantConfig {
             }),
             "mxfp4" => Ok(QuantConfig::Mxfp4 {
                 modules_to_not_convert: f.names("modules_to_not_convert")?,
+                dequantize: f.bool("dequantize", false)?,
             }),
             other => Err(f.err(format!(
                 "quant_method {other:?} is not supported (devmap reads {SUPPORTED_METHODS})"

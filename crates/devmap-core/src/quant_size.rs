@@ -143,6 +143,16 @@ pub fn runtime_bytes(model: &Model, rules: SizeRules) -> Result<Option<RuntimeBy
         return Ok(None);
     };
     let full: Vec<u64> = model.read_sizes(rules);
+    if let (
+        true,
+        QuantConfig::Mxfp4 {
+            modules_to_not_convert: skip,
+            dequantize,
+        },
+    ) = (q.pre_quantized, &q.config)
+    {
+        return mxfp4_pre_quantized(model, skip.as_deref(), *dequantize, &full, rules).map(Some);
+    }
     if q.pre_quantized {
         return Ok(Some(pre_quantized(model, q, &full)));
     }
@@ -519,6 +529,158 @@ pub fn gptq_linear_bytes(config: &GroupConfig, in_features: u64, out_features: u
     qweight + qzeros + scales + in_features * 4
 }
 
+/// Per tensor, the bytes transformers' planner counts for a pre-quantized MXFP4 (gpt-oss)
+/// checkpoint: `replace_with_mxfp4_linear` swaps every `GptOssMLP` whose `<name>.experts`
+/// `modules_to_not_convert` (the config's list when set, replacing the defaults, plus
+/// `_keep_in_fp32_modules`) does not skip for `Mxfp4GptOssMLP`, whose experts register uint8
+/// `gate_up_proj` `[E, 2I, H/2]` and `down_proj` `[E, H, I/2]` (two FP4 values a byte) and float32
+/// biases `[E, 2I]`, `[E, H]`; the per-block scales are not parameters there (they go to the Triton
+/// kernels' precision config at load) and count nothing. A model described at full precision (a
+/// manifest: `gate_up_proj` `[E, H, 2I]`) is charged those sizes; a checkpoint holding
+/// `*_blocks`/`*_scales` counts its blocks as stored, its scales as 0. `dequantize` (or a
+/// machine transformers dequantizes on) leaves the model as it is: `None` everywhere.
+pub fn mxfp4_hf_tensor_bytes(
+    model: &Model,
+    skip: Option<&[String]>,
+    dequantize: bool,
+) -> Result<Vec<Option<f64>>> {
+    let mut out = vec![None; model.tensors().len()];
+    if dequantize {
+        return Ok(out);
+    }
+    let converted = mxfp4_converted(model, skip)?;
+    for (t, slot) in out.iter_mut().enumerate() {
+        let tensor = model.tensor(t);
+        if converted[tensor.module] {
+            *slot = mxfp4_expert_bytes(tensor).map(|b| b as f64);
+        }
+    }
+    Ok(out)
+}
+
+/// Per module, whether `replace_with_mxfp4_linear` converts it: the `experts` of a `GptOssMLP`
+/// that `modules_to_not_convert` does not skip. A model read from a checkpoint's header has no
+/// classes: there the experts are the modules holding `*_proj_blocks`.
+fn mxfp4_converted(model: &Model, skip: Option<&[String]>) -> Result<Vec<bool>> {
+    let patterns = SkipPatterns::new(&modules_to_not_convert(model, skip))?;
+    let mut experts: std::collections::HashSet<String> = (model.modules().iter())
+        .filter(|m| m.class == "GptOssMLP")
+        .map(|m| format!("{}.experts", m.name))
+        .collect();
+    experts.extend(
+        (model.tensors().iter())
+            .filter(|t| t.name.ends_with("_proj_blocks"))
+            .map(|t| model.module(t.module).name.clone()),
+    );
+    Ok((model.modules().iter())
+        .map(|m| experts.contains(&m.name) && patterns.should_convert(&m.name))
+        .collect())
+}
+
+/// Elements per MXFP4 block (one uint8 scale each, 16 bytes of FP4 pairs).
+pub const MXFP4_BLOCK: u64 = 32;
+
+/// What a converted gpt-oss experts tensor takes at runtime: packed (the GPU path), its blocks
+/// and one scale per 32 values (a full-precision `[E, in, out]` description is charged
+/// `E·out·(in/2 + in/32)`), biases float32 (they load at the dtype `Mxfp4GptOssExperts` declares);
+/// dequantized, the weights at `element` bytes a value (the model's dtype), scales gone, biases as
+/// the model has them (`None`: the tensor keeps its full-precision bytes). With whether it is held
+/// packed.
+fn mxfp4_runtime_expert_bytes(
+    tensor: &crate::model::Tensor,
+    dequantize: bool,
+    element: u64,
+) -> Option<(u64, bool)> {
+    let leaf = tensor.name.rsplit('.').next().unwrap_or("");
+    let packed = !dequantize;
+    Some(match (leaf, &tensor.shape[..]) {
+        ("gate_up_proj" | "down_proj", &[e, inp, out]) if packed => {
+            (e * out * (inp / 2 + inp.div_ceil(MXFP4_BLOCK)), true)
+        }
+        ("gate_up_proj_blocks" | "down_proj_blocks", _) if packed => (tensor.stored_bytes(), true),
+        ("gate_up_proj_blocks" | "down_proj_blocks", _) => {
+            (tensor.stored_bytes() * 2 * element, false)
+        }
+        ("gate_up_proj_scales" | "down_proj_scales", _) if packed => (tensor.stored_bytes(), true),
+        ("gate_up_proj_scales" | "down_proj_scales", _) => (0, false),
+        ("gate_up_proj_bias" | "down_proj_bias", _) if packed => (tensor.numel * 4, false),
+        _ => return None,
+    })
+}
+
+fn mxfp4_pre_quantized(
+    model: &Model,
+    skip: Option<&[String]>,
+    dequantize: bool,
+    full: &[u64],
+    rules: SizeRules,
+) -> Result<RuntimeBytes> {
+    let converted = mxfp4_converted(model, skip)?;
+    let element = rules
+        .target_dtype
+        .or_else(|| {
+            model
+                .tensors()
+                .iter()
+                .map(|t| t.dtype)
+                .find(|d| d.is_float())
+        })
+        .map_or(2, |d| d.size_bytes());
+    let mut on_gpu = full.to_vec();
+    let mut quantized = vec![false; full.len()];
+    for t in 0..full.len() {
+        let tensor = model.tensor(t);
+        if let (true, Some((bytes, packed))) = (
+            converted[tensor.module],
+            mxfp4_runtime_expert_bytes(tensor, dequantize, element),
+        ) {
+            (on_gpu[t], quantized[t]) = (bytes, packed);
+        }
+    }
+    let offload = if dequantize {
+        OffloadRule {
+            cpu: true,
+            disk: true,
+            offloaded_full_precision: false,
+            rule: "mxfp4 dequantize=true: cpu/disk modules load dequantized".into(),
+        }
+    } else {
+        OffloadRule {
+            cpu: false,
+            disk: false,
+            offloaded_full_precision: false,
+            rule: "mxfp4 packed experts mapped to cpu/disk are swizzled onto the GPU anyway \
+                   (transformers' swizzle_mxfp4_convertops); dequantize=true allows offload"
+                .into(),
+        }
+    };
+    Ok(RuntimeBytes {
+        label: format!(
+            "mxfp4 (pre-quantized{})",
+            if dequantize { ", dequantized" } else { "" }
+        ),
+        offloaded: on_gpu.clone(),
+        on_gpu,
+        quantized,
+        workspace: 0,
+        offload,
+        load_transient: vec![0; full.len()],
+    })
+}
+
+/// Bytes of one tensor of a converted gpt-oss experts module (see [`mxfp4_hf_tensor_bytes`]).
+fn mxfp4_expert_bytes(tensor: &crate::model::Tensor) -> Option<u64> {
+    let leaf = tensor.name.rsplit('.').next().unwrap_or("");
+    match (leaf, &tensor.shape[..]) {
+        // [E, H, 2I] -> uint8 [E, 2I, H / 2]; [E, I, H] -> uint8 [E, H, I / 2].
+        ("gate_up_proj" | "down_proj", &[e, inp, out]) => Some(e * out * (inp / 2)),
+        ("gate_up_proj_blocks" | "down_proj_blocks", _) => Some(tensor.stored_bytes()),
+        ("gate_up_proj_scales" | "down_proj_scales", _) => Some(0),
+        ("gate_up_proj_bias" | "down_proj_bias", _) => Some(tensor.numel * 4),
+        _ => None,
+    }
+}
+
 /// Per tensor, the bytes transformers' planner counts for a pre-quantized AWQ checkpoint whose
 /// model is described at full precision: `replace_with_awq_linear` swaps every `nn.Linear`
 /// (subclasses too; not `Conv1D`) that `modules_to_not_convert` (the defaults plus the config's
@@ -744,6 +906,114 @@ mod tests {
             vec![0, 14 * 32_768 + 12 * 2, 0, 14 * 131_072 + 12 * 8, 0]
         );
         assert_eq!(f.largest_load_transient(0..5).map(|x| x.0), Some(3));
+    }
+
+    /// gpt-oss at full precision: one layer, 4 experts, hidden 64, intermediate 96; the router and
+    /// attention stay, and a second layer's MLP is skipped by the config's list.
+    fn gpt_oss(config: &str) -> Model {
+        let mut b = ModelBuilder::new("gpt-oss");
+        for l in 0..2 {
+            let p = format!("model.layers.{l}");
+            b = b
+                .module(format!("{p}.mlp"), "GptOssMLP")
+                .module(format!("{p}.mlp.router"), "GptOssTopKRouter")
+                .module(format!("{p}.mlp.experts"), "GptOssExperts")
+                .param(format!("{p}.mlp.router.weight"), DType::BF16, &[4, 64])
+                .param(
+                    format!("{p}.mlp.experts.gate_up_proj"),
+                    DType::BF16,
+                    &[4, 64, 192],
+                )
+                .param(
+                    format!("{p}.mlp.experts.gate_up_proj_bias"),
+                    DType::BF16,
+                    &[4, 192],
+                )
+                .param(
+                    format!("{p}.mlp.experts.down_proj"),
+                    DType::BF16,
+                    &[4, 96, 64],
+                )
+                .param(
+                    format!("{p}.mlp.experts.down_proj_bias"),
+                    DType::BF16,
+                    &[4, 64],
+                );
+        }
+        let mut m = b.build().unwrap();
+        m.quantization = Some(Quantization {
+            config: QuantConfig::from_json(&serde_json::from_str(config).unwrap(), "q").unwrap(),
+            pre_quantized: true,
+        });
+        m
+    }
+
+    const SKIP_LAYER_1: &str =
+        r#"{"quant_method":"mxfp4","modules_to_not_convert":["model.layers.1.mlp"]}"#;
+
+    #[test]
+    fn mxfp4_planner_bytes_are_mxfp4_experts_parameters() {
+        let m = gpt_oss(SKIP_LAYER_1);
+        let got =
+            mxfp4_hf_tensor_bytes(&m, Some(&["model.layers.1.mlp".to_string()]), false).unwrap();
+        // uint8 gate_up [4, 192, 32], float32 bias [4, 192], uint8 down [4, 64, 48], float32 [4, 64].
+        let layer0 = [
+            None,
+            Some(4. * 192. * 32.),
+            Some(4. * 192. * 4.),
+            Some(4. * 64. * 48.),
+            Some(4. * 64. * 4.),
+        ];
+        assert_eq!(&got[..5], &layer0);
+        assert_eq!(&got[5..], &[None; 5]);
+        // dequantize: the model as it is.
+        let m = gpt_oss(r#"{"quant_method":"mxfp4","dequantize":true}"#);
+        assert_eq!(
+            mxfp4_hf_tensor_bytes(&m, None, true).unwrap(),
+            vec![None; 10]
+        );
+    }
+
+    #[test]
+    fn mxfp4_runtime_bytes_keep_blocks_and_scales_on_gpus() {
+        let b = runtime_bytes(&gpt_oss(SKIP_LAYER_1), SizeRules::default())
+            .unwrap()
+            .unwrap();
+        // gate_up: blocks 4 x 192 x 32 + one scale per 32 of the 64 inputs (4 x 192 x 2);
+        // down: 4 x 64 x 48 + 4 x 64 x 3; biases float32; layer 1 (skipped) as stored in bf16.
+        assert_eq!(
+            b.on_gpu,
+            vec![
+                512,
+                4 * 192 * (32 + 2),
+                4 * 192 * 4,
+                4 * 64 * (48 + 3),
+                4 * 64 * 4,
+                512,
+                4 * 64 * 192 * 2,
+                4 * 192 * 2,
+                4 * 96 * 64 * 2,
+                4 * 64 * 2
+            ]
+        );
+        assert_eq!(b.quantized.iter().filter(|q| **q).count(), 2);
+        assert!(!b.offload.cpu && !b.offload.disk);
+        let dq = runtime_bytes(
+            &gpt_oss(r#"{"quant_method":"mxfp4","dequantize":true}"#),
+            SizeRules::default(),
+        )
+        .unwrap()
+        .unwrap();
+        // Dequantized: every tensor as the bf16 model holds it, both layers.
+        let bf16_layer = [
+            512,
+            4 * 64 * 192 * 2,
+            4 * 192 * 2,
+            4 * 96 * 64 * 2,
+            4 * 64 * 2,
+        ];
+        assert_eq!(dq.on_gpu, [bf16_layer, bf16_layer].concat());
+        assert!(dq.offload.cpu && dq.quantized.iter().all(|q| !q));
     }
 
     #[test]

@@ -75,9 +75,27 @@ impl HfQuantizer {
                 rule: MapRule::AnyMap,
             }));
         }
+        if let (
+            true,
+            devmap_core::QuantConfig::Mxfp4 {
+                modules_to_not_convert,
+                dequantize,
+            },
+        ) = (q.pre_quantized, &q.config)
+        {
+            return Ok(Some(HfQuantizer {
+                tensor_bytes: devmap_core::quant_size::mxfp4_hf_tensor_bytes(
+                    model,
+                    modules_to_not_convert.as_deref(),
+                    *dequantize,
+                )?,
+                max_memory_factor: 1.0,
+                rule: MapRule::AnyMap,
+            }));
+        }
         if q.pre_quantized {
             return Err(Error::QuantUnsupported(format!(
-                "Hugging Face parity for pre-quantized {} checkpoints is not implemented yet (gptq and awq are); \
+                "Hugging Face parity for pre-quantized {} checkpoints is not implemented yet (gptq, awq and mxfp4 are); \
                  quantize on load with --quantization-config over the full-precision checkpoint, \
                  or plan with --strategy auto",
                 q.config.method()
@@ -126,7 +144,7 @@ impl HfQuantizer {
                 "fp8",
                 (offloaded && devices.len() > 1).then_some(FP8_OFFLOAD_REJECTION),
             ),
-            MapRule::AnyMap => ("gptq/awq", None),
+            MapRule::AnyMap => ("gptq/awq/mxfp4", None),
         };
         match message {
             None => Ok(()),

@@ -185,6 +185,29 @@ fn gptq_pre_quantized_maps_equal_hugging_face_references() {
     assert_all_equal("reference-gptq", "configs-gptq", 5, 5 * 2 * 36, false);
 }
 
+/// MXFP4 pre-quantized gpt-oss (fixtures/quant/reference-mxfp4): the experts packed as
+/// `Mxfp4GptOssExperts` registers them (uint8 FP4 pairs, float32 biases, no scales), the path a GPU
+/// with Triton and `kernels` takes (hf_quant_reference.py stubs that machine, as it records);
+/// gpt-oss-20b and -120b shapes, the checkpoint's own skip list and the defaults. No map rule.
+#[test]
+fn mxfp4_packed_maps_equal_hugging_face_references() {
+    assert_all_equal("reference-mxfp4", "configs-mxfp4", 2, 2 * 2 * 36, false);
+}
+
+/// MXFP4 with `dequantize: true` (fixtures/quant/reference-mxfp4-dequantize): the experts stay
+/// at the model's dtype; the same maps transformers computes for the plain config on a machine
+/// without the GPU path (this CPU-only one: docs/quantization.md).
+#[test]
+fn mxfp4_dequantized_maps_equal_hugging_face_references() {
+    assert_all_equal(
+        "reference-mxfp4-dequantize",
+        "configs-mxfp4",
+        2,
+        2 * 36,
+        false,
+    );
+}
+
 /// One `auto` run on a quantized fixture: `Ok(true)` for a map transformers' quantizer accepts
 /// (checked with devmap's reproduction of `validate_environment`, the one the parity test above
 /// holds to transformers' verdicts) whose devices hold their bytes as the runtime allocates them,
@@ -287,4 +310,70 @@ fn auto_never_emits_a_map_the_quantizer_rejects() {
 #[test]
 fn awq_pre_quantized_maps_equal_hugging_face_references() {
     assert_all_equal("reference-awq", "configs-awq", 4, 4 * 36, false);
+}
+
+/// `auto` on pre-quantized gpt-oss: packed MXFP4 experts mapped to cpu/disk would land on the GPU
+/// anyway (transformers swizzles them onto it), so a packed plan is GPU-only and every GPU holds
+/// its runtime bytes; `dequantize: true` may offload.
+#[test]
+fn auto_keeps_packed_mxfp4_on_gpus() {
+    use devmap_core::quant_size::runtime_bytes;
+    let scenarios: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(quant_fixtures().join("scenarios.json")).unwrap(),
+    )
+    .unwrap();
+    let (mut planned, mut offloaded_dequantized, mut short, mut failures) = (0, 0, 0, Vec::new());
+    for stem in ["gpt-oss-20b", "gpt-oss-120b"] {
+        let base =
+            load_model(&quant_fixtures().join("models").join(format!("{stem}.json"))).unwrap();
+        for quant in ["mxfp4", "mxfp4-default-skips", "mxfp4-dequantize"] {
+            let model = quantized_from(&base, "configs-mxfp4", quant, true);
+            let bytes = runtime_bytes(&model, Default::default()).unwrap().unwrap();
+            for s in scenarios["scenarios"].as_array().unwrap() {
+                let budgets = MemoryBudgets::from_json_str(
+                    &s["max_memory"].to_string(),
+                    Path::new("scenarios.json"),
+                )
+                .unwrap();
+                let auto = devmap_solver::Auto::new(
+                    devmap_solver::AutoOptions::default()
+                        .time_limit(std::time::Duration::from_secs(2)),
+                );
+                let case = format!("{stem} / {quant} / {}", s["name"]);
+                let plan = match auto.plan(&PlanRequest::new(&model, &budgets)) {
+                    Ok(plan) => plan,
+                    Err(
+                        Error::QuantizedDoesNotFit { .. }
+                        | Error::DoesNotFit { .. }
+                        | Error::Infeasible(_),
+                    ) => {
+                        short += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        failures.push(format!("{case}: {e}"));
+                        continue;
+                    }
+                };
+                planned += 1;
+                let devices = devmap_core::validate::tensor_devices(&model, &plan.map);
+                let off = devices.iter().flatten().any(|d| !d.is_gpu());
+                if off && quant != "mxfp4-dequantize" {
+                    failures.push(format!(
+                        "{case}: packed experts offloaded: {:?}",
+                        plan.map.to_json()
+                    ));
+                }
+                offloaded_dequantized += usize::from(off);
+                for (d, (q, f)) in bytes.split_by_device(&model, &devices) {
+                    if d.is_gpu() && q + f > budgets.get(d).unwrap_or(u64::MAX) {
+                        failures.push(format!("{case}: {d} holds {} over its budget", q + f));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(planned > 0 && short > 0 && offloaded_dequantized > 0);
+    eprintln!("auto on gpt-oss: {planned} maps ({offloaded_dequantized} dequantized ones offloading), {short} does-not-fit");
 }
