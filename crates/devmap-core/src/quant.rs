@@ -537,6 +537,14 @@ mod tests {
             ),
             (r#"{"quant_method":"gptq","bits":5}"#, "bits"),
             (r#"{"quant_method":"awq","group_size":0}"#, "group_size"),
+            (
+                r#"{"quant_method":"mxfp4","dequantize":"no"}"#,
+                "dequantize",
+            ),
+            (
+                r#"{"quant_method":"mxfp4","modules_to_not_convert":"lm_head"}"#,
+                "modules_to_not_convert",
+            ),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(field) && e.starts_with("q.json"), "{text}: {e}");
