@@ -299,3 +299,44 @@ fn bnb_4bit_load_peak_is_the_weights_plus_one_bf16_copy() {
         2 * 58_720_256
     );
 }
+
+/// On two GPUs each keeps room for the largest transient (any MLP matrix may land on it): at
+/// 4.5 GiB apiece the weights (9,082,905,088) exceed 2 × (4,831,838,208 − 822,126,592) by
+/// 1,063,481,856 bytes (1014.22 MiB); at 5.5 GiB they split, each GPU's weights plus the
+/// transient within its budget.
+#[test]
+fn fp8_load_transient_is_kept_free_on_every_gpu() {
+    let fp8 = quant().join("configs-fp8/fp8-block128.json");
+    let at = |budget: &str| {
+        devmap_8b(&[
+            "plan",
+            "--quantization-config",
+            fp8.to_str().unwrap(),
+            "--max-memory",
+            budget,
+            "--workload",
+            "none",
+            "--format",
+            "plan-json",
+        ])
+    };
+    let out = at("0=4.5GiB,1=4.5GiB,cpu=100GiB");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("short by 1014.22 MiB on GPUs 0+1"), "{err}");
+    let out = at("0=5.5GiB,1=5.5GiB,cpu=100GiB");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut weights = 0;
+    for gpu in ["0", "1"] {
+        let m = &plan["memory"][gpu];
+        let (w, peak) = (
+            m["weights"].as_u64().unwrap(),
+            m["load_peak"].as_u64().unwrap(),
+        );
+        weights += w;
+        assert_eq!(peak - w, 822_126_592, "GPU {gpu}: {m}");
+        assert!(peak <= 5_905_580_032, "GPU {gpu}: {m}");
+    }
+    assert_eq!(weights, FP8_8B_WEIGHTS);
+}
