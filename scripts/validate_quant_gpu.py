@@ -184,6 +184,7 @@ def plan_devmap(args, ckpt, qfile, cap):
         "predicted_ms_per_token": plan.get("estimate_ms_per_token"),
         "predicted_weights_gib": gpu0.get("weights", 0) / GIB,
         "predicted_total_gib": gpu0.get("total", 0) / GIB,
+        "predicted_load_peak_gib": gpu0.get("load_peak", 0) / GIB,
         "predicted_quantized_gib": quant.get("quantized", 0) / GIB,
         "predicted_full_precision_gib": quant.get("full_precision", 0) / GIB,
         "status": plan.get("status"),
@@ -232,6 +233,9 @@ def measure(args, ckpt, method, strategy, device_map, cap):
     row.update(
         load_s=time.perf_counter() - t0,
         resident_gib=torch.cuda.memory_allocated(0) / GIB,
+        # free_gpu reset the peak: this is the load's own (devmap's plan-json `load_peak`).
+        load_peak_allocated_gib=torch.cuda.max_memory_allocated(0) / GIB,
+        load_peak_reserved_gib=torch.cuda.max_memory_reserved(0) / GIB,
         offloaded_gib=offloaded_bytes(model) / GIB,
         device_map=dict(getattr(model, "hf_device_map", {}) or {}),
     )

@@ -167,6 +167,10 @@ fn reserved_note(m: &DeviceMemory) -> String {
     .iter()
     .filter(|(_, b)| *b > 0)
     .map(|(what, b)| format!("+{} {what}", format_bytes(*b)))
+    .chain(
+        m.load_peak
+            .map(|p| format!("load peak {} quantizing on load", format_bytes(p))),
+    )
     .collect();
     parts.join(", ")
 }
@@ -175,19 +179,22 @@ fn reserved_note(m: &DeviceMemory) -> String {
 fn memory_json(scored: &MapCheck) -> Value {
     let mut obj = serde_json::Map::new();
     for (d, m) in &scored.memory {
-        obj.insert(
-            d.to_string(),
-            json!({
-                "weights": m.weights,
-                "streaming": m.streaming,
-                "kv": m.kv,
-                "activations": m.activations,
-                "reserve": m.reserve,
-                "total": m.total(),
-                "budget": m.budget,
-                "fits": m.fits,
-            }),
-        );
+        let mut terms = json!({
+            "weights": m.weights,
+            "streaming": m.streaming,
+            "kv": m.kv,
+            "activations": m.activations,
+            "reserve": m.reserve,
+            "total": m.total(),
+            "budget": m.budget,
+            "fits": m.fits,
+        });
+        // Only quantize-on-load plans have a load peak (other plans' JSON is unchanged).
+        if let Some(peak) = m.load_peak {
+            terms["load_peak"] = json!(peak);
+            terms["fits_at_load"] = json!(m.fits_at_load);
+        }
+        obj.insert(d.to_string(), terms);
     }
     Value::Object(obj)
 }

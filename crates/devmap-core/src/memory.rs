@@ -7,6 +7,7 @@
 //! - [`activation_bytes`]: the working set of prefill and decode on a device that executes layers.
 //! - [`stream_buffers`]: what accelerate holds on the main device while it streams an offloaded unit.
 //! - [`main_device`]: accelerate's main device of a map.
+//! - [`load_peak`]: a GPU's peak while a quantizer converts weights on load.
 //!
 //! The rule that adds these up per device lives in one place, `devmap_solver::Instance::usage`,
 //! which serves both `auto` and `devmap check`.
@@ -424,6 +425,17 @@ pub fn kv_per_unit(model: &Model, units: &[Unit], kv_layers: &[u64]) -> Vec<u64>
         kv[i] = if exact { kv_layers[l] } else { largest };
     }
     kv
+}
+
+/// The peak a GPU reaches while a quantizer converts weights as they load (quantize on load):
+/// the weights it holds once loaded plus the largest conversion transient among its tensors
+/// ([`crate::quant_size::RuntimeBytes::load_transient`]). transformers loads and converts one
+/// tensor at a time (no worker threads under on-the-fly quantization), so at most one
+/// transient is alive; counting every other weight as already resident makes this an upper
+/// bound, exact when that tensor is the last to load. KV cache and activations come later,
+/// after the transients are freed, so they are not part of it.
+pub fn load_peak(resident_weights: u64, largest_transient: u64) -> u64 {
+    resident_weights.saturating_add(largest_transient)
 }
 
 /// What accelerate holds on the main device while it streams each unit from cpu or disk: its

@@ -55,6 +55,10 @@ pub struct RuntimeBytes {
     pub workspace: u64,
     /// Where weights may go.
     pub offload: OffloadRule,
+    /// Per tensor, the bytes quantizing it on load holds on its GPU at once beyond its final
+    /// size (the materialized full-precision copy and the conversion's intermediates; 0 for a
+    /// tensor loaded as is): [`fp8_load_transient`], [`bnb_load_transient`].
+    pub load_transient: Vec<u64>,
 }
 
 impl RuntimeBytes {
@@ -93,6 +97,19 @@ impl RuntimeBytes {
             }
         }
         out
+    }
+
+    /// The largest load transient among `tensors` (those a GPU holds) and the tensor it belongs
+    /// to: what converting one tensor adds at once to the weights already resident there.
+    pub fn largest_load_transient(
+        &self,
+        tensors: impl IntoIterator<Item = TensorId>,
+    ) -> Option<(TensorId, u64)> {
+        tensors
+            .into_iter()
+            .map(|t| (t, self.load_transient[t]))
+            .filter(|&(_, b)| b > 0)
+            .max_by_key(|&(t, b)| (b, std::cmp::Reverse(t)))
     }
 
     /// Each offload rule's verdict on a map using `used` devices: `(rule, holds)`. An all-cpu
@@ -134,7 +151,7 @@ pub fn runtime_bytes(model: &Model, rules: SizeRules) -> Result<Option<RuntimeBy
         QuantConfig::Fp8 {
             weight_block_size,
             modules_to_not_convert: skip,
-        } => fp8_on_load(model, *weight_block_size, skip.as_deref(), &full).map(Some),
+        } => fp8_on_load(model, *weight_block_size, skip.as_deref(), &full, rules).map(Some),
         other => Err(Error::QuantConfig {
             origin: "quantization_config".into(),
             reason: format!(
@@ -174,6 +191,36 @@ pub fn bnb_weight_bytes(config: &BnbConfig, numel: u64, rows: u64) -> u64 {
     }
 }
 
+/// Bytes per element tensor `t` materializes at on its device before a quantizer converts it:
+/// its dtype under `rules` (transformers casts it to the load `dtype` first).
+fn load_element_bytes(model: &Model, t: TensorId, rules: SizeRules) -> u64 {
+    let tensor = model.tensor(t);
+    tensor.bytes(rules).checked_div(tensor.numel).unwrap_or(0)
+}
+
+/// Bytes bitsandbytes' quantize-on-load (transformers 5.23 `Bnb4bitQuantize`/`Bnb8bitQuantize`)
+/// holds on the GPU at once beyond the final quantized weight of `numel` elements, materialized
+/// at `element_bytes` per element. 4-bit: the materialized copy (a second one for `Conv1D`,
+/// whose transposed view `Params4bit` makes contiguous), and with double quant the float32
+/// `absmax` and its offset-shifted copy while the nested quantization runs. 8-bit: the
+/// materialized copy plus the float16 copy `Int8Params` quantizes from (it goes through the cpu
+/// and back at float16).
+pub fn bnb_load_transient(config: &BnbConfig, numel: u64, element_bytes: u64, conv1d: bool) -> u64 {
+    let value = numel.saturating_mul(element_bytes);
+    match config.bits {
+        BnbBits::Four => {
+            let transposed = if conv1d { value } else { 0 };
+            let nested = if config.double_quant {
+                8 * numel.div_ceil(BNB_4BIT_BLOCK)
+            } else {
+                0
+            };
+            value + transposed + nested
+        }
+        BnbBits::Eight => value + numel.saturating_mul(2),
+    }
+}
+
 fn bnb_on_load(
     model: &Model,
     config: &BnbConfig,
@@ -182,11 +229,16 @@ fn bnb_on_load(
 ) -> Result<RuntimeBytes> {
     let converted = config.hf_element_sizes(model)?;
     let mut on_gpu = full.to_vec();
+    let mut load_transient = vec![0; full.len()];
     let mut workspace = 0;
     for (t, size) in converted.iter().enumerate() {
         if size.is_some() {
             let tensor = model.tensor(t);
             on_gpu[t] = bnb_weight_bytes(config, tensor.numel, out_features(model, t));
+            let conv1d =
+                model.quant_meta.torch_kind(model, tensor.module) == Some(TorchKind::Conv1d);
+            let element = load_element_bytes(model, t, rules);
+            load_transient[t] = bnb_load_transient(config, tensor.numel, element, conv1d);
             if config.bits == BnbBits::Four {
                 workspace = workspace.max(tensor.bytes(rules));
             }
@@ -216,6 +268,7 @@ fn bnb_on_load(
         on_gpu,
         workspace,
         offload,
+        load_transient,
     })
 }
 
@@ -293,13 +346,45 @@ pub fn fp8_hf_tensor_bytes(
         .collect())
 }
 
+/// Bytes transformers 5.23's FP8 quantize-on-load (`Fp8Quantize`) holds on the GPU at once
+/// beyond the final fp8 weight and its `weight_scale_inv`, for a weight of `shape` materialized
+/// at `element_bytes` per element: at the cast to fp8, the materialized copy, its float32 copy
+/// (none when it is float32 already), the scaled and the clamped float32 tensors, and three
+/// float32 per-block tensors (max-abs, its safe copy, the scales) beside the kept inverse scales.
+/// 0 when the block does not tile the last two dimensions (transformers then leaves the tensor
+/// as it is).
+pub fn fp8_load_transient(shape: &[u64], element_bytes: u64, block: Option<[u64; 2]>) -> u64 {
+    let [lead @ .., rows, cols] = shape else {
+        return 0;
+    };
+    let [bm, bn] = block.unwrap_or([*rows, *cols]);
+    if bm == 0 || bn == 0 || rows % bm != 0 || cols % bn != 0 {
+        return 0;
+    }
+    let n: u64 = shape.iter().product();
+    let blocks = lead.iter().product::<u64>() * (rows / bm) * (cols / bn);
+    let float32_copy = if element_bytes == 4 { 0 } else { 4 * n };
+    element_bytes * n + float32_copy + 8 * n + 12 * blocks
+}
+
 fn fp8_on_load(
     model: &Model,
     block: Option<[u64; 2]>,
     skip: Option<&[String]>,
     full: &[u64],
+    rules: SizeRules,
 ) -> Result<RuntimeBytes> {
     let quantized = fp8_converted(model, skip)?;
+    let load_transient = (0..full.len())
+        .map(|t| {
+            let element = load_element_bytes(model, t, rules);
+            if quantized[t] {
+                fp8_load_transient(&model.tensor(t).shape, element, block)
+            } else {
+                0
+            }
+        })
+        .collect();
     let on_gpu: Vec<u64> = (0..full.len())
         .map(|t| {
             if quantized[t] {
@@ -322,6 +407,7 @@ fn fp8_on_load(
             rule: "fp8 quantize-on-load forbids cpu/disk entries (use a pre-quantized checkpoint)"
                 .into(),
         },
+        load_transient,
     })
 }
 
@@ -381,6 +467,8 @@ fn pre_quantized(model: &Model, q: &Quantization, full: &[u64]) -> RuntimeBytes 
         quantized,
         workspace: 0,
         offload,
+        // Packed tensors load as stored: nothing is converted on the GPU.
+        load_transient: vec![0; full.len()],
     }
 }
 
@@ -582,6 +670,80 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// Llama-3.1-8B's MLP matrix [14336, 4096] in bf16, FP8 blocks of 128: n = 58,720,256
+    /// elements, 112 x 32 = 3,584 blocks. At the cast to fp8 transformers holds the bf16 copy
+    /// (2n), its float32 copy (4n), the scaled and the clamped float32 tensors (4n + 4n), the fp8
+    /// result (n) and four float32 per-block tensors (16 per block); the result and one of the
+    /// four stay, so the transient is 2n + 12n + 12 per block.
+    #[test]
+    fn fp8_load_transient_of_a_llama_8b_mlp_matrix() {
+        let n: u64 = 14_336 * 4_096;
+        assert_eq!(n, 58_720_256);
+        let by_hand = 2 * n + 4 * n + 8 * n + 12 * 3_584;
+        assert_eq!(by_hand, 822_126_592);
+        let shape = [14_336, 4_096];
+        assert_eq!(fp8_load_transient(&shape, 2, Some([128, 128])), by_hand);
+        // float32 weights are not copied to float32 again.
+        assert_eq!(
+            fp8_load_transient(&shape, 4, Some([128, 128])),
+            4 * n + 8 * n + 12 * 3_584
+        );
+        // Per tensor: one block.
+        assert_eq!(fp8_load_transient(&shape, 2, None), 14 * n + 12);
+        // Fused experts [4, 256, 128]: 4 x 2 x 1 blocks.
+        assert_eq!(
+            fp8_load_transient(&[4, 256, 128], 2, Some([128, 128])),
+            14 * 131_072 + 12 * 8
+        );
+        // A block that does not tile the matrix: transformers leaves it unconverted.
+        assert_eq!(fp8_load_transient(&[100, 4_096], 2, Some([128, 128])), 0);
+        assert_eq!(fp8_load_transient(&[4_096], 2, Some([128, 128])), 0);
+    }
+
+    #[test]
+    fn bnb_load_transients_by_hand() {
+        let bnb = |bits: BnbBits, double_quant: bool| BnbConfig {
+            bits,
+            quant_type: "nf4".into(),
+            double_quant,
+            quant_storage: "uint8".into(),
+            skip_modules: None,
+            fp32_cpu_offload: false,
+        };
+        let four = |dq: bool| bnb(BnbBits::Four, dq);
+        let n: u64 = 14_336 * 4_096;
+        // 4-bit: the bf16 copy the weight is packed from (2n); Conv1D makes the transposed view
+        // contiguous first (another 2n); double quant keeps the float32 absmax (n / 64 blocks)
+        // and its offset-shifted copy while it quantizes them.
+        assert_eq!(bnb_load_transient(&four(false), n, 2, false), 2 * n);
+        assert_eq!(bnb_load_transient(&four(false), n, 2, true), 4 * n);
+        assert_eq!(
+            bnb_load_transient(&four(true), n, 2, false),
+            2 * n + 8 * (n / 64)
+        );
+        // 8-bit: the bf16 copy on the GPU and the float16 copy Int8Params quantizes.
+        let eight = bnb(BnbBits::Eight, false);
+        assert_eq!(bnb_load_transient(&eight, n, 2, false), 4 * n);
+        assert_eq!(bnb_load_transient(&eight, n, 4, false), 6 * n);
+    }
+
+    #[test]
+    fn load_transients_follow_the_converted_tensors() {
+        // fc.weight [256, 128] bf16: 4-bit holds its bf16 copy, 65,536 bytes; nothing else is
+        // converted (embed, bias, experts, lm_head load as they are).
+        let b = bytes(r#"{"quant_method":"bitsandbytes","load_in_4bit":true}"#);
+        assert_eq!(b.load_transient, vec![0, 65_536, 0, 0, 0]);
+        assert_eq!(b.largest_load_transient(0..5), Some((1, 65_536)));
+        assert_eq!(b.largest_load_transient([0, 4]), None);
+        // FP8: fc (32,768 elements, 2 blocks) and the fused experts (131,072 elements, 8 blocks).
+        let f = bytes(r#"{"quant_method":"fp8","weight_block_size":[128,128]}"#);
+        assert_eq!(
+            f.load_transient,
+            vec![0, 14 * 32_768 + 12 * 2, 0, 14 * 131_072 + 12 * 8, 0]
+        );
+        assert_eq!(f.largest_load_transient(0..5).map(|x| x.0), Some(3));
     }
 
     #[test]

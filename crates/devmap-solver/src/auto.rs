@@ -769,6 +769,7 @@ fn infeasible(model: &Model, inst: &Instance) -> Error {
             need: total,
             gpus: devices,
             rule: rule.clone(),
+            load_transient: inst.load_transient.iter().copied().max().unwrap_or(0),
         };
     }
     if total > caps {

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use devmap_core::cost::Estimate;
-use devmap_core::memory::stream_buffer;
+use devmap_core::memory::{self, stream_buffer};
 use devmap_core::validate::Problem;
 use devmap_core::validate::{validate, Report};
 use devmap_core::{format_bytes, Device, DeviceMap, MemoryBudgets, Model, SizeRules};
@@ -30,7 +30,16 @@ pub struct DeviceMemory {
     pub reserve: u64,
     /// Its budget (`None`: unbounded, a disk without a budget).
     pub budget: Option<u64>,
-    /// Whether it fits: `Instance`'s capacity rule, the one `auto` plans with.
+    /// A GPU's peak while the quantizer converts its weights on load (quantize on load only):
+    /// its weights plus the largest conversion transient among its tensors
+    /// ([`devmap_core::memory::load_peak`]).
+    pub load_peak: Option<u64>,
+    /// Whether the runtime total fits its budget (`Instance`'s capacity rule without the load
+    /// transient).
+    pub fits_at_runtime: bool,
+    /// Whether the load peak (when there is one) fits its budget minus `--reserve`.
+    pub fits_at_load: bool,
+    /// Whether it fits: both of the above.
     pub fits: bool,
 }
 
@@ -65,18 +74,33 @@ impl MapCheck {
         for (d, m) in &self.memory {
             if !m.fits {
                 let budget = m.budget.unwrap_or(0);
-                out.push(format!(
-                    "device {d} holds {} (weights {}, streaming {}, KV {}, activations {}, \
-                     reserve {}) but its budget is {} (over by {})",
-                    format_bytes(m.total()),
-                    format_bytes(m.weights),
-                    format_bytes(m.streaming),
-                    format_bytes(m.kv),
-                    format_bytes(m.activations),
-                    format_bytes(m.reserve),
-                    format_bytes(budget),
-                    format_bytes(m.total().saturating_sub(budget)),
-                ));
+                if !m.fits_at_runtime {
+                    out.push(format!(
+                        "device {d} holds {} (weights {}, streaming {}, KV {}, activations {}, \
+                         reserve {}) but its budget is {} (over by {})",
+                        format_bytes(m.total()),
+                        format_bytes(m.weights),
+                        format_bytes(m.streaming),
+                        format_bytes(m.kv),
+                        format_bytes(m.activations),
+                        format_bytes(m.reserve),
+                        format_bytes(budget),
+                        format_bytes(m.total().saturating_sub(budget)),
+                    ));
+                }
+                if let (false, Some(peak)) = (m.fits_at_load, m.load_peak) {
+                    out.push(format!(
+                        "device {d} peaks at {} while the quantizer converts its weights on load \
+                         (weights {} + the largest conversion transient {}; reserve {}) but its \
+                         budget is {} (over by {})",
+                        format_bytes(peak),
+                        format_bytes(m.weights),
+                        format_bytes(peak - m.weights),
+                        format_bytes(m.reserve),
+                        format_bytes(budget),
+                        format_bytes((peak + m.reserve).saturating_sub(budget)),
+                    ));
+                }
             }
         }
         out.extend(
@@ -128,7 +152,8 @@ pub fn check_map(
     let inst = instance_for_map(&Auto::new(options.clone()), &req, map)?;
     let (pieces, unit_device) = pieces_of_map(model, &inst, map);
     let usage = inst.usage_of_pieces(&pieces, &unit_device);
-    let memory = per_device(&inst, &usage, &options, budgets);
+    let transients = load_transients(model, &inst, map);
+    let memory = per_device(&inst, &usage, &transients, &options, budgets);
     let fits = budgets.is_none() || memory.values().all(|m| m.fits);
     let estimate = inst.cost_model.evaluate(model, map, rules);
     Ok(MapCheck {
@@ -199,10 +224,36 @@ fn pieces_of_map(model: &Model, inst: &Instance, map: &DeviceMap) -> (Vec<Piece>
     (pieces, unit_device)
 }
 
+/// Per device row, the largest quantize-on-load transient among the tensors `map` puts on it
+/// (`None` on cpu/disk and for a model not quantized on load).
+fn load_transients(model: &Model, inst: &Instance, map: &DeviceMap) -> Vec<Option<u64>> {
+    let transient = &inst.tensor_bytes.load_transient;
+    let mut out = vec![None; inst.devices.len()];
+    if transient.iter().all(|&b| b == 0) {
+        return out;
+    }
+    for (row, slot) in out.iter_mut().enumerate() {
+        if inst.devices[row].is_gpu() {
+            *slot = Some(0);
+        }
+    }
+    let devices = devmap_core::validate::tensor_devices(model, map);
+    for (t, dev) in devices.iter().enumerate() {
+        let Some(row) = dev.and_then(|d| inst.devices.iter().position(|x| *x == d)) else {
+            continue;
+        };
+        if let Some(largest) = out[row].as_mut() {
+            *largest = (*largest).max(transient[t]);
+        }
+    }
+    out
+}
+
 /// The per-device breakdown of a usage, with reserves and budgets.
 fn per_device(
     inst: &Instance,
     usage: &Usage,
+    transients: &[Option<u64>],
     options: &AutoOptions,
     budgets: Option<&MemoryBudgets>,
 ) -> BTreeMap<Device, DeviceMemory> {
@@ -216,16 +267,26 @@ fn per_device(
             .sum();
         let budget = budgets.and_then(|given| given.get(d));
         let tied = usage.overhead[b] - usage.kv[b] - usage.streaming[b];
+        let weights = usage.weights[b] + tied;
+        let load_peak = transients[b].map(|l| memory::load_peak(weights, l));
+        // The runtime rule and the load rule separately (auto's caps join them, conservatively).
+        let unbounded = budget.is_none();
+        let fits_at_runtime =
+            unbounded || usage.total(b) <= inst.room[b].saturating_sub(inst.fixed[b]);
+        let fits_at_load = unbounded || load_peak.is_none_or(|p| p <= inst.room[b]);
         out.insert(
             d,
             DeviceMemory {
-                weights: usage.weights[b] + tied,
+                weights,
                 streaming: usage.streaming[b],
                 kv: usage.kv[b],
                 activations: usage.activations[b],
                 reserve,
                 budget,
-                fits: budget.is_none() || usage.total(b) <= inst.caps[b],
+                load_peak,
+                fits_at_runtime,
+                fits_at_load,
+                fits: fits_at_runtime && fits_at_load,
             },
         );
     }

@@ -46,12 +46,14 @@ pub enum Error {
     },
     /// A quantized model whose quantizer forbids cpu/disk does not fit the GPUs.
     #[error(
-        "the quantized model does not fit: short by {} on {} (weights and KV cache need {}; room after reserves and activations: {}); \
+        "the quantized model does not fit: short by {} on {} (weights and KV cache need {}; room after reserves and activations{}: {}){}; \
          {rule}",
         format_bytes(*shortfall),
         gpu_names(gpus),
         format_bytes(*need),
-        by_device_list(gpus)
+        if *load_transient > 0 { ", or for the weights while loading" } else { "" },
+        by_device_list(gpus),
+        load_transient_note(*load_transient)
     )]
     QuantizedDoesNotFit {
         /// Bytes the GPUs lack.
@@ -62,6 +64,9 @@ pub enum Error {
         gpus: Vec<(Device, u64)>,
         /// The quantizer's rule that keeps weights off cpu and disk.
         rule: String,
+        /// Bytes each GPU keeps free while the quantizer converts its largest tensor on load
+        /// (0 when nothing is quantized on load).
+        load_transient: u64,
     },
     /// A quantized model this strategy cannot plan yet (named method or path).
     #[error("{0}")]
@@ -97,6 +102,16 @@ fn gpu_names(gpus: &[(Device, u64)]) -> String {
         1 => format!("GPU {}", names[0]),
         _ => format!("GPUs {}", names.join("+")),
     }
+}
+
+fn load_transient_note(load_transient: u64) -> String {
+    if load_transient == 0 {
+        return String::new();
+    }
+    format!(
+        "; quantizing on load peaks at the weights plus {}, the transient of converting the largest tensor",
+        format_bytes(load_transient)
+    )
 }
 
 fn by_device_list(devices: &[(Device, u64)]) -> String {

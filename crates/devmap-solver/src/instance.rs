@@ -55,8 +55,15 @@ pub struct Instance {
     pub stream: Vec<u64>,
     /// Candidate devices: GPUs by index, then cpu, then disk (only those with a budget).
     pub devices: Vec<Device>,
-    /// Room for units on each device: its budget minus `--reserve` minus `fixed`.
+    /// Room for units on each device: its budget minus `--reserve` minus `fixed`, or less where
+    /// the quantize-on-load peak (`load_transient` above the weights) needs it (`load_caps`).
     pub caps: Vec<u64>,
+    /// Each device's budget minus `--reserve`.
+    pub room: Vec<u64>,
+    /// Bytes each GPU must keep free while a quantizer converts weights on load: the largest
+    /// conversion transient of any tensor ([`devmap_core::memory::load_peak`]; any converted
+    /// tensor may land on it). 0 on cpu/disk and without quantize-on-load.
+    pub load_transient: Vec<u64>,
     /// Bytes charged on each device that can execute units, whatever the assignment: the
     /// activation working set and the allocator allowance (already taken out of `caps`).
     pub fixed: Vec<u64>,
@@ -98,6 +105,8 @@ pub struct TensorBytes {
     pub offloaded: Vec<u64>,
     /// Read when streamed from cpu or disk (tied duplicates included).
     pub offloaded_read: Vec<u64>,
+    /// Held on a GPU at once beyond `on_gpu` while a quantizer converts it on load.
+    pub load_transient: Vec<u64>,
 }
 
 /// Per tensor sizes of `model` under `rules`, quantized as the runtime holds them: `(read on a
@@ -118,6 +127,10 @@ fn sized_tensors(
         on_gpu: RuntimeBytes::held(model, &read_gpu),
         offloaded: RuntimeBytes::held(model, &read_off),
         offloaded_read: read_off,
+        load_transient: quant.as_ref().map_or_else(
+            || vec![0; model.tensors().len()],
+            |q| q.load_transient.clone(),
+        ),
     };
     Ok((read_gpu, bytes, quant))
 }
@@ -439,6 +452,37 @@ fn add_workspace(fixed: &mut [u64], devices: &[Device], quant: Option<&RuntimeBy
     }
 }
 
+/// Per device row, the quantize-on-load transient a GPU keeps room for (the largest of any
+/// tensor), and the room left for units (weights + KV). A GPU must hold weights + KV + `fixed`
+/// at runtime and weights + transient while loading (the KV cache comes later); one cap serves
+/// both as `room − max(fixed, transient − KV it surely holds)`. The KV it surely holds is every
+/// unit's when it is the only GPU (streamed units keep theirs on the main GPU); with several
+/// GPUs it is taken as 0, which makes the cap conservative by that GPU's KV cache.
+fn load_caps(
+    devices: &[Device],
+    room: &[u64],
+    fixed: &[u64],
+    tensor_bytes: &TensorBytes,
+    kv: &[u64],
+) -> (Vec<u64>, Vec<u64>) {
+    let largest = tensor_bytes
+        .load_transient
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let load: Vec<u64> = devices
+        .iter()
+        .map(|d| if d.is_gpu() { largest } else { 0 })
+        .collect();
+    let sole_gpu = devices.iter().filter(|d| d.is_gpu()).count() == 1;
+    let surely_kv = if sole_gpu { kv.iter().sum::<u64>() } else { 0 };
+    let caps = (room.iter().zip(fixed).zip(&load))
+        .map(|((r, f), l)| r.saturating_sub(*f.max(&l.saturating_sub(surely_kv))))
+        .collect();
+    (load, caps)
+}
+
 /// A pin onto a device the quantizer removed cannot load: say so, naming the rule.
 fn check_pins_allowed(
     gpu_only_rule: Option<&String>,
@@ -489,11 +533,7 @@ impl Instance {
         if opts.workload.is_some() {
             add_workspace(&mut fixed, &devices, quant.as_ref());
         }
-        let caps = room
-            .iter()
-            .zip(&fixed)
-            .map(|(r, f)| r.saturating_sub(*f))
-            .collect();
+        let (load_transient, caps) = load_caps(&devices, &room, &fixed, &tensor_bytes, &kv);
         check_pins_allowed(gpu_only_rule.as_ref(), &opts.pins, &devices)?;
         let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
         let unit_reads = unit_reads_of(model, &units, &read_sizes, &kv);
@@ -527,6 +567,8 @@ impl Instance {
             stream,
             devices,
             caps,
+            room,
+            load_transient,
             fixed,
             allowed,
             cost,

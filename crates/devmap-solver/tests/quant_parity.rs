@@ -222,6 +222,15 @@ fn auto_run(model: &Model, budgets: &MemoryBudgets) -> Result<bool, String> {
                 q + f
             ));
         }
+        // Quantize on load: the GPU also holds one tensor's conversion transient while loading.
+        let on_d = (0..tensor_devices.len()).filter(|&t| tensor_devices[t] == Some(d));
+        let transient = bytes.largest_load_transient(on_d).map_or(0, |x| x.1);
+        let peak = devmap_core::memory::load_peak(q + f, transient);
+        if d.is_gpu() && peak > budget {
+            return Err(format!(
+                "{d} peaks at {peak} while quantizing on load, over its budget {budget}"
+            ));
+        }
     }
     Ok(true)
 }
