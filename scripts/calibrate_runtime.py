@@ -24,10 +24,12 @@ field; `--dry-run` prints the plan below with the sizes of the given config and 
    GPU from the config) decode one token at a time at a 64-token context, timed alternately, the
    fastest kept; at 10 layers, the step minus its weight bytes at the GPU's memory bandwidth (from
    the topology), over the modules with weights.
-5. `kv_passes_per_step`: the 10-layer decoder's step at a long context (`--kv-context`, 16384)
-   against the 64-token one: the extra time, at the GPU's memory bandwidth, in passes over the
-   added KV-cache bytes (transformers' `torch.cat` growth, attention's reads, any kernel
-   inefficiency). The cost model charges that many passes per layer and step.
+5. `kv_passes_per_step`: the 10-layer decoder's step at a 16384-token context against the
+   64-token one: the extra time, at the GPU's memory bandwidth, in passes over the added KV-cache
+   bytes (transformers' `torch.cat` growth, attention's reads, any kernel inefficiency). Timed
+   twice uncapped, then once under a hard cap of the prefill's reserved peak + 128 MiB (devmap's
+   plans run at their budget; the allocator's retries there are counted); the larger is written.
+   The cost model charges that many passes per layer and step.
 
 Written: `gpus.<i>.pageable_host_link` (and `default_pageable_host_link` for GPU 0), `runtime`
 (`offload_memory`, `offload_hook_seconds`, `eager_module_seconds`, `kv_passes_per_step`,
@@ -54,6 +56,7 @@ COPY_ROUNDS = 3
 DECODE_STEPS = 30
 SHORT_CONTEXT = 64
 KV_CONTEXT = 16384
+CAP_HEADROOM = 128 << 20  # above the prefill's reserved peak, for the capped KV measurement
 DEVICE = "cuda:0"  # the GPU measured (accelerate's main device); --device changes it
 
 
@@ -291,20 +294,36 @@ def build_decoder(config, layers):
         return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
 
 
-def step_seconds(model, context, repeats=DECODE_STEPS):
+def step_seconds(model, context, repeats=DECODE_STEPS, headroom=None):
     """Median seconds of one decode step after a `context`-token prefill (the cache grows by one
-    token per step: negligible next to `context`)."""
+    token per step: negligible next to `context`), and the allocator's retries over the steps.
+    With `headroom` (bytes), the decode runs under a hard cap of the prefill's reserved peak plus
+    that much, as devmap's plans run at their budget (the grid's maps peaked 0.05-0.17 GiB
+    below it)."""
     import torch
 
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
+    cuda = torch.cuda.is_available() and torch.device(DEVICE).type == "cuda"
     with torch.no_grad():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(DEVICE)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         del out
-        seconds = timed_steps(lambda: model(input_ids=tok, past_key_values=past, use_cache=True), repeats)
+        if cuda and headroom is not None:
+            total = torch.cuda.get_device_properties(DEVICE).total_memory
+            cap = torch.cuda.max_memory_reserved(DEVICE) + headroom
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), DEVICE)
+        retries = torch.cuda.memory_stats(DEVICE).get("num_alloc_retries", 0) if cuda else 0
+        try:
+            seconds = timed_steps(lambda: model(input_ids=tok, past_key_values=past, use_cache=True), repeats)
+        finally:
+            if cuda:
+                retries = torch.cuda.memory_stats(DEVICE).get("num_alloc_retries", 0) - retries
+                torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
     del past
     empty_cache()
-    return seconds
+    return seconds, retries
 
 
 def weights_and_modules(module):
@@ -328,9 +347,10 @@ def eager_and_kv(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2, kv_cont
     best = {}
     for _ in range(rounds):
         for n, model in models.items():
-            best[n] = min(best.get(n, float("inf")), step_seconds(model, SHORT_CONTEXT))
+            best[n] = min(best.get(n, float("inf")), step_seconds(model, SHORT_CONTEXT)[0])
     big = max(layers)
-    long_step = min(step_seconds(models[big], kv_context) for _ in range(rounds))
+    long_step = min(step_seconds(models[big], kv_context)[0] for _ in range(rounds))
+    capped_step, capped_retries = step_seconds(models[big], kv_context, headroom=CAP_HEADROOM)
     layer_bytes, layer_modules = weights_and_modules(models[big].model.layers[0])
     all_bytes, all_modules = weights_and_modules(models[big])
     del models
@@ -343,6 +363,7 @@ def eager_and_kv(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2, kv_cont
         per_module[n] = max(0.0, t - read / gpu_bandwidth) / (n * layer_modules + outer_modules)
     added_kv = (kv_context - SHORT_CONTEXT) * kv_bytes_per_token(config, big)
     passes = max(0.0, long_step - best[big]) * gpu_bandwidth / added_kv
+    capped_passes = max(0.0, capped_step - best[big]) * gpu_bandwidth / added_kv
     raw = {
         "layers": list(layers),
         "step_seconds": [best[n] for n in layers],
@@ -355,8 +376,15 @@ def eager_and_kv(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2, kv_cont
         "kv_context": kv_context,
         "kv_step_seconds": long_step,
         "kv_added_bytes": added_kv,
+        "kv_passes_uncapped": passes,
+        "kv_capped_step_seconds": capped_step,
+        "kv_capped_headroom_bytes": CAP_HEADROOM,
+        "kv_capped_alloc_retries": capped_retries,
+        "kv_passes_at_cap": capped_passes,
     }
-    return per_module[big], passes, raw
+    # devmap's plans run at their budget: the capped figure is what they see (equal to the
+    # uncapped one unless the allocator has to free and retry there).
+    return per_module[big], max(passes, capped_passes), raw
 
 
 # ---------------------------------------------------------------- the plan and the file
@@ -378,7 +406,8 @@ def plan(config, copies=2, rounds=COPY_ROUNDS, kv_context=KV_CONTEXT):
         f"4. eager: decoders of {' and '.join(map(str, DEFAULT_LAYERS))} layers (config shape, random, on {DEVICE}), "
         f"{DECODE_STEPS} steps at a {SHORT_CONTEXT}-token context, 2 alternating rounds, fastest",
         f"5. KV passes: the {max(DEFAULT_LAYERS)}-layer decoder at a {kv_context}-token context, "
-        f"{DECODE_STEPS} steps x 2, against 4.",
+        f"{DECODE_STEPS} steps x 2 uncapped and x 1 capped at the prefill's reserved peak + "
+        f"{CAP_HEADROOM >> 20} MiB (allocator retries counted), against 4.",
     ]
 
 
@@ -387,7 +416,7 @@ def estimated_seconds(config, copies=2, rounds=COPY_ROUNDS):
     sizes = sum(a * b * 2 for a, b in copy_shapes(config))
     head = head_shape(config)[0] * head_shape(config)[1] * 2
     copies_s = 2 * (rounds + 1) * (copies * sizes + head) / 7e9 + (copies * sizes + head) / 1e9  # + file write
-    decode_s = 2 * 2 * (DECODE_STEPS + 2) * 0.01 + 2 * (DECODE_STEPS + 2) * 0.012 + 4.0  # + builds
+    decode_s = 2 * 2 * (DECODE_STEPS + 2) * 0.01 + 3 * (DECODE_STEPS + 2) * 0.012 + 3 * 0.3 + 4.0  # + prefills, builds
     return 5.0 + copies_s + 0.5 + decode_s
 
 
@@ -462,9 +491,11 @@ def report(link, runtime, raw, topo_path):
     print(f"accelerate hook {runtime['offload_hook_seconds'] * 1e6:.1f} µs per streamed module "
           f"({hook['per_module_offloaded_seconds'] * 1e6:.1f} µs per offloaded tiny module - {link['latency'] * 1e6:.1f} µs copy; "
           f"hooked but resident: {hook['hook_without_copy_seconds'] * 1e6:.1f} µs)", flush=True)
+    e = raw["eager"]
     print(f"eager {runtime['eager_module_seconds'] * 1e6:.1f} µs per module; KV {runtime['kv_passes_per_step']:.1f} passes "
-          f"per step at {raw['eager']['kv_context']} tokens ({raw['eager']['kv_step_seconds'] * 1e3:.2f} vs "
-          f"{raw['eager']['step_seconds'][-1] * 1e3:.2f} ms); {raw['seconds']:.1f} s -> {topo_path}", flush=True)
+          f"per step at {e['kv_context']} tokens (uncapped {e['kv_passes_uncapped']:.1f}: {e['kv_step_seconds'] * 1e3:.2f} vs "
+          f"{e['step_seconds'][-1] * 1e3:.2f} ms; at the cap {e['kv_passes_at_cap']:.1f}: {e['kv_capped_step_seconds'] * 1e3:.2f} ms, "
+          f"{e['kv_capped_alloc_retries']} alloc retries); {raw['seconds']:.1f} s -> {topo_path}", flush=True)
 
 
 def load_config(path):
