@@ -117,8 +117,12 @@ class Grid:
                 sys.exit(f"{path}: no topology in the file; give one as {path}:TOPOLOGY")
             topology = f"{tmp}/{self.name}.topology.json"
             Path(topology).write_text(json.dumps(doc["topology"]))
-        self.topology = topology
-        self.topo = json.loads(Path(topology).read_text())
+        topo = json.loads(Path(topology).read_text())
+        if "rows" in topo:  # another results file: the topology it embeds (a --resume call's)
+            topology = f"{tmp}/{self.name}.topology.json"
+            topo = topo["topology"]
+            Path(topology).write_text(json.dumps(topo))
+        self.topology, self.topo = topology, topo
         self.rows = [r for r in doc["rows"] if r.get("ms_per_token")]
 
     def rate(self):
@@ -129,6 +133,33 @@ class Grid:
 
     def kv_passes(self):
         return (self.topo.get("runtime") or {}).get("kv_passes_per_step", DEFAULT_KV_PASSES)
+
+
+LAYER_SHAPE_COUNTS = {(4096, 4096): 2, (1024, 4096): 2, (14336, 4096): 2, (4096, 14336): 1}  # q+o, k+v, gate+up, down
+
+
+def rederived(topo):
+    """The topology today's calibrate_runtime.py would write from the raw timings an older run
+    kept: latency = the driver's 8 KiB pageable copy (`devmap calibrate`), the rate = one
+    Llama-3.1-8B layer's bytes over its copy time minus one latency per tensor, the hook = the
+    tiny chain's per-module difference minus that latency. None without the raw timings."""
+    raw = topo.get("runtime_calibration") or {}
+    copies, hook = raw.get("pageable_copies") or {}, raw.get("hook") or {}
+    measured = ((topo.get("calibration") or {}).get("measured") or {}).get("gpus") or []
+    if "bytes" not in copies or "per_module_seconds" not in hook or not measured:
+        return None
+    latency = measured[0]["pageable"]["latency"]
+    seconds = dict(zip(copies["bytes"], copies["median_seconds"]))
+    layer_bytes = layer_seconds = 0.0
+    for (a, b), n in LAYER_SHAPE_COUNTS.items():
+        layer_bytes += n * a * b * 2
+        layer_seconds += n * (seconds[a * b * 2] - latency)
+    out = json.loads(json.dumps(topo))
+    link = {"bandwidth": layer_bytes / layer_seconds, "latency": latency}
+    out["gpus"]["0"]["pageable_host_link"] = dict(link)
+    out["default_pageable_host_link"] = dict(link)
+    out["runtime"]["offload_hook_seconds"] = max(0.0, hook["per_module_seconds"] - latency)
+    return out
 
 
 def decompose(args, grid, mods, tmp):
@@ -227,6 +258,25 @@ def probe_rates(parts):
         summary("each load's own copy rate (offload_copy_probe)", probed, preds)
 
 
+def rederived_scores(args, grids, mods, tmp):
+    """Each grid whose topology kept its raw timings, re-scored by the topology today's
+    calibration would derive from them (separate latency and hook)."""
+    for g in grids:
+        topo = rederived(g.topo)
+        if topo is None:
+            continue
+        path = f"{tmp}/{g.name}.rederived.json"
+        Path(path).write_text(json.dumps(topo))
+        link, hook = topo["gpus"]["0"]["pageable_host_link"], topo["runtime"]["offload_hook_seconds"]
+        parts = [check_map(args.devmap, args.manifest, path, r, f"{tmp}/map.json") for r in g.rows]
+        preds = [c["estimate_ms_per_token"] * 1e-3 for c in parts]
+        own = [{"y": r["ms_per_token"] * 1e-3} for r in g.rows]
+        summary(f"{g.name} re-derived ({link['bandwidth'] / 1e9:.2f} GB/s + {link['latency'] * 1e6:.1f} us, "
+                f"hook {hook * 1e6:.1f} us; was {g.rate() / 1e9:.2f} GB/s + "
+                f"{g.topo['gpus']['0']['pageable_host_link']['latency'] * 1e6:.1f} us, hook "
+                f"{g.topo['runtime']['offload_hook_seconds'] * 1e6:.1f} us)", own, preds)
+
+
 def free_fits(parts):
     feats = [(1.0, p["copied"] / GIB, p["modules"]) for p in parts]
     ys = [p["y"] * 1e3 for p in parts]
@@ -284,6 +334,8 @@ def main():
     summary(f"  with those rates and {DEFAULT_KV_PASSES:g} passes", parts, rate_only)
     cross_check(parts)
     probe_rates(parts)
+    print()
+    rederived_scores(args, grids, mods, tmp)
     print_speedups(parts, joint)
     free_fits(parts)
     if args.write_fitted:
