@@ -250,12 +250,25 @@ def cross_check(parts):
                 [predict(p, p["grid"].rate(), DEFAULT_KV_PASSES) for p in own])
 
 
+def load_rate(row):
+    """The row's load's own copy rate, bytes/s: the mean of its probes before and after its
+    prompts (offload_copy_probe[_after]), None where not recorded."""
+    rates = [(row.get(k) or {}).get("gb_per_s") for k in ("offload_copy_probe", "offload_copy_probe_after")]
+    rates = [r for r in rates if r]
+    return 1e9 * sum(rates) / len(rates) if rates else None
+
+
 def probe_rates(parts):
-    """Rows with their own load's copy rate (offload_copy_probe), where recorded."""
-    probed = [p for p in parts if (p["row"].get("offload_copy_probe") or {}).get("gb_per_s")]
-    if probed:
-        preds = [predict(p, p["row"]["offload_copy_probe"]["gb_per_s"] * 1e9, p["grid"].kv_passes()) for p in probed]
-        summary("each load's own copy rate (offload_copy_probe)", probed, preds)
+    """Rows scored with their own load's copy rate, where recorded: the calibrated passes, and
+    passes fitted on those rows (what is left once the load-to-load rate is known)."""
+    probed = [dict(p, probe=load_rate(p["row"])) for p in parts if load_rate(p["row"])]
+    if not probed:
+        return
+    summary("each load's own copy rate", probed, [predict(p, p["probe"], p["grid"].kv_passes()) for p in probed])
+    xs = [[p["kv_pass"] / p["y"]] for p in probed]
+    ys = [1 - (p["rest"] + p["copied"] / p["probe"]) / p["y"] for p in probed]
+    passes = max(0.0, lstsq(xs, ys)[0])
+    summary(f"  and KV passes fitted on them ({passes:.1f})", probed, [predict(p, p["probe"], passes) for p in probed])
 
 
 def rederived_scores(args, grids, mods, tmp):

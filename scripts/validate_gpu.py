@@ -23,13 +23,16 @@ is a release binary built elsewhere). In one run it
    WORK, which `--resume` reads to skip cells already measured): every row, and per cell the
    rounds of both maps, their sums and devmap's speed-up.
 
+--one-map-per-cap: devmap's map for the longest prompt runs every prompt of its cap in one load,
+so the prompts of a cap differ by their context only (the rows' `planned_for_prompt` says so).
+
 --dry-run needs no GPU: a header-only checkpoint, devmap's plans and Hugging Face's maps (its
 planner on a meta model), scored by devmap; nothing is loaded or measured.
 
 Usage:
   python3 scripts/validate_gpu.py --devmap PATH/devmap --out OUT [--work /tmp/devmap-validate]
       [--caps 6,10,12,14] [--prompts 8,2000,6000,16000] [--new-tokens 16] [--rounds 1] [--resume]
-      [--deadline-s 540] [--dry-run]
+      [--deadline-s 540] [--one-map-per-cap] [--dry-run]
 """
 
 import argparse
@@ -64,6 +67,8 @@ def parse_args():
     ap.add_argument("--deadline-s", type=float, default=540.0, help="start no new map after this many seconds")
     ap.add_argument("--rounds", type=int, default=1, help="measure every cell this many times, the load order flipped each round")
     ap.add_argument("--dry-run", action="store_true", help="plan and score every cell on the CPU, load nothing")
+    ap.add_argument("--one-map-per-cap", action="store_true",
+                    help="devmap plans each cap for the longest prompt and runs every prompt on that one load")
     args = ap.parse_args()
     args.caps = [float(c) for c in args.caps.split(",") if c]
     args.prompts = [int(p) for p in args.prompts.split(",") if p]
@@ -389,9 +394,15 @@ def measure_map(args, ckpt, strategy, device_map, cap, prompts):
     rows = []
     for p in prompts:
         row = dict(base, **measure_prompt(model, p, args.new_tokens))
+        rows.append(row)
         log(f"{strategy:>6} cap {cap:g} GiB prompt {p}: " + (row.get("error") or f"{row['ms_per_token']:.1f} ms/token, peak {row['peak_allocated_gib']:.2f} GiB, "
                                                            f"{row.get('alloc_retries_decode', 0)} alloc retries in decode"))
-        rows.append(row)
+    try:  # the same copy after the prompts: the drift of this load's copy rate while it decoded
+        after = offload_copy_probe(model)
+    except Exception as e:
+        after = {"error": repr(e)[:300]}
+    for row in rows:
+        row["offload_copy_probe_after"] = after
     del model
     free_gpu()
     return rows
@@ -419,7 +430,7 @@ class Grid:
 
     def __init__(self, args, ckpt, topo, features):
         self.args, self.ckpt, self.topo, self.features = args, ckpt, topo, features
-        self.plans, self.hf_predictions, self.hf_maps = {}, {}, {}
+        self.plans, self.scores, self.hf_maps = {}, {}, {}
         self.measure = predicted_rows if args.dry_run else measure_map
 
     def plan(self, cap, prompt):
@@ -430,11 +441,12 @@ class Grid:
                 self.plans[(cap, prompt)] = {"error": str(e)}
         return self.plans[(cap, prompt)]
 
-    def hf_prediction(self, cap, prompt, device_map):
+    def score(self, cap, prompt, device_map):
+        """devmap's estimate of any map at this cap and prompt's workload (once per call)."""
         key = (cap, prompt, json.dumps(device_map, sort_keys=True))
-        if key not in self.hf_predictions:
-            self.hf_predictions[key] = predict_hf(self.args, self.ckpt, self.topo, self.features, cap, prompt, device_map)
-        return self.hf_predictions[key]
+        if key not in self.scores:
+            self.scores[key] = predict_hf(self.args, self.ckpt, self.topo, self.features, cap, prompt, device_map)
+        return self.scores[key]
 
     def hf_map(self, cap):
         """"auto" for a load; --dry-run: what from_pretrained would compute, on a meta model."""
@@ -451,7 +463,9 @@ class Grid:
         and a row for every prompt devmap could not plan."""
         groups, failed = {}, []
         for p in prompts:
-            plan = self.plan(cap, p)
+            # --one-map-per-cap: the plan for the longest prompt runs every prompt in one load, so
+            # the prompts differ by their context only (not by the load's copy rate).
+            plan = self.plan(cap, max(self.args.prompts) if self.args.one_map_per_cap else p)
             if "error" in plan:
                 failed.append({"strategy": "devmap", "cap_gib": cap, "prompt": p, "new_tokens": self.args.new_tokens, "error": plan["error"]})
                 continue
@@ -462,7 +476,7 @@ class Grid:
         rows = self.measure(self.args, self.ckpt, "hf", self.hf_map(cap), cap, prompts)
         for row in rows:
             if "device_map" in row:
-                row["predicted_ms_per_token"] = self.hf_prediction(cap, row["prompt"], row["device_map"])
+                row["predicted_ms_per_token"] = self.score(cap, row["prompt"], row["device_map"])
         return rows
 
     def run_devmap(self, cap, prompts):
@@ -470,9 +484,13 @@ class Grid:
         for plan, members in groups.values():
             measured = self.measure(self.args, self.ckpt, "devmap", plan["device_map"], cap, members)
             for row in measured:
-                own = self.plan(cap, row["prompt"])
+                planned_for = max(self.args.prompts) if self.args.one_map_per_cap else row["prompt"]
+                own = self.plan(cap, planned_for)
+                row["planned_for_prompt"] = planned_for
                 row.update(predicted_ms_per_token=own["predicted_ms_per_token"], predicted_memory=own["predicted_memory"],
                            status=own["status"])
+                if planned_for != row["prompt"]:  # the map scored at this prompt's own workload
+                    row["predicted_ms_per_token"] = self.score(cap, row["prompt"], plan["device_map"])
             rows += measured
         return rows
 
@@ -610,9 +628,11 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def probe_rate(r):
-    probe = r.get("offload_copy_probe") or {}
-    return probe.get("gb_per_s")
+def probe_rates(r):
+    """This load's copy rate before / after its prompts, GB/s (offload_copy_probe)."""
+    before = (r.get("offload_copy_probe") or {}).get("gb_per_s")
+    after = (r.get("offload_copy_probe_after") or {}).get("gb_per_s")
+    return f"{fmt(before, '.2f')} / {fmt(after, '.2f')}"
 
 
 def markdown(rows, env, rounds):
@@ -621,7 +641,7 @@ def markdown(rows, env, rounds):
         f"Command: `{env['command']}`",
         "",
         "| round | cap GiB | prompt | map | offloaded GiB | resident GiB | peak alloc GiB | peak reserved GiB | alloc retries (prefill / decode) "
-        "| offload copy GB/s | predicted ms/tok | measured ms/tok | result |",
+        "| offload copy GB/s (before / after) | predicted ms/tok | measured ms/tok | result |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     key = lambda r: (r.get("round", 1), r["cap_gib"], r["prompt"], r["strategy"] != "devmap")
@@ -630,7 +650,7 @@ def markdown(rows, env, rounds):
         lines.append(
             f"| {r.get('round', 1)} | {r['cap_gib']:g} | {r['prompt']} | {r['strategy']} | {fmt(r.get('offloaded_gib'), '.2f')} | "
             f"{fmt(r.get('resident_gib'), '.2f')} | {fmt(r.get('peak_allocated_gib'), '.2f')} | "
-            f"{fmt(r.get('peak_reserved_gib'), '.2f')} | {retries} | {fmt(probe_rate(r), '.2f')} | "
+            f"{fmt(r.get('peak_reserved_gib'), '.2f')} | {retries} | {probe_rates(r)} | "
             f"{fmt(r.get('predicted_ms_per_token'), '.1f')} | {fmt(r.get('ms_per_token'), '.1f')} | {r.get('error', 'ok')} |"
         )
     lines += ["", rounds_markdown(rounds)]
