@@ -5,8 +5,9 @@ Hugging Face's device_map="auto" with the same max_memory, in the same run.
 Runs on a machine with an NVIDIA GPU, PyTorch, transformers and accelerate (no Rust: `--devmap`
 is a release binary built elsewhere). In one run it
 
-1. writes a random Llama-3.1-8B-shaped bf16 checkpoint under --work (scripts/bench_load.py's
-   writer, ~16 GB), unless it is there, and reads it once into the page cache;
+1. writes a random bf16 checkpoint under --work (scripts/bench_load.py's writer; `--shape
+   llama8b`: Llama-3.1-8B, ~16 GB; `--shape moe`: a small Mixtral, 8 experts, top 2, ~10.5 GB),
+   unless it is there, and reads it once into the page cache;
 2. runs `devmap calibrate` and scripts/calibrate_runtime.py into WORK/topology.json (unless it
    is there, or --topology is given);
 3. for every round (--rounds), every cap (GiB on GPU 0) and prompt length: plans with devmap
@@ -31,7 +32,7 @@ planner on a meta model), scored by devmap; nothing is loaded or measured.
 
 Usage:
   python3 scripts/validate_gpu.py --devmap PATH/devmap --out OUT [--work /tmp/devmap-validate]
-      [--caps 6,10,12,14] [--prompts 8,2000,6000,16000] [--new-tokens 16] [--rounds 1] [--resume]
+      [--caps 6,10,12,14] [--prompts 8,2000,6000,16000] [--new-tokens 16] [--rounds 1] [--shape llama8b|moe] [--resume]
       [--deadline-s 540] [--one-map-per-cap] [--dry-run]
 """
 
@@ -67,6 +68,8 @@ def parse_args():
     ap.add_argument("--deadline-s", type=float, default=540.0, help="start no new map after this many seconds")
     ap.add_argument("--rounds", type=int, default=1, help="measure every cell this many times, the load order flipped each round")
     ap.add_argument("--dry-run", action="store_true", help="plan and score every cell on the CPU, load nothing")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama8b",
+                    help="random checkpoint: llama8b (Llama-3.1-8B) or moe (a small Mixtral: 8 experts, top 2, 9.8 GiB)")
     ap.add_argument("--one-map-per-cap", action="store_true",
                     help="devmap plans each cap for the longest prompt and runs every prompt on that one load")
     args = ap.parse_args()
@@ -88,11 +91,28 @@ def log(msg):
 # ---------------------------------------------------------------- setup
 
 
-def prepare_checkpoint(work):
+SHAPES = {"llama8b": "LLAMA_31_8B", "moe": "MIXTRAL_SMALL"}  # names in bench_load.py
+
+
+def shape_config(shape):
+    """The config of a --shape, its long-context limit raised so 16k-token prompts are in range."""
+    import bench_load
+
+    cfg = dict(getattr(bench_load, SHAPES[shape]))
+    cfg["max_position_embeddings"] = max(cfg.get("max_position_embeddings", 0), 131072)
+    return cfg
+
+
+def checkpoint_dir(work, shape):
+    # The Llama checkpoint keeps its old folder, so warm machines reuse it.
+    return os.path.join(work, "llama8b" if shape == "llama8b" else f"{shape}-random")
+
+
+def prepare_checkpoint(work, shape="llama8b"):
     from bench_load import make_checkpoint, read_into_page_cache
 
-    ckpt = os.path.join(work, "llama8b")
-    make_checkpoint(ckpt)
+    ckpt = checkpoint_dir(work, shape)
+    make_checkpoint(ckpt, shape_config(shape))
     cfg_path = os.path.join(ckpt, "config.json")
     with open(cfg_path) as f:
         cfg = json.load(f)
@@ -552,8 +572,8 @@ def prepare(args):
     if args.dry_run:
         import validate_multi_gpu
 
-        ckpt = os.path.join(args.work, "llama8b-headers")
-        cfg = validate_multi_gpu.model_config("llama8b", None)
+        ckpt = checkpoint_dir(args.work, args.shape) + "-headers"
+        cfg = shape_config(args.shape)
         validate_multi_gpu.write_header_only(ckpt, cfg)
         topo_json = None
         if args.topology:
@@ -564,7 +584,7 @@ def prepare(args):
 
     if not torch.cuda.is_available():
         raise SystemExit("validate_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False; --dry-run plans only)")
-    ckpt, cfg = prepare_checkpoint(args.work)
+    ckpt, cfg = prepare_checkpoint(args.work, args.shape)
     topo, topo_json = prepare_topology(args, cfg)
     return ckpt, cfg, topo, topo_json, devmap_features(args.devmap)
 
