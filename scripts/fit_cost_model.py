@@ -135,7 +135,9 @@ class Grid:
         return (self.topo.get("runtime") or {}).get("kv_passes_per_step", DEFAULT_KV_PASSES)
 
 
-LAYER_SHAPE_COUNTS = {(4096, 4096): 2, (1024, 4096): 2, (14336, 4096): 2, (4096, 14336): 1}  # q+o, k+v, gate+up, down
+# The older calibrate_runtime.py kept one median per distinct Llama-3.1-8B layer shape, in this
+# order (then the head): q/o, k/v, gate/up, down; how many tensors of a layer each one is.
+LAYER_SHAPE_COUNTS = [2, 2, 2, 1]
 
 
 def rederived(topo):
@@ -149,11 +151,9 @@ def rederived(topo):
     if "bytes" not in copies or "per_module_seconds" not in hook or not measured:
         return None
     latency = measured[0]["pageable"]["latency"]
-    seconds = dict(zip(copies["bytes"], copies["median_seconds"]))
-    layer_bytes = layer_seconds = 0.0
-    for (a, b), n in LAYER_SHAPE_COUNTS.items():
-        layer_bytes += n * a * b * 2
-        layer_seconds += n * (seconds[a * b * 2] - latency)
+    points = list(zip(copies["bytes"], copies["median_seconds"]))[: len(LAYER_SHAPE_COUNTS)]
+    layer_bytes = sum(n * b for n, (b, _) in zip(LAYER_SHAPE_COUNTS, points))
+    layer_seconds = sum(n * (t - latency) for n, (_, t) in zip(LAYER_SHAPE_COUNTS, points))
     out = json.loads(json.dumps(topo))
     link = {"bandwidth": layer_bytes / layer_seconds, "latency": latency}
     out["gpus"]["0"]["pageable_host_link"] = dict(link)
