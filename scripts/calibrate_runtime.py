@@ -150,6 +150,7 @@ def file_backed_pool(config, copies, scratch):
     tensors = {n: handle.get_tensor(n) for n in shapes}
     for t in tensors.values():  # fault every page in once: the decode steps after the first see them mapped
         t.sum()
+    tensors["__handle__"] = handle  # the open file, kept as long as its views are used
     return tensors, path
 
 
@@ -350,10 +351,14 @@ def eager_and_kv(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2, kv_cont
             best[n] = min(best.get(n, float("inf")), step_seconds(model, SHORT_CONTEXT)[0])
     big = max(layers)
     long_step = min(step_seconds(models[big], kv_context)[0] for _ in range(rounds))
-    capped_step, capped_retries = step_seconds(models[big], kv_context, headroom=CAP_HEADROOM)
+    try:
+        capped_step, capped_retries = step_seconds(models[big], kv_context, headroom=CAP_HEADROOM)
+        capped_error = None
+    except RuntimeError as e:  # torch.OutOfMemoryError is one: the cap was too tight for the cache's growth
+        capped_step, capped_retries, capped_error = None, None, repr(e)[:300]
     layer_bytes, layer_modules = weights_and_modules(models[big].model.layers[0])
     all_bytes, all_modules = weights_and_modules(models[big])
-    del models
+    del models, model
     empty_cache()
     # Outside the layers: embedding, final norm, head (devmap charges their whole bytes too).
     outer_bytes, outer_modules = all_bytes - big * layer_bytes, all_modules - big * layer_modules
@@ -363,7 +368,6 @@ def eager_and_kv(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2, kv_cont
         per_module[n] = max(0.0, t - read / gpu_bandwidth) / (n * layer_modules + outer_modules)
     added_kv = (kv_context - SHORT_CONTEXT) * kv_bytes_per_token(config, big)
     passes = max(0.0, long_step - best[big]) * gpu_bandwidth / added_kv
-    capped_passes = max(0.0, capped_step - best[big]) * gpu_bandwidth / added_kv
     raw = {
         "layers": list(layers),
         "step_seconds": [best[n] for n in layers],
@@ -377,11 +381,13 @@ def eager_and_kv(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2, kv_cont
         "kv_step_seconds": long_step,
         "kv_added_bytes": added_kv,
         "kv_passes_uncapped": passes,
-        "kv_capped_step_seconds": capped_step,
         "kv_capped_headroom_bytes": CAP_HEADROOM,
-        "kv_capped_alloc_retries": capped_retries,
-        "kv_passes_at_cap": capped_passes,
     }
+    if capped_error:
+        raw["kv_capped_error"] = capped_error
+        return per_module[big], passes, raw
+    capped_passes = max(0.0, capped_step - best[big]) * gpu_bandwidth / added_kv
+    raw.update(kv_capped_step_seconds=capped_step, kv_capped_alloc_retries=capped_retries, kv_passes_at_cap=capped_passes)
     # devmap's plans run at their budget: the capped figure is what they see (equal to the
     # uncapped one unless the allocator has to free and retry there).
     return per_module[big], max(passes, capped_passes), raw
@@ -426,30 +432,47 @@ def gpu_rates(topo, index):
     return gpu.get("memory_bandwidth") or (topo.get("default_gpu") or {}).get("memory_bandwidth") or 2.0e12
 
 
-def measure(config, bandwidth, scratch, copy_from):
-    """Every constant, each measured separately: (link, runtime fields, raw)."""
-    latency, latency_raw = copy_latency()
-    rates = copy_rates(config, latency, scratch)
-    hook, hook_raw = offload_hook_seconds(latency)
-    eager, passes, eager_raw = eager_and_kv(config, bandwidth)
-    link = {"bandwidth": rates[copy_from][0], "latency": latency}
-    runtime = {"offload_hook_seconds": hook, "eager_module_seconds": eager, "kv_passes_per_step": passes}
-    raw = {
-        "latency": latency_raw,
-        "pageable_copies": {kind: dict(r, bandwidth=bw) for kind, (bw, r) in rates.items()},
-        "written_copy_memory": copy_from,
-        "hook": hook_raw,
-        "eager": eager_raw,
-    }
+def attempt(raw, name, step):
+    """`step()`, or None with the error kept under raw[name]: one failed measurement leaves the
+    others (and the topology's field for it) as they are."""
+    try:
+        return step()
+    except Exception as e:  # recorded and reported, the calibration goes on
+        raw[name] = {"error": repr(e)[:500]}
+        print(f"calibrate_runtime: {name} failed, its field is left as it was: {e!r}", flush=True)
+        return None
+
+
+def measure(config, bandwidth, scratch, copy_from, fallback_latency):
+    """Every constant, each measured separately: (link fields, runtime fields, raw), each dict
+    holding only what was measured."""
+    raw, link, runtime = {"written_copy_memory": copy_from}, {}, {}
+    got = attempt(raw, "latency", copy_latency)
+    if got:
+        link["latency"], raw["latency"] = got
+    latency = link.get("latency", fallback_latency)
+    rates = attempt(raw, "pageable_copies", lambda: copy_rates(config, latency, scratch))
+    if rates:
+        link["bandwidth"] = rates[copy_from][0]
+        raw["pageable_copies"] = {kind: dict(r, bandwidth=bw) for kind, (bw, r) in rates.items()}
+    got = attempt(raw, "hook", lambda: offload_hook_seconds(latency))
+    if got:
+        runtime["offload_hook_seconds"], raw["hook"] = got
+    got = attempt(raw, "eager", lambda: eager_and_kv(config, bandwidth))
+    if got:
+        runtime["eager_module_seconds"], runtime["kv_passes_per_step"], raw["eager"] = got
     return link, runtime, raw
 
 
 def merge(topo, index, link, runtime, source):
-    """The topology with the measured link and runtime fields written where the cost model reads them."""
+    """The topology with the measured link and runtime fields written where the cost model reads
+    them (a field not measured keeps its value)."""
     gpu = topo.setdefault("gpus", {}).setdefault(str(index), {"memory_bandwidth": gpu_rates(topo, index)})
-    gpu["pageable_host_link"] = dict(link)
+    old = gpu.get("pageable_host_link") or topo.get("default_pageable_host_link") or {"bandwidth": 7.5e9, "latency": 7e-6}
+    merged = dict(old, **link)
+    gpu["pageable_host_link"] = merged
     if index == 0:
-        topo["default_pageable_host_link"] = dict(link)
+        topo["default_pageable_host_link"] = dict(merged)
     fields = topo.setdefault("runtime", {})
     fields.update(runtime, offload_memory="pageable", source=source)
     return topo
@@ -465,9 +488,11 @@ def calibrate_runtime(topo_path, config, copy_from="file", scratch=None):
         topo = json.load(f)
     index = torch.device(DEVICE).index or 0
     bandwidth = gpu_rates(topo, index)
+    driver = (topo.get("gpus", {}).get(str(index), {}).get("pageable_host_link") or topo.get("default_pageable_host_link")
+              or {"latency": 7e-6})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        link, runtime, raw = measure(config, bandwidth, tmp, copy_from)
+        link, runtime, raw = measure(config, bandwidth, tmp, copy_from, driver["latency"])
     raw["seconds"] = time.perf_counter() - t0
     name = torch.cuda.get_device_name(index) if torch.cuda.is_available() else DEVICE
     source = (f"scripts/calibrate_runtime.py on {name}, torch {torch.__version__}, transformers "
@@ -476,26 +501,35 @@ def calibrate_runtime(topo_path, config, copy_from="file", scratch=None):
     topo["runtime_calibration"] = raw
     with open(topo_path, "w") as f:
         json.dump(topo, f, indent=2)
-    report(link, runtime, raw, topo_path)
+    report(topo["gpus"][str(index)]["pageable_host_link"], topo["runtime"], raw, topo_path)
     return topo["runtime"]
 
 
 def report(link, runtime, raw, topo_path):
-    copies = raw["pageable_copies"]
-    per_size = lambda kind: ", ".join(f"{b / 2**20:.0f} MiB {r:.2f}" for b, r in zip(copies[kind]["bytes"], copies[kind]["gb_per_s"]))
-    hook = raw["hook"]
-    print(f"copy latency (8 KiB .to()): {link['latency'] * 1e6:.1f} µs", flush=True)
+    """What was measured and written, one line per measurement (a failed one says so)."""
+    lines = [f"copy latency (8 KiB .to()): {link['latency'] * 1e6:.1f} µs" if "latency" in raw and "error" not in raw["latency"]
+             else f"copy latency: not measured, kept {link['latency'] * 1e6:.1f} µs"]
+    copies = raw.get("pageable_copies", {})
     for kind in ("file", "anon"):
-        print(f"pageable copies from {kind} memory ({copies[kind]['memory']}): layer {copies[kind]['bandwidth'] / 1e9:.2f} GB/s "
-              f"(GB/s per size: {per_size(kind)})", flush=True)
-    print(f"accelerate hook {runtime['offload_hook_seconds'] * 1e6:.1f} µs per streamed module "
-          f"({hook['per_module_offloaded_seconds'] * 1e6:.1f} µs per offloaded tiny module - {link['latency'] * 1e6:.1f} µs copy; "
-          f"hooked but resident: {hook['hook_without_copy_seconds'] * 1e6:.1f} µs)", flush=True)
-    e = raw["eager"]
-    print(f"eager {runtime['eager_module_seconds'] * 1e6:.1f} µs per module; KV {runtime['kv_passes_per_step']:.1f} passes "
-          f"per step at {e['kv_context']} tokens (uncapped {e['kv_passes_uncapped']:.1f}: {e['kv_step_seconds'] * 1e3:.2f} vs "
-          f"{e['step_seconds'][-1] * 1e3:.2f} ms; at the cap {e['kv_passes_at_cap']:.1f}: {e['kv_capped_step_seconds'] * 1e3:.2f} ms, "
-          f"{e['kv_capped_alloc_retries']} alloc retries); {raw['seconds']:.1f} s -> {topo_path}", flush=True)
+        if kind in copies:
+            c = copies[kind]
+            sizes = ", ".join(f"{b / 2**20:.0f} MiB {r:.2f}" for b, r in zip(c["bytes"], c["gb_per_s"]))
+            lines.append(f"pageable copies from {kind} memory ({c['memory']}): layer {c['bandwidth'] / 1e9:.2f} GB/s (GB/s per size: {sizes})")
+    hook = raw.get("hook", {})
+    if "per_module_offloaded_seconds" in hook:
+        lines.append(f"accelerate hook {runtime['offload_hook_seconds'] * 1e6:.1f} µs per streamed module "
+                     f"({hook['per_module_offloaded_seconds'] * 1e6:.1f} µs per offloaded tiny module - "
+                     f"{hook['copy_latency_subtracted'] * 1e6:.1f} µs copy; hooked but resident: "
+                     f"{hook['hook_without_copy_seconds'] * 1e6:.1f} µs)")
+    e = raw.get("eager", {})
+    if "kv_context" in e:
+        capped = (f"at the cap {e['kv_passes_at_cap']:.1f}: {e['kv_capped_step_seconds'] * 1e3:.2f} ms, "
+                  f"{e['kv_capped_alloc_retries']} alloc retries" if "kv_passes_at_cap" in e else f"at the cap: {e.get('kv_capped_error')}")
+        lines.append(f"eager {runtime['eager_module_seconds'] * 1e6:.1f} µs per module; KV {runtime['kv_passes_per_step']:.1f} passes "
+                     f"per step at {e['kv_context']} tokens (uncapped {e['kv_passes_uncapped']:.1f}: {e['kv_step_seconds'] * 1e3:.2f} vs "
+                     f"{e['step_seconds'][-1] * 1e3:.2f} ms; {capped})")
+    lines.append(f"{raw['seconds']:.1f} s -> {topo_path}")
+    print("\n".join(lines), flush=True)
 
 
 def load_config(path):
