@@ -51,8 +51,57 @@ LLAMA_31_8B = {
 SHARD_BYTES = 5_000_000_000
 
 
+# A small Mixtral-like MoE (validate_gpu.py --shape moe): 8 experts, top 2, 24 layers of 0.40 GiB,
+# 9.8 GiB in all, so that caps of 4-8 GiB offload a part of it.
+MIXTRAL_SMALL = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "hidden_size": 2048,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+def mixtral_layer_shapes(cfg, p):
+    """One Mixtral layer's tensors as transformers writes them (`save_pretrained` keeps the
+    per-expert names w1/w2/w3 and fuses them into `mlp.experts` when it loads)."""
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    out = [
+        (p + "input_layernorm.weight", (h,)),
+        (p + "self_attn.q_proj.weight", (q, h)),
+        (p + "self_attn.k_proj.weight", (kv, h)),
+        (p + "self_attn.v_proj.weight", (kv, h)),
+        (p + "self_attn.o_proj.weight", (h, q)),
+        (p + "post_attention_layernorm.weight", (h,)),
+        (p + "block_sparse_moe.gate.weight", (cfg["num_local_experts"], h)),
+    ]
+    for e in range(cfg["num_local_experts"]):
+        x = f"{p}block_sparse_moe.experts.{e}."
+        out += [(x + "w1.weight", (i, h)), (x + "w2.weight", (h, i)), (x + "w3.weight", (i, h))]
+    return out
+
+
 def tensor_shapes(cfg):
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    if cfg.get("model_type") == "mixtral":
+        out = [("model.embed_tokens.weight", (v, h))]
+        for layer in range(cfg["num_hidden_layers"]):
+            out += mixtral_layer_shapes(cfg, f"model.layers.{layer}.")
+        return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     kv = cfg["num_key_value_heads"] * cfg["head_dim"]
     out = [("model.embed_tokens.weight", (v, h))]
     for layer in range(cfg["num_hidden_layers"]):
@@ -89,8 +138,8 @@ def shard_layout(cfg):
 
 
 def make_checkpoint(path, cfg=LLAMA_31_8B):
-    """Random bf16 weights of `cfg`'s Llama shape (generated on the GPU) under `path`, unless
-    its index is there."""
+    """Random bf16 weights of `cfg`'s Llama (or Mixtral) shape (generated on the GPU) under
+    `path`, unless its index is there."""
     import torch
     from safetensors.torch import save_file
 

@@ -1,44 +1,63 @@
 #!/usr/bin/env python3
 """Measure the runtime constants only Python can see and merge them into a devmap topology file.
 
-`devmap calibrate` measures copies through the CUDA driver; what accelerate and eager PyTorch add
-on top of them is measured here, on GPU 0, and written to the topology's `runtime` object
-(docs/cost-model.md defines each field):
+`devmap calibrate` measures copies through the CUDA driver; what accelerate, transformers and
+eager PyTorch add on top of them is measured here, on one GPU, each constant by its own
+measurement (a joint fit of copy latency and hook cost was ill-conditioned: one machine gave
+hook 74 µs / latency 7 µs, another hook 0 µs / latency 337 µs). docs/cost-model.md defines each
+field; `--dry-run` prints the plan below with the sizes of the given config and exits.
 
-- `eager_module_seconds`: the fixed time eager PyTorch spends per module with weights in one
-  batch-1 decode step, beyond reading those weights. Llama-shaped decoders of 2 and 10 layers
-  (random weights, built in GPU memory from the given config.json) decode one token at a time,
-  each timed twice, alternating, the fastest kept; at 10 layers, the step time minus all weight
-  bytes at the GPU's memory bandwidth (from the topology), over all modules with weights.
-- `offload_hook_seconds`: what accelerate's `AlignDevicesHook` costs per streamed module beyond
-  the copy. A chain of N tiny bias-free Linear modules runs once fully on GPU 0 and once
-  dispatched with every module on `cpu` (so accelerate copies each weight from pageable RAM on
-  every forward); the difference per module, minus one pageable copy's latency (from the
-  topology), is the hook.
+1. `latency`: the median time of a synchronised `.to(device)` of a tiny (8 KiB) pageable tensor,
+   the size of a decoder layer's norm weight: the fixed cost of one accelerate copy.
+2. `bandwidth`: `.to(device)` copies of one decoder layer's parameter shapes and the head, from
+   two kinds of host memory, each shape timed on distinct tensors (none served from the CPU
+   caches): file-backed pages of a memory-mapped safetensors file (what transformers 5 leaves
+   cpu-mapped weights in: `safe_open` views of the page cache, and accelerate copies from them),
+   and ordinary anonymous memory. Per kind, the rate is the layer's bytes over its copy time minus
+   one latency per tensor, so `latency + bytes / bandwidth` sums to the measured layer exactly.
+   The file-backed rate is written (`--copy-from anon` writes the other).
+3. `offload_hook_seconds`: a chain of 256 tiny bias-free Linear modules runs resident, then
+   dispatched by accelerate with every module on `cpu` (a hook and one 8 KiB copy each); the
+   difference per module minus the latency of (1) is the hook. Also reported, not written: the
+   same chain hooked but resident (the hook's Python cost without the weight swap).
+4. `eager_module_seconds`: Llama-shaped decoders of 2 and 10 layers (random weights built on the
+   GPU from the config) decode one token at a time at a 64-token context, timed alternately, the
+   fastest kept; at 10 layers, the step minus its weight bytes at the GPU's memory bandwidth (from
+   the topology), over the modules with weights.
+5. `kv_passes_per_step`: the 10-layer decoder's step at a 16384-token context against the
+   64-token one: the extra time, at the GPU's memory bandwidth, in passes over the added KV-cache
+   bytes (transformers' `torch.cat` growth, attention's reads, any kernel inefficiency). Timed
+   twice uncapped, then once under a hard cap of the prefill's reserved peak + 128 MiB (devmap's
+   plans run at their budget; the allocator's retries there are counted); the larger is written.
+   The cost model charges that many passes per layer and step.
 
-- `pageable_host_link` of GPU 0 (and `default_pageable_host_link`): the copy rate accelerate
-  gets, not the driver's 256 MiB benchmark. accelerate copies each offloaded tensor with a
-  synchronous `.to(device)` from its ordinary (pageable) state dict into a fresh caching-allocator
-  block, one module at a time. Here tensors of the decoder layer's parameter shapes (and the
-  vocabulary-wide head) are copied that way from a pool larger than the CPU caches, and
-  `seconds = latency + bytes / bandwidth` is fitted over them. On the H200 grid of 2026-12-01 the
-  256 MiB driver rate (8.94 GB/s) was 16% above what the decode steps implied (7.49 GB/s fitted,
-  scripts/fit_cost_model.py). `devmap calibrate`'s figure stays under `calibration`.
+Written: `gpus.<i>.pageable_host_link` (and `default_pageable_host_link` for GPU 0), `runtime`
+(`offload_memory`, `offload_hook_seconds`, `eager_module_seconds`, `kv_passes_per_step`,
+`source`), and the raw timings under `runtime_calibration` (which `--topology` ignores). About 20
+s on an H200 (`--dry-run` estimates it).
 
 Usage: python3 scripts/calibrate_runtime.py --topology topo.json [--config config.json]
-The file is rewritten in place with `runtime` filled in and `runtime_calibration` holding the raw
-timings.
+           [--device cuda:0] [--copy-from file|anon] [--scratch DIR] [--dry-run]
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 DEFAULT_LAYERS = (2, 10)
 TINY_MODULES = 256
-DEVICE = "cuda:0"  # the GPU measured (accelerate's main device)
+TINY_WIDTH = 64  # 64 x 64 bf16 = 8 KiB, a hidden-4096 norm weight
+TINY_COPIES = 200
+COPY_ROUNDS = 3
+DECODE_STEPS = 30
+SHORT_CONTEXT = 64
+KV_CONTEXT = 16384
+CAP_HEADROOM = 128 << 20  # above the prefill's reserved peak, for the capped KV measurement
+DEVICE = "cuda:0"  # the GPU measured (accelerate's main device); --device changes it
 
 
 def synchronize():
@@ -62,91 +81,174 @@ def timed_steps(step, repeats):
     return statistics.median(times)
 
 
-def decoder_step_seconds(config, layers, context=64, repeats=30):
-    """Median seconds of one decode step of a `layers`-layer decoder with `config`'s shape."""
+def timed_copy(host):
+    """Seconds of one synchronised `.to(DEVICE)` of `host` (the GPU copy is dropped, as
+    accelerate's `post_forward` drops it)."""
+    synchronize()
+    t0 = time.perf_counter()
+    dev = host.to(DEVICE, copy=True)  # copy=True: a real copy even with --device cpu (a CPU check)
+    synchronize()
+    seconds = time.perf_counter() - t0
+    del dev
+    return seconds
+
+
+# ---------------------------------------------------------------- 1. latency
+
+
+def copy_latency(copies=TINY_COPIES):
+    """Median seconds of an 8 KiB pageable `.to(DEVICE)`, over distinct host tensors."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
-    cfg = AutoConfig.for_model(config["model_type"], **{**fields, "num_hidden_layers": layers})
-    with torch.device(DEVICE):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, context), device=DEVICE)
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
-        tok = out.logits[:, -1:].argmax(-1)
-
-        def step():
-            # The cache grows by one token per step: 32 steps on a 64-token context change
-            # attention's cost by nothing measurable next to the weight reads.
-            model(input_ids=tok, past_key_values=past, use_cache=True)
-
-        seconds = timed_steps(step, repeats)
-    layer_bytes, layer_modules = weights_and_modules(model.model.layers[0])
-    all_bytes, all_modules = weights_and_modules(model)
-    del model, past, out
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    # Outside the layers: embedding, final norm, head (devmap charges their whole bytes too).
-    outer = (all_bytes - layers * layer_bytes, all_modules - layers * layer_modules)
-    return seconds, layer_bytes, layer_modules, outer[0], outer[1]
+    pool = [torch.full((TINY_WIDTH, TINY_WIDTH), 0.5, dtype=torch.bfloat16) for _ in range(copies)]
+    for t in pool[:10]:  # warm the allocator and the driver's staging buffers
+        timed_copy(t)
+    times = [timed_copy(t) for t in pool]
+    raw = {"bytes": TINY_WIDTH * TINY_WIDTH * 2, "copies": copies, "median_seconds": statistics.median(times),
+           "min_seconds": min(times)}
+    return raw["median_seconds"], raw
 
 
-def weights_and_modules(module):
-    """Bytes of `module`'s parameters, and how many of its modules own parameters directly."""
-    total = sum(p.numel() * p.element_size() for p in module.parameters())
-    owners = sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
-    return total, owners
+# ---------------------------------------------------------------- 2. bandwidth
 
 
-def eager_module_seconds(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2):
-    """Eager per-module overhead: a decode step's time minus its weight reads at the GPU's
-    bandwidth, over the modules with weights, at the largest layer count.
+def copy_shapes(config):
+    """Parameter shapes of one decoder layer's Linear weights (q, k, v, o, gate, up, down)."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    kv = config.get("num_key_value_heads", heads) * head_dim
+    q = heads * head_dim
+    return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
 
-    Each layer count is timed `rounds` times, alternating, and the fastest kept: the first model
-    built in a process was measured 7x slower per step than later ones (cold GPU and libraries),
-    which made a slope over layer counts negative.
-    """
-    best = {}
-    for _ in range(rounds):
-        for n in layers:
-            t, layer_bytes, layer_modules, outer_bytes, outer_modules = decoder_step_seconds(config, n)
-            best[n] = min(best.get(n, t), t)
-    per_count = {}
-    for n, t in best.items():
-        read = n * layer_bytes + outer_bytes
-        modules = n * layer_modules + outer_modules
-        per_count[n] = max(0.0, t - read / gpu_bandwidth) / modules
+
+def head_shape(config):
+    return (config["vocab_size"], config["hidden_size"])
+
+
+def copy_pool(config, copies):
+    """{name: (rows, cols)} of `copies` copies of the layer's shapes and one head."""
+    names = {}
+    for c in range(copies):
+        for k, shape in enumerate(copy_shapes(config)):
+            names[f"layer{c}.w{k}"] = shape
+    names["head"] = head_shape(config)
+    return names
+
+
+def file_backed_pool(config, copies, scratch):
+    """The pool as memory-mapped views of a safetensors file in the page cache, read through
+    `safe_open` as transformers 5 reads cpu-mapped weights. Returns ({name: tensor}, path)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shapes = copy_pool(config, copies)
+    path = os.path.join(scratch, "calibrate_runtime_copies.safetensors")
+    save_file({n: torch.full(s, 0.5, dtype=torch.bfloat16) for n, s in shapes.items()}, path)
+    handle = safe_open(path, framework="pt")
+    tensors = {n: handle.get_tensor(n) for n in shapes}
+    for t in tensors.values():  # fault every page in once: the decode steps after the first see them mapped
+        t.sum()
+    tensors["__handle__"] = handle  # the open file, kept as long as its views are used
+    return tensors, path
+
+
+def anonymous_pool(config, copies):
+    import torch
+
+    return {n: torch.full(s, 0.5, dtype=torch.bfloat16) for n, s in copy_pool(config, copies).items()}
+
+
+def host_memory_kind(tensor):
+    """The mapping `tensor`'s data lives in, from /proc/self/maps: a file path or "[anon]"."""
+    ptr = tensor.data_ptr()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, rest = line.split(" ", 1)
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= ptr < hi:
+                    fields = rest.split()
+                    return fields[4] if len(fields) > 4 else "[anon]"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def time_pool(pool, config, copies, rounds):
+    """Median seconds per layer shape (over copies x rounds distinct-tensor copies) and the head's."""
+    shapes = copy_shapes(config)
+    samples = [[] for _ in shapes]
+    head = []
+    for r in range(rounds + 1):
+        for c in range(copies):
+            for k in range(len(shapes)):
+                t = timed_copy(pool[f"layer{c}.w{k}"])
+                if r > 0:  # round 0 warms the allocator and the driver
+                    samples[k].append(t)
+        t = timed_copy(pool["head"])
+        if r > 0:
+            head.append(t)
+    return [statistics.median(s) for s in samples], statistics.median(head)
+
+
+def rate_of(pool, config, copies, rounds, latency):
+    """Copy rate of the pool's memory: the layer's bytes over (its copy time - one latency per
+    tensor), beside the rate of each shape and of the head."""
+    layer, head = time_pool(pool, config, copies, rounds)
+    sizes = [a * b * 2 for a, b in copy_shapes(config)]
+    head_bytes = head_shape(config)[0] * head_shape(config)[1] * 2
+    busy = sum(layer) - latency * len(layer)
+    if busy <= 0:
+        raise RuntimeError(f"layer copies took {sum(layer):.6f} s, under {len(layer)} latencies of {latency:.6f} s")
     raw = {
-        "layers": list(layers),
-        "step_seconds": [best[n] for n in layers],
-        "per_module_seconds": [per_count[n] for n in layers],
-        "layer_bytes": layer_bytes,
-        "modules_per_layer": layer_modules,
-        "outer_bytes_read": outer_bytes,
-        "outer_modules": outer_modules,
-        "gpu_bandwidth": gpu_bandwidth,
+        "bytes": sizes + [head_bytes],
+        "median_seconds": layer + [head],
+        "gb_per_s": [b / t / 1e9 for b, t in zip(sizes + [head_bytes], layer + [head])],
+        "memory": host_memory_kind(pool["head"]),
     }
-    return per_count[max(layers)], raw
+    return sum(sizes) / busy, raw
 
 
-def tiny_chain(n, width=64):
+def copy_rates(config, latency, scratch, copies=2, rounds=COPY_ROUNDS):
+    """{"file": (bandwidth, raw), "anon": (bandwidth, raw)}: both kinds of host memory."""
+    out = {}
+    file_pool, path = file_backed_pool(config, copies, scratch)
+    try:
+        out["file"] = rate_of(file_pool, config, copies, rounds, latency)
+    finally:
+        del file_pool
+        os.remove(path)
+    anon = anonymous_pool(config, copies)
+    out["anon"] = rate_of(anon, config, copies, rounds, latency)
+    del anon
+    return out
+
+
+# ---------------------------------------------------------------- 3. hook
+
+
+def tiny_chain(n, width=TINY_WIDTH):
     import torch
 
     return torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(n))).to(torch.bfloat16)
 
 
-def offload_hook_seconds(pageable_latency, n=TINY_MODULES, repeats=20):
-    """accelerate's per-module hook cost: a chain of tiny modules offloaded vs resident."""
+def offload_hook_seconds(latency, n=TINY_MODULES, repeats=20):
+    """accelerate's per-module hook: a chain of tiny modules offloaded vs resident, minus one copy."""
     import torch
     from accelerate import dispatch_model
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    x = torch.randn(1, 64, device=DEVICE, dtype=torch.bfloat16)
-    resident = tiny_chain(n).to(DEVICE).eval()
+    x = torch.randn(1, TINY_WIDTH, device=DEVICE, dtype=torch.bfloat16)
+    chain = tiny_chain(n).to(DEVICE).eval()
     with torch.no_grad():
-        t_gpu = timed_steps(lambda: resident(x), repeats)
-    del resident
+        t_plain = timed_steps(lambda: chain(x), repeats)
+        for m in chain:
+            add_hook_to_module(m, AlignDevicesHook(execution_device=torch.device(DEVICE)))
+        t_hooked = timed_steps(lambda: chain(x), repeats)
+    del chain
     # force_hooks: with every module on one device dispatch_model would otherwise just move the
     # model there instead of hooking it.
     offloaded = dispatch_model(
@@ -156,114 +258,312 @@ def offload_hook_seconds(pageable_latency, n=TINY_MODULES, repeats=20):
         force_hooks=True,
     )
     with torch.no_grad():
-        t_cpu = timed_steps(lambda: offloaded(x), repeats)
+        t_offloaded = timed_steps(lambda: offloaded(x), repeats)
     del offloaded
+    empty_cache()
+    per_module = (t_offloaded - t_plain) / n
+    raw = {
+        "modules": n,
+        "resident_seconds": t_plain,
+        "hooked_resident_seconds": t_hooked,
+        "offloaded_seconds": t_offloaded,
+        "per_module_offloaded_seconds": per_module,
+        "hook_without_copy_seconds": (t_hooked - t_plain) / n,
+        "copy_latency_subtracted": latency,
+    }
+    return max(0.0, per_module - latency), raw
+
+
+# ---------------------------------------------------------------- 4./5. eager and KV
+
+
+def empty_cache():
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    per_module = (t_cpu - t_gpu) / n
-    raw = {"modules": n, "resident_seconds": t_gpu, "offloaded_seconds": t_cpu, "per_module_seconds": per_module, "pageable_latency": pageable_latency}
-    return max(0.0, per_module - pageable_latency), raw
 
 
-def copy_shapes(config):
-    """Parameter shapes of one decoder layer (q, k, v, o, gate, up, down) and the head."""
-    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or h // heads
-    kv = config.get("num_key_value_heads", heads) * head_dim
-    q = heads * head_dim
-    return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i), (v, h)]
+def build_decoder(config, layers):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    fields["max_position_embeddings"] = max(fields.get("max_position_embeddings", 0), 2 * KV_CONTEXT)
+    cfg = AutoConfig.for_model(config["model_type"], **{**fields, "num_hidden_layers": layers})
+    with torch.device(DEVICE):
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
 
 
-def pageable_copy_link(config, rounds=5, pool_bytes=3 << 30):
-    """Fit `latency + bytes / bandwidth` to accelerate-style copies: `.to(DEVICE)` of ordinary
-    CPU tensors (pageable), synchronised, the GPU copy dropped after each (as the hook does)."""
+def step_seconds(model, context, repeats=DECODE_STEPS, headroom=None):
+    """Median seconds of one decode step after a `context`-token prefill (the cache grows by one
+    token per step: negligible next to `context`), and the allocator's retries over the steps.
+    With `headroom` (bytes), the decode runs under a hard cap of the prefill's reserved peak plus
+    that much, as devmap's plans run at their budget (the grid's maps peaked 0.05-0.17 GiB
+    below it)."""
     import torch
 
-    shapes = copy_shapes(config)
-    per_round = sum(a * b * 2 for a, b in shapes)
-    copies = max(2, pool_bytes // per_round)
-    # Distinct host tensors per round so that none is served from the CPU caches.
-    pool = [[torch.full((a, b), 0.5, dtype=torch.bfloat16) for a, b in shapes] for _ in range(copies)]
-    samples = {shape: [] for shape in shapes}
-    for r in range(rounds + 1):
-        for shape, host in zip(shapes, pool[r % copies]):
-            synchronize()
-            t0 = time.perf_counter()
-            dev = host.to(DEVICE)
-            synchronize()
-            if r > 0:  # the first round warms the allocator and the driver's staging buffers
-                samples[shape].append(time.perf_counter() - t0)
-            del dev
-    del pool
-    points = [(a * b * 2, statistics.median(ts)) for (a, b), ts in samples.items()]
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    if slope <= 0:
-        raise RuntimeError(f"pageable copies did not grow with their size: {points}")
-    latency = max(0.0, my - slope * mx)
-    raw = {"bytes": [x for x, _ in points], "median_seconds": [y for _, y in points], "rounds": rounds}
-    return {"bandwidth": 1.0 / slope, "latency": latency}, raw
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
+    cuda = torch.cuda.is_available() and torch.device(DEVICE).type == "cuda"
+    with torch.no_grad():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        del out
+        if cuda and headroom is not None:
+            total = torch.cuda.get_device_properties(DEVICE).total_memory
+            cap = torch.cuda.max_memory_reserved(DEVICE) + headroom
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), DEVICE)
+        retries = torch.cuda.memory_stats(DEVICE).get("num_alloc_retries", 0) if cuda else 0
+        try:
+            seconds = timed_steps(lambda: model(input_ids=tok, past_key_values=past, use_cache=True), repeats)
+        finally:
+            if cuda:
+                retries = torch.cuda.memory_stats(DEVICE).get("num_alloc_retries", 0) - retries
+                torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
+    del past
+    empty_cache()
+    return seconds, retries
 
 
-def gpu0_rates(topo):
-    """GPU 0's memory bandwidth and pageable copy latency from the topology (defaults if absent)."""
-    gpu = topo.get("gpus", {}).get("0", {})
-    bandwidth = gpu.get("memory_bandwidth") or topo.get("default_gpu", {}).get("memory_bandwidth", 2.0e12)
-    pageable = gpu.get("pageable_host_link") or topo.get("default_pageable_host_link") or {"latency": 20e-6}
-    return bandwidth, pageable["latency"]
+def weights_and_modules(module):
+    """Bytes of `module`'s parameters, and how many of its modules own parameters directly."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    owners = sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
+    return total, owners
 
 
-def calibrate_runtime(topo_path, config):
-    """Measure both constants and merge them into the topology file at `topo_path`."""
+def kv_bytes_per_token(config, layers):
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return layers * 2 * config.get("num_key_value_heads", heads) * head_dim * 2
+
+
+def eager_and_kv(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2, kv_context=KV_CONTEXT):
+    """(eager seconds per module, KV passes per step, raw): both decoders built once, each layer
+    count timed `rounds` times alternately (the first model timed in a process was once 7x slower
+    per step than later ones), the fastest kept; then the largest at `kv_context`."""
+    models = {n: build_decoder(config, n) for n in layers}
+    best = {}
+    for _ in range(rounds):
+        for n, model in models.items():
+            best[n] = min(best.get(n, float("inf")), step_seconds(model, SHORT_CONTEXT)[0])
+    big = max(layers)
+    long_step = min(step_seconds(models[big], kv_context)[0] for _ in range(rounds))
+    try:
+        capped_step, capped_retries = step_seconds(models[big], kv_context, headroom=CAP_HEADROOM)
+        capped_error = None
+    except RuntimeError as e:  # torch.OutOfMemoryError is one: the cap was too tight for the cache's growth
+        capped_step, capped_retries, capped_error = None, None, repr(e)[:300]
+    layer_bytes, layer_modules = weights_and_modules(models[big].model.layers[0])
+    all_bytes, all_modules = weights_and_modules(models[big])
+    del models, model
+    empty_cache()
+    # Outside the layers: embedding, final norm, head (devmap charges their whole bytes too).
+    outer_bytes, outer_modules = all_bytes - big * layer_bytes, all_modules - big * layer_modules
+    per_module = {}
+    for n, t in best.items():
+        read = n * layer_bytes + outer_bytes
+        per_module[n] = max(0.0, t - read / gpu_bandwidth) / (n * layer_modules + outer_modules)
+    added_kv = (kv_context - SHORT_CONTEXT) * kv_bytes_per_token(config, big)
+    passes = max(0.0, long_step - best[big]) * gpu_bandwidth / added_kv
+    raw = {
+        "layers": list(layers),
+        "step_seconds": [best[n] for n in layers],
+        "per_module_seconds": [per_module[n] for n in layers],
+        "layer_bytes": layer_bytes,
+        "modules_per_layer": layer_modules,
+        "outer_bytes_read": outer_bytes,
+        "outer_modules": outer_modules,
+        "gpu_bandwidth": gpu_bandwidth,
+        "kv_context": kv_context,
+        "kv_step_seconds": long_step,
+        "kv_added_bytes": added_kv,
+        "kv_passes_uncapped": passes,
+        "kv_capped_headroom_bytes": CAP_HEADROOM,
+    }
+    if capped_error:
+        raw["kv_capped_error"] = capped_error
+        return per_module[big], passes, raw
+    capped_passes = max(0.0, capped_step - best[big]) * gpu_bandwidth / added_kv
+    raw.update(kv_capped_step_seconds=capped_step, kv_capped_alloc_retries=capped_retries, kv_passes_at_cap=capped_passes)
+    # devmap's plans run at their budget: the capped figure is what they see (equal to the
+    # uncapped one unless the allocator has to free and retry there).
+    return per_module[big], max(passes, capped_passes), raw
+
+
+# ---------------------------------------------------------------- the plan and the file
+
+
+def plan(config, copies=2, rounds=COPY_ROUNDS, kv_context=KV_CONTEXT):
+    """The measurements, in order, with their sizes (what --dry-run prints)."""
+    sizes = [a * b * 2 for a, b in copy_shapes(config)]
+    head = head_shape(config)[0] * head_shape(config)[1] * 2
+    pool = copies * sum(sizes) + head
+    layers = ", ".join(f"{s / 2**20:.0f}" for s in sizes)
+    return [
+        f"1. latency: {TINY_COPIES} synchronised .to({DEVICE}) of distinct 8 KiB bf16 tensors, median",
+        f"2. bandwidth: a {pool / 2**30:.2f} GiB safetensors file (page cache, mmap views via safe_open) and the "
+        f"same tensors in anonymous memory; per kind {rounds} rounds x {copies} copies of the layer's shapes "
+        f"({layers} MiB) and the head ({head / 2**20:.0f} MiB), medians per shape",
+        f"3. hook: {TINY_MODULES} tiny Linear modules resident, hooked-resident, and dispatched to cpu "
+        f"(accelerate, force_hooks); 20 forwards each, medians",
+        f"4. eager: decoders of {' and '.join(map(str, DEFAULT_LAYERS))} layers (config shape, random, on {DEVICE}), "
+        f"{DECODE_STEPS} steps at a {SHORT_CONTEXT}-token context, 2 alternating rounds, fastest",
+        f"5. KV passes: the {max(DEFAULT_LAYERS)}-layer decoder at a {kv_context}-token context, "
+        f"{DECODE_STEPS} steps x 2 uncapped and x 1 capped at the prefill's reserved peak + "
+        f"{CAP_HEADROOM >> 20} MiB (allocator retries counted), against 4.",
+    ]
+
+
+def estimated_seconds(config, copies=2, rounds=COPY_ROUNDS):
+    """Rough wall time at 7 GB/s pageable copies and H200-class decode steps (plus imports)."""
+    sizes = sum(a * b * 2 for a, b in copy_shapes(config))
+    head = head_shape(config)[0] * head_shape(config)[1] * 2
+    copies_s = 2 * (rounds + 1) * (copies * sizes + head) / 7e9 + (copies * sizes + head) / 1e9  # + file write
+    decode_s = 2 * 2 * (DECODE_STEPS + 2) * 0.01 + 3 * (DECODE_STEPS + 2) * 0.012 + 3 * 0.3 + 4.0  # + prefills, builds
+    return 5.0 + copies_s + 0.5 + decode_s
+
+
+def gpu_rates(topo, index):
+    """The GPU's memory bandwidth from the topology (its own, else the default, else 2 TB/s)."""
+    gpu = topo.get("gpus", {}).get(str(index), {})
+    return gpu.get("memory_bandwidth") or (topo.get("default_gpu") or {}).get("memory_bandwidth") or 2.0e12
+
+
+def attempt(raw, name, step):
+    """`step()`, or None with the error kept under raw[name]: one failed measurement leaves the
+    others (and the topology's field for it) as they are."""
+    try:
+        return step()
+    except Exception as e:  # recorded and reported, the calibration goes on
+        raw[name] = {"error": repr(e)[:500]}
+        print(f"calibrate_runtime: {name} failed, its field is left as it was: {e!r}", flush=True)
+        return None
+
+
+def measure(config, bandwidth, scratch, copy_from, fallback_latency):
+    """Every constant, each measured separately: (link fields, runtime fields, raw), each dict
+    holding only what was measured."""
+    raw, link, runtime = {"written_copy_memory": copy_from}, {}, {}
+    got = attempt(raw, "latency", copy_latency)
+    if got:
+        link["latency"], raw["latency"] = got
+    latency = link.get("latency", fallback_latency)
+    rates = attempt(raw, "pageable_copies", lambda: copy_rates(config, latency, scratch))
+    if rates:
+        link["bandwidth"] = rates[copy_from][0]
+        raw["pageable_copies"] = {kind: dict(r, bandwidth=bw) for kind, (bw, r) in rates.items()}
+    got = attempt(raw, "hook", lambda: offload_hook_seconds(latency))
+    if got:
+        runtime["offload_hook_seconds"], raw["hook"] = got
+    got = attempt(raw, "eager", lambda: eager_and_kv(config, bandwidth))
+    if got:
+        runtime["eager_module_seconds"], runtime["kv_passes_per_step"], raw["eager"] = got
+    return link, runtime, raw
+
+
+def merge(topo, index, link, runtime, source):
+    """The topology with the measured link and runtime fields written where the cost model reads
+    them (a field not measured keeps its value)."""
+    gpu = topo.setdefault("gpus", {}).setdefault(str(index), {"memory_bandwidth": gpu_rates(topo, index)})
+    old = gpu.get("pageable_host_link") or topo.get("default_pageable_host_link") or {"bandwidth": 7.5e9, "latency": 7e-6}
+    merged = dict(old, **link)
+    gpu["pageable_host_link"] = merged
+    if index == 0:
+        topo["default_pageable_host_link"] = dict(merged)
+    fields = topo.setdefault("runtime", {})
+    fields.update(runtime, offload_memory="pageable", source=source)
+    return topo
+
+
+def calibrate_runtime(topo_path, config, copy_from="file", scratch=None):
+    """Measure every constant and merge them into the topology file at `topo_path`."""
+    import accelerate
     import torch
     import transformers
-    import accelerate
 
     with open(topo_path) as f:
         topo = json.load(f)
-    bandwidth, _ = gpu0_rates(topo)
-    try:
-        link, copy_raw = pageable_copy_link(config)
-        topo.setdefault("gpus", {}).setdefault("0", {"memory_bandwidth": bandwidth})["pageable_host_link"] = link
-        topo["default_pageable_host_link"] = link
-    except RuntimeError as e:  # keep devmap calibrate's link; the other constants still run
-        copy_raw = {"error": repr(e)}
-        print(f"pageable copy fit failed, keeping the topology's link: {e!r}", flush=True)
-    _, latency = gpu0_rates(topo)
-    eager, eager_raw = eager_module_seconds(config, bandwidth)
-    hook, hook_raw = offload_hook_seconds(latency)
-    runtime = topo.setdefault("runtime", {})
-    runtime["offload_memory"] = "pageable"
-    runtime["eager_module_seconds"] = eager
-    runtime["offload_hook_seconds"] = hook
-    runtime["source"] = (
-        f"scripts/calibrate_runtime.py on {torch.cuda.get_device_name(0) if torch.cuda.is_available() else DEVICE}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, accelerate {accelerate.__version__}"
-    )
-    topo["runtime_calibration"] = {"eager": eager_raw, "hook": hook_raw, "pageable_copies": copy_raw}
+    index = torch.device(DEVICE).index or 0
+    bandwidth = gpu_rates(topo, index)
+    driver = (topo.get("gpus", {}).get(str(index), {}).get("pageable_host_link") or topo.get("default_pageable_host_link")
+              or {"latency": 7e-6})
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        link, runtime, raw = measure(config, bandwidth, tmp, copy_from, driver["latency"])
+    raw["seconds"] = time.perf_counter() - t0
+    name = torch.cuda.get_device_name(index) if torch.cuda.is_available() else DEVICE
+    source = (f"scripts/calibrate_runtime.py on {name}, torch {torch.__version__}, transformers "
+              f"{transformers.__version__}, accelerate {accelerate.__version__}; copies from {copy_from} memory")
+    merge(topo, index, link, runtime, source)
+    topo["runtime_calibration"] = raw
     with open(topo_path, "w") as f:
         json.dump(topo, f, indent=2)
-    link = topo.get("default_pageable_host_link", {"bandwidth": float("nan"), "latency": latency})
-    print(f"pageable .to() copies {link['bandwidth'] / 1e9:.2f} GB/s + {link['latency'] * 1e6:.1f} µs, "
-          f"eager per module {eager * 1e6:.1f} µs, accelerate hook per module {hook * 1e6:.1f} µs -> {topo_path}", flush=True)
-    return runtime
+    report(topo["gpus"][str(index)]["pageable_host_link"], topo["runtime"], raw, topo_path)
+    return topo["runtime"]
+
+
+def report(link, runtime, raw, topo_path):
+    """What was measured and written, one line per measurement (a failed one says so)."""
+    lines = [f"copy latency (8 KiB .to()): {link['latency'] * 1e6:.1f} µs" if "latency" in raw and "error" not in raw["latency"]
+             else f"copy latency: not measured, kept {link['latency'] * 1e6:.1f} µs"]
+    copies = raw.get("pageable_copies", {})
+    for kind in ("file", "anon"):
+        if kind in copies:
+            c = copies[kind]
+            sizes = ", ".join(f"{b / 2**20:.0f} MiB {r:.2f}" for b, r in zip(c["bytes"], c["gb_per_s"]))
+            lines.append(f"pageable copies from {kind} memory ({c['memory']}): layer {c['bandwidth'] / 1e9:.2f} GB/s (GB/s per size: {sizes})")
+    hook = raw.get("hook", {})
+    if "per_module_offloaded_seconds" in hook:
+        lines.append(f"accelerate hook {runtime['offload_hook_seconds'] * 1e6:.1f} µs per streamed module "
+                     f"({hook['per_module_offloaded_seconds'] * 1e6:.1f} µs per offloaded tiny module - "
+                     f"{hook['copy_latency_subtracted'] * 1e6:.1f} µs copy; hooked but resident: "
+                     f"{hook['hook_without_copy_seconds'] * 1e6:.1f} µs)")
+    e = raw.get("eager", {})
+    if "kv_context" in e:
+        capped = (f"at the cap {e['kv_passes_at_cap']:.1f}: {e['kv_capped_step_seconds'] * 1e3:.2f} ms, "
+                  f"{e['kv_capped_alloc_retries']} alloc retries" if "kv_passes_at_cap" in e else f"at the cap: {e.get('kv_capped_error')}")
+        lines.append(f"eager {runtime['eager_module_seconds'] * 1e6:.1f} µs per module; KV {runtime['kv_passes_per_step']:.1f} passes "
+                     f"per step at {e['kv_context']} tokens (uncapped {e['kv_passes_uncapped']:.1f}: {e['kv_step_seconds'] * 1e3:.2f} vs "
+                     f"{e['step_seconds'][-1] * 1e3:.2f} ms; {capped})")
+    lines.append(f"{raw['seconds']:.1f} s -> {topo_path}")
+    print("\n".join(lines), flush=True)
+
+
+def load_config(path):
+    if path:
+        with open(path) as f:
+            return json.load(f)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_load import LLAMA_31_8B
+
+    return LLAMA_31_8B
 
 
 def main():
+    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--topology", required=True, help="topology JSON from `devmap calibrate` (rewritten in place)")
+    ap.add_argument("--topology", help="topology JSON from `devmap calibrate` (rewritten in place)")
     ap.add_argument("--config", help="config.json of the decoder to time (default: Llama-3.1-8B's shape)")
+    ap.add_argument("--device", default=DEVICE, help="the GPU to measure (default cuda:0)")
+    ap.add_argument("--copy-from", choices=("file", "anon"), default="file",
+                    help="host memory whose copy rate is written (default: file-backed, as transformers 5 loads)")
+    ap.add_argument("--scratch", help="folder for the temporary safetensors file (default: the system's temp)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan of measurements and exit")
     args = ap.parse_args()
-    if args.config:
-        with open(args.config) as f:
-            config = json.load(f)
-    else:
-        sys.path.insert(0, __file__.rsplit("/", 1)[0])
-        from bench_load import LLAMA_31_8B as config
-    calibrate_runtime(args.topology, config)
+    DEVICE = args.device
+    config = load_config(args.config)
+    if args.dry_run:
+        print("\n".join(plan(config)))
+        print(f"estimated {estimated_seconds(config):.0f} s; writes gpus.<i>.pageable_host_link, default_pageable_host_link "
+              "(GPU 0), runtime.{offload_memory, offload_hook_seconds, eager_module_seconds, kv_passes_per_step, source}, "
+              "runtime_calibration")
+        return
+    if not args.topology:
+        ap.error("--topology is required (except with --dry-run)")
+    calibrate_runtime(args.topology, config, args.copy_from, args.scratch)
 
 
 if __name__ == "__main__":

@@ -5,25 +5,35 @@ Hugging Face's device_map="auto" with the same max_memory, in the same run.
 Runs on a machine with an NVIDIA GPU, PyTorch, transformers and accelerate (no Rust: `--devmap`
 is a release binary built elsewhere). In one run it
 
-1. writes a random Llama-3.1-8B-shaped bf16 checkpoint under --work (scripts/bench_load.py's
-   writer, ~16 GB), unless it is there, and reads it once into the page cache;
+1. writes a random bf16 checkpoint under --work (scripts/bench_load.py's writer; `--shape
+   llama8b`: Llama-3.1-8B, ~16 GB; `--shape moe`: a small Mixtral, 8 experts, top 2, ~10.5 GB),
+   unless it is there, and reads it once into the page cache;
 2. runs `devmap calibrate` and scripts/calibrate_runtime.py into WORK/topology.json (unless it
    is there, or --topology is given);
-3. for every cap (GiB on GPU 0) and prompt length: plans with devmap (`--format plan-json` when
-   the binary has it, else `--format json` plus the table's estimate) under
-   `--max-memory 0=CAPGiB,cpu=CPU` and the workload of that prompt; loads devmap's map and
-   Hugging Face's `device_map="auto"` with the same max_memory (order alternating per cap) under
-   a hard cap equal to the budget (`torch.cuda.set_per_process_memory_fraction`); prefills the
-   prompt and decodes --new-tokens greedily, each step timed with a CUDA synchronisation;
-   records resident and peak memory (allocated and reserved) and ms/token, or the OOM ("OOM at
-   load", "OOM at prefill", "OOM at decode");
-4. writes OUT/results.json and OUT/results.md (a copy of the JSON goes to WORK, which
-   `--resume` reads to skip cells already measured).
+3. for every round (--rounds), every cap (GiB on GPU 0) and prompt length: plans with devmap
+   (once per call; `--format plan-json` when the binary has it, else `--format json` plus the
+   table's estimate) under `--max-memory 0=CAPGiB,cpu=CPU` and the workload of that prompt; loads
+   devmap's map and Hugging Face's `device_map="auto"` with the same max_memory (the order
+   alternating from cap to cap and flipped every round) under a hard cap equal to the budget
+   (`torch.cuda.set_per_process_memory_fraction`); times the copy of up to 1 GiB of the load's
+   own offloaded tensors; prefills the prompt and decodes --new-tokens greedily, each step timed
+   with a CUDA synchronisation; records resident and peak memory (allocated and reserved), the
+   allocator's retries (`num_alloc_retries`) in prefill and decode, and ms/token, or the OOM
+   ("OOM at load", "OOM at prefill", "OOM at decode");
+4. writes OUT/results.json and OUT/results.md, one of each per call (a copy of the JSON goes to
+   WORK, which `--resume` reads to skip cells already measured): every row, and per cell the
+   rounds of both maps, their sums and devmap's speed-up.
+
+--one-map-per-cap: devmap's map for the longest prompt runs every prompt of its cap in one load,
+so the prompts of a cap differ by their context only (the rows' `planned_for_prompt` says so).
+
+--dry-run needs no GPU: a header-only checkpoint, devmap's plans and Hugging Face's maps (its
+planner on a meta model), scored by devmap; nothing is loaded or measured.
 
 Usage:
   python3 scripts/validate_gpu.py --devmap PATH/devmap --out OUT [--work /tmp/devmap-validate]
-      [--caps 6,10,12,14] [--prompts 8,2000,6000,16000] [--new-tokens 16] [--resume]
-      [--deadline-s 540]
+      [--caps 6,10,12,14] [--prompts 8,2000,6000,16000] [--new-tokens 16] [--rounds 1] [--shape llama8b|moe] [--resume]
+      [--deadline-s 540] [--one-map-per-cap] [--dry-run]
 """
 
 import argparse
@@ -34,6 +44,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,10 +66,21 @@ def parse_args():
     ap.add_argument("--strategies", default="devmap,hf", help="which maps to measure: devmap, hf")
     ap.add_argument("--resume", action="store_true", help="skip cells already in WORK/results.json")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="start no new map after this many seconds")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every cell this many times, the load order flipped each round")
+    ap.add_argument("--dry-run", action="store_true", help="plan and score every cell on the CPU, load nothing")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama8b",
+                    help="random checkpoint: llama8b (Llama-3.1-8B) or moe (a small Mixtral: 8 experts, top 2, 9.8 GiB)")
+    ap.add_argument("--one-map-per-cap", action="store_true",
+                    help="devmap plans each cap for the longest prompt and runs every prompt on that one load")
     args = ap.parse_args()
     args.caps = [float(c) for c in args.caps.split(",") if c]
     args.prompts = [int(p) for p in args.prompts.split(",") if p]
     args.strategies = [s for s in args.strategies.split(",") if s]
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    unknown = [s for s in args.strategies if s not in ("devmap", "hf")]
+    if unknown:
+        ap.error(f"--strategies: unknown {', '.join(unknown)} (devmap, hf)")
     return args
 
 
@@ -69,11 +91,28 @@ def log(msg):
 # ---------------------------------------------------------------- setup
 
 
-def prepare_checkpoint(work):
+SHAPES = {"llama8b": "LLAMA_31_8B", "moe": "MIXTRAL_SMALL"}  # names in bench_load.py
+
+
+def shape_config(shape):
+    """The config of a --shape, its long-context limit raised so 16k-token prompts are in range."""
+    import bench_load
+
+    cfg = dict(getattr(bench_load, SHAPES[shape]))
+    cfg["max_position_embeddings"] = max(cfg.get("max_position_embeddings", 0), 131072)
+    return cfg
+
+
+def checkpoint_dir(work, shape):
+    # The Llama checkpoint keeps its old folder, so warm machines reuse it.
+    return os.path.join(work, "llama8b" if shape == "llama8b" else f"{shape}-random")
+
+
+def prepare_checkpoint(work, shape="llama8b"):
     from bench_load import make_checkpoint, read_into_page_cache
 
-    ckpt = os.path.join(work, "llama8b")
-    make_checkpoint(ckpt)
+    ckpt = checkpoint_dir(work, shape)
+    make_checkpoint(ckpt, shape_config(shape))
     cfg_path = os.path.join(ckpt, "config.json")
     with open(cfg_path) as f:
         cfg = json.load(f)
@@ -240,23 +279,37 @@ def load(ckpt, device_map, cap, cpu, work):
         raise OOM(f"load failed: {e!r}"[:500]) from e
 
 
-def generate(model, prompt, new_tokens):
-    """Prefill `prompt` random tokens, then decode greedily; seconds of the prefill and of each step."""
+def alloc_retries(device=0):
+    """The caching allocator's count of allocations it retried after freeing its cache (each one
+    a synchronising cudaFree of every cached block): a map that runs at its cap pays them."""
     import torch
 
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
+
+
+def generate(model, prompt, new_tokens, counters=None):
+    """Prefill `prompt` random tokens, then decode greedily; seconds of the prefill and of each
+    step. `counters`, if given, receives the allocator retries of each phase."""
+    import torch
+
+    counters = {} if counters is None else counters
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda:0")
     with torch.no_grad():
         torch.cuda.synchronize()
+        before = alloc_retries()
         t0 = time.perf_counter()
         try:
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
         except torch.OutOfMemoryError as e:
             raise OOM("OOM at prefill") from e
+        finally:
+            counters["alloc_retries_prefill"] = alloc_retries() - before
         prefill = time.perf_counter() - t0
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1).to("cuda:0")
         del out
         steps = []
+        before = alloc_retries()
         try:
             for _ in range(new_tokens):
                 t = time.perf_counter()
@@ -267,6 +320,8 @@ def generate(model, prompt, new_tokens):
                 steps.append(time.perf_counter() - t)
         except torch.OutOfMemoryError as e:
             raise OOM("OOM at decode") from e
+        finally:
+            counters["alloc_retries_decode"] = alloc_retries() - before
     return prefill, steps
 
 
@@ -275,21 +330,63 @@ def measure_prompt(model, prompt, new_tokens):
 
     torch.cuda.reset_peak_memory_stats(0)
     row = {"prompt": prompt, "new_tokens": new_tokens}
+    counters = {}
     try:
-        prefill, steps = generate(model, prompt, new_tokens)
+        prefill, steps = generate(model, prompt, new_tokens, counters)
         timed = steps[1:] or steps  # the first step allocates the cache's next block
         row.update(
             prefill_s=prefill,
             ms_per_token=1e3 * statistics.mean(timed),
             ms_per_token_median=1e3 * statistics.median(timed),
+            step_ms=[1e3 * s for s in steps],
         )
     except OOM as e:
         row["error"] = str(e)
+    row.update(counters)
     row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(0) / GIB
     row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(0) / GIB
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def offloaded_tensors(model, limit):
+    """Up to `limit` bytes of the host tensors accelerate copies on every step (its hooks'
+    weights maps), in execution order."""
+    from accelerate.utils import named_module_tensors
+
+    out, total = [], 0
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if not getattr(h, "offload", False) or h.weights_map is None:
+                continue
+            for name, _ in named_module_tensors(module, include_buffers=h.offload_buffers, recurse=h.place_submodules):
+                tensor = h.weights_map[name]
+                if tensor.device.type == "cpu" and total < limit:
+                    out.append(tensor)
+                    total += tensor.numel() * tensor.element_size()
+    return out
+
+
+def offload_copy_probe(model, limit=1 << 30):
+    """The copy accelerate makes, timed on the loaded model's own offloaded tensors (`.to()` of
+    its weights maps, the file-backed views transformers loaded), beside the same tensors copied
+    into anonymous memory: tells the copy rate of this very load from the model's other terms."""
+    from calibrate_runtime import host_memory_kind, timed_copy
+
+    tensors = offloaded_tensors(model, limit)
+    if not tensors:
+        return None
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    timed_copy(tensors[0])  # warm the allocator at this size
+    own = sum(timed_copy(t) for t in tensors)
+    clones = [t.clone() for t in tensors]
+    anon = sum(timed_copy(t) for t in clones)
+    memory = host_memory_kind(tensors[0])
+    del clones
+    return {"bytes": size, "tensors": len(tensors), "memory": memory, "gb_per_s": size / own / 1e9,
+            "anon_gb_per_s": size / anon / 1e9}
 
 
 def measure_map(args, ckpt, strategy, device_map, cap, prompts):
@@ -310,14 +407,31 @@ def measure_map(args, ckpt, strategy, device_map, cap, prompts):
         offloaded_gib=offloaded_bytes(model) / GIB,
         device_map=dict(model.hf_device_map) if hasattr(model, "hf_device_map") else device_map,
     )
+    try:
+        base["offload_copy_probe"] = offload_copy_probe(model)
+    except Exception as e:  # a diagnostic, not a reason to lose the cell
+        base["offload_copy_probe"] = {"error": repr(e)[:300]}
     rows = []
     for p in prompts:
         row = dict(base, **measure_prompt(model, p, args.new_tokens))
-        log(f"{strategy:>6} cap {cap:g} GiB prompt {p}: " + (row.get("error") or f"{row['ms_per_token']:.1f} ms/token, peak {row['peak_allocated_gib']:.2f} GiB"))
         rows.append(row)
+        log(f"{strategy:>6} cap {cap:g} GiB prompt {p}: " + (row.get("error") or f"{row['ms_per_token']:.1f} ms/token, peak {row['peak_allocated_gib']:.2f} GiB, "
+                                                           f"{row.get('alloc_retries_decode', 0)} alloc retries in decode"))
+    try:  # the same copy after the prompts: the drift of this load's copy rate while it decoded
+        after = offload_copy_probe(model)
+    except Exception as e:
+        after = {"error": repr(e)[:300]}
+    for row in rows:
+        row["offload_copy_probe_after"] = after
     del model
     free_gpu()
     return rows
+
+
+def predicted_rows(args, ckpt, strategy, device_map, cap, prompts):
+    """--dry-run: the rows a load would give, without loading (nothing measured)."""
+    return [{"strategy": strategy, "cap_gib": cap, "prompt": p, "new_tokens": args.new_tokens,
+             "device_map": device_map, "error": "dry run: not measured"} for p in prompts]
 
 
 # ---------------------------------------------------------------- the grid
@@ -330,49 +444,101 @@ def cap_gpu(cap):
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), 0)
 
 
-def devmap_cells(args, ckpt, topo, features, cap, prompts):
-    """devmap's plans for one cap: {map as JSON text: (plan, [(prompt, plan)])}, identical maps
-    shared, and a row for every prompt devmap could not plan."""
-    groups, failed = {}, []
-    for p in prompts:
-        try:
-            plan = plan_devmap(args, ckpt, topo, features, cap, p)
-        except RuntimeError as e:
-            failed.append({"strategy": "devmap", "cap_gib": cap, "prompt": p, "new_tokens": args.new_tokens, "error": str(e)})
-            continue
-        key = json.dumps(plan["device_map"], sort_keys=True)
-        groups.setdefault(key, [plan, []])[1].append((p, plan))
-    return groups, failed
+class Grid:
+    """What stays fixed across rounds: the checkpoint, topology, devmap's plans per (cap, prompt)
+    and devmap's estimates of Hugging Face's maps, each computed once per call."""
 
+    def __init__(self, args, ckpt, topo, features):
+        self.args, self.ckpt, self.topo, self.features = args, ckpt, topo, features
+        self.plans, self.scores, self.hf_maps = {}, {}, {}
+        self.measure = predicted_rows if args.dry_run else measure_map
 
-def run_cap(args, ckpt, topo, features, cap, order, done, started):
-    rows = []
-    for strategy in order:
-        todo = [p for p in args.prompts if (cap, p, strategy) not in done]
-        if not todo:
-            continue
-        if time.perf_counter() - started > args.deadline_s:
-            log(f"deadline reached: skipping {strategy} at cap {cap:g}")
-            continue
-        if strategy == "hf":
-            measured = measure_map(args, ckpt, "hf", "auto", cap, todo)
-            for row in measured:
-                if "device_map" in row:
-                    row["predicted_ms_per_token"] = predict_hf(args, ckpt, topo, features, cap, row["prompt"], row["device_map"])
-            rows += measured
-            continue
-        groups, failed = devmap_cells(args, ckpt, topo, features, cap, todo)
-        rows += failed
+    def plan(self, cap, prompt):
+        if (cap, prompt) not in self.plans:
+            try:
+                self.plans[(cap, prompt)] = plan_devmap(self.args, self.ckpt, self.topo, self.features, cap, prompt)
+            except RuntimeError as e:
+                self.plans[(cap, prompt)] = {"error": str(e)}
+        return self.plans[(cap, prompt)]
+
+    def score(self, cap, prompt, device_map):
+        """devmap's estimate of any map at this cap and prompt's workload (once per call)."""
+        key = (cap, prompt, json.dumps(device_map, sort_keys=True))
+        if key not in self.scores:
+            self.scores[key] = predict_hf(self.args, self.ckpt, self.topo, self.features, cap, prompt, device_map)
+        return self.scores[key]
+
+    def hf_map(self, cap):
+        """"auto" for a load; --dry-run: what from_pretrained would compute, on a meta model."""
+        if not self.args.dry_run:
+            return "auto"
+        if cap not in self.hf_maps:
+            import validate_multi_gpu
+
+            self.hf_maps[cap] = validate_multi_gpu.MetaModel(self.ckpt).hf_map("auto", cap, self.args.cpu)
+        return self.hf_maps[cap]
+
+    def devmap_cells(self, cap, prompts):
+        """devmap's plans for one cap: {map as JSON text: (plan, [prompt])}, identical maps shared,
+        and a row for every prompt devmap could not plan."""
+        groups, failed = {}, []
+        for p in prompts:
+            # --one-map-per-cap: the plan for the longest prompt runs every prompt in one load, so
+            # the prompts differ by their context only (not by the load's copy rate).
+            plan = self.plan(cap, max(self.args.prompts) if self.args.one_map_per_cap else p)
+            if "error" in plan:
+                failed.append({"strategy": "devmap", "cap_gib": cap, "prompt": p, "new_tokens": self.args.new_tokens, "error": plan["error"]})
+                continue
+            groups.setdefault(json.dumps(plan["device_map"], sort_keys=True), [plan, []])[1].append(p)
+        return groups, failed
+
+    def run_hf(self, cap, prompts):
+        rows = self.measure(self.args, self.ckpt, "hf", self.hf_map(cap), cap, prompts)
+        for row in rows:
+            if "device_map" in row:
+                row["predicted_ms_per_token"] = self.score(cap, row["prompt"], row["device_map"])
+        return rows
+
+    def run_devmap(self, cap, prompts):
+        groups, rows = self.devmap_cells(cap, prompts)
         for plan, members in groups.values():
-            measured = measure_map(args, ckpt, "devmap", plan["device_map"], cap, [p for p, _ in members])
-            for row, (_, own) in zip(measured, members):
-                row.update(
-                    predicted_ms_per_token=own["predicted_ms_per_token"],
-                    predicted_memory=own["predicted_memory"],
-                    status=own["status"],
-                )
+            measured = self.measure(self.args, self.ckpt, "devmap", plan["device_map"], cap, members)
+            for row in measured:
+                planned_for = max(self.args.prompts) if self.args.one_map_per_cap else row["prompt"]
+                own = self.plan(cap, planned_for)
+                row["planned_for_prompt"] = planned_for
+                row.update(predicted_ms_per_token=own["predicted_ms_per_token"], predicted_memory=own["predicted_memory"],
+                           status=own["status"])
+                if planned_for != row["prompt"]:  # the map scored at this prompt's own workload
+                    row["predicted_ms_per_token"] = self.score(cap, row["prompt"], plan["device_map"])
             rows += measured
-    return rows
+        return rows
+
+    def run_cap(self, cap, order, done, started, rnd):
+        rows = []
+        for strategy in order:
+            todo = [p for p in self.args.prompts if (rnd, cap, p, strategy) not in done]
+            if not todo:
+                continue
+            if time.perf_counter() - started > self.args.deadline_s:
+                log(f"deadline reached: skipping {strategy} at cap {cap:g}, round {rnd}")
+                continue
+            new = self.run_hf(cap, todo) if strategy == "hf" else self.run_devmap(cap, todo)
+            for row in new:
+                row["round"] = rnd
+            rows += new
+        return rows
+
+
+def round_order(strategies, cap_index, rnd):
+    """The load order at one cap in round `rnd` (1-based): alternating from cap to cap, and
+    flipped every round, so each map runs first as often as the other."""
+    flip = (cap_index + rnd - 1) % 2 == 1
+    return list(reversed(strategies)) if flip else list(strategies)
+
+
+def row_key(row):
+    return (row.get("round", 1), row["cap_gib"], row["prompt"], row["strategy"])
 
 
 def load_done(args):
@@ -384,16 +550,43 @@ def load_done(args):
 
 
 def this_call_copy_link(cfg):
-    """accelerate-style pageable copy rate measured in this process (calibrate_runtime.py)."""
-    from calibrate_runtime import pageable_copy_link
+    """accelerate-style pageable copies measured in this process (calibrate_runtime.py's latency
+    and layer-shaped rates, from file-backed and anonymous memory)."""
+    from calibrate_runtime import copy_latency, copy_rates
 
     try:
-        link, _ = pageable_copy_link(cfg, rounds=3)
+        latency, _ = copy_latency()
+        rates = copy_rates(cfg, latency, tempfile.gettempdir(), copies=1, rounds=1)
     except Exception as e:  # a result to record, not a reason to stop
         log(f"pageable copy measurement failed: {e!r}")
         return None
-    log(f"pageable .to() copies in this process: {link['bandwidth'] / 1e9:.2f} GB/s + {link['latency'] * 1e6:.1f} µs")
+    link = {"bandwidth": rates["file"][0], "latency": latency, "anon_bandwidth": rates["anon"][0]}
+    log(f"pageable .to() copies in this process: {link['bandwidth'] / 1e9:.2f} GB/s from file-backed memory, "
+        f"{link['anon_bandwidth'] / 1e9:.2f} GB/s from anonymous, + {latency * 1e6:.1f} µs")
     return link
+
+
+def prepare(args):
+    """(checkpoint, config, topology path, topology JSON, devmap's features): real for a GPU run;
+    --dry-run: a header-only checkpoint and the given topology (or devmap's defaults)."""
+    if args.dry_run:
+        import validate_multi_gpu
+
+        ckpt = checkpoint_dir(args.work, args.shape) + "-headers"
+        cfg = shape_config(args.shape)
+        validate_multi_gpu.write_header_only(ckpt, cfg)
+        topo_json = None
+        if args.topology:
+            with open(args.topology) as f:
+                topo_json = json.load(f)
+        return ckpt, cfg, args.topology, topo_json, devmap_features(args.devmap)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("validate_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False; --dry-run plans only)")
+    ckpt, cfg = prepare_checkpoint(args.work, args.shape)
+    topo, topo_json = prepare_topology(args, cfg)
+    return ckpt, cfg, topo, topo_json, devmap_features(args.devmap)
 
 
 def main():
@@ -401,26 +594,24 @@ def main():
     started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SystemExit("validate_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False)")
-    ckpt, cfg = prepare_checkpoint(args.work)
-    topo, topo_json = prepare_topology(args, cfg)
-    features = devmap_features(args.devmap)
+    ckpt, cfg, topo, topo_json, features = prepare(args)
+    grid = Grid(args, ckpt, topo, features)
     rows = load_done(args)
-    done = {(r["cap_gib"], r["prompt"], r["strategy"]) for r in rows}
-    copy_now = this_call_copy_link(cfg)
-    for k, cap in enumerate(args.caps):
-        cap_gpu(cap)
-        order = args.strategies if k % 2 == 0 else list(reversed(args.strategies))
-        new_rows = run_cap(args, ckpt, topo, features, cap, order, done, started)
-        for r in new_rows:
-            # The copy rate of this process: a --resume call reuses the first call's topology,
-            # and on 2026-12-01 the second call's decode steps ran ~15% slower at equal bytes.
-            r["pageable_copy_this_call"] = copy_now
-        rows += new_rows
-        write_results(args, rows, topo_json, features)
+    done = {row_key(r) for r in rows}
+    copy_now = None if args.dry_run else this_call_copy_link(cfg)
+    for rnd in range(1, args.rounds + 1):
+        for k, cap in enumerate(args.caps):
+            if not args.dry_run:
+                cap_gpu(cap)
+            order = round_order(args.strategies, k, rnd)
+            log(f"round {rnd}/{args.rounds}, cap {cap:g} GiB: {' then '.join(order)}")
+            new_rows = grid.run_cap(cap, order, done, started, rnd)
+            for r in new_rows:
+                # The copy rate of this process: a --resume call reuses the first call's topology,
+                # and on 2026-12-01 the second call's decode steps ran ~15% slower at equal bytes.
+                r["pageable_copy_this_call"] = copy_now
+            rows += new_rows
+            write_results(args, rows, topo_json, features)
     write_results(args, rows, topo_json, features)
     log(f"done in {time.perf_counter() - started:.0f} s")
 
@@ -434,7 +625,7 @@ def environment():
     import transformers
 
     return {
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (dry run)",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
@@ -443,47 +634,92 @@ def environment():
 
 
 def write_results(args, rows, topo_json, features):
-    doc = {"environment": environment(), "devmap_features": features, "topology": topo_json, "rows": rows}
+    """One JSON and one Markdown file in OUT (the lent machine returns few files), a JSON copy in WORK."""
+    doc = {"environment": environment(), "devmap_features": features, "topology": topo_json, "rows": rows,
+           "rounds": round_summary(rows)}
     for folder in (args.out, args.work):
         with open(os.path.join(folder, "results.json"), "w") as f:
             json.dump(doc, f, indent=1, default=str)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(markdown(rows, doc["environment"]))
+        f.write(markdown(rows, doc["environment"], doc["rounds"]))
 
 
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def markdown(rows, env):
+def probe_rates(r):
+    """This load's copy rate before / after its prompts, GB/s (offload_copy_probe)."""
+    before = (r.get("offload_copy_probe") or {}).get("gb_per_s")
+    after = (r.get("offload_copy_probe_after") or {}).get("gb_per_s")
+    return f"{fmt(before, '.2f')} / {fmt(after, '.2f')}"
+
+
+def markdown(rows, env, rounds):
     lines = [
         f"GPU: {env['gpu']} · torch {env['torch']} · transformers {env['transformers']} · accelerate {env['accelerate']}",
         f"Command: `{env['command']}`",
         "",
-        "| cap GiB | prompt | map | offloaded GiB | resident GiB | peak alloc GiB | peak reserved GiB | predicted ms/tok | measured ms/tok | result |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| round | cap GiB | prompt | map | offloaded GiB | resident GiB | peak alloc GiB | peak reserved GiB | alloc retries (prefill / decode) "
+        "| offload copy GB/s (before / after) | predicted ms/tok | measured ms/tok | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    key = lambda r: (r["cap_gib"], r["prompt"], r["strategy"] != "devmap")
+    key = lambda r: (r.get("round", 1), r["cap_gib"], r["prompt"], r["strategy"] != "devmap")
     for r in sorted(rows, key=key):
+        retries = f"{fmt(r.get('alloc_retries_prefill'), 'd')} / {fmt(r.get('alloc_retries_decode'), 'd')}"
         lines.append(
-            f"| {r['cap_gib']:g} | {r['prompt']} | {r['strategy']} | {fmt(r.get('offloaded_gib'), '.2f')} | "
+            f"| {r.get('round', 1)} | {r['cap_gib']:g} | {r['prompt']} | {r['strategy']} | {fmt(r.get('offloaded_gib'), '.2f')} | "
             f"{fmt(r.get('resident_gib'), '.2f')} | {fmt(r.get('peak_allocated_gib'), '.2f')} | "
-            f"{fmt(r.get('peak_reserved_gib'), '.2f')} | {fmt(r.get('predicted_ms_per_token'), '.1f')} | "
-            f"{fmt(r.get('ms_per_token'), '.1f')} | {r.get('error', 'ok')} |"
+            f"{fmt(r.get('peak_reserved_gib'), '.2f')} | {retries} | {probe_rates(r)} | "
+            f"{fmt(r.get('predicted_ms_per_token'), '.1f')} | {fmt(r.get('ms_per_token'), '.1f')} | {r.get('error', 'ok')} |"
         )
-    lines += ["", speedups(rows)]
+    lines += ["", rounds_markdown(rounds)]
     return "\n".join(lines) + "\n"
 
 
-def speedups(rows):
-    """devmap's decode speed-up over Hugging Face's map per cell where both decoded."""
-    by = {(r["cap_gib"], r["prompt"], r["strategy"]): r for r in rows}
+def round_summary(rows):
+    """Per (cap, prompt) where both maps decoded in some round: each round's ms/token of both,
+    the per-round speed-up, and the speed-up of the sums over the rounds both completed."""
+    by = {}
+    for r in rows:
+        if r.get("ms_per_token"):
+            by.setdefault((r["cap_gib"], r["prompt"]), {}).setdefault(r["strategy"], {})[r.get("round", 1)] = r
     out = []
-    for (cap, prompt, s), r in sorted(by.items()):
-        hf = by.get((cap, prompt, "hf"))
-        if s == "devmap" and hf and r.get("ms_per_token") and hf.get("ms_per_token"):
-            out.append(f"cap {cap:g} GiB, prompt {prompt}: devmap {hf['ms_per_token'] / r['ms_per_token']:.2f}x faster than HF auto")
-    return "\n".join(f"- {line}" for line in out)
+    for (cap, prompt), maps in sorted(by.items()):
+        dm, hf = maps.get("devmap", {}), maps.get("hf", {})
+        both = sorted(set(dm) & set(hf))
+        if not both:
+            continue
+        d = [dm[k]["ms_per_token"] for k in both]
+        h = [hf[k]["ms_per_token"] for k in both]
+        out.append({
+            "cap_gib": cap, "prompt": prompt, "rounds": both,
+            "devmap_ms": d, "hf_ms": h, "speedup_per_round": [b / a for a, b in zip(d, h)],
+            "devmap_sum_ms": sum(d), "hf_sum_ms": sum(h), "speedup": sum(h) / sum(d),
+            "devmap_predicted_ms": dm[both[0]].get("predicted_ms_per_token"),
+            "hf_predicted_ms": hf[both[0]].get("predicted_ms_per_token"),
+        })
+    return out
+
+
+def rounds_markdown(rounds):
+    if not rounds:
+        return "No cell where both maps decoded."
+    lines = [
+        "| cap GiB | prompt | rounds | devmap ms/token per round | HF auto ms/token per round | speed-up per round "
+        "| sum devmap / HF ms | speed-up (sums) | predicted devmap / HF ms | predicted speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in rounds:
+        joined = lambda xs, spec: ", ".join(format(x, spec) for x in xs)
+        pd, ph = s["devmap_predicted_ms"], s["hf_predicted_ms"]
+        predicted = f"{ph / pd:.2f}x" if pd and ph else "-"
+        lines.append(
+            f"| {s['cap_gib']:g} | {s['prompt']} | {len(s['rounds'])} | {joined(s['devmap_ms'], '.1f')} | {joined(s['hf_ms'], '.1f')} | "
+            f"{joined(s['speedup_per_round'], '.2f')} | {s['devmap_sum_ms']:.1f} / {s['hf_sum_ms']:.1f} | **{s['speedup']:.2f}x** | "
+            f"{fmt(pd, '.1f')} / {fmt(ph, '.1f')} | {predicted} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

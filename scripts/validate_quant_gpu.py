@@ -222,14 +222,22 @@ def measure(args, ckpt, method, strategy, device_map, cap):
     free_gpu()
     row = {"method": method, "strategy": strategy, "cap_gib": cap}
     t0 = time.perf_counter()
+    failed = None
     try:
         model = load(args, ckpt, method, device_map, cap)
-    except torch.OutOfMemoryError:
-        free_gpu()
-        return dict(row, error="OOM at load")
+    except torch.OutOfMemoryError as e:
+        # How far the load got: the allocator's peak before the failing allocation, and its message.
+        peak = torch.cuda.max_memory_allocated(0) / GIB
+        failed = dict(row, error="OOM at load", load_peak_allocated_gib=peak, oom_message=str(e)[:400])
     except Exception as e:  # the quantizer's rejection is this cell's result
+        failed = dict(row, error=f"load failed: {e!r}"[:600])
+    if failed is not None:
+        # Outside the handler: the exception's frames (and the tensors they hold) are gone by now,
+        # so the next cell starts from an empty GPU; what is still allocated is recorded.
         free_gpu()
-        return dict(row, error=f"load failed: {e!r}"[:600])
+        failed["left_allocated_gib"] = torch.cuda.memory_allocated(0) / GIB
+        log(f"{method} {strategy:>6} cap {cap:g} GiB: {failed['error']}")
+        return failed
     row.update(
         load_s=time.perf_counter() - t0,
         resident_gib=torch.cuda.memory_allocated(0) / GIB,

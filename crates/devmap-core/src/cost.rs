@@ -103,6 +103,10 @@ pub struct Runtime {
     /// Seconds per executed module and step that eager PyTorch spends beyond reading the weights
     /// (Python dispatch and kernel launches of batch-1 decode).
     pub eager_module_seconds: f64,
+    /// Passes over a layer's KV cache per decode step at the executing GPU's memory bandwidth:
+    /// the cache's growth and attention's reads, as measured (`scripts/calibrate_runtime.py`
+    /// times a decode step at a long and a short context), [`KV_PASSES_PER_STEP`] by default.
+    pub kv_passes_per_step: f64,
     /// Where these figures come from (a free-form note written by the calibration).
     pub source: String,
 }
@@ -116,6 +120,7 @@ impl Default for Runtime {
             offload_memory: OffloadMemory::Pageable,
             offload_hook_seconds: DEFAULT_OFFLOAD_HOOK_SECONDS,
             eager_module_seconds: DEFAULT_EAGER_MODULE_SECONDS,
+            kv_passes_per_step: KV_PASSES_PER_STEP as f64,
             source: String::new(),
         }
     }
@@ -212,6 +217,10 @@ impl Topology {
         non_negative(
             "runtime.eager_module_seconds",
             self.runtime.eager_module_seconds,
+        )?;
+        non_negative(
+            "runtime.kv_passes_per_step",
+            self.runtime.kv_passes_per_step,
         )?;
         // Every link, not only the defaults: a zero bandwidth or a negative latency anywhere gives
         // infinite or negative times, which the MIP cannot use.
@@ -384,7 +393,7 @@ impl CostModel {
     }
 
     /// The same model estimating decode steps of `workload`: its KV cache is read where each
-    /// layer executes ([`KV_PASSES_PER_STEP`]), and an encoder-decoder's cross-attention units
+    /// layer executes ([`Runtime::kv_passes_per_step`]), and an encoder-decoder's cross-attention units
     /// receive batch × prompt encoded tokens per step. Errors as [`crate::memory::WorkloadMemory::new`].
     pub fn with_workload(
         self,
@@ -427,7 +436,7 @@ impl CostModel {
             Exec::Gpu(i) => t.gpu_bandwidth(i),
             Exec::Cpu => t.cpu_memory_bandwidth,
         };
-        let kv = read.kv.saturating_mul(KV_PASSES_PER_STEP) as f64 / exec_bandwidth;
+        let kv = read.kv as f64 * t.runtime.kv_passes_per_step / exec_bandwidth;
         let copied = read.copied as f64;
         let weights = match (device, self.main_gpu) {
             (Device::Gpu(_), _) => read.bytes as f64 / exec_bandwidth,
@@ -588,12 +597,13 @@ pub struct UnitRead {
     /// hook when offloaded).
     pub modules: f64,
     /// KV-cache bytes the unit's attention works on per step, in the execution device's memory
-    /// ([`KV_PASSES_PER_STEP`] passes over them).
+    /// ([`Runtime::kv_passes_per_step`] passes over them).
     pub kv: u64,
 }
 
-/// Passes over a layer's KV cache per decode step: transformers 5's `DynamicLayer.update` grows
-/// the cache with `torch.cat` (reads the old cache, writes the new one) and attention reads it.
+/// Default passes over a layer's KV cache per decode step ([`Runtime::kv_passes_per_step`]):
+/// transformers 5's `DynamicLayer.update` grows the cache with `torch.cat` (reads the old cache,
+/// writes the new one) and attention reads it.
 pub const KV_PASSES_PER_STEP: u64 = 3;
 
 impl UnitRead {
@@ -847,6 +857,12 @@ mod tests {
             let d = cm.unit_seconds(cached, device) - cm.unit_seconds(plain, device);
             assert!((d - extra).abs() < 1e-15, "{device:?}: {d} vs {extra}");
         }
+        // A calibrated topology's measured passes replace the three: 7.5 MB at 2 TB/s on GPU 0.
+        let mut measured = cm.clone();
+        measured.topology.runtime.kv_passes_per_step = 7.5;
+        let d = measured.unit_seconds(cached, Device::Gpu(0))
+            - measured.unit_seconds(plain, Device::Gpu(0));
+        assert!((d - 7.5e6 / 2000e9).abs() < 1e-15, "{d}");
     }
 
     #[test]
@@ -978,6 +994,13 @@ mod tests {
         std::fs::write(&p, r#"{"runtime": {"offload_hook_seconds": -1}}"#).unwrap();
         let e = Topology::read(&p).unwrap_err().to_string();
         assert!(e.contains("runtime.offload_hook_seconds"), "{e}");
+        assert_eq!(
+            t.runtime.kv_passes_per_step, 3.0,
+            "files without the field keep 3 passes"
+        );
+        std::fs::write(&p, r#"{"runtime": {"kv_passes_per_step": -0.5}}"#).unwrap();
+        let e = Topology::read(&p).unwrap_err().to_string();
+        assert!(e.contains("runtime.kv_passes_per_step"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -37,7 +37,7 @@ fn a_unit_pinned_to_cpu_is_streamed_once_in_the_bound() {
             offload_memory: OffloadMemory::Pinned,
             offload_hook_seconds: 0.0,
             eager_module_seconds: 0.0,
-            source: String::new(),
+            ..Runtime::default()
         },
         ..Topology::default()
     };

@@ -1,0 +1,49 @@
+"""The CPU parts of scripts/validate_gpu.py: the load order of the rounds and the per-cell summary
+of paired rounds (the figures the speed-up verdict is read from)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+import validate_gpu as vg  # noqa: E402
+
+
+def test_each_map_loads_first_equally_often():
+    orders = [vg.round_order(["devmap", "hf"], k, r) for r in (1, 2) for k in range(3)]
+    assert orders == [
+        ["devmap", "hf"], ["hf", "devmap"], ["devmap", "hf"],  # round 1: alternating from cap to cap
+        ["hf", "devmap"], ["devmap", "hf"], ["hf", "devmap"],  # round 2: each cap flipped
+    ]
+
+
+def row(strategy, rnd, ms, cap=6.0, prompt=8, predicted=None):
+    return {"strategy": strategy, "round": rnd, "cap_gib": cap, "prompt": prompt, "ms_per_token": ms,
+            "predicted_ms_per_token": predicted}
+
+
+def test_round_summary_pairs_rounds_and_sums_them():
+    rows = [
+        row("devmap", 1, 100.0, predicted=90.0), row("hf", 1, 120.0, predicted=110.0),
+        row("devmap", 2, 200.0), row("hf", 2, 180.0),
+        row("devmap", 3, 150.0),  # no HF row in round 3: left out of the pairs
+        {"strategy": "hf", "round": 1, "cap_gib": 10.0, "prompt": 8, "error": "OOM at prefill"},
+    ]
+    (cell,) = vg.round_summary(rows)
+    assert cell["rounds"] == [1, 2]
+    assert cell["devmap_ms"] == [100.0, 200.0] and cell["hf_ms"] == [120.0, 180.0]
+    assert cell["speedup_per_round"] == pytest.approx([1.2, 0.9])
+    assert cell["speedup"] == pytest.approx(300.0 / 300.0)
+    assert (cell["devmap_predicted_ms"], cell["hf_predicted_ms"]) == (90.0, 110.0)
+    text = vg.rounds_markdown([cell])
+    assert "| 6 | 8 | 2 | 100.0, 200.0 | 120.0, 180.0 | 1.20, 0.90 | 300.0 / 300.0 | **1.00x** | 90.0 / 110.0 | 1.22x |" in text
+
+
+def test_rows_without_a_round_count_as_round_one():
+    # Rows of grids written before --rounds existed (docs/validation-data) resume as round 1.
+    assert vg.row_key({"cap_gib": 6.0, "prompt": 8, "strategy": "hf"}) == (1, 6.0, 8, "hf")
