@@ -41,6 +41,7 @@ import gc
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def parse_args():
     ap.add_argument("--cpu", default="100GiB", help="cpu budget in max_memory")
     ap.add_argument("--topology", help="use this topology file instead of calibrating")
     ap.add_argument("--strategies", default="devmap,hf", help="which maps to measure: devmap, hf")
+    ap.add_argument("--devmap-args", default="", help="extra arguments for `devmap plan`, e.g. '--split-blocks true'")
     ap.add_argument("--resume", action="store_true", help="skip cells already in WORK/results.json")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="start no new map after this many seconds")
     ap.add_argument("--rounds", type=int, default=1, help="measure every cell this many times, the load order flipped each round")
@@ -189,6 +191,7 @@ def plan_devmap(args, ckpt, topo, features, cap, prompt):
     base = [args.devmap, "plan", ckpt, "--max-memory", max_memory_spec(cap, args.cpu)]
     base += ["--topology", topo] if topo else []
     base += workload_flags(features, prompt, args.new_tokens)
+    base += shlex.split(getattr(args, "devmap_args", ""))
 
     def run(extra):
         r = subprocess.run(base + extra, capture_output=True, text=True)
