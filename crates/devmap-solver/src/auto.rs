@@ -382,12 +382,22 @@ impl Auto {
             };
             out.push((label.to_string(), a, cost));
         }
-        // The bound's own packing, laid along the chain, is often the best start when offloading.
-        if let Some(a) = packing.and_then(|p| packing_start(inst, p)) {
+        // The bound's own packing, laid along the chain, is often the best start when offloading;
+        // streaming what costs least per byte is, when some units cost nothing streamed (an
+        // encoder runs at prefill only) and the packing has nothing to pack.
+        let laid_out = [
+            (
+                "packing bound",
+                packing.and_then(|p| packing_start(inst, p)),
+            ),
+            ("cheapest streamed", cheapest_streamed_start(inst)),
+        ];
+        for (label, a) in laid_out {
+            let Some(a) = a else { continue };
             let a = repair_offload(inst, a, Instant::now() + Duration::from_millis(20));
             if inst.feasible(&a) {
                 let cost = inst.evaluate(&a);
-                out.push(("packing bound".to_string(), a, cost));
+                out.push((label.to_string(), a, cost));
             }
         }
         out
@@ -439,7 +449,8 @@ impl Auto {
         let t0 = Instant::now();
         let (lower, packing) = lower_bound_with_packing(inst);
         trace_phase("bound", t0);
-        if incumbent.is_some_and(|c| self.meets(c, lower)) {
+        // An infinite bound: no placement fits this world.
+        if lower == f64::INFINITY || incumbent.is_some_and(|c| self.meets(c, lower)) {
             return Ok(WorldOutcome::without_plan(lower, false));
         }
         let t0 = Instant::now();
@@ -713,6 +724,84 @@ pub fn repair_offload(inst: &Instance, mut a: Vec<usize>, deadline: Instant) -> 
             return a;
         }
     }
+}
+
+/// A start that streams the units whose streaming costs least per byte, just enough that the
+/// rest fits the GPUs, and lays the rest along the chain over the GPUs in order (pinned units at
+/// their pin). `None` without a main GPU or a streamed device, or when it does not fit; the
+/// caller repairs its offload.
+pub fn cheapest_streamed_start(inst: &Instance) -> Option<Vec<usize>> {
+    let main = inst.main?;
+    let k = inst.devices.len();
+    let streamed: Vec<usize> = (0..k).filter(|&b| inst.is_streamed(b)).collect();
+    let gpus: Vec<usize> = (0..k).filter(|&b| inst.devices[b].is_gpu()).collect();
+    let pin = |i: usize| {
+        let mut allowed = (0..k).filter(|&b| inst.allowed[i][b]);
+        match (allowed.next(), allowed.next()) {
+            (Some(b), None) => Some(b),
+            _ => None,
+        }
+    };
+    let cheapest = |i: usize| {
+        (streamed.iter().copied())
+            .min_by(|&x, &y| inst.cost[i][x].total_cmp(&inst.cost[i][y]))
+            .map(|b| (b, inst.cost[i][b] - inst.cost[i][main]))
+    };
+    let mut a: Vec<usize> = (0..inst.n())
+        .map(|i| pin(i).unwrap_or(usize::MAX))
+        .collect();
+    let mut order: Vec<(f64, usize, usize)> = (0..inst.n())
+        .filter(|&i| a[i] == usize::MAX)
+        .filter_map(|i| cheapest(i).map(|(b, e)| (e / inst.mem[i].max(1) as f64, i, b)))
+        .collect();
+    order.sort_by(|x, y| x.0.total_cmp(&y.0));
+    // Stream in that order until what is left fits the GPUs beside the main GPU's buffer.
+    let room: u64 = gpus.iter().map(|&g| inst.caps[g]).sum();
+    let mut on_gpus: u64 = (0..inst.n())
+        .filter(|&i| a[i] == usize::MAX || inst.devices[a[i]].is_gpu())
+        .map(|i| inst.unit_bytes(i))
+        .sum();
+    let mut buffer = 0u64;
+    for &(_, i, b) in &order {
+        if on_gpus + buffer <= room {
+            break;
+        }
+        a[i] = b;
+        on_gpus -= inst.unit_bytes(i);
+        buffer = buffer.max(inst.stream_buffer(i)) + inst.streamed_bytes_on_main(i);
+    }
+    lay_along_gpus(inst, &mut a, &gpus, buffer)?;
+    inst.feasible(&a).then_some(a)
+}
+
+/// Place every unit of `a` still without a device (`usize::MAX`) on the GPUs in chain order, each
+/// GPU filled before the next (the main GPU keeps `reserve` free); `None` if they do not fit.
+fn lay_along_gpus(inst: &Instance, a: &mut [usize], gpus: &[usize], reserve: u64) -> Option<()> {
+    let mut used: Vec<u64> = vec![0; inst.devices.len()];
+    for (i, &b) in a.iter().enumerate() {
+        if b != usize::MAX {
+            used[b] += inst.unit_bytes_on(i, b);
+        }
+    }
+    let room = |g: usize| {
+        let reserve = if Some(g) == inst.main { reserve } else { 0 };
+        inst.caps[g].saturating_sub(reserve)
+    };
+    let mut current = 0;
+    for (i, slot) in a.iter_mut().enumerate() {
+        if *slot != usize::MAX {
+            continue;
+        }
+        while used[gpus[current]] + inst.unit_bytes_on(i, gpus[current]) > room(gpus[current]) {
+            current += 1;
+            if current == gpus.len() {
+                return None;
+            }
+        }
+        *slot = gpus[current];
+        used[gpus[current]] += inst.unit_bytes_on(i, gpus[current]);
+    }
+    Some(())
 }
 
 /// First-improvement local search over single-unit moves and two-unit swaps, with exact feasibility
