@@ -390,31 +390,35 @@ fn tied_storages(model: &Model, units: &[Unit], sizes: &[u64]) -> Vec<Tie> {
     ties
 }
 
-/// The workload's per-unit KV bytes and the fixed charge of each device that can execute (every
-/// GPU; the cpu when there is no GPU).
+/// The workload's per-unit KV bytes and the fixed charge of a device that executes units (0 and
+/// 0 without a workload).
 fn workload_terms(
     model: &Model,
     units: &[Unit],
-    devices: &[Device],
     workload: Option<&Workload>,
-) -> Result<(Vec<u64>, Vec<u64>), Error> {
+) -> Result<(Vec<u64>, u64), Error> {
     let Some(w) = workload else {
-        return Ok((vec![0; units.len()], vec![0; devices.len()]));
+        return Ok((vec![0; units.len()], 0));
     };
     let terms = WorkloadMemory::new(model, w)?;
     let kv = memory::kv_per_unit(model, units, &terms.kv_layers);
+    Ok((kv, terms.per_executing_device()))
+}
+
+/// The fixed charge `per_executing` on each device that can execute (every GPU; the cpu when
+/// there is no GPU).
+fn fixed_charges(devices: &[Device], per_executing: u64) -> Vec<u64> {
     let any_gpu = devices.iter().any(|d| d.is_gpu());
-    let fixed = devices
+    devices
         .iter()
         .map(|d| {
             if d.is_gpu() || (*d == Device::Cpu && !any_gpu) {
-                terms.per_executing_device()
+                per_executing
             } else {
                 0
             }
         })
-        .collect();
-    Ok((kv, fixed))
+        .collect()
 }
 
 /// Drop cpu and disk from `devices` (and their `room`) when the quantizer rejects maps using
@@ -510,6 +514,100 @@ fn unit_reads_of(model: &Model, units: &[Unit], read_sizes: &[u64], kv: &[u64]) 
         .collect()
 }
 
+/// The parts of an instance that do not depend on the devices: the units, their sizes, reads, KV
+/// cache and streaming buffers, the data flow and the tied storages. `auto` builds them once per
+/// plan and each world's instance from them ([`Instance::from_tables`]): on a 170k-tensor model
+/// they are most of an instance's cost.
+#[derive(Debug, Clone)]
+pub struct UnitTables {
+    units: Vec<Unit>,
+    names: Vec<String>,
+    mem: Vec<u64>,
+    offload_mem: Vec<u64>,
+    tensor_bytes: TensorBytes,
+    quant: Option<RuntimeBytes>,
+    read: Vec<u64>,
+    unit_reads: Vec<UnitRead>,
+    streamed_reads: Vec<UnitRead>,
+    kv: Vec<u64>,
+    /// The workload's charge on each device that executes units.
+    per_executing: u64,
+    stream: Vec<u64>,
+    flows: Vec<Flow>,
+    ties: Vec<Tie>,
+}
+
+impl UnitTables {
+    /// The device-independent parts of `model`'s instances under `opts` (its size rules and
+    /// workload; reserves and pins are per world).
+    pub fn new(model: &Model, opts: &InstanceOptions) -> Result<UnitTables, Error> {
+        let units = units(model);
+        let (read_sizes, tensor_bytes, quant) = sized_tensors(model, opts.rules)?;
+        let (kv, per_executing) = workload_terms(model, &units, opts.workload.as_ref())?;
+        let unit_reads = unit_reads_of(model, &units, &read_sizes, &kv);
+        // Unquantized, streamed units read what resident ones do: no second pass over the tensors.
+        let streamed_reads = if quant.is_some() {
+            unit_reads_of(model, &units, &tensor_bytes.offloaded_read, &kv)
+        } else {
+            unit_reads.clone()
+        };
+        Ok(UnitTables {
+            names: unit_names(model, &units),
+            mem: per_unit(&units, &tensor_bytes.on_gpu),
+            offload_mem: per_unit(&units, &tensor_bytes.offloaded),
+            read: per_unit(&units, &read_sizes),
+            stream: memory::stream_buffers(model, &units, &tensor_bytes.offloaded_read),
+            flows: flows(model, &units),
+            ties: tied_storages(model, &units, &tensor_bytes.on_gpu),
+            units,
+            tensor_bytes,
+            quant,
+            unit_reads,
+            streamed_reads,
+            kv,
+            per_executing,
+        })
+    }
+}
+
+/// One world's devices: which have a budget (the quantizer may drop cpu/disk), the room for
+/// units on each, the fixed charges, and the quantizer's rule when it dropped devices.
+struct WorldDevices {
+    devices: Vec<Device>,
+    caps: Vec<u64>,
+    room: Vec<u64>,
+    load_transient: Vec<u64>,
+    fixed: Vec<u64>,
+    gpu_only_rule: Option<String>,
+}
+
+impl WorldDevices {
+    fn new(
+        tables: &UnitTables,
+        budgets: &MemoryBudgets,
+        opts: &InstanceOptions,
+    ) -> Result<WorldDevices, Error> {
+        let (mut devices, mut room) = candidate_devices(budgets, &opts.reserve)?;
+        let quant = tables.quant.as_ref();
+        let gpu_only_rule = quant.and_then(|q| gpu_only(q, &mut devices, &mut room));
+        let mut fixed = fixed_charges(&devices, tables.per_executing);
+        if opts.workload.is_some() {
+            add_workspace(&mut fixed, &devices, quant);
+        }
+        let (load_transient, caps) =
+            load_caps(&devices, &room, &fixed, &tables.tensor_bytes, &tables.kv);
+        check_pins_allowed(gpu_only_rule.as_ref(), &opts.pins, &devices)?;
+        Ok(WorldDevices {
+            devices,
+            caps,
+            room,
+            load_transient,
+            fixed,
+            gpu_only_rule,
+        })
+    }
+}
+
 impl Instance {
     /// Build the instance for `model` on `budgets`.
     pub fn new(
@@ -518,66 +616,60 @@ impl Instance {
         cost_model: CostModel,
         opts: &InstanceOptions,
     ) -> Result<Instance, Error> {
-        let units = units(model);
-        let (read_sizes, tensor_bytes, quant) = sized_tensors(model, opts.rules)?;
-        let (mut devices, mut room) = candidate_devices(budgets, &opts.reserve)?;
-        let gpu_only_rule = quant
-            .as_ref()
-            .and_then(|q| gpu_only(q, &mut devices, &mut room));
-        let names = unit_names(model, &units);
-        let mem = per_unit(&units, &tensor_bytes.on_gpu);
-        let offload_mem = per_unit(&units, &tensor_bytes.offloaded);
-        let read = per_unit(&units, &read_sizes);
-        let stream = memory::stream_buffers(model, &units, &tensor_bytes.offloaded_read);
-        let (kv, mut fixed) = workload_terms(model, &units, &devices, opts.workload.as_ref())?;
-        if opts.workload.is_some() {
-            add_workspace(&mut fixed, &devices, quant.as_ref());
-        }
-        let (load_transient, caps) = load_caps(&devices, &room, &fixed, &tensor_bytes, &kv);
-        check_pins_allowed(gpu_only_rule.as_ref(), &opts.pins, &devices)?;
-        let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
-        let unit_reads = unit_reads_of(model, &units, &read_sizes, &kv);
-        // Unquantized, streamed units read what resident ones do: no second pass over the tensors.
-        let streamed_reads = if quant.is_some() {
-            unit_reads_of(model, &units, &tensor_bytes.offloaded_read, &kv)
-        } else {
-            unit_reads.clone()
-        };
+        let tables = UnitTables::new(model, opts)?;
+        Instance::from_tables(model, &tables, budgets, cost_model, opts)
+    }
+
+    /// The instance for `model` on `budgets` from its device-independent `tables` (built with the
+    /// same `opts`).
+    pub fn from_tables(
+        model: &Model,
+        tables: &UnitTables,
+        budgets: &MemoryBudgets,
+        cost_model: CostModel,
+        opts: &InstanceOptions,
+    ) -> Result<Instance, Error> {
+        let world = WorldDevices::new(tables, budgets, opts)?;
+        let t = tables;
+        let allowed = pinned_devices(model, &t.units, &t.names, &world.devices, &opts.pins)?;
         // The instance's own scorer (check_map's estimate) reads the same KV cache.
         let cost_model = cost_model.with_workload(model, opts.workload.as_ref())?;
-        let (execs, exec_of, cost) =
-            exec_tables(&cost_model, &devices, &unit_reads, &streamed_reads);
-        let flows = flows(model, &units);
-        let (transfers, next_transfer) = transfers(&cost_model, &execs, &flows, units.len());
-        let ties = tied_storages(model, &units, &tensor_bytes.on_gpu);
+        let (execs, exec_of, cost) = exec_tables(
+            &cost_model,
+            &world.devices,
+            &t.unit_reads,
+            &t.streamed_reads,
+        );
+        let (transfers, next_transfer) = transfers(&cost_model, &execs, &t.flows, t.units.len());
+        let devices = world.devices;
         Ok(Instance {
             main: devices.iter().position(|d| d.is_gpu()),
             cpu: devices.iter().position(|d| *d == Device::Cpu),
             disk: devices.iter().position(|d| *d == Device::Disk),
-            units,
-            names,
-            mem,
-            offload_mem,
-            tensor_bytes,
-            gpu_only_rule,
-            read,
-            unit_reads,
-            streamed_reads,
-            kv,
-            stream,
+            units: t.units.clone(),
+            names: t.names.clone(),
+            mem: t.mem.clone(),
+            offload_mem: t.offload_mem.clone(),
+            tensor_bytes: t.tensor_bytes.clone(),
+            gpu_only_rule: world.gpu_only_rule,
+            read: t.read.clone(),
+            unit_reads: t.unit_reads.clone(),
+            streamed_reads: t.streamed_reads.clone(),
+            kv: t.kv.clone(),
+            stream: t.stream.clone(),
             devices,
-            caps,
-            room,
-            load_transient,
-            fixed,
+            caps: world.caps,
+            room: world.room,
+            load_transient: world.load_transient,
+            fixed: world.fixed,
             allowed,
             cost,
             execs,
             exec_of,
-            flows,
+            flows: t.flows.clone(),
             transfers,
             next_transfer,
-            ties,
+            ties: t.ties.clone(),
             cost_model,
         })
     }
