@@ -312,6 +312,33 @@ pub fn units(model: &Model) -> Vec<Unit> {
     out
 }
 
+/// The modules of a whole unit that hold direct tensors, each as a unit of its own, in execution
+/// (module) order: the granularity accelerate streams a block at (one hook per module with direct
+/// tensors), and the one `auto` may split a no-split block at between the main GPU and cpu/disk.
+/// A childless module is a whole unit; a module with children contributes its direct tensors. A unit
+/// that is already one module's direct tensors (not `whole`) is returned as it is.
+pub fn module_units(model: &Model, unit: &Unit) -> Vec<Unit> {
+    if !unit.whole {
+        return vec![unit.clone()];
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![unit.module];
+    while let Some(id) = stack.pop() {
+        let m = model.module(id);
+        let mut tensors: Vec<TensorId> = m.params.iter().chain(&m.buffers).copied().collect();
+        if !tensors.is_empty() {
+            tensors.sort_unstable();
+            out.push(Unit {
+                module: id,
+                whole: m.children.is_empty(),
+                tensors,
+            });
+        }
+        stack.extend(m.children.iter().rev());
+    }
+    out
+}
+
 impl ModelGraph {
     /// Build the graph; `activation` is the dtype of activations (defaults to the model's first float dtype).
     pub fn build(model: &Model, activation: Option<DType>) -> ModelGraph {

@@ -4,7 +4,9 @@
 
 use devmap_core::cost::{CostModel, Exec, UnitRead};
 use devmap_core::decode::TensorReads;
-use devmap_core::graph::{flows, units, Flow, Unit};
+use std::ops::Range;
+
+use devmap_core::graph::{flows, module_units, units, Flow, FlowKind, Unit};
 use devmap_core::memory::{self, Workload, WorkloadMemory};
 use devmap_core::quant_size::RuntimeBytes;
 use devmap_core::{Device, DeviceMap, MemoryBudgets, Model, SizeRules};
@@ -26,8 +28,14 @@ pub struct Tie {
 /// The placement problem.
 #[derive(Debug, Clone)]
 pub struct Instance {
-    /// Units in execution order.
+    /// Units in execution order: the placement units of [`devmap_core::graph::units`], except that a
+    /// no-split block `auto` may split ([`InstanceOptions::split_blocks`]) is one unit per module
+    /// with direct tensors ([`devmap_core::graph::module_units`]).
     pub units: Vec<Unit>,
+    /// The units of each placement unit of [`devmap_core::graph::units`], in order (one unit,
+    /// or a split block's module units). The block rule ([`Instance::blocks_hold`]): a block's
+    /// units share one GPU, or all lie on the main GPU, cpu and disk.
+    pub blocks: Vec<Range<usize>>,
     /// A display name per unit.
     pub names: Vec<String>,
     /// Bytes each unit adds to its device's memory (tied duplicates excluded).
@@ -145,6 +153,71 @@ pub struct InstanceOptions {
     pub pins: Vec<(String, Device)>,
     /// Size rules (target dtype).
     pub rules: SizeRules,
+    /// Let a no-split block lie partly on the main GPU and partly on cpu/disk, at module
+    /// granularity (accelerate executes cpu/disk modules on the main GPU, so the block's residual
+    /// stream stays on one device). Only where the instance has a GPU and cpu or disk, and only for
+    /// blocks of at most [`MAX_SPLIT_MODULES`] modules with direct tensors.
+    pub split_blocks: bool,
+}
+
+/// The most modules with direct tensors a block may have for `auto` to split it (wider blocks, an
+/// MoE layer's experts, stay whole: thousands of units would slow every step of the search).
+pub const MAX_SPLIT_MODULES: usize = 32;
+
+/// The units of an instance from the placement units `blocks`: each splittable block replaced by
+/// its module units (`split`: whether this instance splits any), with the range of units of each.
+fn refine_units(model: &Model, blocks: &[Unit], split: bool) -> (Vec<Unit>, Vec<Range<usize>>) {
+    let mut units = Vec::with_capacity(blocks.len());
+    let mut ranges = Vec::with_capacity(blocks.len());
+    for block in blocks {
+        let start = units.len();
+        let parts = if split && block.whole {
+            module_units(model, block)
+        } else {
+            Vec::new()
+        };
+        if (2..=MAX_SPLIT_MODULES).contains(&parts.len()) {
+            units.extend(parts);
+        } else {
+            units.push(block.clone());
+        }
+        ranges.push(start..units.len());
+    }
+    (units, ranges)
+}
+
+/// Per-block values (KV bytes) on the instance's units: each block's on its first unit (where its
+/// attention runs with the rest of the block, on one execution device).
+fn spread_to_first(per_block: &[u64], blocks: &[Range<usize>], n: usize) -> Vec<u64> {
+    let mut out = vec![0; n];
+    for (v, r) in per_block.iter().zip(blocks) {
+        out[r.start] = *v;
+    }
+    out
+}
+
+/// The data-flow edges between blocks carried onto the instance's units (from a block's last unit
+/// to the next one's first), plus a residual edge between consecutive units of a split block. The
+/// block rule puts all of a block's units on one execution device, so those inner edges cost
+/// nothing on any feasible assignment; they keep the chain a chain for the DP and the bound.
+fn refined_flows(block_flows: &[Flow], blocks: &[Range<usize>]) -> Vec<Flow> {
+    let mut out: Vec<Flow> = block_flows
+        .iter()
+        .map(|f| Flow {
+            from: blocks[f.from].end - 1,
+            to: blocks[f.to].start,
+            kind: f.kind,
+        })
+        .collect();
+    for r in blocks.iter().filter(|r| r.len() > 1) {
+        out.extend((r.start..r.end - 1).map(|i| Flow {
+            from: i,
+            to: i + 1,
+            kind: FlowKind::Residual,
+        }));
+    }
+    out.sort_by_key(|f| (f.to, f.from));
+    out
 }
 
 /// Part of a unit on one device (a map may divide a unit that is not a no-split block).
@@ -182,6 +255,11 @@ impl Usage {
     pub fn total(&self, b: usize) -> u64 {
         self.weights[b] + self.overhead[b]
     }
+}
+
+/// Whether splitting a block can change a plan: a GPU executes, and cpu or disk can stream.
+fn splits_can_pay(devices: &[Device]) -> bool {
+    devices.iter().any(|d| d.is_gpu()) && devices.iter().any(|d| !d.is_gpu())
 }
 
 /// The devices with a budget, in budget order, and each one's budget minus `--reserve`.
@@ -381,15 +459,17 @@ fn tied_storages(model: &Model, units: &[Unit], sizes: &[u64]) -> Vec<Tie> {
 /// GPU; the cpu when there is no GPU).
 fn workload_terms(
     model: &Model,
-    units: &[Unit],
+    (block_units, blocks, n): (&[Unit], &[Range<usize>], usize),
     devices: &[Device],
     workload: Option<&Workload>,
 ) -> Result<(Vec<u64>, Vec<u64>), Error> {
     let Some(w) = workload else {
-        return Ok((vec![0; units.len()], vec![0; devices.len()]));
+        return Ok((vec![0; n], vec![0; devices.len()]));
     };
     let terms = WorkloadMemory::new(model, w)?;
-    let kv = memory::kv_per_unit(model, units, &terms.kv_layers);
+    // Decoder layers are recognised among the blocks, not their module units.
+    let per_block = memory::kv_per_unit(model, block_units, &terms.kv_layers);
+    let kv = spread_to_first(&per_block, blocks, n);
     let any_gpu = devices.iter().any(|d| d.is_gpu());
     let fixed = devices
         .iter()
@@ -474,18 +554,25 @@ impl Instance {
         cost_model: CostModel,
         opts: &InstanceOptions,
     ) -> Result<Instance, Error> {
-        let units = units(model);
         let (read_sizes, tensor_bytes, quant) = sized_tensors(model, opts.rules)?;
         let (mut devices, mut room) = candidate_devices(budgets, &opts.reserve)?;
         let gpu_only_rule = quant
             .as_ref()
             .and_then(|q| gpu_only(q, &mut devices, &mut room));
+        let block_units = units(model);
+        let split = opts.split_blocks && splits_can_pay(&devices);
+        let (units, blocks) = refine_units(model, &block_units, split);
         let names = unit_names(model, &units);
         let mem = per_unit(&units, &tensor_bytes.on_gpu);
         let offload_mem = per_unit(&units, &tensor_bytes.offloaded);
         let read = per_unit(&units, &read_sizes);
         let stream = memory::stream_buffers(model, &units, &tensor_bytes.offloaded_read);
-        let (kv, mut fixed) = workload_terms(model, &units, &devices, opts.workload.as_ref())?;
+        let (kv, mut fixed) = workload_terms(
+            model,
+            (&block_units, &blocks, units.len()),
+            &devices,
+            opts.workload.as_ref(),
+        )?;
         if opts.workload.is_some() {
             add_workspace(&mut fixed, &devices, quant.as_ref());
         }
@@ -507,7 +594,7 @@ impl Instance {
         let cost_model = cost_model.with_workload(model, opts.workload.as_ref())?;
         let (execs, exec_of, cost) =
             exec_tables(&cost_model, &devices, &unit_reads, &streamed_reads);
-        let flows = flows(model, &units);
+        let flows = refined_flows(&flows(model, &block_units), &blocks);
         let (transfers, next_transfer) = transfers(&cost_model, &execs, &flows, units.len());
         let ties = tied_storages(model, &units, &tensor_bytes.on_gpu);
         Ok(Instance {
@@ -515,6 +602,7 @@ impl Instance {
             cpu: devices.iter().position(|d| *d == Device::Cpu),
             disk: devices.iter().position(|d| *d == Device::Disk),
             units,
+            blocks,
             names,
             mem,
             offload_mem,
@@ -720,7 +808,50 @@ impl Instance {
         }
     }
 
-    /// Whether an assignment respects pins, capacities and the main-GPU rule.
+    /// The block rule: the units of a split block (see [`Instance::blocks`]) either all sit on one
+    /// GPU that is not the main GPU, or all sit on the main GPU, cpu and disk (which all execute on
+    /// the main GPU). A block is never divided across two GPUs, nor between another GPU and the
+    /// host, where its residual stream would cross devices inside the block.
+    pub fn blocks_hold(&self, a: &[usize]) -> bool {
+        self.split_blocks().all(|r| {
+            let mut off_main = r.clone().map(|i| a[i]).filter(|&b| !self.in_main_domain(b));
+            match off_main.next() {
+                Some(g) => r.clone().all(|i| a[i] == g),
+                None => true,
+            }
+        })
+    }
+
+    /// Whether row `b` is the main GPU, cpu or disk: the devices a block may be split across.
+    pub fn in_main_domain(&self, b: usize) -> bool {
+        Some(b) == self.main || !self.devices[b].is_gpu()
+    }
+
+    /// The unit ranges of the blocks this instance splits into several units.
+    pub fn split_blocks(&self) -> impl Iterator<Item = &Range<usize>> {
+        self.blocks.iter().filter(|r| r.len() > 1)
+    }
+
+    /// Whether the block rule restricts anything: a block is split and a GPU besides the main one
+    /// can hold units. Then the contiguous DP, which does not know the rule, is only a start.
+    pub fn block_rule_binds(&self) -> bool {
+        self.split_blocks().next().is_some()
+            && (0..self.devices.len()).any(|b| !self.in_main_domain(b))
+    }
+
+    /// The units that move with unit `i` when it moves to row `b`: its whole block when `b` is a GPU
+    /// other than the main one (the block rule), else unit `i` alone.
+    pub fn moving_with(&self, i: usize, b: usize) -> Range<usize> {
+        if self.in_main_domain(b) {
+            return i..i + 1;
+        }
+        (self.blocks.iter())
+            .find(|r| r.contains(&i))
+            .cloned()
+            .unwrap_or(i..i + 1)
+    }
+
+    /// Whether an assignment respects pins, capacities, the main-GPU rule and the block rule.
     pub fn feasible(&self, a: &[usize]) -> bool {
         if a.len() != self.n()
             || a.iter()
@@ -729,7 +860,7 @@ impl Instance {
         {
             return false;
         }
-        if !self.main_rule_holds(a) {
+        if !self.main_rule_holds(a) || !self.blocks_hold(a) {
             return false;
         }
         let u = self.usage(a);
