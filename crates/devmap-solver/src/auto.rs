@@ -46,8 +46,9 @@ pub struct AutoOptions {
     /// Relative gap at which HiGHS stops.
     pub mip_rel_gap: f64,
     /// Let a streamed no-split block be split at module granularity between the main GPU and
-    /// cpu/disk ([`InstanceOptions::split_blocks`]; on by default, docs/strategies.md, "Split
-    /// blocks"). Off: every no-split block is one unit.
+    /// cpu/disk ([`InstanceOptions::split_blocks`]; docs/strategies.md, "Split blocks"). Off by
+    /// default: the finer units find faster plans when layers are streamed, but the bound rarely
+    /// certifies them and HiGHS can run to the time limit. Off: every no-split block is one unit.
     pub split_blocks: bool,
 }
 
@@ -61,7 +62,7 @@ impl Default for AutoOptions {
             pins: Vec::new(),
             time_limit: Duration::from_secs(10),
             mip_rel_gap: 5e-4,
-            split_blocks: true,
+            split_blocks: false,
         }
     }
 }

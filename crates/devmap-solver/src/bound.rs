@@ -562,7 +562,9 @@ fn pack(
         + (bins.bins[bins.gpu_bins..].iter())
             .map(|(_, c, s)| *c as f64 * s)
             .sum::<f64>();
-    let saving = (big_saving + fluid as f64 * best_rate).min(cap_saving);
+    let saving = (big_saving + fluid as f64 * best_rate)
+        .min(cap_saving)
+        .min(fractional_saving(bins, sink_rate, free_bytes));
     let packing = Packing {
         bins: bins.bins.iter().map(|b| b.0).collect(),
         classes: big.iter().map(|(size, _)| *size).collect(),
@@ -573,6 +575,25 @@ fn pack(
         (sink_rate * free_bytes as f64 - saving).max(0.0),
         Some(packing),
     )
+}
+
+/// The largest saving of any placement with units taken as fluid: `free_bytes` poured into the
+/// bins in order of saving per byte (the GPUs together first, at the sink's rate, up to what they
+/// can hold of the free units). Every placement saves at most this (a fractional knapsack), so it
+/// caps the knapsack's `big + fluid × best rate` when the fluid part is large (a split block's
+/// module units are many small classes the exact knapsack leaves fluid).
+fn fractional_saving(bins: &Bins, sink_rate: f64, free_bytes: u64) -> f64 {
+    let gpu_caps: u64 = bins.bins[..bins.gpu_bins].iter().map(|b| b.1).sum();
+    let mut fills: Vec<(u64, f64)> = vec![(gpu_caps.min(bins.gpu_total), sink_rate)];
+    fills.extend(bins.bins[bins.gpu_bins..].iter().map(|&(_, c, s)| (c, s)));
+    fills.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let (mut left, mut saving) = (free_bytes, 0.0);
+    for (cap, rate) in fills {
+        let take = cap.min(left);
+        saving += take as f64 * rate.max(0.0);
+        left -= take;
+    }
+    saving
 }
 
 /// An exact multiple knapsack over a few size classes: states are count vectors (mixed radix).

@@ -155,7 +155,8 @@ pub struct InstanceOptions {
     pub rules: SizeRules,
     /// Let a no-split block lie partly on the main GPU and partly on cpu/disk, at module
     /// granularity (accelerate executes cpu/disk modules on the main GPU, so the block's residual
-    /// stream stays on one device). Only where the instance has a GPU and cpu or disk, and only for
+    /// stream stays on one device). Only where the instance has a GPU and cpu or disk and every plan
+    /// streams something (a pin onto cpu/disk, or more bytes than the GPUs hold), and only for
     /// blocks of at most [`MAX_SPLIT_MODULES`] modules with direct tensors.
     pub split_blocks: bool,
 }
@@ -255,6 +256,25 @@ impl Usage {
     pub fn total(&self, b: usize) -> u64 {
         self.weights[b] + self.overhead[b]
     }
+}
+
+/// Whether every plan streams something: a pin onto cpu/disk, or more weights and KV cache than the
+/// GPUs' capacities hold. Only then does `auto` split blocks (a plan that streams nothing keeps
+/// every block on one GPU under the block rule anyway, and the finer units slow the search).
+fn must_stream(
+    block_units: &[Unit],
+    bytes: &TensorBytes,
+    block_kv: &[u64],
+    (devices, caps): (&[Device], &[u64]),
+    opts: &InstanceOptions,
+) -> bool {
+    let need: u64 = per_unit(block_units, &bytes.on_gpu).iter().sum::<u64>()
+        + block_kv.iter().sum::<u64>();
+    let gpu_caps: u64 = (devices.iter().zip(caps))
+        .filter(|(d, _)| d.is_gpu())
+        .map(|(_, c)| *c)
+        .sum();
+    need > gpu_caps || opts.pins.iter().any(|(_, d)| !d.is_gpu())
 }
 
 /// Whether splitting a block can change a plan: a GPU executes, and cpu or disk can stream.
@@ -455,21 +475,20 @@ fn tied_storages(model: &Model, units: &[Unit], sizes: &[u64]) -> Vec<Tie> {
     ties
 }
 
-/// The workload's per-unit KV bytes and the fixed charge of each device that can execute (every
-/// GPU; the cpu when there is no GPU).
+/// The workload's KV bytes per placement unit of [`devmap_core::graph::units`] (decoder layers are
+/// recognised among those, not among a split block's module units) and the fixed charge of each
+/// device that can execute (every GPU; the cpu when there is no GPU).
 fn workload_terms(
     model: &Model,
-    (block_units, blocks, n): (&[Unit], &[Range<usize>], usize),
+    block_units: &[Unit],
     devices: &[Device],
     workload: Option<&Workload>,
 ) -> Result<(Vec<u64>, Vec<u64>), Error> {
     let Some(w) = workload else {
-        return Ok((vec![0; n], vec![0; devices.len()]));
+        return Ok((vec![0; block_units.len()], vec![0; devices.len()]));
     };
     let terms = WorkloadMemory::new(model, w)?;
-    // Decoder layers are recognised among the blocks, not their module units.
-    let per_block = memory::kv_per_unit(model, block_units, &terms.kv_layers);
-    let kv = spread_to_first(&per_block, blocks, n);
+    let kv = memory::kv_per_unit(model, block_units, &terms.kv_layers);
     let any_gpu = devices.iter().any(|d| d.is_gpu());
     let fixed = devices
         .iter()
@@ -560,27 +579,26 @@ impl Instance {
             .as_ref()
             .and_then(|q| gpu_only(q, &mut devices, &mut room));
         let block_units = units(model);
-        let split = opts.split_blocks && splits_can_pay(&devices);
+        let (block_kv, mut fixed) =
+            workload_terms(model, &block_units, &devices, opts.workload.as_ref())?;
+        if opts.workload.is_some() {
+            add_workspace(&mut fixed, &devices, quant.as_ref());
+        }
+        let caps: Vec<u64> = room
+            .iter()
+            .zip(&fixed)
+            .map(|(r, f)| r.saturating_sub(*f))
+            .collect();
+        let split = opts.split_blocks
+            && splits_can_pay(&devices)
+            && must_stream(&block_units, &tensor_bytes, &block_kv, (&devices, &caps), opts);
         let (units, blocks) = refine_units(model, &block_units, split);
+        let kv = spread_to_first(&block_kv, &blocks, units.len());
         let names = unit_names(model, &units);
         let mem = per_unit(&units, &tensor_bytes.on_gpu);
         let offload_mem = per_unit(&units, &tensor_bytes.offloaded);
         let read = per_unit(&units, &read_sizes);
         let stream = memory::stream_buffers(model, &units, &tensor_bytes.offloaded_read);
-        let (kv, mut fixed) = workload_terms(
-            model,
-            (&block_units, &blocks, units.len()),
-            &devices,
-            opts.workload.as_ref(),
-        )?;
-        if opts.workload.is_some() {
-            add_workspace(&mut fixed, &devices, quant.as_ref());
-        }
-        let caps = room
-            .iter()
-            .zip(&fixed)
-            .map(|(r, f)| r.saturating_sub(*f))
-            .collect();
         check_pins_allowed(gpu_only_rule.as_ref(), &opts.pins, &devices)?;
         let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
         let unit_reads = unit_reads_of(model, &units, &read_sizes, &kv);

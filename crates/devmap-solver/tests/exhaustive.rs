@@ -304,6 +304,7 @@ fn random_case(seed: u64) -> Case {
     let budgets = random_budgets(&mut rng, s);
     let mut options = AutoOptions {
         mip_rel_gap: 0.0,
+        split_blocks: true,
         ..AutoOptions::default()
     };
     let mut what = Vec::new();
