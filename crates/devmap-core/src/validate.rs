@@ -294,7 +294,12 @@ pub fn validate(
     }
     // A no-split module may lie across the main GPU (the lowest GPU the map uses), cpu and disk:
     // accelerate executes cpu/disk modules on the main GPU, so the block runs on one device.
-    let main = devices.iter().flatten().filter(|d| d.is_gpu()).min().copied();
+    let main = devices
+        .iter()
+        .flatten()
+        .filter(|d| d.is_gpu())
+        .min()
+        .copied();
     let on_main_side = |d: &Device| !d.is_gpu() || Some(*d) == main;
     for (m, mut ds) in spans {
         if ds.len() > 1 && !ds.iter().all(on_main_side) {
@@ -439,8 +444,14 @@ mod tests {
     #[test]
     fn a_block_may_lie_across_the_main_gpu_cpu_and_disk_only() {
         // GPU 1 is the main GPU here (the lowest the map uses).
-        assert_eq!(split_errors(r#"{"layers.0.a": 1, "layers.0.b": "cpu", "layers.1": 2}"#), []);
-        assert_eq!(split_errors(r#"{"layers.0.a": "disk", "layers.0.b": "cpu", "layers.1": 0}"#), []);
+        assert_eq!(
+            split_errors(r#"{"layers.0.a": 1, "layers.0.b": "cpu", "layers.1": 2}"#),
+            []
+        );
+        assert_eq!(
+            split_errors(r#"{"layers.0.a": "disk", "layers.0.b": "cpu", "layers.1": 0}"#),
+            []
+        );
         let across = |devices: Vec<Device>| {
             vec![Problem::SplitNoSplit {
                 module: "layers.0".into(),

@@ -133,8 +133,12 @@ impl HostPrefix {
 
     /// `(bytes, seconds)` of `[s, t)`, or `None` when a unit in it may not use the device.
     fn stretch(&self, s: usize, t: usize) -> Option<(u64, f64)> {
-        (self.barred[t] == self.barred[s])
-            .then(|| (self.bytes[t] - self.bytes[s], self.seconds[t] - self.seconds[s]))
+        (self.barred[t] == self.barred[s]).then(|| {
+            (
+                self.bytes[t] - self.bytes[s],
+                self.seconds[t] - self.seconds[s],
+            )
+        })
     }
 }
 
@@ -153,10 +157,15 @@ impl Tail {
         let mut disk_reserve = vec![0u64; n + 1];
         let mut disk_kv = vec![0u64; n + 1];
         // Without a GPU the cpu executes the disk units and holds their KV cache.
-        let cpu_runs_disk = matches!((inst.cpu, inst.disk), (Some(c), Some(d)) if inst.exec_row(d) == c);
+        let cpu_runs_disk =
+            matches!((inst.cpu, inst.disk), (Some(c), Some(d)) if inst.exec_row(d) == c);
         for i in (0..n).rev() {
             disk_reserve[i] = disk_reserve[i + 1].max(inst.stream_buffer(i));
-            let kv = if cpu_runs_disk { inst.streamed_bytes_on_main(i) } else { 0 };
+            let kv = if cpu_runs_disk {
+                inst.streamed_bytes_on_main(i)
+            } else {
+                0
+            };
             disk_kv[i] = disk_kv[i + 1] + kv;
         }
         Tail {

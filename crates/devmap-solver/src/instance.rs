@@ -268,8 +268,8 @@ fn must_stream(
     (devices, caps): (&[Device], &[u64]),
     opts: &InstanceOptions,
 ) -> bool {
-    let need: u64 = per_unit(block_units, &bytes.on_gpu).iter().sum::<u64>()
-        + block_kv.iter().sum::<u64>();
+    let need: u64 =
+        per_unit(block_units, &bytes.on_gpu).iter().sum::<u64>() + block_kv.iter().sum::<u64>();
     let gpu_caps: u64 = (devices.iter().zip(caps))
         .filter(|(d, _)| d.is_gpu())
         .map(|(_, c)| *c)
@@ -591,7 +591,13 @@ impl Instance {
             .collect();
         let split = opts.split_blocks
             && splits_can_pay(&devices)
-            && must_stream(&block_units, &tensor_bytes, &block_kv, (&devices, &caps), opts);
+            && must_stream(
+                &block_units,
+                &tensor_bytes,
+                &block_kv,
+                (&devices, &caps),
+                opts,
+            );
         let (units, blocks) = refine_units(model, &block_units, split);
         let kv = spread_to_first(&block_kv, &blocks, units.len());
         let names = unit_names(model, &units);

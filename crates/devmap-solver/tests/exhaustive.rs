@@ -104,13 +104,21 @@ fn decoder_only(rng: &mut Rng) -> Model {
     let mut left = 6; // units left for the layers
     let scale = size_scale(rng);
     let embed = unit_elems(rng, scale).max(64);
-    let mut b = ModelBuilder::new(if split { "exhaustive-split" } else { "exhaustive" })
-        .hidden_size(Some(64))
-        .module("model.embed_tokens", "Embedding")
-        .param("model.embed_tokens.weight", DType::F16, &[embed]);
+    let mut b = ModelBuilder::new(if split {
+        "exhaustive-split"
+    } else {
+        "exhaustive"
+    })
+    .hidden_size(Some(64))
+    .module("model.embed_tokens", "Embedding")
+    .param("model.embed_tokens.weight", DType::F16, &[embed]);
     let mut layers = 0;
     while left > 0 && (layers == 0 || rng.chance(70)) {
-        let parts = if split { (2 + rng.below(2)).min(left) } else { 1 };
+        let parts = if split {
+            (2 + rng.below(2)).min(left)
+        } else {
+            1
+        };
         let name = format!("model.layers.{layers}");
         b = b.module(name.clone(), "DecoderLayer");
         for part in &LAYER_PARTS[..parts as usize] {

@@ -74,11 +74,21 @@ fn split_blocks_use_the_idle_gpu_room() {
         let split = Auto::new(split_opts.clone()).plan(&req).unwrap();
         let (w, s) = (whole.solve.unwrap(), split.solve.clone().unwrap());
         assert_eq!(s.status(), "optimal", "{cap}: {}", s.detail);
-        assert!(s.bound_seconds <= s.objective_seconds * (1.0 + 1e-9), "{cap}");
+        assert!(
+            s.bound_seconds <= s.objective_seconds * (1.0 + 1e-9),
+            "{cap}"
+        );
         // The whole-block plan is one plan of the finer space (within the solver's gap).
-        assert!(s.objective_seconds <= w.objective_seconds * (1.0 + 5e-4), "{cap}");
+        assert!(
+            s.objective_seconds <= w.objective_seconds * (1.0 + 5e-4),
+            "{cap}"
+        );
         let checked = check_map(&m, &split.map, Some(&budgets), &split_opts, None).unwrap();
-        assert!(checked.valid() && checked.fits, "{cap}: {:?}", checked.problems());
+        assert!(
+            checked.valid() && checked.fits,
+            "{cap}: {:?}",
+            checked.problems()
+        );
         let est = checked.estimate.objective_seconds;
         assert!((est - s.objective_seconds).abs() <= 1e-9 * est, "{cap}");
         let split_layers = split_layer_keys(&split.map);
