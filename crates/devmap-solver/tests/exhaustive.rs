@@ -18,7 +18,7 @@ use devmap_core::{
 };
 use devmap_solver::auto::{bound_holds, lower_bound, main_candidates};
 use devmap_solver::instance::Instance;
-use devmap_solver::{dp, Auto, AutoOptions, PlanRequest, Strategy};
+use devmap_solver::{check_map, dp, Auto, AutoOptions, PlanRequest, Strategy};
 
 /// xorshift64*: a seeded generator, so a failure names its case and replays.
 struct Rng(u64);
@@ -589,6 +589,24 @@ fn check_case(case: &Case) -> (Vec<String>, bool) {
             let report = validate(&case.model, &plan.map, None, plan.size_rules);
             if !report.is_valid() {
                 fail(format!("invalid map {:?}: {:?}", plan.map, report.problems));
+            }
+            let checked = check_map(
+                &case.model,
+                &plan.map,
+                Some(&case.budgets),
+                &case.options,
+                None,
+            )
+            .expect("check runs");
+            if !checked.fits || !close(checked.estimate.objective_seconds, solve.objective_seconds)
+            {
+                fail(format!(
+                    "check: fits {} estimate {} for {:?} (auto {})",
+                    checked.fits,
+                    checked.estimate.objective_seconds,
+                    plan.map,
+                    solve.objective_seconds
+                ));
             }
             let used = main_of(&plan.map);
             if used != solve.main_gpu {
