@@ -261,15 +261,8 @@ impl Usage {
 /// Whether every plan streams something: a pin onto cpu/disk, or more weights and KV cache than the
 /// GPUs' capacities hold. Only then does `auto` split blocks (a plan that streams nothing keeps
 /// every block on one GPU under the block rule anyway, and the finer units slow the search).
-fn must_stream(
-    block_units: &[Unit],
-    bytes: &TensorBytes,
-    block_kv: &[u64],
-    (devices, caps): (&[Device], &[u64]),
-    opts: &InstanceOptions,
-) -> bool {
-    let need: u64 =
-        per_unit(block_units, &bytes.on_gpu).iter().sum::<u64>() + block_kv.iter().sum::<u64>();
+fn must_stream(whole: &UnitSet, devices: &[Device], caps: &[u64], opts: &InstanceOptions) -> bool {
+    let need: u64 = whole.mem.iter().sum::<u64>() + whole.kv.iter().sum::<u64>();
     let gpu_caps: u64 = (devices.iter().zip(caps))
         .filter(|(d, _)| d.is_gpu())
         .map(|(_, c)| *c)
@@ -475,32 +468,35 @@ fn tied_storages(model: &Model, units: &[Unit], sizes: &[u64]) -> Vec<Tie> {
     ties
 }
 
-/// The workload's KV bytes per placement unit of [`devmap_core::graph::units`] (decoder layers are
-/// recognised among those, not among a split block's module units) and the fixed charge of each
-/// device that can execute (every GPU; the cpu when there is no GPU).
+/// The workload's per-unit KV bytes and the fixed charge of a device that executes units (0 and
+/// 0 without a workload).
 fn workload_terms(
     model: &Model,
-    block_units: &[Unit],
-    devices: &[Device],
+    units: &[Unit],
     workload: Option<&Workload>,
-) -> Result<(Vec<u64>, Vec<u64>), Error> {
+) -> Result<(Vec<u64>, u64), Error> {
     let Some(w) = workload else {
-        return Ok((vec![0; block_units.len()], vec![0; devices.len()]));
+        return Ok((vec![0; units.len()], 0));
     };
     let terms = WorkloadMemory::new(model, w)?;
-    let kv = memory::kv_per_unit(model, block_units, &terms.kv_layers);
+    let kv = memory::kv_per_unit(model, units, &terms.kv_layers);
+    Ok((kv, terms.per_executing_device()))
+}
+
+/// The fixed charge `per_executing` on each device that can execute (every GPU; the cpu when
+/// there is no GPU).
+fn fixed_charges(devices: &[Device], per_executing: u64) -> Vec<u64> {
     let any_gpu = devices.iter().any(|d| d.is_gpu());
-    let fixed = devices
+    devices
         .iter()
         .map(|d| {
             if d.is_gpu() || (*d == Device::Cpu && !any_gpu) {
-                terms.per_executing_device()
+                per_executing
             } else {
                 0
             }
         })
-        .collect();
-    Ok((kv, fixed))
+        .collect()
 }
 
 /// Drop cpu and disk from `devices` (and their `room`) when the quantizer rejects maps using
@@ -565,6 +561,145 @@ fn unit_reads_of(model: &Model, units: &[Unit], read_sizes: &[u64], kv: &[u64]) 
         .collect()
 }
 
+/// The parts of an instance that do not depend on the devices: the units, their sizes, reads, KV
+/// cache and streaming buffers, the data flow and the tied storages. `auto` builds them once per
+/// plan and each world's instance from them ([`Instance::from_tables`]): on a 170k-tensor model
+/// they are most of an instance's cost.
+#[derive(Debug, Clone)]
+pub struct UnitTables {
+    /// Every no-split block one unit.
+    whole: UnitSet,
+    /// Splittable blocks as module units ([`InstanceOptions::split_blocks`]; `None` when off or
+    /// when no block splits). A world uses it only where every plan streams ([`must_stream`]).
+    split: Option<UnitSet>,
+}
+
+/// The device-independent tables of one choice of units.
+#[derive(Debug, Clone)]
+struct UnitSet {
+    units: Vec<Unit>,
+    blocks: Vec<Range<usize>>,
+    names: Vec<String>,
+    mem: Vec<u64>,
+    offload_mem: Vec<u64>,
+    tensor_bytes: TensorBytes,
+    quant: Option<RuntimeBytes>,
+    read: Vec<u64>,
+    unit_reads: Vec<UnitRead>,
+    streamed_reads: Vec<UnitRead>,
+    kv: Vec<u64>,
+    /// The workload's charge on each device that executes units.
+    per_executing: u64,
+    stream: Vec<u64>,
+    flows: Vec<Flow>,
+    ties: Vec<Tie>,
+}
+
+impl UnitTables {
+    /// The device-independent parts of `model`'s instances under `opts` (its size rules, workload
+    /// and `split_blocks`; reserves and pins are per world).
+    pub fn new(model: &Model, opts: &InstanceOptions) -> Result<UnitTables, Error> {
+        let block_units = units(model);
+        let whole = UnitSet::new(model, opts, &block_units, false)?;
+        let split = if opts.split_blocks {
+            Some(UnitSet::new(model, opts, &block_units, true)?)
+                .filter(|t| t.blocks.iter().any(|r| r.len() > 1))
+        } else {
+            None
+        };
+        Ok(UnitTables { whole, split })
+    }
+
+    /// The units a world of `devices` with room `caps` plans with: the split set where it splits
+    /// blocks (a GPU and cpu/disk, and every plan streams), else every block whole.
+    fn for_world(&self, devices: &[Device], caps: &[u64], opts: &InstanceOptions) -> &UnitSet {
+        match &self.split {
+            Some(split)
+                if splits_can_pay(devices) && must_stream(&self.whole, devices, caps, opts) =>
+            {
+                split
+            }
+            _ => &self.whole,
+        }
+    }
+}
+
+impl UnitSet {
+    fn new(
+        model: &Model,
+        opts: &InstanceOptions,
+        block_units: &[Unit],
+        split: bool,
+    ) -> Result<UnitSet, Error> {
+        let (read_sizes, tensor_bytes, quant) = sized_tensors(model, opts.rules)?;
+        // Decoder layers are recognised among the blocks, not their module units.
+        let (block_kv, per_executing) = workload_terms(model, block_units, opts.workload.as_ref())?;
+        let (units, blocks) = refine_units(model, block_units, split);
+        let kv = spread_to_first(&block_kv, &blocks, units.len());
+        let unit_reads = unit_reads_of(model, &units, &read_sizes, &kv);
+        // Unquantized, streamed units read what resident ones do: no second pass over the tensors.
+        let streamed_reads = if quant.is_some() {
+            unit_reads_of(model, &units, &tensor_bytes.offloaded_read, &kv)
+        } else {
+            unit_reads.clone()
+        };
+        Ok(UnitSet {
+            names: unit_names(model, &units),
+            mem: per_unit(&units, &tensor_bytes.on_gpu),
+            offload_mem: per_unit(&units, &tensor_bytes.offloaded),
+            read: per_unit(&units, &read_sizes),
+            stream: memory::stream_buffers(model, &units, &tensor_bytes.offloaded_read),
+            flows: refined_flows(&flows(model, block_units), &blocks),
+            ties: tied_storages(model, &units, &tensor_bytes.on_gpu),
+            units,
+            blocks,
+            tensor_bytes,
+            quant,
+            unit_reads,
+            streamed_reads,
+            kv,
+            per_executing,
+        })
+    }
+}
+
+/// One world's devices: which have a budget (the quantizer may drop cpu/disk), the room for
+/// units on each, the fixed charges, and the quantizer's rule when it dropped devices.
+struct WorldDevices {
+    devices: Vec<Device>,
+    caps: Vec<u64>,
+    fixed: Vec<u64>,
+    gpu_only_rule: Option<String>,
+}
+
+impl WorldDevices {
+    fn new(
+        tables: &UnitTables,
+        budgets: &MemoryBudgets,
+        opts: &InstanceOptions,
+    ) -> Result<WorldDevices, Error> {
+        let (mut devices, mut room) = candidate_devices(budgets, &opts.reserve)?;
+        let quant = tables.whole.quant.as_ref();
+        let gpu_only_rule = quant.and_then(|q| gpu_only(q, &mut devices, &mut room));
+        let mut fixed = fixed_charges(&devices, tables.whole.per_executing);
+        if opts.workload.is_some() {
+            add_workspace(&mut fixed, &devices, quant);
+        }
+        let caps = room
+            .iter()
+            .zip(&fixed)
+            .map(|(r, f)| r.saturating_sub(*f))
+            .collect();
+        check_pins_allowed(gpu_only_rule.as_ref(), &opts.pins, &devices)?;
+        Ok(WorldDevices {
+            devices,
+            caps,
+            fixed,
+            gpu_only_rule,
+        })
+    }
+}
+
 impl Instance {
     /// Build the instance for `model` on `budgets`.
     pub fn new(
@@ -573,81 +708,59 @@ impl Instance {
         cost_model: CostModel,
         opts: &InstanceOptions,
     ) -> Result<Instance, Error> {
-        let (read_sizes, tensor_bytes, quant) = sized_tensors(model, opts.rules)?;
-        let (mut devices, mut room) = candidate_devices(budgets, &opts.reserve)?;
-        let gpu_only_rule = quant
-            .as_ref()
-            .and_then(|q| gpu_only(q, &mut devices, &mut room));
-        let block_units = units(model);
-        let (block_kv, mut fixed) =
-            workload_terms(model, &block_units, &devices, opts.workload.as_ref())?;
-        if opts.workload.is_some() {
-            add_workspace(&mut fixed, &devices, quant.as_ref());
-        }
-        let caps: Vec<u64> = room
-            .iter()
-            .zip(&fixed)
-            .map(|(r, f)| r.saturating_sub(*f))
-            .collect();
-        let split = opts.split_blocks
-            && splits_can_pay(&devices)
-            && must_stream(
-                &block_units,
-                &tensor_bytes,
-                &block_kv,
-                (&devices, &caps),
-                opts,
-            );
-        let (units, blocks) = refine_units(model, &block_units, split);
-        let kv = spread_to_first(&block_kv, &blocks, units.len());
-        let names = unit_names(model, &units);
-        let mem = per_unit(&units, &tensor_bytes.on_gpu);
-        let offload_mem = per_unit(&units, &tensor_bytes.offloaded);
-        let read = per_unit(&units, &read_sizes);
-        let stream = memory::stream_buffers(model, &units, &tensor_bytes.offloaded_read);
-        check_pins_allowed(gpu_only_rule.as_ref(), &opts.pins, &devices)?;
-        let allowed = pinned_devices(model, &units, &names, &devices, &opts.pins)?;
-        let unit_reads = unit_reads_of(model, &units, &read_sizes, &kv);
-        // Unquantized, streamed units read what resident ones do: no second pass over the tensors.
-        let streamed_reads = if quant.is_some() {
-            unit_reads_of(model, &units, &tensor_bytes.offloaded_read, &kv)
-        } else {
-            unit_reads.clone()
-        };
+        let tables = UnitTables::new(model, opts)?;
+        Instance::from_tables(model, &tables, budgets, cost_model, opts)
+    }
+
+    /// The instance for `model` on `budgets` from its device-independent `tables` (built with the
+    /// same `opts`).
+    pub fn from_tables(
+        model: &Model,
+        tables: &UnitTables,
+        budgets: &MemoryBudgets,
+        cost_model: CostModel,
+        opts: &InstanceOptions,
+    ) -> Result<Instance, Error> {
+        let world = WorldDevices::new(tables, budgets, opts)?;
+        let t = tables.for_world(&world.devices, &world.caps, opts);
+        let allowed = pinned_devices(model, &t.units, &t.names, &world.devices, &opts.pins)?;
         // The instance's own scorer (check_map's estimate) reads the same KV cache.
         let cost_model = cost_model.with_workload(model, opts.workload.as_ref())?;
-        let (execs, exec_of, cost) =
-            exec_tables(&cost_model, &devices, &unit_reads, &streamed_reads);
-        let flows = refined_flows(&flows(model, &block_units), &blocks);
-        let (transfers, next_transfer) = transfers(&cost_model, &execs, &flows, units.len());
-        let ties = tied_storages(model, &units, &tensor_bytes.on_gpu);
+        let (execs, exec_of, cost) = exec_tables(
+            &cost_model,
+            &world.devices,
+            &t.unit_reads,
+            &t.streamed_reads,
+        );
+        let (transfers, next_transfer) = transfers(&cost_model, &execs, &t.flows, t.units.len());
+        let devices = world.devices;
         Ok(Instance {
             main: devices.iter().position(|d| d.is_gpu()),
             cpu: devices.iter().position(|d| *d == Device::Cpu),
             disk: devices.iter().position(|d| *d == Device::Disk),
-            units,
-            blocks,
-            names,
-            mem,
-            offload_mem,
-            tensor_bytes,
-            gpu_only_rule,
-            read,
-            unit_reads,
-            streamed_reads,
-            kv,
-            stream,
+            units: t.units.clone(),
+            blocks: t.blocks.clone(),
+            names: t.names.clone(),
+            mem: t.mem.clone(),
+            offload_mem: t.offload_mem.clone(),
+            tensor_bytes: t.tensor_bytes.clone(),
+            gpu_only_rule: world.gpu_only_rule,
+            read: t.read.clone(),
+            unit_reads: t.unit_reads.clone(),
+            streamed_reads: t.streamed_reads.clone(),
+            kv: t.kv.clone(),
+            stream: t.stream.clone(),
             devices,
-            caps,
-            fixed,
+            caps: world.caps,
+            fixed: world.fixed,
             allowed,
             cost,
             execs,
             exec_of,
-            flows,
+            flows: t.flows.clone(),
             transfers,
             next_transfer,
-            ties,
+            ties: t.ties.clone(),
             cost_model,
         })
     }

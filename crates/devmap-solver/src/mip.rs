@@ -87,6 +87,10 @@ pub struct MipResult {
 }
 
 const SCALE: f64 = 1e6; // seconds -> microseconds
+/// The share HiGHS' dual bound is lowered by before it is reported: HiGHS proves it up to its
+/// tolerances, and a hair below keeps it a bound. `auto` allows as much when it judges a plan
+/// optimal, or an optimum HiGHS proved with a zero gap would read "feasible".
+pub const DUAL_BOUND_SLACK: f64 = 1e-10;
 /// HiGHS' integrality (and integer-column bound) tolerance. At its default, 1e-6, a binary may sit
 /// 1e-6 off 0 or 1 (even at −4e-7), and HiGHS' dual bound and its "optimal" incumbent are those of
 /// that relaxed model. Since the cost model charges fixed per-unit seconds (per-tensor copy
@@ -732,8 +736,7 @@ fn read_solution(
     let mut result = MipResult {
         assignment: None,
         objective_seconds: f64::INFINITY,
-        // HiGHS proves its bound up to its tolerances: a hair below keeps it a bound.
-        bound_seconds: bound_scaled / SCALE * (1.0 - 1e-10),
+        bound_seconds: bound_scaled / SCALE * (1.0 - DUAL_BOUND_SLACK),
         gap: f64::INFINITY,
         status: format!("{status:?}"),
         optimal: matches!(status, highs::HighsModelStatus::Optimal),

@@ -563,9 +563,11 @@ fn check_case(case: &Case) -> (Vec<String>, bool) {
             }
             if solve.status() != "optimal" {
                 fail(format!(
-                    "status {} with a zero gap target ({})",
+                    "status {} with a zero gap target ({}): objective {}, bound {}",
                     solve.status(),
-                    solve.detail
+                    solve.detail,
+                    solve.objective_seconds,
+                    solve.bound_seconds
                 ));
             }
             // The independent scorer: the core cost model on the emitted map, main device taken
@@ -674,5 +676,130 @@ fn auto_and_its_bound_match_exhaustive_enumeration() {
     assert!(
         split_optima as u64 * 40 >= cases,
         "only {split_optima} of {cases} optima split a block"
+    );
+}
+
+/// A decoder-only chain whose layers hold 1–6 tensors in 1–3 modules (so per-tensor copy latency
+/// and per-module hooks make some units dearer per byte than others), on one GPU + cpu + disk
+/// budgets tight enough that both cpu and disk often stream: the regime of the bound's fixed-part
+/// term and per-class knapsack (`Tiers::fixed_extra`, `ClassCosts` in bound.rs). KV cache,
+/// unequal links, reserves and pins at times.
+fn streaming_case(seed: u64) -> Case {
+    let mut rng = Rng(seed.wrapping_mul(0xd134_2543_de82_ef95) | 1);
+    let layers = 2 + rng.below(5);
+    let scale = size_scale(&mut rng);
+    let mut b = ModelBuilder::new("exhaustive-streaming")
+        .hidden_size(Some(64))
+        .module("model.embed_tokens", "Embedding")
+        .param(
+            "model.embed_tokens.weight",
+            DType::F16,
+            &[unit_elems(&mut rng, scale).max(64)],
+        );
+    for i in 0..layers {
+        let layer = format!("model.layers.{i}");
+        b = b.module(layer.clone(), "DecoderLayer");
+        for m in 0..1 + rng.below(3) {
+            let module = format!("{layer}.m{m}");
+            b = b.module(module.clone(), "Linear");
+            for t in 0..1 + rng.below(2) {
+                let elems = unit_elems(&mut rng, scale);
+                b = b.param(format!("{module}.w{t}"), DType::F16, &[elems]);
+            }
+        }
+    }
+    let model = b
+        .module("lm_head", "Linear")
+        .param("lm_head.weight", DType::F16, &[unit_elems(&mut rng, scale)])
+        .no_split_classes(vec!["DecoderLayer".into()])
+        .config(config(layers))
+        .build()
+        .unwrap();
+    let s = model.total_bytes(SizeRules::default());
+    let frac = |rng: &mut Rng, lo: u64, hi: u64| s * (lo + rng.below(hi - lo)) / 100;
+    let budgets = MemoryBudgets::new([
+        (Device::Gpu(0), frac(&mut rng, 10, 70)),
+        (Device::Cpu, frac(&mut rng, 10, 70)),
+        (Device::Disk, frac(&mut rng, 100, 300)),
+    ])
+    .unwrap();
+    let mut options = AutoOptions {
+        mip_rel_gap: 0.0,
+        ..AutoOptions::default()
+    };
+    let mut what = Vec::new();
+    if rng.chance(25) {
+        let per_token = 2 * KV_HEADS * HEAD_DIM * 2;
+        let seq = (rng.size(s / 40 + 1, s / 3 + 2) / per_token).max(1);
+        options = options.kv_cache(Some(KvCacheSpec {
+            batch: 1,
+            seq,
+            dtype: None,
+        }));
+        what.push(format!("kv seq={seq}"));
+    }
+    if rng.chance(50) {
+        options.topology = unequal_topology(&mut rng);
+        what.push("unequal topology".into());
+    }
+    if rng.chance(15) {
+        let device = [Device::Gpu(0), Device::Cpu, Device::Disk][rng.below(3) as usize];
+        let key = format!("model.layers.{}", rng.below(layers));
+        what.push(format!("pin {key}={device}"));
+        options.pins.push((key, device));
+    }
+    if rng.chance(15) {
+        let device = [Device::Gpu(0), Device::Cpu][rng.below(2) as usize];
+        let bytes = budgets.get(device).unwrap_or(0) / (2 + rng.below(8));
+        options.reserve.push((device, bytes));
+        what.push(format!("reserve {device}={bytes}"));
+    }
+    let what = format!(
+        "streaming seed {seed}: {} layers, budgets {:?}; {}",
+        layers,
+        budgets.to_json(),
+        what.join(", ")
+    );
+    Case {
+        model,
+        budgets,
+        options,
+        what,
+    }
+}
+
+#[test]
+fn the_bound_holds_where_cpu_and_disk_stream_multi_tensor_layers() {
+    let cases: u64 = std::env::var("DEVMAP_EXHAUSTIVE_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let mut failures = Vec::new();
+    // Cases where cpu and disk both stream in the optimum: the regime under test must occur.
+    let mut both_streamed = 0;
+    for seed in 0..cases {
+        let case = streaming_case(seed);
+        let f = std::panic::catch_unwind(|| check_case(&case).0).unwrap_or_else(|e| {
+            let why = (e.downcast_ref::<String>().cloned())
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            vec![format!("{}: panicked: {why}", case.what)]
+        });
+        failures.extend(f);
+        let req = PlanRequest::new(&case.model, &case.budgets);
+        if let Ok(plan) = Auto::new(case.options.clone()).plan(&req) {
+            let on = |d: Device| plan.map.entries().iter().any(|(_, x)| *x == d);
+            both_streamed += usize::from(on(Device::Cpu) && on(Device::Disk));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures in {cases} cases:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        both_streamed as u64 >= cases / 10,
+        "only {both_streamed} of {cases} cases stream from both cpu and disk"
     );
 }
