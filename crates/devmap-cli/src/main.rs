@@ -135,6 +135,11 @@ struct SolveArgs {
     /// Time limit for `auto`'s whole solve, seconds (the best plan found and its proven gap are returned).
     #[arg(long = "time-limit", default_value_t = 10.0)]
     time_limit: f64,
+    /// Let `auto` split a streamed no-split block at module granularity between the main GPU and
+    /// cpu/disk (`true`/`false`; docs/strategies.md, "Split blocks").
+    #[arg(long = "split-blocks", value_name = "BOOL", action = clap::ArgAction::Set,
+          default_value_t = AutoOptions::default().split_blocks)]
+    split_blocks: bool,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -468,6 +473,7 @@ fn auto_options(
         );
     }
     o.time_limit = Duration::from_secs_f64(solve.time_limit);
+    o.split_blocks = solve.split_blocks;
     Ok((o, workload))
 }
 

@@ -226,3 +226,56 @@ fn runtime_pinned_streams_offloaded_layers_over_the_pinned_link() {
         accelerate
     );
 }
+
+/// `--split-blocks true`: the plan names a layer's modules when it splits the layer between the
+/// main GPU and cpu (faster than the whole-block plan), and `devmap check` accepts and scores that
+/// map at the plan's estimate.
+#[test]
+fn split_block_maps_plan_and_check() {
+    let plan_with =
+        |split: &str| json_of(&plan(&["--split-blocks", split, "--format", "plan-json"]));
+    let (whole, split) = (plan_with("false"), plan_with("true"));
+    let est = |v: &Value| v["estimate_ms_per_token"].as_f64().unwrap();
+    assert!(
+        est(&split) < est(&whole),
+        "{} !< {}",
+        est(&split),
+        est(&whole)
+    );
+    let map = split["device_map"].as_object().unwrap();
+    let module_keys: Vec<&String> = (map.keys())
+        .filter(|k| k.split('.').count() > 3 && k.starts_with("model.layers."))
+        .collect();
+    assert!(!module_keys.is_empty(), "no layer is split: {map:?}");
+    assert!(whole["device_map"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .all(|k| k.split('.').count() <= 3));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("map.json");
+    std::fs::write(&path, split["device_map"].to_string()).unwrap();
+    let m = llama();
+    let checked = devmap(&[
+        "check",
+        m.as_str(),
+        "--map",
+        path.to_str().unwrap(),
+        "--max-memory",
+        BUDGETS,
+        "--format",
+        "json",
+    ]);
+    let v = json_of(&checked);
+    assert_eq!(
+        (v["valid"].clone(), v["fits"].clone()),
+        (Value::Bool(true), Value::Bool(true)),
+        "{v}"
+    );
+    let scored = v["estimate_ms_per_token"].as_f64().unwrap();
+    assert!(
+        (scored - est(&split)).abs() <= 1e-9 * scored,
+        "{scored} vs {}",
+        est(&split)
+    );
+}

@@ -312,6 +312,33 @@ pub fn units(model: &Model) -> Vec<Unit> {
     out
 }
 
+/// The modules of a whole unit that hold direct tensors, each as a unit of its own, in execution
+/// (module) order: the granularity accelerate streams a block at (one hook per module with direct
+/// tensors), and the one `auto` may split a no-split block at between the main GPU and cpu/disk.
+/// A childless module is a whole unit; a module with children contributes its direct tensors. A unit
+/// that is already one module's direct tensors (not `whole`) is returned as it is.
+pub fn module_units(model: &Model, unit: &Unit) -> Vec<Unit> {
+    if !unit.whole {
+        return vec![unit.clone()];
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![unit.module];
+    while let Some(id) = stack.pop() {
+        let m = model.module(id);
+        let mut tensors: Vec<TensorId> = m.params.iter().chain(&m.buffers).copied().collect();
+        if !tensors.is_empty() {
+            tensors.sort_unstable();
+            out.push(Unit {
+                module: id,
+                whole: m.children.is_empty(),
+                tensors,
+            });
+        }
+        stack.extend(m.children.iter().rev());
+    }
+    out
+}
+
 impl ModelGraph {
     /// Build the graph; `activation` is the dtype of activations (defaults to the model's first float dtype).
     pub fn build(model: &Model, activation: Option<DType>) -> ModelGraph {
@@ -371,6 +398,43 @@ impl ModelGraph {
 mod tests {
     use super::*;
     use crate::model::ModelBuilder;
+
+    #[test]
+    fn module_units_are_a_blocks_modules_with_direct_tensors() {
+        let m = ModelBuilder::new("t")
+            .module("layers.0", "Block")
+            .module("layers.0.attn", "Attention")
+            .module("layers.0.attn.q", "Linear")
+            .module("layers.0.attn.k", "Linear")
+            .module("layers.0.mlp", "Linear")
+            .param("layers.0.scale", DType::F16, &[2])
+            .param("layers.0.attn.q.weight", DType::F16, &[2, 2])
+            .param("layers.0.attn.q.bias", DType::F16, &[2])
+            .param("layers.0.attn.k.weight", DType::F16, &[2, 2])
+            .param("layers.0.mlp.weight", DType::F16, &[2, 2])
+            .no_split_classes(vec!["Block".into()])
+            .build()
+            .unwrap();
+        let block = &units(&m)[0];
+        let parts = module_units(&m, block);
+        let named: Vec<(&str, bool, usize)> = (parts.iter())
+            .map(|u| (m.module(u.module).name.as_str(), u.whole, u.tensors.len()))
+            .collect();
+        // `attn` holds no tensor of its own; the block's direct `scale` is a part, not whole.
+        assert_eq!(
+            named,
+            [
+                ("layers.0", false, 1),
+                ("layers.0.attn.q", true, 2),
+                ("layers.0.attn.k", true, 1),
+                ("layers.0.mlp", true, 1)
+            ]
+        );
+        let mut all: Vec<TensorId> = parts.iter().flat_map(|u| u.tensors.clone()).collect();
+        all.sort_unstable();
+        assert_eq!(all, block.tensors);
+        assert_eq!(module_units(&m, &parts[0]), vec![parts[0].clone()]);
+    }
 
     #[test]
     fn units_follow_no_split_and_leaves() {

@@ -28,7 +28,8 @@ pub enum Problem {
         /// How many there are.
         count: usize,
     },
-    /// A no-split module whose tensors are on several devices.
+    /// A no-split module whose tensors are on several devices other than the main GPU, cpu and disk
+    /// (a split across those three is allowed: they all execute on the main GPU).
     SplitNoSplit {
         /// The module.
         module: String,
@@ -280,7 +281,8 @@ pub fn validate(
             count: uncovered.len(),
         });
     }
-    // No-split modules: every tensor under the outermost no-split module on one device.
+    // No-split modules: every tensor under the outermost no-split module on one device, or on the
+    // main GPU, cpu and disk.
     let mut spans: BTreeMap<ModuleId, Vec<Device>> = BTreeMap::new();
     for (id, t) in model.tensors().iter().enumerate() {
         if let (Some(ns), Some(d)) = (model.no_split_ancestor(t.module), devices[id]) {
@@ -290,8 +292,17 @@ pub fn validate(
             }
         }
     }
+    // A no-split module may lie across the main GPU (the lowest GPU the map uses), cpu and disk:
+    // accelerate executes cpu/disk modules on the main GPU, so the block runs on one device.
+    let main = devices
+        .iter()
+        .flatten()
+        .filter(|d| d.is_gpu())
+        .min()
+        .copied();
+    let on_main_side = |d: &Device| !d.is_gpu() || Some(*d) == main;
     for (m, mut ds) in spans {
-        if ds.len() > 1 {
+        if ds.len() > 1 && !ds.iter().all(on_main_side) {
             ds.sort();
             problems.push(Problem::SplitNoSplit {
                 module: model.module(m).name.clone(),
@@ -403,6 +414,58 @@ mod tests {
         let nothing = DeviceMap::from_json_str("{}").unwrap();
         let none = tensor_devices(&model, &nothing);
         assert_eq!(neighbour_device(&model, &none, uncovered[0]), None);
+    }
+
+    /// A no-split block of two linears beside another layer.
+    fn two_layers() -> Model {
+        ModelBuilder::new("t")
+            .module("layers.0", "Block")
+            .module("layers.0.a", "Linear")
+            .module("layers.0.b", "Linear")
+            .module("layers.1", "Block")
+            .param("layers.0.a.weight", DType::F32, &[4])
+            .param("layers.0.b.weight", DType::F32, &[4])
+            .param("layers.1.weight", DType::F32, &[4])
+            .no_split_classes(vec!["Block".into()])
+            .build()
+            .unwrap()
+    }
+
+    fn split_errors(map: &str) -> Vec<Problem> {
+        let map = DeviceMap::from_json_str(map).unwrap();
+        let report = validate(&two_layers(), &map, None, SizeRules::default());
+        report
+            .errors()
+            .filter(|p| matches!(p, Problem::SplitNoSplit { .. }))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn a_block_may_lie_across_the_main_gpu_cpu_and_disk_only() {
+        // GPU 1 is the main GPU here (the lowest the map uses).
+        assert_eq!(
+            split_errors(r#"{"layers.0.a": 1, "layers.0.b": "cpu", "layers.1": 2}"#),
+            []
+        );
+        assert_eq!(
+            split_errors(r#"{"layers.0.a": "disk", "layers.0.b": "cpu", "layers.1": 0}"#),
+            []
+        );
+        let across = |devices: Vec<Device>| {
+            vec![Problem::SplitNoSplit {
+                module: "layers.0".into(),
+                devices,
+            }]
+        };
+        assert_eq!(
+            split_errors(r#"{"layers.0.a": 1, "layers.0.b": "cpu", "layers.1": 0}"#),
+            across(vec![Device::Gpu(1), Device::Cpu])
+        );
+        assert_eq!(
+            split_errors(r#"{"layers.0.a": 0, "layers.0.b": 1, "layers.1": 0}"#),
+            across(vec![Device::Gpu(0), Device::Gpu(1)])
+        );
     }
 
     #[test]

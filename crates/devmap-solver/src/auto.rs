@@ -46,6 +46,11 @@ pub struct AutoOptions {
     pub time_limit: Duration,
     /// Relative gap at which HiGHS stops.
     pub mip_rel_gap: f64,
+    /// Let a streamed no-split block be split at module granularity between the main GPU and
+    /// cpu/disk ([`InstanceOptions::split_blocks`]; docs/strategies.md, "Split blocks"). Off by
+    /// default: the finer units find faster plans when layers are streamed, but the bound rarely
+    /// certifies them and HiGHS can run to the time limit. Off: every no-split block is one unit.
+    pub split_blocks: bool,
 }
 
 impl Default for AutoOptions {
@@ -58,6 +63,7 @@ impl Default for AutoOptions {
             pins: Vec::new(),
             time_limit: Duration::from_secs(10),
             mip_rel_gap: 5e-4,
+            split_blocks: false,
         }
     }
 }
@@ -91,6 +97,11 @@ impl AutoOptions {
     /// Pin a module or tensor to a device.
     pub fn pin(mut self, key: impl Into<String>, device: Device) -> Self {
         self.pins.push((key.into(), device));
+        self
+    }
+    /// Whether streamed blocks may be split (see [`AutoOptions::split_blocks`]).
+    pub fn split_blocks(mut self, on: bool) -> Self {
+        self.split_blocks = on;
         self
     }
     /// Time limit (see [`AutoOptions::time_limit`]).
@@ -302,6 +313,7 @@ impl Auto {
                 target_dtype: req.target_dtype,
                 bool_as_bits: false,
             },
+            split_blocks: self.options.split_blocks,
         }
     }
 
@@ -375,10 +387,12 @@ impl Auto {
     fn own_starts(&self, inst: &Instance, packing: Option<&Packing>) -> Vec<Start> {
         let mut out = Vec::new();
         if let Some((a, cost)) = dp::solve_contiguous(inst) {
-            let label = if inst.is_chain() {
-                "contiguous DP"
-            } else {
+            let label = if !inst.is_chain() {
                 "contiguous DP (a start only: the data flow is not a chain)"
+            } else if inst.block_rule_binds() {
+                "contiguous DP (a start only: split blocks on several GPUs)"
+            } else {
+                "contiguous DP"
             };
             out.push((label.to_string(), a, cost));
         }
@@ -701,22 +715,28 @@ pub fn repair_offload(inst: &Instance, mut a: Vec<usize>, deadline: Instant) -> 
             if Instant::now() > deadline {
                 return a;
             }
+            if inst.devices[a[i]].is_gpu() {
+                continue; // moved with its block
+            }
             let mut best: Option<(f64, usize)> = None;
-            for g in
-                (0..inst.devices.len()).filter(|&g| inst.devices[g].is_gpu() && inst.allowed[i][g])
-            {
-                let from = a[i];
-                a[i] = g;
+            for g in (0..inst.devices.len()).filter(|&g| inst.devices[g].is_gpu()) {
+                // Onto another GPU than the main one a split block moves whole (the block rule).
+                let moving = inst.moving_with(i, g);
+                if moving.clone().any(|j| !inst.allowed[j][g]) {
+                    continue;
+                }
+                let from: Vec<usize> = a[moving.clone()].to_vec();
+                a[moving.clone()].fill(g);
                 if inst.feasible(&a) {
                     let c = inst.evaluate(&a);
                     if best.is_none_or(|b| c < b.0) {
                         best = Some((c, g));
                     }
                 }
-                a[i] = from;
+                a[moving].copy_from_slice(&from);
             }
             if let Some((_, g)) = best.filter(|(c, _)| *c <= limit) {
-                a[i] = g;
+                a[inst.moving_with(i, g)].fill(g);
                 moved = true;
             }
         }

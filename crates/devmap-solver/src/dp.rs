@@ -70,6 +70,7 @@ fn best_split(
         suffix_read_max[i] = suffix_read_max[i + 1].max(inst.stream_buffer(i));
         suffix_kv[i] = suffix_kv[i + 1] + inst.streamed_bytes_on_main(i);
     }
+    let tail = Tail::new(inst);
     let mut best: Option<Split> = None;
     for s in 0..=n {
         let streamed = s < n;
@@ -94,10 +95,10 @@ fn best_split(
             continue;
         };
         for t in s..=n {
-            let Some(tail) = tail_cost(inst, s, t) else {
+            let Some(tail_seconds) = tail_cost(inst, &tail, s, t) else {
                 continue;
             };
-            let cost = gpu_cost + tail;
+            let cost = gpu_cost + tail_seconds;
             if best.is_none_or(|b| cost < b.0) {
                 best = Some((cost, s, t, reduction, end));
             }
@@ -106,35 +107,97 @@ fn best_split(
     best
 }
 
+/// Prefix sums over the units for one host device (cpu or disk): bytes, seconds and disallowed
+/// units of `[0, i)`, so a stretch's totals cost O(1) (the DP tries every `(s, t)`).
+struct HostPrefix {
+    bytes: Vec<u64>,
+    seconds: Vec<f64>,
+    barred: Vec<usize>,
+}
+
+impl HostPrefix {
+    fn new(inst: &Instance, row: usize) -> HostPrefix {
+        let n = inst.n();
+        let mut p = HostPrefix {
+            bytes: vec![0; n + 1],
+            seconds: vec![0.0; n + 1],
+            barred: vec![0; n + 1],
+        };
+        for i in 0..n {
+            p.bytes[i + 1] = p.bytes[i] + inst.unit_bytes_on(i, row);
+            p.seconds[i + 1] = p.seconds[i] + inst.cost[i][row];
+            p.barred[i + 1] = p.barred[i] + usize::from(!inst.allowed[i][row]);
+        }
+        p
+    }
+
+    /// `(bytes, seconds)` of `[s, t)`, or `None` when a unit in it may not use the device.
+    fn stretch(&self, s: usize, t: usize) -> Option<(u64, f64)> {
+        (self.barred[t] == self.barred[s]).then(|| {
+            (
+                self.bytes[t] - self.bytes[s],
+                self.seconds[t] - self.seconds[s],
+            )
+        })
+    }
+}
+
+/// What [`tail_cost`] reads: per host device its prefix sums, and per start `t` of the disk part
+/// the cpu's reserve for it (the largest disk unit's buffer) and, without a GPU, its KV cache.
+struct Tail {
+    cpu: Option<(usize, HostPrefix)>,
+    disk: Option<(usize, HostPrefix)>,
+    disk_reserve: Vec<u64>,
+    disk_kv: Vec<u64>,
+}
+
+impl Tail {
+    fn new(inst: &Instance) -> Tail {
+        let n = inst.n();
+        let mut disk_reserve = vec![0u64; n + 1];
+        let mut disk_kv = vec![0u64; n + 1];
+        // Without a GPU the cpu executes the disk units and holds their KV cache.
+        let cpu_runs_disk =
+            matches!((inst.cpu, inst.disk), (Some(c), Some(d)) if inst.exec_row(d) == c);
+        for i in (0..n).rev() {
+            disk_reserve[i] = disk_reserve[i + 1].max(inst.stream_buffer(i));
+            let kv = if cpu_runs_disk {
+                inst.streamed_bytes_on_main(i)
+            } else {
+                0
+            };
+            disk_kv[i] = disk_kv[i + 1] + kv;
+        }
+        Tail {
+            cpu: inst.cpu.map(|c| (c, HostPrefix::new(inst, c))),
+            disk: inst.disk.map(|d| (d, HostPrefix::new(inst, d))),
+            disk_reserve,
+            disk_kv,
+        }
+    }
+}
+
 /// Cost of cpu taking [s, t) and disk taking [t, n), with transfers inside that stretch, or None if
 /// it does not fit.
-fn tail_cost(inst: &Instance, s: usize, t: usize) -> Option<f64> {
+fn tail_cost(inst: &Instance, tail: &Tail, s: usize, t: usize) -> Option<f64> {
     let n = inst.n();
     if t > s && inst.cpu.is_none() || t < n && inst.disk.is_none() {
         return None;
     }
-    let disk_reserve = (t..n).map(|i| inst.stream_buffer(i)).max().unwrap_or(0);
-    // Without a GPU the cpu executes the disk units and holds their KV cache.
-    let disk_kv: u64 = match (inst.cpu, inst.disk) {
-        (Some(c), Some(d)) if inst.exec_row(d) == c => {
-            (t..n).map(|i| inst.streamed_bytes_on_main(i)).sum()
-        }
-        _ => 0,
-    };
     let mut cost = 0.0;
-    if let Some(c) = inst.cpu {
-        let mem: u64 = (s..t).map(|i| inst.unit_bytes_on(i, c)).sum();
-        if mem + disk_reserve + disk_kv > inst.caps[c] || (s..t).any(|i| !inst.allowed[i][c]) {
+    if let Some((c, prefix)) = &tail.cpu {
+        let (mem, seconds) = prefix.stretch(s, t)?;
+        if mem + tail.disk_reserve[t] + tail.disk_kv[t] > inst.caps[*c] {
             return None;
         }
-        cost += (s..t).map(|i| inst.cost[i][c]).sum::<f64>();
+        cost += seconds;
     }
-    if let Some(d) = inst.disk {
-        let mem: u64 = (t..n).map(|i| inst.unit_bytes_on(i, d)).sum();
-        if mem > inst.caps[d] || (t..n).any(|i| !inst.allowed[i][d]) {
+    if let Some((d, prefix)) = &tail.disk {
+        let (mem, seconds) = prefix.stretch(t, n)?;
+        if mem > inst.caps[*d] {
             return None;
         }
-        cost += (t..n).map(|i| inst.cost[i][d]).sum::<f64>();
+        cost += seconds;
         // cpu and disk execute on the same device, so no transfer between them.
     }
     Some(cost)

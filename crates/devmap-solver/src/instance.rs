@@ -4,7 +4,9 @@
 
 use devmap_core::cost::{CostModel, Exec, UnitRead};
 use devmap_core::decode::TensorReads;
-use devmap_core::graph::{flows, units, Flow, Unit};
+use std::ops::Range;
+
+use devmap_core::graph::{flows, module_units, units, Flow, FlowKind, Unit};
 use devmap_core::memory::{self, Workload, WorkloadMemory};
 use devmap_core::quant_size::RuntimeBytes;
 use devmap_core::{Device, DeviceMap, MemoryBudgets, Model, SizeRules};
@@ -26,8 +28,14 @@ pub struct Tie {
 /// The placement problem.
 #[derive(Debug, Clone)]
 pub struct Instance {
-    /// Units in execution order.
+    /// Units in execution order: the placement units of [`devmap_core::graph::units`], except that a
+    /// no-split block `auto` may split ([`InstanceOptions::split_blocks`]) is one unit per module
+    /// with direct tensors ([`devmap_core::graph::module_units`]).
     pub units: Vec<Unit>,
+    /// The units of each placement unit of [`devmap_core::graph::units`], in order (one unit,
+    /// or a split block's module units). The block rule ([`Instance::blocks_hold`]): a block's
+    /// units share one GPU, or all lie on the main GPU, cpu and disk.
+    pub blocks: Vec<Range<usize>>,
     /// A display name per unit.
     pub names: Vec<String>,
     /// Bytes each unit adds to its device's memory (tied duplicates excluded).
@@ -158,6 +166,72 @@ pub struct InstanceOptions {
     pub pins: Vec<(String, Device)>,
     /// Size rules (target dtype).
     pub rules: SizeRules,
+    /// Let a no-split block lie partly on the main GPU and partly on cpu/disk, at module
+    /// granularity (accelerate executes cpu/disk modules on the main GPU, so the block's residual
+    /// stream stays on one device). Only where the instance has a GPU and cpu or disk and every plan
+    /// streams something (a pin onto cpu/disk, or more bytes than the GPUs hold), and only for
+    /// blocks of at most [`MAX_SPLIT_MODULES`] modules with direct tensors.
+    pub split_blocks: bool,
+}
+
+/// The most modules with direct tensors a block may have for `auto` to split it (wider blocks, an
+/// MoE layer's experts, stay whole: thousands of units would slow every step of the search).
+pub const MAX_SPLIT_MODULES: usize = 32;
+
+/// The units of an instance from the placement units `blocks`: each splittable block replaced by
+/// its module units (`split`: whether this instance splits any), with the range of units of each.
+fn refine_units(model: &Model, blocks: &[Unit], split: bool) -> (Vec<Unit>, Vec<Range<usize>>) {
+    let mut units = Vec::with_capacity(blocks.len());
+    let mut ranges = Vec::with_capacity(blocks.len());
+    for block in blocks {
+        let start = units.len();
+        let parts = if split && block.whole {
+            module_units(model, block)
+        } else {
+            Vec::new()
+        };
+        if (2..=MAX_SPLIT_MODULES).contains(&parts.len()) {
+            units.extend(parts);
+        } else {
+            units.push(block.clone());
+        }
+        ranges.push(start..units.len());
+    }
+    (units, ranges)
+}
+
+/// Per-block values (KV bytes) on the instance's units: each block's on its first unit (where its
+/// attention runs with the rest of the block, on one execution device).
+fn spread_to_first(per_block: &[u64], blocks: &[Range<usize>], n: usize) -> Vec<u64> {
+    let mut out = vec![0; n];
+    for (v, r) in per_block.iter().zip(blocks) {
+        out[r.start] = *v;
+    }
+    out
+}
+
+/// The data-flow edges between blocks carried onto the instance's units (from a block's last unit
+/// to the next one's first), plus a residual edge between consecutive units of a split block. The
+/// block rule puts all of a block's units on one execution device, so those inner edges cost
+/// nothing on any feasible assignment; they keep the chain a chain for the DP and the bound.
+fn refined_flows(block_flows: &[Flow], blocks: &[Range<usize>]) -> Vec<Flow> {
+    let mut out: Vec<Flow> = block_flows
+        .iter()
+        .map(|f| Flow {
+            from: blocks[f.from].end - 1,
+            to: blocks[f.to].start,
+            kind: f.kind,
+        })
+        .collect();
+    for r in blocks.iter().filter(|r| r.len() > 1) {
+        out.extend((r.start..r.end - 1).map(|i| Flow {
+            from: i,
+            to: i + 1,
+            kind: FlowKind::Residual,
+        }));
+    }
+    out.sort_by_key(|f| (f.to, f.from));
+    out
 }
 
 /// Part of a unit on one device (a map may divide a unit that is not a no-split block).
@@ -195,6 +269,23 @@ impl Usage {
     pub fn total(&self, b: usize) -> u64 {
         self.weights[b] + self.overhead[b]
     }
+}
+
+/// Whether every plan streams something: a pin onto cpu/disk, or more weights and KV cache than the
+/// GPUs' capacities hold. Only then does `auto` split blocks (a plan that streams nothing keeps
+/// every block on one GPU under the block rule anyway, and the finer units slow the search).
+fn must_stream(whole: &UnitSet, devices: &[Device], caps: &[u64], opts: &InstanceOptions) -> bool {
+    let need: u64 = whole.mem.iter().sum::<u64>() + whole.kv.iter().sum::<u64>();
+    let gpu_caps: u64 = (devices.iter().zip(caps))
+        .filter(|(d, _)| d.is_gpu())
+        .map(|(_, c)| *c)
+        .sum();
+    need > gpu_caps || opts.pins.iter().any(|(_, d)| !d.is_gpu())
+}
+
+/// Whether splitting a block can change a plan: a GPU executes, and cpu or disk can stream.
+fn splits_can_pay(devices: &[Device]) -> bool {
+    devices.iter().any(|d| d.is_gpu()) && devices.iter().any(|d| !d.is_gpu())
 }
 
 /// The devices with a budget, in budget order, and each one's budget minus `--reserve`.
@@ -520,7 +611,18 @@ fn unit_reads_of(model: &Model, units: &[Unit], read_sizes: &[u64], kv: &[u64]) 
 /// they are most of an instance's cost.
 #[derive(Debug, Clone)]
 pub struct UnitTables {
+    /// Every no-split block one unit.
+    whole: UnitSet,
+    /// Splittable blocks as module units ([`InstanceOptions::split_blocks`]; `None` when off or
+    /// when no block splits). A world uses it only where every plan streams ([`must_stream`]).
+    split: Option<UnitSet>,
+}
+
+/// The device-independent tables of one choice of units.
+#[derive(Debug, Clone)]
+struct UnitSet {
     units: Vec<Unit>,
+    blocks: Vec<Range<usize>>,
     names: Vec<String>,
     mem: Vec<u64>,
     offload_mem: Vec<u64>,
@@ -538,12 +640,46 @@ pub struct UnitTables {
 }
 
 impl UnitTables {
-    /// The device-independent parts of `model`'s instances under `opts` (its size rules and
-    /// workload; reserves and pins are per world).
+    /// The device-independent parts of `model`'s instances under `opts` (its size rules, workload
+    /// and `split_blocks`; reserves and pins are per world).
     pub fn new(model: &Model, opts: &InstanceOptions) -> Result<UnitTables, Error> {
-        let units = units(model);
+        let block_units = units(model);
+        let whole = UnitSet::new(model, opts, &block_units, false)?;
+        let split = if opts.split_blocks {
+            Some(UnitSet::new(model, opts, &block_units, true)?)
+                .filter(|t| t.blocks.iter().any(|r| r.len() > 1))
+        } else {
+            None
+        };
+        Ok(UnitTables { whole, split })
+    }
+
+    /// The units a world of `devices` with room `caps` plans with: the split set where it splits
+    /// blocks (a GPU and cpu/disk, and every plan streams), else every block whole.
+    fn for_world(&self, devices: &[Device], caps: &[u64], opts: &InstanceOptions) -> &UnitSet {
+        match &self.split {
+            Some(split)
+                if splits_can_pay(devices) && must_stream(&self.whole, devices, caps, opts) =>
+            {
+                split
+            }
+            _ => &self.whole,
+        }
+    }
+}
+
+impl UnitSet {
+    fn new(
+        model: &Model,
+        opts: &InstanceOptions,
+        block_units: &[Unit],
+        split: bool,
+    ) -> Result<UnitSet, Error> {
         let (read_sizes, tensor_bytes, quant) = sized_tensors(model, opts.rules)?;
-        let (kv, per_executing) = workload_terms(model, &units, opts.workload.as_ref())?;
+        // Decoder layers are recognised among the blocks, not their module units.
+        let (block_kv, per_executing) = workload_terms(model, block_units, opts.workload.as_ref())?;
+        let (units, blocks) = refine_units(model, block_units, split);
+        let kv = spread_to_first(&block_kv, &blocks, units.len());
         let unit_reads = unit_reads_of(model, &units, &read_sizes, &kv);
         // Unquantized, streamed units read what resident ones do: no second pass over the tensors.
         let streamed_reads = if quant.is_some() {
@@ -551,15 +687,16 @@ impl UnitTables {
         } else {
             unit_reads.clone()
         };
-        Ok(UnitTables {
+        Ok(UnitSet {
             names: unit_names(model, &units),
             mem: per_unit(&units, &tensor_bytes.on_gpu),
             offload_mem: per_unit(&units, &tensor_bytes.offloaded),
             read: per_unit(&units, &read_sizes),
             stream: memory::stream_buffers(model, &units, &tensor_bytes.offloaded_read),
-            flows: flows(model, &units),
+            flows: refined_flows(&flows(model, block_units), &blocks),
             ties: tied_storages(model, &units, &tensor_bytes.on_gpu),
             units,
+            blocks,
             tensor_bytes,
             quant,
             unit_reads,
@@ -588,14 +725,19 @@ impl WorldDevices {
         opts: &InstanceOptions,
     ) -> Result<WorldDevices, Error> {
         let (mut devices, mut room) = candidate_devices(budgets, &opts.reserve)?;
-        let quant = tables.quant.as_ref();
+        let quant = tables.whole.quant.as_ref();
         let gpu_only_rule = quant.and_then(|q| gpu_only(q, &mut devices, &mut room));
-        let mut fixed = fixed_charges(&devices, tables.per_executing);
+        let mut fixed = fixed_charges(&devices, tables.whole.per_executing);
         if opts.workload.is_some() {
             add_workspace(&mut fixed, &devices, quant);
         }
-        let (load_transient, caps) =
-            load_caps(&devices, &room, &fixed, &tables.tensor_bytes, &tables.kv);
+        let (load_transient, caps) = load_caps(
+            &devices,
+            &room,
+            &fixed,
+            &tables.whole.tensor_bytes,
+            &tables.whole.kv,
+        );
         check_pins_allowed(gpu_only_rule.as_ref(), &opts.pins, &devices)?;
         Ok(WorldDevices {
             devices,
@@ -630,7 +772,7 @@ impl Instance {
         opts: &InstanceOptions,
     ) -> Result<Instance, Error> {
         let world = WorldDevices::new(tables, budgets, opts)?;
-        let t = tables;
+        let t = tables.for_world(&world.devices, &world.caps, opts);
         let allowed = pinned_devices(model, &t.units, &t.names, &world.devices, &opts.pins)?;
         // The instance's own scorer (check_map's estimate) reads the same KV cache.
         let cost_model = cost_model.with_workload(model, opts.workload.as_ref())?;
@@ -647,6 +789,7 @@ impl Instance {
             cpu: devices.iter().position(|d| *d == Device::Cpu),
             disk: devices.iter().position(|d| *d == Device::Disk),
             units: t.units.clone(),
+            blocks: t.blocks.clone(),
             names: t.names.clone(),
             mem: t.mem.clone(),
             offload_mem: t.offload_mem.clone(),
@@ -854,7 +997,50 @@ impl Instance {
         }
     }
 
-    /// Whether an assignment respects pins, capacities and the main-GPU rule.
+    /// The block rule: the units of a split block (see [`Instance::blocks`]) either all sit on one
+    /// GPU that is not the main GPU, or all sit on the main GPU, cpu and disk (which all execute on
+    /// the main GPU). A block is never divided across two GPUs, nor between another GPU and the
+    /// host, where its residual stream would cross devices inside the block.
+    pub fn blocks_hold(&self, a: &[usize]) -> bool {
+        self.split_blocks().all(|r| {
+            let mut off_main = r.clone().map(|i| a[i]).filter(|&b| !self.in_main_domain(b));
+            match off_main.next() {
+                Some(g) => r.clone().all(|i| a[i] == g),
+                None => true,
+            }
+        })
+    }
+
+    /// Whether row `b` is the main GPU, cpu or disk: the devices a block may be split across.
+    pub fn in_main_domain(&self, b: usize) -> bool {
+        Some(b) == self.main || !self.devices[b].is_gpu()
+    }
+
+    /// The unit ranges of the blocks this instance splits into several units.
+    pub fn split_blocks(&self) -> impl Iterator<Item = &Range<usize>> {
+        self.blocks.iter().filter(|r| r.len() > 1)
+    }
+
+    /// Whether the block rule restricts anything: a block is split and a GPU besides the main one
+    /// can hold units. Then the contiguous DP, which does not know the rule, is only a start.
+    pub fn block_rule_binds(&self) -> bool {
+        self.split_blocks().next().is_some()
+            && (0..self.devices.len()).any(|b| !self.in_main_domain(b))
+    }
+
+    /// The units that move with unit `i` when it moves to row `b`: its whole block when `b` is a GPU
+    /// other than the main one (the block rule), else unit `i` alone.
+    pub fn moving_with(&self, i: usize, b: usize) -> Range<usize> {
+        if self.in_main_domain(b) {
+            return i..i + 1;
+        }
+        (self.blocks.iter())
+            .find(|r| r.contains(&i))
+            .cloned()
+            .unwrap_or(i..i + 1)
+    }
+
+    /// Whether an assignment respects pins, capacities, the main-GPU rule and the block rule.
     pub fn feasible(&self, a: &[usize]) -> bool {
         if a.len() != self.n()
             || a.iter()
@@ -863,7 +1049,7 @@ impl Instance {
         {
             return false;
         }
-        if !self.main_rule_holds(a) {
+        if !self.main_rule_holds(a) || !self.blocks_hold(a) {
             return false;
         }
         let u = self.usage(a);

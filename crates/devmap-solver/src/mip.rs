@@ -12,6 +12,8 @@
 //! - Memory rows per device; the main GPU also holds `s ≥ stream_buffer(i)·(x[i][cpu] + x[i][disk])` (the
 //!   largest streamed unit) and the streamed units' KV cache; the cpu holds the largest disk unit;
 //!   a tied storage is held by every device holding a member but not the owner (`y ≥ x[m][b] − x[o][b]`).
+//! - Block rule: on each GPU but the main one, the units of a split block (its modules, see
+//!   `Instance::blocks`) sit together: `x[j][g] = x[first][g]`.
 //! - Symmetry: of two GPUs with identical profiles and capacities (neither the main GPU nor
 //!   pinned), the later one may only be used after the earlier one (`x[i][b] ≤ u[i−1]`,
 //!   `u[i] ≤ u[i−1] + x[i][a]`): any solution can be relabelled to satisfy this at equal cost.
@@ -247,6 +249,7 @@ fn build<'a>(
 ) -> Builder<'a> {
     let mut m = Builder::new(inst, start, caps);
     m.assignment_rows();
+    m.block_rows();
     if main_rule {
         m.main_rule_rows();
     }
@@ -348,6 +351,25 @@ impl<'a> Builder<'a> {
         for i in 0..n {
             let one: Expression = (0..k).map(|b| self.xe(i, b)).sum();
             self.constraints.push(constraint!(one == 1));
+        }
+    }
+
+    /// The block rule ([`Instance::blocks_hold`]): on each GPU other than the main one, every unit
+    /// of a split block sits there exactly when its first unit does (`x[j][g] = x[first][g]`);
+    /// what is left of each unit is then on the main GPU, cpu or disk.
+    fn block_rows(&mut self) {
+        let inst = self.inst;
+        let others: Vec<usize> = (0..inst.devices.len())
+            .filter(|&b| !inst.in_main_domain(b))
+            .collect();
+        for r in inst.split_blocks() {
+            for &g in &others {
+                let first = self.xe(r.start, g);
+                for j in r.start + 1..r.end {
+                    let here = self.xe(j, g);
+                    self.constraints.push(constraint!(here == first.clone()));
+                }
+            }
         }
     }
 

@@ -147,9 +147,10 @@ fn auto_is_valid_optimal_and_never_worse_than_hugging_face() {
                     continue;
                 }
                 for g in 0..inst.devices.len() {
-                    if inst.devices[g].is_gpu()
-                        && usage.total(g) + inst.unit_bytes_on(i, g) <= inst.caps[g]
-                    {
+                    // Onto a GPU other than the main one a split block moves whole.
+                    let moving = inst.moving_with(i, g);
+                    let extra: u64 = moving.map(|j| inst.unit_bytes_on(j, g)).sum();
+                    if inst.devices[g].is_gpu() && usage.total(g) + extra <= inst.caps[g] {
                         failures.push(format!(
                             "{label}: {} ({} B) is on {} but GPU {} has room",
                             inst.names[i], inst.mem[i], inst.devices[b], inst.devices[g]

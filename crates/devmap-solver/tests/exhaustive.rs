@@ -11,13 +11,14 @@
 //! the optimum; every bound must be at most the optimum.
 
 use devmap_core::cost::{Link, Objective, Topology};
+use devmap_core::validate::validate;
 use devmap_core::{
     CostModel, DType, Device, DeviceMap, KvCacheSpec, MemoryBudgets, Model, ModelBuilder,
     ModelConfig, SizeRules,
 };
 use devmap_solver::auto::{bound_holds, lower_bound, main_candidates};
 use devmap_solver::instance::Instance;
-use devmap_solver::{dp, Auto, AutoOptions, PlanRequest, Strategy};
+use devmap_solver::{check_map, dp, Auto, AutoOptions, PlanRequest, Strategy};
 
 /// xorshift64*: a seeded generator, so a failure names its case and replays.
 struct Rng(u64);
@@ -91,22 +92,47 @@ fn config(layers: u64) -> Option<ModelConfig> {
     })
 }
 
+/// Module names inside a decoder layer that `auto` may split: a direct tensor of the layer, then
+/// up to two sub-modules.
+const LAYER_PARTS: [&str; 3] = ["", ".self_attn", ".mlp"];
+
 /// A chain: an embedding, 1–6 decoder layers (no-split, charged a KV cache), a head (tied to the
-/// embedding at times).
+/// embedding at times). Half the models have layers of 2–3 modules with weights (blocks `auto`
+/// may split between the main GPU and cpu/disk), within 8 units in all.
 fn decoder_only(rng: &mut Rng) -> Model {
-    let layers = 1 + rng.below(6);
+    let split = rng.chance(50);
+    let mut left = 6; // units left for the layers
     let scale = size_scale(rng);
     let embed = unit_elems(rng, scale).max(64);
-    let mut b = ModelBuilder::new("exhaustive")
-        .hidden_size(Some(64))
-        .module("model.embed_tokens", "Embedding")
-        .param("model.embed_tokens.weight", DType::F16, &[embed]);
-    for i in 0..layers {
-        b = b.module(format!("model.layers.{i}"), "DecoderLayer").param(
-            format!("model.layers.{i}.w"),
-            DType::F16,
-            &[unit_elems(rng, scale)],
-        );
+    let mut b = ModelBuilder::new(if split {
+        "exhaustive-split"
+    } else {
+        "exhaustive"
+    })
+    .hidden_size(Some(64))
+    .module("model.embed_tokens", "Embedding")
+    .param("model.embed_tokens.weight", DType::F16, &[embed]);
+    let mut layers = 0;
+    while left > 0 && (layers == 0 || rng.chance(70)) {
+        let parts = if split {
+            (2 + rng.below(2)).min(left)
+        } else {
+            1
+        };
+        let name = format!("model.layers.{layers}");
+        b = b.module(name.clone(), "DecoderLayer");
+        for part in &LAYER_PARTS[..parts as usize] {
+            if !part.is_empty() {
+                b = b.module(format!("{name}{part}"), "Linear");
+            }
+            b = b.param(
+                format!("{name}{part}.w"),
+                DType::F16,
+                &[unit_elems(rng, scale)],
+            );
+        }
+        left -= parts;
+        layers += 1;
     }
     let tied = rng.chance(15);
     b = b.module("lm_head", "Linear").param(
@@ -126,11 +152,11 @@ fn decoder_only(rng: &mut Rng) -> Model {
         .unwrap()
 }
 
-/// An encoder-decoder (T5/BART-like names): 1–3 encoder blocks, 1–3 decoder blocks each holding
-/// an `encoder_attn` module, a head. Units: encoder blocks, decoder embedding, decoder blocks,
-/// head (≤ 8).
+/// An encoder-decoder (T5/BART-like names): 1–2 encoder blocks, 1–2 decoder blocks each holding
+/// an `encoder_attn` module, a head. Units: encoder blocks, decoder embedding, decoder blocks (two
+/// module units each: the block's own tensor and its `encoder_attn`), head (≤ 8).
 fn encoder_decoder(rng: &mut Rng) -> Model {
-    let (enc, dec) = (1 + rng.below(3), 1 + rng.below(3));
+    let (enc, dec) = (1 + rng.below(2), 1 + rng.below(2));
     let scale = size_scale(rng);
     let mut b = ModelBuilder::new("exhaustive-encdec")
         .hidden_size(Some(64))
@@ -286,6 +312,7 @@ fn random_case(seed: u64) -> Case {
     let budgets = random_budgets(&mut rng, s);
     let mut options = AutoOptions {
         mip_rel_gap: 0.0,
+        split_blocks: true,
         ..AutoOptions::default()
     };
     let mut what = Vec::new();
@@ -358,14 +385,64 @@ fn worlds(auto: &Auto, req: &PlanRequest<'_>) -> Vec<(Option<u32>, Instance)> {
         .collect()
 }
 
+/// The devices each outermost no-split module of `model` spans under assignment `a` of `inst`'s
+/// units (from the model's own tree, not the instance's block ranges).
+fn block_spans(model: &Model, inst: &Instance, a: &[usize]) -> Vec<Vec<Device>> {
+    let mut spans: std::collections::BTreeMap<usize, Vec<Device>> = Default::default();
+    for (i, u) in inst.units.iter().enumerate() {
+        for &t in &u.tensors {
+            if let Some(block) = model.no_split_ancestor(model.tensor(t).module) {
+                let span = spans.entry(block).or_default();
+                if !span.contains(&inst.devices[a[i]]) {
+                    span.push(inst.devices[a[i]]);
+                }
+            }
+        }
+    }
+    spans.into_values().collect()
+}
+
+/// The rule for splitting a no-split block, stated independently of the solver: a block on more
+/// than one device lies on the world's main GPU, cpu and disk only.
+fn blocks_legal(model: &Model, inst: &Instance, a: &[usize]) -> bool {
+    let main = inst.main.map(|m| inst.devices[m]);
+    block_spans(model, inst, a)
+        .iter()
+        .all(|span| span.len() == 1 || span.iter().all(|d| !d.is_gpu() || Some(*d) == main))
+}
+
+/// Whether `a` splits a block across devices.
+fn splits_a_block(model: &Model, inst: &Instance, a: &[usize]) -> bool {
+    block_spans(model, inst, a).iter().any(|s| s.len() > 1)
+}
+
+/// Feasibility from the instance's memory rule and pins, with the block rule checked by
+/// [`blocks_legal`]; it must agree with `Instance::feasible` (a failure otherwise).
+fn feasible(model: &Model, inst: &Instance, a: &[usize]) -> Result<bool, String> {
+    let usage = inst.usage(a);
+    let own = (0..inst.n()).all(|i| inst.allowed[i][a[i]])
+        && inst.main_rule_holds(a)
+        && (0..inst.devices.len()).all(|b| usage.total(b) <= inst.caps[b])
+        && blocks_legal(model, inst, a);
+    if own != inst.feasible(a) {
+        return Err(format!(
+            "Instance::feasible({a:?}) = {} but the block rule and memory say {own}",
+            !own
+        ));
+    }
+    Ok(own)
+}
+
 /// The optimum of one world by enumeration: (cost, assignment), `contiguous` restricting to
 /// device indices non-decreasing along the chain (the DP's domain).
-fn enumerate(inst: &Instance, contiguous: bool) -> Option<(f64, Vec<usize>)> {
+fn enumerate(model: &Model, inst: &Instance, contiguous: bool) -> Option<(f64, Vec<usize>)> {
     let (n, k) = (inst.n(), inst.devices.len());
     let mut a = vec![0usize; n];
     let mut best: Option<(f64, Vec<usize>)> = None;
     loop {
-        if (!contiguous || a.windows(2).all(|w| w[0] <= w[1])) && inst.feasible(&a) {
+        let ok = (!contiguous || a.windows(2).all(|w| w[0] <= w[1]))
+            && feasible(model, inst, &a).unwrap_or_else(|e| panic!("{e}"));
+        if ok {
             let c = inst.evaluate(&a);
             if best.as_ref().is_none_or(|b| c < b.0) {
                 best = Some((c, a.clone()));
@@ -392,11 +469,12 @@ fn enumerate(inst: &Instance, contiguous: bool) -> Option<(f64, Vec<usize>)> {
 /// exists (no avoidable offload), else over host-only plans, and each world's own optimum.
 #[allow(clippy::type_complexity)]
 fn brute_force(
+    model: &Model,
     worlds: &[(Option<u32>, Instance)],
 ) -> (Option<(f64, Option<u32>, Vec<usize>)>, Vec<Option<f64>>) {
     let per_world: Vec<Option<(f64, Vec<usize>)>> = worlds
         .iter()
-        .map(|(_, inst)| enumerate(inst, false))
+        .map(|(_, inst)| enumerate(model, inst, false))
         .collect();
     let pick = |gpu: bool| {
         worlds
@@ -417,14 +495,18 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) + 1e-15
 }
 
-/// Everything checked on one case; returns the failures.
-fn check_case(case: &Case) -> Vec<String> {
+/// Everything checked on one case; returns the failures and whether the optimum splits a block.
+fn check_case(case: &Case) -> (Vec<String>, bool) {
     let mut failures = Vec::new();
     let mut fail = |m: String| failures.push(format!("{}: {m}", case.what));
     let req = PlanRequest::new(&case.model, &case.budgets);
     let auto = Auto::new(case.options.clone());
     let worlds = worlds(&auto, &req);
-    let (best, per_world) = brute_force(&worlds);
+    let (best, per_world) = brute_force(&case.model, &worlds);
+    let split = best.as_ref().is_some_and(|(_, m, a)| {
+        let (_, inst) = worlds.iter().find(|(w, _)| w == m).unwrap();
+        splits_a_block(&case.model, inst, a)
+    });
     for ((m, inst), opt) in worlds.iter().zip(&per_world) {
         // The combinatorial bound of every world is at most that world's optimum.
         let lb = lower_bound(inst);
@@ -434,9 +516,11 @@ fn check_case(case: &Case) -> Vec<String> {
             }
         }
         // The DP is exact on its domain (contiguous runs in device order, latency, no ties, a
-        // chain); on other graphs its plan is feasible and costs what `evaluate` says.
+        // chain, no split block that another GPU than the main one could take); otherwise its
+        // plan is feasible and costs what `evaluate` says.
         let dp_domain = inst.cost_model.objective == Objective::Latency && inst.ties.is_empty();
-        if dp_domain && !inst.is_chain() {
+        let dp_exact = inst.is_chain() && !inst.block_rule_binds();
+        if dp_domain && !dp_exact {
             if let Some((a, c)) = dp::solve_contiguous(inst) {
                 if !inst.feasible(&a) || !close(c, inst.evaluate(&a)) {
                     fail(format!(
@@ -445,9 +529,9 @@ fn check_case(case: &Case) -> Vec<String> {
                 }
             }
         }
-        if dp_domain && inst.is_chain() {
+        if dp_domain && dp_exact {
             let dp = dp::solve_contiguous(inst).map(|(a, c)| (c, a));
-            let exact = enumerate(inst, true);
+            let exact = enumerate(&case.model, inst, true);
             match (&dp, &exact) {
                 (None, None) => {}
                 (Some((c, _)), Some((e, _))) if close(*c, *e) => {}
@@ -503,6 +587,29 @@ fn check_case(case: &Case) -> Vec<String> {
                     est.objective_seconds, plan.map, solve.objective_seconds
                 ));
             }
+            // `devmap check` accepts the map (a split block lies on the main GPU, cpu, disk).
+            let report = validate(&case.model, &plan.map, None, plan.size_rules);
+            if !report.is_valid() {
+                fail(format!("invalid map {:?}: {:?}", plan.map, report.problems));
+            }
+            let checked = check_map(
+                &case.model,
+                &plan.map,
+                Some(&case.budgets),
+                &case.options,
+                None,
+            )
+            .expect("check runs");
+            if !checked.fits || !close(checked.estimate.objective_seconds, solve.objective_seconds)
+            {
+                fail(format!(
+                    "check: fits {} estimate {} for {:?} (auto {})",
+                    checked.fits,
+                    checked.estimate.objective_seconds,
+                    plan.map,
+                    solve.objective_seconds
+                ));
+            }
             let used = main_of(&plan.map);
             if used != solve.main_gpu {
                 fail(format!(
@@ -526,7 +633,7 @@ fn check_case(case: &Case) -> Vec<String> {
             }
         }
     }
-    failures
+    (failures, split)
 }
 
 fn main_of(map: &DeviceMap) -> Option<u32> {
@@ -541,15 +648,17 @@ fn auto_and_its_bound_match_exhaustive_enumeration() {
         .unwrap_or(400);
     let mut failures = Vec::new();
     let mut planned = 0;
+    let mut split_optima = 0;
     for seed in 0..cases {
         let case = random_case(seed);
         // A debug assertion inside `auto` (a bound above a feasible objective) names its case.
-        let f = std::panic::catch_unwind(|| check_case(&case)).unwrap_or_else(|e| {
+        let (f, split) = std::panic::catch_unwind(|| check_case(&case)).unwrap_or_else(|e| {
             let why = (e.downcast_ref::<String>().cloned())
                 .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            vec![format!("{}: panicked: {why}", case.what)]
+            (vec![format!("{}: panicked: {why}", case.what)], false)
         });
+        split_optima += usize::from(split);
         if f.is_empty() {
             planned += 1;
         }
@@ -562,6 +671,12 @@ fn auto_and_its_bound_match_exhaustive_enumeration() {
         failures.join("\n")
     );
     assert_eq!(planned, cases);
+    // The refined space is exercised: some optima split a block between the main GPU and
+    // cpu/disk (one case in 40 at least).
+    assert!(
+        split_optima as u64 * 40 >= cases,
+        "only {split_optima} of {cases} optima split a block"
+    );
 }
 
 /// A decoder-only chain whose layers hold 1–6 tensors in 1–3 modules (so per-tensor copy latency
@@ -664,7 +779,7 @@ fn the_bound_holds_where_cpu_and_disk_stream_multi_tensor_layers() {
     let mut both_streamed = 0;
     for seed in 0..cases {
         let case = streaming_case(seed);
-        let f = std::panic::catch_unwind(|| check_case(&case)).unwrap_or_else(|e| {
+        let f = std::panic::catch_unwind(|| check_case(&case).0).unwrap_or_else(|e| {
             let why = (e.downcast_ref::<String>().cloned())
                 .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();

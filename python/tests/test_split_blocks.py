@@ -1,0 +1,51 @@
+"""A no-split decoder layer divided at module granularity between the execution device and the
+offload tiers (the maps `auto --split-blocks true` emits: a block split across the main GPU, cpu
+and disk) loads with from_pretrained and runs with the logits of the model loaded whole. On a CPU
+machine the cpu is the execution device, so the split here is cpu + disk; on a GPU machine
+accelerate runs the cpu/disk modules on the main GPU the same way (AlignDevicesHook per module)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import real_model, resolve
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+
+def split_map(layers: int) -> dict:
+    """Layer 1 split module by module between cpu and disk, the others whole."""
+    split = {
+        "model.layers.1.self_attn.q_proj": "cpu",
+        "model.layers.1.self_attn.k_proj": "disk",
+        "model.layers.1.self_attn.v_proj": "cpu",
+        "model.layers.1.self_attn.o_proj": "disk",
+        "model.layers.1.mlp.gate_proj": "cpu",
+        "model.layers.1.mlp.up_proj": "disk",
+        "model.layers.1.mlp.down_proj": "disk",
+        "model.layers.1.input_layernorm": "cpu",
+        "model.layers.1.post_attention_layernorm": "disk",
+    }
+    whole = {f"model.layers.{i}": ("cpu" if i % 2 == 0 else "disk") for i in range(layers) if i != 1}
+    return {"model.embed_tokens": "cpu", **split, **whole, "model.norm": "cpu",
+            "model.rotary_emb": "cpu", "lm_head": "disk"}
+
+
+def test_a_block_split_by_module_loads_and_runs(tmp_path):
+    model = real_model("llama", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "ckpt")
+    device_map = split_map(model.config.num_hidden_layers)
+    # accelerate's own check: the map covers every parameter exactly once.
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    accelerate.utils.check_device_map(skeleton, device_map)
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ckpt", device_map=device_map, offload_folder=tmp_path / "offload", dtype=torch.float32)
+    for name, _ in loaded.named_parameters():
+        assert resolve(loaded.hf_device_map, name) == resolve(device_map, name), name
+    whole = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 7, 11, 13]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, whole(ids).logits, atol=1e-5)
