@@ -2,8 +2,8 @@
 //!
 //! HiGHS' ~170 translation units each build the `std::string`s their headers define at start-up,
 //! which is most of what a `devmap --version` spent beyond a hello-world. The `devmap` binary is
-//! linked so that the C library skips them (crates/devmap-cli/highs-init.ld); they run here,
-//! once, before the first call into HiGHS. In any other program (tests, the Python extension)
+//! linked so that the C library skips them, and libstdc++'s own when it is linked statically
+//! (crates/devmap-cli/highs-init.ld); they run here, once, before the first call into HiGHS. In any other program (tests, the Python extension)
 //! there is nothing deferred and this does nothing. docs/performance.md, "Start-up".
 
 use std::sync::OnceLock;
