@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start-up time of the devmap binary beside a Rust hello-world built here with rustc -O
 # (docs/performance.md, "Start-up"). Uses hyperfine when installed (apt-get install hyperfine),
-# else a Python loop of fork+exec (median). Build the binary first:
+# else a Python loop of fork+exec (median), then perf stat's CPU time and page faults per process
+# when perf is installed. Build the binary first:
 #
 #   cargo build --release -p devmap-cli && scripts/bench_startup.sh [BINARY ...]
 #
@@ -26,7 +27,12 @@ done
 
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 if command -v hyperfine >/dev/null; then
-  hyperfine -N --warmup 100 --runs "$runs" "${commands[@]}"
+  hyperfine -N --warmup 100 --runs "$runs" --export-json "$work/times.json" "${commands[@]}"
+  python3 - "$work/times.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    print(f"{r['command']}: median {r['median'] * 1e3:.2f} ms, min {r['min'] * 1e3:.2f} ms")
+PY
 else
   python3 - "$runs" "${commands[@]}" <<'PY'
 import statistics, subprocess, sys, time
@@ -40,4 +46,12 @@ for command in sys.argv[2:]:
         times.append((time.perf_counter() - start) * 1e3)
     print(f"{command}: median {statistics.median(times):.2f} ms, min {min(times):.2f} ms ({runs} runs)")
 PY
+fi
+# CPU time and page faults per process: steadier than wall time on a shared machine.
+if command -v perf >/dev/null; then
+  for command in "${commands[@]}"; do
+    # shellcheck disable=SC2086 # the command's words
+    perf stat -r "$runs" -e task-clock,page-faults $command 2>&1 >/dev/null |
+      awk -v c="$command" '/task-clock/ {t=$1} /page-faults/ {f=$1} END {print c ": CPU " t " ms, " f " page faults (perf stat)"}'
+  done
 fi

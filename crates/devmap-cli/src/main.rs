@@ -234,6 +234,12 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    if is_version_request(&args) {
+        print!("{}", version_line());
+        let _ = std::io::stdout().flush();
+        return 0;
+    }
     let code = match Cli::try_parse_from(args) {
         Ok(cli) => dispatch(cli.command),
         Err(e) => {
@@ -243,6 +249,18 @@ where
     };
     let _ = std::io::stdout().flush();
     status_number(code)
+}
+
+/// `devmap --version` or `devmap -V` and nothing else: answered without building clap's parser,
+/// whose construction of every subcommand's arguments was most of what `--version` spent after
+/// HiGHS' initialisers (docs/performance.md, "Start-up"). Any other form goes through clap.
+fn is_version_request(args: &[std::ffi::OsString]) -> bool {
+    matches!(args, [_, flag] if flag == "--version" || flag == "-V")
+}
+
+/// What clap prints for `--version` (`name version`; a unit test holds the two equal).
+fn version_line() -> String {
+    format!("devmap {}\n", env!("CARGO_PKG_VERSION"))
 }
 
 /// The number of an `ExitCode` (std has no accessor; the commands return 0, 1 or their own codes).
@@ -568,4 +586,28 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         errors.len()
     );
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_version_shortcut_prints_what_clap_prints() {
+        assert_eq!(version_line(), Cli::command().render_version());
+        let args = |a: &[&str]| {
+            a.iter()
+                .map(Into::into)
+                .collect::<Vec<std::ffi::OsString>>()
+        };
+        assert!(is_version_request(&args(&["devmap", "--version"])));
+        assert!(is_version_request(&args(&["/usr/bin/devmap", "-V"])));
+        // Anything else is clap's: a subcommand's `--version`, an extra argument, a typo.
+        assert!(!is_version_request(&args(&["devmap", "plan", "--version"])));
+        assert!(!is_version_request(&args(&["devmap", "--version", "x"])));
+        assert!(!is_version_request(&args(&["devmap", "--versio"])));
+        assert!(!is_version_request(&args(&["devmap"])));
+    }
 }

@@ -59,6 +59,7 @@ pub mod check;
 pub mod dp;
 pub mod error;
 pub mod hf;
+pub mod highs_init;
 pub mod instance;
 pub mod mip;
 

@@ -668,6 +668,12 @@ fn run_highs(
     started: Instant,
     presolve: bool,
 ) -> Result<Once, Error> {
+    let deferred_inits = crate::highs_init::ensure_highs_initialised();
+    if std::env::var_os("DEVMAP_TRACE").is_some() {
+        eprintln!(
+            "trace:   highs static initialisers deferred to the first solve: {deferred_inits}"
+        );
+    }
     let size = (m.cols.len(), m.constraints.len());
     let x_col = m.x_col;
     let mut problem = m.vars.minimise(m.objective).using(highs);
