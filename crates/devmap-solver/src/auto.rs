@@ -402,7 +402,11 @@ impl Auto {
         let laid_out = [
             (
                 "packing bound",
-                packing.and_then(|p| packing_start(inst, p)),
+                packing.and_then(|p| packing_start(inst, p, &p.quotas)),
+            ),
+            (
+                "packing bound (per byte)",
+                packing.and_then(|p| packing_start(inst, p, &p.byte_quotas)),
             ),
             ("cheapest streamed", cheapest_streamed_start(inst)),
         ];

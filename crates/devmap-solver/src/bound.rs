@@ -31,8 +31,10 @@ pub(crate) struct Packing {
     pub(crate) bins: Vec<usize>,
     /// The big class sizes (bytes on a streamed device, [`streamed_size`]).
     pub(crate) classes: Vec<u64>,
-    /// quotas[bin][class].
+    /// quotas[bin][class]: the per-class knapsack's (the bound's) layout.
     pub(crate) quotas: Vec<Vec<u64>>,
+    /// The per-byte knapsack's layout, often the better start (equal-sized layers with KV caches).
+    pub(crate) byte_quotas: Vec<Vec<u64>>,
     /// The device that takes everything else.
     pub(crate) sink: usize,
 }
@@ -615,7 +617,7 @@ fn pack(
     let per_class = ClassCosts::per_class(bins, tiers, &big, least_extra);
     let at_sink = ClassCosts::bytes(bins, &big).floor(&knap, bins, &gpu_only, fluid);
     let sink_room = sink_room(inst, units, sink) as f64;
-    let Some((by_byte, _)) = (per_byte.floor(&knap, bins, &gpu_only, fluid))
+    let Some((by_byte, byte_quotas)) = (per_byte.floor(&knap, bins, &gpu_only, fluid))
         .filter(|_| at_sink.is_some_and(|(bytes, _)| bytes <= sink_room + 1.0))
     else {
         return (f64::INFINITY, None); // this level admits no placement
@@ -627,6 +629,7 @@ fn pack(
         bins: bins.bins.iter().map(|b| b.0).collect(),
         classes: big.iter().map(|(size, _)| *size).collect(),
         quotas,
+        byte_quotas,
         sink,
     };
     ((by_byte + fixed).max(by_class), Some(packing))
@@ -878,9 +881,13 @@ impl Knapsack {
 /// repaired and polished by the caller; `None` if it does not fit.
 // Index loops: units are addressed by index in every per-unit table of the instance.
 #[allow(clippy::needless_range_loop)]
-pub(crate) fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<usize>> {
+pub(crate) fn packing_start(
+    inst: &Instance,
+    packing: &Packing,
+    quotas: &[Vec<u64>],
+) -> Option<Vec<usize>> {
     let n = inst.n();
-    let mut quotas = packing.quotas.clone();
+    let mut quotas = quotas.to_vec();
     let mut a = vec![packing.sink; n];
     let mut current = 0usize;
     for i in 0..n {
@@ -921,7 +928,25 @@ pub(crate) fn packing_start(inst: &Instance, packing: &Packing) -> Option<Vec<us
             a[i] = packing.sink;
         }
     }
+    relieve_overloads(inst, &mut a, packing.sink);
     inst.feasible(&a).then_some(a)
+}
+
+/// Sends the last units of every overloaded GPU to `sink` until each GPU fits (the packing's
+/// exact classes may leave a GPU a few units over once KV caches and buffers are charged; the
+/// offload repair then brings back what fits). A start only: the caller checks feasibility.
+fn relieve_overloads(inst: &Instance, a: &mut [usize], sink: usize) {
+    for _ in 0..inst.n() {
+        let usage = inst.usage(a);
+        let over = (0..inst.devices.len())
+            .find(|&b| inst.devices[b].is_gpu() && usage.total(b) > inst.caps[b]);
+        let Some(b) = over else { return };
+        let last = (0..inst.n())
+            .rev()
+            .find(|&i| a[i] == b && inst.allowed[i][sink]);
+        let Some(i) = last else { return };
+        a[i] = sink;
+    }
 }
 
 #[cfg(test)]

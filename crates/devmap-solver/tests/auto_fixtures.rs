@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use devmap_core::cost::CostModel;
-use devmap_core::{load_model, validate, Device, MemoryBudgets, Model};
-use devmap_solver::{Auto, Compat, HfGreedy, HfKind, PlanRequest, Strategy};
+use devmap_core::{load_model, validate, Device, MemoryBudgets, Model, Workload};
+use devmap_solver::{Auto, AutoOptions, Compat, HfGreedy, HfKind, PlanRequest, Strategy};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -180,5 +180,26 @@ fn auto_is_valid_optimal_and_never_worse_than_hugging_face() {
         "{} problems:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+/// With the CLI's default workload (a KV cache and activations per layer) a start must meet the
+/// bound for Llama-3.1-70B on 4×24 GiB + cpu: the per-class knapsack's layout alone did not, and
+/// HiGHS then took 1.5 s on a case a packing start certifies (`packing bound (per byte)`).
+#[test]
+fn a_start_certifies_llama_70b_on_four_gpus_with_the_default_workload() {
+    let model = load_model(&fixtures().join("models/llama-3.1-70b.json")).unwrap();
+    let (_, budgets) = scenarios()
+        .into_iter()
+        .find(|s| s.0 == "4x24G+cpu128")
+        .unwrap();
+    let req = PlanRequest::new(&model, &budgets);
+    let opts = AutoOptions::default().workload(Some(Workload::default()));
+    let solve = Auto::new(opts).plan(&req).unwrap().solve.unwrap();
+    assert!(
+        solve.detail.contains("meets the lower bound"),
+        "start {}: {}",
+        solve.start,
+        solve.detail
     );
 }
