@@ -45,7 +45,7 @@ Device = Union[int, str]
 MaxMemory = Mapping[Any, Union[int, str]]
 PathLike = Union[str, "os.PathLike[str]"]
 
-WORKLOAD_KEYS = ("batch", "seq", "kv_dtype", "objective", "reserve")
+WORKLOAD_KEYS = ("batch", "prompt", "new", "seq", "kv_dtype", "objective", "reserve")
 
 
 def _native():
@@ -132,22 +132,32 @@ def _no_split(no_split) -> list[str]:
 
 
 def _workload(workload) -> dict:
-    """A KV-cache spec string (``"batch=1,seq=4096"``) or a dict of WORKLOAD_KEYS."""
+    """The workload as the native layer takes it: `--workload`'s spec, `--kv-cache`'s, or nothing
+    (the CLI's default workload, ``batch=1,prompt=2048,new=256``)."""
     if workload is None:
         return {}
     if isinstance(workload, str):
-        return {"kv_cache": workload}
+        # "batch=..,seq=.." is a KV-cache spec (the older form); "none" and "batch=..,prompt=..,new=.."
+        # are `devmap plan --workload`'s.
+        return {"kv_cache": workload} if "seq=" in workload else {"workload": workload}
     if not isinstance(workload, Mapping):
-        raise ArgumentError(f"workload must be a dict or a string such as 'batch=1,seq=4096', not {workload!r}")
+        raise ArgumentError(
+            "workload must be a dict, 'none', or a string such as 'batch=1,prompt=2048,new=256', "
+            f"not {workload!r}")
     unknown = sorted(set(workload) - set(WORKLOAD_KEYS))
     if unknown:
         raise ArgumentError(f"workload has unknown keys {unknown} (expected {', '.join(WORKLOAD_KEYS)})")
+    if "seq" in workload and ("prompt" in workload or "new" in workload):
+        raise ArgumentError("workload takes 'seq' (a KV cache) or 'prompt'/'new' (a generation), not both")
     out = {}
-    if "seq" in workload or "batch" in workload:
+    dtype = [f"dtype={_dtype_name(workload['kv_dtype'])}"] if workload.get("kv_dtype") is not None else []
+    if "prompt" in workload or "new" in workload:
+        parts = [f"batch={workload.get('batch', 1)}", f"prompt={workload.get('prompt', 2048)}",
+                 f"new={workload.get('new', 256)}"]
+        out["workload"] = ",".join(parts + dtype)
+    elif "seq" in workload or "batch" in workload:
         parts = [f"batch={workload.get('batch', 1)}", f"seq={workload.get('seq', 0)}"]
-        if workload.get("kv_dtype") is not None:
-            parts.append(f"dtype={_dtype_name(workload['kv_dtype'])}")
-        out["kv_cache"] = ",".join(parts)
+        out["kv_cache"] = ",".join(parts + dtype)
     if "objective" in workload:
         out["objective"] = workload["objective"]
     if "reserve" in workload:
@@ -239,9 +249,11 @@ def plan(model, max_memory: MaxMemory | str | None = None, strategy: str = "auto
         no_split: module classes or name patterns (``"model.layers.*"``) that must stay on one
             device; replaces the model's own.
         dtype: target dtype (``"bf16"`` or a ``torch.dtype``): floats are counted at it, never upcast.
-        workload: a KV-cache spec ``"batch=4,seq=8192"``, or a dict with ``batch``, ``seq``,
-            ``kv_dtype``, ``objective`` (``"latency"``/``"throughput"``), ``reserve`` (a max_memory-style
-            dict of memory to keep free).
+        workload: what to make room for, as ``devmap plan --workload``: ``None`` (the CLI's default,
+            ``batch=1,prompt=2048,new=256``: KV cache and activations), ``"none"`` (weights only),
+            ``"batch=1,prompt=6000,new=64"``, a KV-cache spec ``"batch=4,seq=8192"``, or a dict with
+            ``batch``, ``prompt``, ``new`` (or ``seq``), ``kv_dtype``, ``objective``
+            (``"latency"``/``"throughput"``), ``reserve`` (a max_memory-style dict of memory to keep free).
         pins: ``{"lm_head": 1}``: fix modules or tensors to devices (``auto``).
         topology: path of a topology JSON file (docs/cost-model.md).
         compat: ``"transformers"`` or ``"accelerate"``: reproduce that implementation exactly,

@@ -56,3 +56,30 @@ def test_errors_are_the_clis(tmp_path):
     assert done.stderr.startswith(f"error: reading model {missing}"), done.stderr
     usage = run("plan")
     assert usage.returncode == 2 and "Usage: devmap plan" in usage.stderr, usage.stderr
+
+
+MEASURED = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "measured", "llama-3.1-8b-shaped.json")
+MEASURED_MM = {0: "12GiB", "cpu": "64GiB"}
+
+
+@pytest.mark.parametrize("workload, flags", [
+    (None, []),
+    ("none", ["--workload", "none"]),
+    ("batch=1,prompt=6000,new=64", ["--workload", "batch=1,prompt=6000,new=64"]),
+    ({"prompt": 6000, "new": 64}, ["--workload", "batch=1,prompt=6000,new=64"]),
+    ("batch=1,seq=6064", ["--kv-cache", "batch=1,seq=6064"]),
+])
+def test_plan_takes_the_clis_workload(workload, flags):
+    """`devmap.plan(path, max_memory, workload=...)` is `devmap plan PATH --max-memory ... [flags]`:
+    the same rule picks the workload (the CLI's default when none is given)."""
+    done = run("plan", MEASURED, "--max-memory", "0=12GiB,cpu=64GiB", *flags, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert devmap.plan(MEASURED, max_memory=MEASURED_MM, workload=workload) == json.loads(done.stdout)
+
+
+def test_the_default_workload_makes_room_weights_only_does_not():
+    """The default workload (KV cache and activations of a 2048-token prompt) moves layers to cpu
+    that a weights-only plan keeps on the GPU, so the cases above compare different maps."""
+    default = devmap.plan(MEASURED, max_memory=MEASURED_MM)
+    weights_only = devmap.plan(MEASURED, max_memory=MEASURED_MM, workload="none")
+    assert sum(d == "cpu" for d in default.values()) > sum(d == "cpu" for d in weights_only.values())

@@ -19,7 +19,8 @@ def test_map_loads_and_runs(tmp_path, strategy):
     model.save_pretrained(tmp_path / "ckpt")
     total = model_bytes(model)
     max_memory = {"cpu": int(total * 0.5), "disk": 10 * total}
-    device_map = devmap.plan(str(tmp_path / "ckpt"), max_memory, strategy=strategy)
+    # Budgets sized to the tiny model's weights: weights only (the default workload's prompt would not fit).
+    device_map = devmap.plan(str(tmp_path / "ckpt"), max_memory, strategy=strategy, workload="none")
     assert set(device_map.values()) == {"cpu", "disk"}, device_map
 
     loaded = transformers.AutoModelForCausalLM.from_pretrained(

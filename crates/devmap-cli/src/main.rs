@@ -425,7 +425,24 @@ pub struct WorkloadChoice {
 /// and activations unless the spec names one. An explicit workload needs config.json; the
 /// default one is left out (and the reports say so) when the model has none.
 fn choose_workload(args: &CostArgs, model: &Model, dtype: Option<DType>) -> Result<WorkloadChoice> {
-    let (workload, origin) = match (&args.workload, &args.kv_cache) {
+    resolve_workload(
+        args.workload.as_deref(),
+        args.kv_cache.as_deref(),
+        model,
+        dtype,
+    )
+}
+
+/// The workload a `--workload` spec (`batch=B,prompt=P,new=N[,dtype=D]` or `none`) or a
+/// `--kv-cache` spec (`batch=B,seq=S[,dtype=D]`) stands for, or the default one when neither is
+/// given: the one rule the CLI and the Python package (`devmap.plan(..., workload=...)`) share.
+pub fn resolve_workload(
+    workload: Option<&str>,
+    kv_cache: Option<&str>,
+    model: &Model,
+    dtype: Option<DType>,
+) -> Result<WorkloadChoice> {
+    let (workload, origin) = match (workload, kv_cache) {
         (Some(w), _) if w.trim() == "none" => (None, "--workload none".to_string()),
         (Some(w), _) => (Some(Workload::parse(w)?), "--workload".to_string()),
         (None, Some(kv)) => (

@@ -50,6 +50,10 @@ pub struct Request {
     /// KV cache, `batch=B,seq=S[,dtype=D]`.
     #[serde(default)]
     pub kv_cache: Option<String>,
+    /// The CLI's `--workload`: `batch=B,prompt=P,new=N[,dtype=D]` or `none`; with neither this
+    /// nor `kv_cache`, the CLI's default workload.
+    #[serde(default)]
+    pub workload: Option<String>,
     /// `latency` or `throughput`.
     #[serde(default)]
     pub objective: Option<String>,
@@ -177,10 +181,18 @@ impl Request {
             }
         }
         if let Some(spec) = &self.kv_cache {
+            // Fail early, naming the spec, when the model has no config to size a cache from.
             let kv = KvCacheSpec::parse(spec).map_err(arg)?;
-            kv.bytes_per_layer(model).map_err(arg)?; // fail early without a config
-            o = o.kv_cache(Some(kv));
+            kv.bytes_per_layer(model).map_err(arg)?;
         }
+        let choice = devmap_cli::resolve_workload(
+            self.workload.as_deref(),
+            self.kv_cache.as_deref(),
+            model,
+            self.dtype()?,
+        )
+        .map_err(|e| Error::new(Kind::Argument, format!("workload: {e:#}")))?;
+        o = o.workload(choice.workload);
         for (key, device) in &self.pins {
             let device = Device::parse(device)
                 .map_err(|e| Error::new(Kind::Argument, format!("pins[{key:?}]: {e}")))?;
