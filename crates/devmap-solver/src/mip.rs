@@ -230,9 +230,13 @@ fn solve_once(
     // With the main-GPU rows, presolve is off (see `solve`).
     let first = run_highs(first, inst, start, opts, started, !main_rule);
     match first {
-        // HiGHS' presolve can return a plan that violates a row and then fail the solve: solve
-        // once more without it.
+        // HiGHS' presolve can return a plan that violates a row and then fail the solve, or call
+        // a feasible model infeasible (a contiguous chain on 3 GPUs whose plan skips the middle
+        // one: tests/mip_vs_dp.rs' regression file): solve once more without it.
         Err(Error::Solver(_)) if !main_rule => {
+            run_highs(model(), inst, start, opts, started, false)
+        }
+        Ok(once) if once.result.proven_infeasible && !main_rule => {
             run_highs(model(), inst, start, opts, started, false)
         }
         other => other,
