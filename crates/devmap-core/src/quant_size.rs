@@ -62,6 +62,26 @@ pub struct RuntimeBytes {
 }
 
 impl RuntimeBytes {
+    /// A pre-quantized checkpoint's bytes: every tensor takes `on_gpu` wherever it goes (packed
+    /// tensors load as stored, offloaded too), no dequantization workspace, and nothing is
+    /// converted on the GPU while loading.
+    fn as_stored(
+        label: String,
+        on_gpu: Vec<u64>,
+        quantized: Vec<bool>,
+        offload: OffloadRule,
+    ) -> RuntimeBytes {
+        RuntimeBytes {
+            label,
+            offloaded: on_gpu.clone(),
+            load_transient: vec![0; on_gpu.len()],
+            on_gpu,
+            quantized,
+            workspace: 0,
+            offload,
+        }
+    }
+
     /// `per_tensor` with tied duplicates at 0 (the storage counted once, as [`Model::tensor_sizes`]).
     pub fn held(model: &Model, per_tensor: &[u64]) -> Vec<u64> {
         per_tensor
@@ -470,16 +490,12 @@ fn pre_quantized(model: &Model, q: &Quantization, full: &[u64]) -> RuntimeBytes 
             ),
         },
     };
-    RuntimeBytes {
-        label: format!("{} (pre-quantized)", q.config.method()),
-        offloaded: on_gpu.clone(),
+    RuntimeBytes::as_stored(
+        format!("{} (pre-quantized)", q.config.method()),
         on_gpu,
         quantized,
-        workspace: 0,
         offload,
-        // Packed tensors load as stored: nothing is converted on the GPU.
-        load_transient: vec![0; full.len()],
-    }
+    )
 }
 
 /// Per tensor, the bytes transformers' planner counts for a pre-quantized GPTQ checkpoint whose
@@ -654,18 +670,11 @@ fn mxfp4_pre_quantized(
                 .into(),
         }
     };
-    Ok(RuntimeBytes {
-        label: format!(
-            "mxfp4 (pre-quantized{})",
-            if dequantize { ", dequantized" } else { "" }
-        ),
-        offloaded: on_gpu.clone(),
-        on_gpu,
-        quantized,
-        workspace: 0,
-        offload,
-        load_transient: vec![0; full.len()],
-    })
+    let label = format!(
+        "mxfp4 (pre-quantized{})",
+        if dequantize { ", dequantized" } else { "" }
+    );
+    Ok(RuntimeBytes::as_stored(label, on_gpu, quantized, offload))
 }
 
 /// Bytes of one tensor of a converted gpt-oss experts module (see [`mxfp4_hf_tensor_bytes`]).
