@@ -234,14 +234,20 @@ pub fn flows(model: &Model, units: &[Unit]) -> Vec<Flow> {
     out
 }
 
-/// One [`FlowKind::Tied`] edge from the first unit holding a name of a tied storage to each other.
-fn tied_flows(model: &Model, units: &[Unit]) -> Vec<Flow> {
+/// Per tensor of `model`, the index of the unit of `units` holding it (`usize::MAX`: none).
+pub fn unit_of_tensor(model: &Model, units: &[Unit]) -> Vec<usize> {
     let mut unit_of = vec![usize::MAX; model.tensors().len()];
     for (i, u) in units.iter().enumerate() {
         for &t in &u.tensors {
             unit_of[t] = i;
         }
     }
+    unit_of
+}
+
+/// One [`FlowKind::Tied`] edge from the first unit holding a name of a tied storage to each other.
+fn tied_flows(model: &Model, units: &[Unit]) -> Vec<Flow> {
+    let unit_of = unit_of_tensor(model, units);
     let mut out = Vec::new();
     for group in model.tied_groups() {
         let mut holders: Vec<usize> = group

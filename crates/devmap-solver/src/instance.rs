@@ -453,12 +453,7 @@ fn transfers(
 
 /// Tied storages whose names fall in more than one unit.
 fn tied_storages(model: &Model, units: &[Unit], sizes: &[u64]) -> Vec<Tie> {
-    let mut unit_of_tensor = vec![usize::MAX; model.tensors().len()];
-    for (i, u) in units.iter().enumerate() {
-        for &t in &u.tensors {
-            unit_of_tensor[t] = i;
-        }
-    }
+    let unit_of_tensor = devmap_core::graph::unit_of_tensor(model, units);
     let mut ties = Vec::new();
     for group in model.tied_groups() {
         let owner_t = *group.iter().min().expect("non-empty");
