@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use devmap_core::cost::{KvCacheSpec, Objective, OffloadMemory, Topology};
+use devmap_core::cost::{Objective, OffloadMemory, Topology};
 use devmap_core::{
     load_model, DType, Device, DeviceMap, Manifest, MemoryBudgets, Model, ModelConfig,
 };
@@ -179,11 +179,6 @@ impl Request {
             for b in budgets_from_json(v, "reserve")?.iter() {
                 o.reserve.push((b.device, b.bytes));
             }
-        }
-        if let Some(spec) = &self.kv_cache {
-            // Fail early, naming the spec, when the model has no config to size a cache from.
-            let kv = KvCacheSpec::parse(spec).map_err(arg)?;
-            kv.bytes_per_layer(model).map_err(arg)?;
         }
         let choice = devmap_cli::resolve_workload(
             self.workload.as_deref(),
