@@ -87,3 +87,16 @@ def resolve(device_map: dict, name: str):
             if best is None or len(key) > len(best[0]):
                 best = (key, device)
     return None if best is None else best[1]
+
+
+def assert_loads_like_whole(ckpt, device_map: dict, offload_folder) -> None:
+    """`from_pretrained(ckpt, device_map=...)` puts every parameter where the map says and gives
+    the logits of the same checkpoint loaded whole (float32, CPU)."""
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        ckpt, device_map=device_map, offload_folder=offload_folder, dtype=torch.float32)
+    for name, _ in loaded.named_parameters():
+        assert resolve(loaded.hf_device_map, name) == resolve(device_map, name), name
+    whole = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 7, 11, 13]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, whole(ids).logits, atol=1e-5)

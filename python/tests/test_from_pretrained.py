@@ -5,7 +5,7 @@ logits equal those of the model loaded whole."""
 from __future__ import annotations
 
 import pytest
-from conftest import model_bytes, real_model, resolve
+from conftest import assert_loads_like_whole, model_bytes, real_model
 
 import devmap
 
@@ -23,15 +23,7 @@ def test_map_loads_and_runs(tmp_path, strategy):
     device_map = devmap.plan(str(tmp_path / "ckpt"), max_memory, strategy=strategy, workload="none")
     assert set(device_map.values()) == {"cpu", "disk"}, device_map
 
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "ckpt", device_map=device_map, offload_folder=tmp_path / "offload", dtype=torch.float32)
-    for name, _ in loaded.named_parameters():
-        assert resolve(loaded.hf_device_map, name) == resolve(device_map, name), name
-
-    whole = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
-    ids = torch.tensor([[1, 5, 7, 11, 13]])
-    with torch.no_grad():
-        assert torch.allclose(loaded(ids).logits, whole(ids).logits, atol=1e-5)
+    assert_loads_like_whole(tmp_path / "ckpt", device_map, tmp_path / "offload")
 
 
 def test_map_from_live_module_loads(tmp_path):

@@ -7,7 +7,7 @@ accelerate runs the cpu/disk modules on the main GPU the same way (AlignDevicesH
 from __future__ import annotations
 
 import pytest
-from conftest import real_model, resolve
+from conftest import assert_loads_like_whole, real_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -41,11 +41,4 @@ def test_a_block_split_by_module_loads_and_runs(tmp_path):
         skeleton = transformers.AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     accelerate.utils.check_device_map(skeleton, device_map)
 
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "ckpt", device_map=device_map, offload_folder=tmp_path / "offload", dtype=torch.float32)
-    for name, _ in loaded.named_parameters():
-        assert resolve(loaded.hf_device_map, name) == resolve(device_map, name), name
-    whole = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
-    ids = torch.tensor([[1, 5, 7, 11, 13]])
-    with torch.no_grad():
-        assert torch.allclose(loaded(ids).logits, whole(ids).logits, atol=1e-5)
+    assert_loads_like_whole(tmp_path / "ckpt", device_map, tmp_path / "offload")
