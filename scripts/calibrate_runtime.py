@@ -15,7 +15,8 @@ field; `--dry-run` prints the plan below with the sizes of the given config and 
    cpu-mapped weights in: `safe_open` views of the page cache, and accelerate copies from them),
    and ordinary anonymous memory. Per kind, the rate is the layer's bytes over its copy time minus
    one latency per tensor, so `latency + bytes / bandwidth` sums to the measured layer exactly.
-   The file-backed rate is written (`--copy-from anon` writes the other).
+   Reported; written only with `--copy-from file|anon` (these short copies of a few tensors ran
+   at 8.7 GB/s on a machine whose decode steps copied at 7.1: see 6).
 3. `offload_hook_seconds`: a chain of 256 tiny bias-free Linear modules runs resident, then
    dispatched by accelerate with every module on `cpu` (a hook and one 8 KiB copy each); the
    difference per module minus the latency of (1) is the hook. Also reported, not written: the
@@ -30,6 +31,12 @@ field; `--dry-run` prints the plan below with the sizes of the given config and 
    twice uncapped, then once under a hard cap of the prefill's reserved peak + 128 MiB (devmap's
    plans run at their budget; the allocator's retries there are counted); the larger is written.
    The cost model charges that many passes per layer and step.
+6. `bandwidth` (written by default): decoders of 8 layers with their last 0, 2 and 6 layers
+   file-backed on cpu (`safe_open` views) and dispatched by accelerate, stepped alternately at a
+   64-token context; one streamed layer's cost is the slope from 2 to 6, and its bytes over that
+   cost less what the cost model already charges it (one latency per tensor from 1, one hook per
+   module from 3) is the rate accelerate sustains on real decode steps: copies of GiBs of cold
+   pages, each followed by the module's kernels.
 
 Written: `gpus.<i>.pageable_host_link` (and `default_pageable_host_link` for GPU 0), `runtime`
 (`offload_memory`, `offload_hook_seconds`, `eager_module_seconds`, `kv_passes_per_step`,
@@ -56,6 +63,10 @@ COPY_ROUNDS = 3
 DECODE_STEPS = 30
 SHORT_CONTEXT = 64
 KV_CONTEXT = 16384
+STREAMED_LAYERS = 8  # layers of the decoder whose last k are streamed in measurement 6
+STREAMED_COUNTS = (0, 2, 6)  # k: the slope between the last two is one streamed layer's cost
+STREAMED_STEPS = 8
+STREAMED_ROUNDS = 3
 CAP_HEADROOM = 128 << 20  # above the prefill's reserved peak, for the capped KV measurement
 DEVICE = "cuda:0"  # the GPU measured (accelerate's main device); --device changes it
 
@@ -393,6 +404,103 @@ def eager_and_kv(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2, kv_cont
     return per_module[big], max(passes, capped_passes), raw
 
 
+# ---------------------------------------------------------------- 6. streamed layers
+
+
+def file_backed_layers(model, names, scratch, tag="layers"):
+    """Replace the parameters of the modules `names` by memory-mapped views of a safetensors file
+    of them (page cache, `scratch/calibrate_runtime_<tag>.safetensors`: one file per model, as
+    rewriting a mapped file would change the views), as transformers 5 leaves cpu-mapped weights.
+    Returns the open handle."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    params = {f"{n}.{p}": t for n in names for p, t in model.get_submodule(n).named_parameters()}
+    path = os.path.join(scratch, f"calibrate_runtime_{tag}.safetensors")
+    save_file({k: t.detach().cpu().contiguous() for k, t in params.items()}, path)
+    handle = safe_open(path, framework="pt")
+    for key, param in params.items():
+        param.data = handle.get_tensor(key)
+        param.data.sum()  # fault the pages in once, as the first decode step would
+    return handle
+
+
+def streamed_device_map(model, streamed, gpu):
+    """accelerate's device_map for `model` (a decoder from `build_decoder`) with its last
+    `streamed` layers on cpu and every other module on `gpu`."""
+    device_map = {name: gpu for name, _ in model.named_children() if name != "model"}
+    for name, _ in model.model.named_children():
+        if name != "layers":
+            device_map[f"model.{name}"] = gpu
+    layers = len(model.model.layers)
+    for i in range(layers):
+        device_map[f"model.layers.{i}"] = "cpu" if i >= layers - streamed else gpu
+    return device_map
+
+
+def streamed_decoder(config, streamed, scratch):
+    """A `STREAMED_LAYERS`-layer decoder (the config's shape, random) with its last `streamed`
+    layers file-backed on cpu and dispatched by accelerate (hooks, one module copied at a time:
+    what `from_pretrained(device_map=...)` builds), the rest on the GPU."""
+    import torch
+    from accelerate import dispatch_model
+
+    model = build_decoder(config, STREAMED_LAYERS)
+    device = torch.device(DEVICE)
+    gpu = (device.index or 0) if device.type == "cuda" else device.type
+    device_map = streamed_device_map(model, streamed, gpu)
+    streamed_names = [n for n, d in device_map.items() if d == "cpu"]
+    handle = file_backed_layers(model, streamed_names, scratch, tag=f"streamed{streamed}")
+    return dispatch_model(model, device_map=device_map, main_device=device), handle
+
+
+def streamed_layer_bandwidth(config, latency, hook, scratch):
+    """The pageable rate accelerate sustains while it streams whole layers on decode steps:
+    decoders with 0, 2 and 6 file-backed layers streamed, stepped alternately, medians; one layer's
+    cost is the slope, and what the cost model charges a streamed layer besides its bytes (one
+    latency per tensor, one hook per module) is taken off before dividing its bytes by it."""
+    counts = STREAMED_COUNTS
+    models = {}
+    handles = []
+    for k in counts:
+        models[k], h = streamed_decoder(config, k, scratch)
+        handles.append(h)
+    times = {k: [] for k in counts}
+    for _ in range(STREAMED_ROUNDS):
+        for k in counts:
+            times[k].append(step_seconds(models[k], SHORT_CONTEXT, repeats=STREAMED_STEPS)[0])
+    layer = models[counts[0]].model.layers[0]
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    tensors = sum(1 for _ in layer.parameters())
+    modules = sum(1 for m in layer.modules() if any(True for _ in m.parameters(recurse=False)))
+    del models, layer
+    handles.clear()
+    empty_cache()
+    median = {k: statistics.median(v) for k, v in times.items()}
+    lo, hi = counts[-2], counts[-1]
+    per_layer = (median[hi] - median[lo]) / (hi - lo)
+    # What streaming costs a step beyond its layers (a sync, the first hook): reported only.
+    fixed = median[lo] - lo * per_layer - median[counts[0]] if counts[0] == 0 else None
+    busy = per_layer - tensors * latency - modules * hook
+    if busy <= 0:
+        raise RuntimeError(f"one streamed layer cost {per_layer:.6f} s, under its {tensors} latencies and {modules} hooks")
+    raw = {
+        "layers": STREAMED_LAYERS,
+        "streamed": list(counts),
+        "step_seconds": {str(k): v for k, v in times.items()},
+        "median_step_seconds": {str(k): v for k, v in median.items()},
+        "per_layer_seconds": per_layer,
+        "fixed_seconds": fixed,
+        "layer_bytes": layer_bytes,
+        "tensors_per_layer": tensors,
+        "modules_per_layer": modules,
+        "latency_subtracted": latency,
+        "hook_subtracted": hook,
+        "memory": "file-backed (safe_open views)",
+    }
+    return layer_bytes / busy, raw
+
+
 # ---------------------------------------------------------------- the plan and the file
 
 
@@ -414,6 +522,9 @@ def plan(config, copies=2, rounds=COPY_ROUNDS, kv_context=KV_CONTEXT):
         f"5. KV passes: the {max(DEFAULT_LAYERS)}-layer decoder at a {kv_context}-token context, "
         f"{DECODE_STEPS} steps x 2 uncapped and x 1 capped at the prefill's reserved peak + "
         f"{CAP_HEADROOM >> 20} MiB (allocator retries counted), against 4.",
+        f"6. streamed layers: {STREAMED_LAYERS}-layer decoders with the last {' and '.join(map(str, STREAMED_COUNTS))} layers "
+        f"file-backed on cpu, dispatched by accelerate; {STREAMED_ROUNDS} alternating rounds x {STREAMED_STEPS} steps, "
+        f"medians; the slope per streamed layer less its latencies and hooks gives the written rate",
     ]
 
 
@@ -423,7 +534,9 @@ def estimated_seconds(config, copies=2, rounds=COPY_ROUNDS):
     head = head_shape(config)[0] * head_shape(config)[1] * 2
     copies_s = 2 * (rounds + 1) * (copies * sizes + head) / 7e9 + (copies * sizes + head) / 1e9  # + file write
     decode_s = 2 * 2 * (DECODE_STEPS + 2) * 0.01 + 3 * (DECODE_STEPS + 2) * 0.012 + 3 * 0.3 + 4.0  # + prefills, builds
-    return 5.0 + copies_s + 0.5 + decode_s
+    layer = sizes
+    streamed_s = STREAMED_ROUNDS * (STREAMED_STEPS + 2) * sum(STREAMED_COUNTS) * layer / 7e9 + sum(STREAMED_COUNTS) * layer / 1e9
+    return 5.0 + copies_s + 0.5 + decode_s + streamed_s
 
 
 def gpu_rates(topo, index):
@@ -452,7 +565,7 @@ def measure(config, bandwidth, scratch, copy_from, fallback_latency):
         link["latency"], raw["latency"] = got
     latency = link.get("latency", fallback_latency)
     rates = attempt(raw, "pageable_copies", lambda: copy_rates(config, latency, scratch))
-    if rates:
+    if rates and copy_from in rates:
         link["bandwidth"] = rates[copy_from][0]
         raw["pageable_copies"] = {kind: dict(r, bandwidth=bw) for kind, (bw, r) in rates.items()}
     got = attempt(raw, "hook", lambda: offload_hook_seconds(latency))
@@ -461,6 +574,15 @@ def measure(config, bandwidth, scratch, copy_from, fallback_latency):
     got = attempt(raw, "eager", lambda: eager_and_kv(config, bandwidth))
     if got:
         runtime["eager_module_seconds"], runtime["kv_passes_per_step"], raw["eager"] = got
+    hook = runtime.get("offload_hook_seconds", 0.0)
+    got = attempt(raw, "streamed", lambda: streamed_layer_bandwidth(config, latency, hook, scratch))
+    if got:
+        raw["streamed"] = dict(got[1], bandwidth=got[0])
+        if copy_from == "streamed":
+            link["bandwidth"] = got[0]
+    if copy_from == "streamed" and not got and rates:
+        link["bandwidth"] = rates["file"][0]  # the copies' rate when the streamed one failed
+        raw["written_copy_memory"] = "file (the streamed measurement failed)"
     return link, runtime, raw
 
 
@@ -478,7 +600,7 @@ def merge(topo, index, link, runtime, source):
     return topo
 
 
-def calibrate_runtime(topo_path, config, copy_from="file", scratch=None):
+def calibrate_runtime(topo_path, config, copy_from="streamed", scratch=None):
     """Measure every constant and merge them into the topology file at `topo_path`."""
     import accelerate
     import torch
@@ -528,6 +650,13 @@ def report(link, runtime, raw, topo_path):
         lines.append(f"eager {runtime['eager_module_seconds'] * 1e6:.1f} µs per module; KV {runtime['kv_passes_per_step']:.1f} passes "
                      f"per step at {e['kv_context']} tokens (uncapped {e['kv_passes_uncapped']:.1f}: {e['kv_step_seconds'] * 1e3:.2f} vs "
                      f"{e['step_seconds'][-1] * 1e3:.2f} ms; {capped})")
+    st = raw.get("streamed", {})
+    if "per_layer_seconds" in st:
+        med = st["median_step_seconds"]
+        lines.append(f"streamed layers: {st['bandwidth'] / 1e9:.2f} GB/s sustained ({st['per_layer_seconds'] * 1e3:.1f} ms per "
+                     f"streamed layer of {st['layer_bytes'] / 2**20:.0f} MiB; fixed {(st['fixed_seconds'] or 0) * 1e3:.1f} ms; steps " +
+                     ", ".join(f"{k} streamed {v * 1e3:.1f} ms" for k, v in med.items()) + ")")
+    lines.append(f"written pageable rate: {link['bandwidth'] / 1e9:.2f} GB/s ({raw.get('written_copy_memory')})")
     lines.append(f"{raw['seconds']:.1f} s -> {topo_path}")
     print("\n".join(lines), flush=True)
 
@@ -548,8 +677,9 @@ def main():
     ap.add_argument("--topology", help="topology JSON from `devmap calibrate` (rewritten in place)")
     ap.add_argument("--config", help="config.json of the decoder to time (default: Llama-3.1-8B's shape)")
     ap.add_argument("--device", default=DEVICE, help="the GPU to measure (default cuda:0)")
-    ap.add_argument("--copy-from", choices=("file", "anon"), default="file",
-                    help="host memory whose copy rate is written (default: file-backed, as transformers 5 loads)")
+    ap.add_argument("--copy-from", choices=("streamed", "file", "anon"), default="streamed",
+                    help="which measured rate is written: the rate accelerate sustains streaming layers on decode "
+                         "steps (default), or the single copies' from file-backed or anonymous memory")
     ap.add_argument("--scratch", help="folder for the temporary safetensors file (default: the system's temp)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan of measurements and exit")
     args = ap.parse_args()

@@ -64,7 +64,9 @@ def parse_args():
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens decoded after the prefill")
     ap.add_argument("--cpu", default="100GiB", help="cpu budget in max_memory")
     ap.add_argument("--topology", help="use this topology file instead of calibrating")
-    ap.add_argument("--strategies", default="devmap,hf", help="which maps to measure: devmap, hf")
+    ap.add_argument("--strategies", default="devmap,hf",
+                    help="which maps to measure: devmap (auto with --devmap-args), split / whole (the same with "
+                         "--split-blocks true / false), hf (Hugging Face's auto)")
     ap.add_argument("--devmap-args", default="", help="extra arguments for `devmap plan`, e.g. '--split-blocks true'")
     ap.add_argument("--resume", action="store_true", help="skip cells already in WORK/results.json")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="start no new map after this many seconds")
@@ -80,10 +82,14 @@ def parse_args():
     args.strategies = [s for s in args.strategies.split(",") if s]
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
-    unknown = [s for s in args.strategies if s not in ("devmap", "hf")]
+    unknown = [s for s in args.strategies if s not in (*DEVMAP_VARIANTS, "hf")]
     if unknown:
-        ap.error(f"--strategies: unknown {', '.join(unknown)} (devmap, hf)")
+        ap.error(f"--strategies: unknown {', '.join(unknown)} ({', '.join(DEVMAP_VARIANTS)}, hf)")
     return args
+
+
+# devmap's variants: `auto` with --devmap-args, and the same with split blocks forced on or off.
+DEVMAP_VARIANTS = {"devmap": "", "split": "--split-blocks true", "whole": "--split-blocks false"}
 
 
 def log(msg):
@@ -187,11 +193,11 @@ def workload_flags(features, prompt, new):
     return ["--kv-cache", f"batch=1,seq={prompt + new}"]
 
 
-def plan_devmap(args, ckpt, topo, features, cap, prompt):
+def plan_devmap(args, ckpt, topo, features, cap, prompt, variant=""):
     base = [args.devmap, "plan", ckpt, "--max-memory", max_memory_spec(cap, args.cpu)]
     base += ["--topology", topo] if topo else []
     base += workload_flags(features, prompt, args.new_tokens)
-    base += shlex.split(getattr(args, "devmap_args", ""))
+    base += shlex.split(getattr(args, "devmap_args", "")) + shlex.split(variant)
 
     def run(extra):
         r = subprocess.run(base + extra, capture_output=True, text=True)
@@ -456,13 +462,15 @@ class Grid:
         self.plans, self.scores, self.hf_maps = {}, {}, {}
         self.measure = predicted_rows if args.dry_run else measure_map
 
-    def plan(self, cap, prompt):
-        if (cap, prompt) not in self.plans:
+    def plan(self, cap, prompt, strategy="devmap"):
+        key = (cap, prompt, strategy)
+        if key not in self.plans:
             try:
-                self.plans[(cap, prompt)] = plan_devmap(self.args, self.ckpt, self.topo, self.features, cap, prompt)
+                self.plans[key] = plan_devmap(self.args, self.ckpt, self.topo, self.features, cap, prompt,
+                                              DEVMAP_VARIANTS[strategy])
             except RuntimeError as e:
-                self.plans[(cap, prompt)] = {"error": str(e)}
-        return self.plans[(cap, prompt)]
+                self.plans[key] = {"error": str(e)}
+        return self.plans[key]
 
     def score(self, cap, prompt, device_map):
         """devmap's estimate of any map at this cap and prompt's workload (once per call)."""
@@ -481,16 +489,16 @@ class Grid:
             self.hf_maps[cap] = validate_multi_gpu.MetaModel(self.ckpt).hf_map("auto", cap, self.args.cpu)
         return self.hf_maps[cap]
 
-    def devmap_cells(self, cap, prompts):
+    def devmap_cells(self, cap, prompts, strategy):
         """devmap's plans for one cap: {map as JSON text: (plan, [prompt])}, identical maps shared,
         and a row for every prompt devmap could not plan."""
         groups, failed = {}, []
         for p in prompts:
             # --one-map-per-cap: the plan for the longest prompt runs every prompt in one load, so
             # the prompts differ by their context only (not by the load's copy rate).
-            plan = self.plan(cap, max(self.args.prompts) if self.args.one_map_per_cap else p)
+            plan = self.plan(cap, max(self.args.prompts) if self.args.one_map_per_cap else p, strategy)
             if "error" in plan:
-                failed.append({"strategy": "devmap", "cap_gib": cap, "prompt": p, "new_tokens": self.args.new_tokens, "error": plan["error"]})
+                failed.append({"strategy": strategy, "cap_gib": cap, "prompt": p, "new_tokens": self.args.new_tokens, "error": plan["error"]})
                 continue
             groups.setdefault(json.dumps(plan["device_map"], sort_keys=True), [plan, []])[1].append(p)
         return groups, failed
@@ -502,13 +510,13 @@ class Grid:
                 row["predicted_ms_per_token"] = self.score(cap, row["prompt"], row["device_map"])
         return rows
 
-    def run_devmap(self, cap, prompts):
-        groups, rows = self.devmap_cells(cap, prompts)
+    def run_devmap(self, cap, prompts, strategy):
+        groups, rows = self.devmap_cells(cap, prompts, strategy)
         for plan, members in groups.values():
-            measured = self.measure(self.args, self.ckpt, "devmap", plan["device_map"], cap, members)
+            measured = self.measure(self.args, self.ckpt, strategy, plan["device_map"], cap, members)
             for row in measured:
                 planned_for = max(self.args.prompts) if self.args.one_map_per_cap else row["prompt"]
-                own = self.plan(cap, planned_for)
+                own = self.plan(cap, planned_for, strategy)
                 row["planned_for_prompt"] = planned_for
                 row.update(predicted_ms_per_token=own["predicted_ms_per_token"], predicted_memory=own["predicted_memory"],
                            status=own["status"])
@@ -526,7 +534,7 @@ class Grid:
             if time.perf_counter() - started > self.args.deadline_s:
                 log(f"deadline reached: skipping {strategy} at cap {cap:g}, round {rnd}")
                 continue
-            new = self.run_hf(cap, todo) if strategy == "hf" else self.run_devmap(cap, todo)
+            new = self.run_hf(cap, todo) if strategy == "hf" else self.run_devmap(cap, todo, strategy)
             for row in new:
                 row["round"] = rnd
             rows += new
@@ -667,7 +675,7 @@ def markdown(rows, env, rounds):
         "| offload copy GB/s (before / after) | predicted ms/tok | measured ms/tok | result |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    key = lambda r: (r.get("round", 1), r["cap_gib"], r["prompt"], r["strategy"] != "devmap")
+    key = lambda r: (r.get("round", 1), r["cap_gib"], r["prompt"], r["strategy"] == "hf", r["strategy"])
     for r in sorted(rows, key=key):
         retries = f"{fmt(r.get('alloc_retries_prefill'), 'd')} / {fmt(r.get('alloc_retries_decode'), 'd')}"
         lines.append(
@@ -681,44 +689,50 @@ def markdown(rows, env, rounds):
 
 
 def round_summary(rows):
-    """Per (cap, prompt) where both maps decoded in some round: each round's ms/token of both,
-    the per-round speed-up, and the speed-up of the sums over the rounds both completed."""
+    """Per (cap, prompt, devmap variant) where it and Hugging Face's map decoded in some round:
+    each round's ms/token of both, the per-round speed-up, and the speed-up of the sums over the
+    rounds both completed."""
     by = {}
     for r in rows:
         if r.get("ms_per_token"):
             by.setdefault((r["cap_gib"], r["prompt"]), {}).setdefault(r["strategy"], {})[r.get("round", 1)] = r
     out = []
     for (cap, prompt), maps in sorted(by.items()):
-        dm, hf = maps.get("devmap", {}), maps.get("hf", {})
-        both = sorted(set(dm) & set(hf))
-        if not both:
-            continue
-        d = [dm[k]["ms_per_token"] for k in both]
-        h = [hf[k]["ms_per_token"] for k in both]
-        out.append({
-            "cap_gib": cap, "prompt": prompt, "rounds": both,
-            "devmap_ms": d, "hf_ms": h, "speedup_per_round": [b / a for a, b in zip(d, h)],
-            "devmap_sum_ms": sum(d), "hf_sum_ms": sum(h), "speedup": sum(h) / sum(d),
-            "devmap_predicted_ms": dm[both[0]].get("predicted_ms_per_token"),
-            "hf_predicted_ms": hf[both[0]].get("predicted_ms_per_token"),
-        })
+        for strategy in (s for s in DEVMAP_VARIANTS if s in maps):
+            out += summary_of(cap, prompt, strategy, maps[strategy], maps.get("hf", {}))
     return out
+
+
+def summary_of(cap, prompt, strategy, dm, hf):
+    """[the summary of one devmap variant against HF at one cap and prompt], or [] with no round of both."""
+    both = sorted(set(dm) & set(hf))
+    if not both:
+        return []
+    d = [dm[k]["ms_per_token"] for k in both]
+    h = [hf[k]["ms_per_token"] for k in both]
+    return [{
+        "cap_gib": cap, "prompt": prompt, "strategy": strategy, "rounds": both,
+        "devmap_ms": d, "hf_ms": h, "speedup_per_round": [b / a for a, b in zip(d, h)],
+        "devmap_sum_ms": sum(d), "hf_sum_ms": sum(h), "speedup": sum(h) / sum(d),
+        "devmap_predicted_ms": dm[both[0]].get("predicted_ms_per_token"),
+        "hf_predicted_ms": hf[both[0]].get("predicted_ms_per_token"),
+    }]
 
 
 def rounds_markdown(rounds):
     if not rounds:
         return "No cell where both maps decoded."
     lines = [
-        "| cap GiB | prompt | rounds | devmap ms/token per round | HF auto ms/token per round | speed-up per round "
+        "| cap GiB | prompt | devmap variant | rounds | devmap ms/token per round | HF auto ms/token per round | speed-up per round "
         "| sum devmap / HF ms | speed-up (sums) | predicted devmap / HF ms | predicted speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in rounds:
         joined = lambda xs, spec: ", ".join(format(x, spec) for x in xs)
         pd, ph = s["devmap_predicted_ms"], s["hf_predicted_ms"]
         predicted = f"{ph / pd:.2f}x" if pd and ph else "-"
         lines.append(
-            f"| {s['cap_gib']:g} | {s['prompt']} | {len(s['rounds'])} | {joined(s['devmap_ms'], '.1f')} | {joined(s['hf_ms'], '.1f')} | "
+            f"| {s['cap_gib']:g} | {s['prompt']} | {s.get('strategy', 'devmap')} | {len(s['rounds'])} | {joined(s['devmap_ms'], '.1f')} | {joined(s['hf_ms'], '.1f')} | "
             f"{joined(s['speedup_per_round'], '.2f')} | {s['devmap_sum_ms']:.1f} / {s['hf_sum_ms']:.1f} | **{s['speedup']:.2f}x** | "
             f"{fmt(pd, '.1f')} / {fmt(ph, '.1f')} | {predicted} |"
         )

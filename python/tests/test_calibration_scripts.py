@@ -54,3 +54,58 @@ def test_rederived_constants_separate_latency_and_hook():
     assert link["bandwidth"] == pytest.approx((2 * 32 + 2 * 8 + 3 * 112) * MIB / (seconds - 7 * latency))
     assert out["default_pageable_host_link"] == link
     assert topo["runtime"]["offload_hook_seconds"] == 0.0, "the input is left as it was"
+
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "num_hidden_layers": 2,
+}
+
+
+def test_file_backed_layers_are_views_of_the_file_and_compute_the_same(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(cr, "DEVICE", "cpu")
+    torch.manual_seed(0)
+    model = cr.build_decoder(TINY_LLAMA, 3)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    handle = cr.file_backed_layers(model, ["model.layers.1", "model.layers.2"], str(tmp_path))
+    path = str(tmp_path / "calibrate_runtime_layers.safetensors")
+    for i in (1, 2):
+        for name, p in model.model.layers[i].named_parameters():
+            assert cr.host_memory_kind(p) == path, name
+    assert all(cr.host_memory_kind(p) != path for p in model.model.layers[0].parameters())
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    del handle
+
+
+def test_streamed_device_map_puts_the_last_layers_on_cpu(monkeypatch):
+    monkeypatch.setattr(cr, "DEVICE", "cpu")
+    model = cr.build_decoder(TINY_LLAMA, 4)
+    placed = cr.streamed_device_map(model, 3, 0)
+    assert [placed[f"model.layers.{i}"] for i in range(4)] == [0, "cpu", "cpu", "cpu"]
+    # Every parameter and buffer of the model belongs to one mapped module (dispatch_model
+    # refuses a map that misses one).
+    owners = set(placed)
+    for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+        assert any(name == o or name.startswith(o + ".") for o in owners), name
+    assert placed["lm_head"] == 0 and placed["model.embed_tokens"] == 0
+
+
+def test_streamed_decoder_steps_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(cr, "DEVICE", "cpu")
+    monkeypatch.setattr(cr, "STREAMED_LAYERS", 4)
+    model, handle = cr.streamed_decoder(TINY_LLAMA, 3, str(tmp_path))
+    assert model.hf_device_map["model.layers.1"] == "cpu"
+    seconds, retries = cr.step_seconds(model, 8, repeats=2)
+    assert seconds > 0 and retries == 0
+    del handle

@@ -41,7 +41,21 @@ def test_round_summary_pairs_rounds_and_sums_them():
     assert cell["speedup"] == pytest.approx(300.0 / 300.0)
     assert (cell["devmap_predicted_ms"], cell["hf_predicted_ms"]) == (90.0, 110.0)
     text = vg.rounds_markdown([cell])
-    assert "| 6 | 8 | 2 | 100.0, 200.0 | 120.0, 180.0 | 1.20, 0.90 | 300.0 / 300.0 | **1.00x** | 90.0 / 110.0 | 1.22x |" in text
+    assert "| 6 | 8 | devmap | 2 | 100.0, 200.0 | 120.0, 180.0 | 1.20, 0.90 | 300.0 / 300.0 | **1.00x** | 90.0 / 110.0 | 1.22x |" in text
+
+
+def test_each_devmap_variant_is_paired_with_hf_on_its_own():
+    rows = [row("split", 1, 90.0), row("whole", 1, 110.0), row("hf", 1, 132.0)]
+    cells = {c["strategy"]: c for c in vg.round_summary(rows)}
+    assert set(cells) == {"split", "whole"}
+    assert cells["split"]["speedup"] == pytest.approx(132.0 / 90.0)
+    assert cells["whole"]["speedup"] == pytest.approx(132.0 / 110.0)
+
+
+def test_variants_add_their_split_flag_to_the_plan_command():
+    assert vg.DEVMAP_VARIANTS["split"] == "--split-blocks true"
+    assert vg.DEVMAP_VARIANTS["whole"] == "--split-blocks false"
+    assert vg.DEVMAP_VARIANTS["devmap"] == ""
 
 
 def test_rows_without_a_round_count_as_round_one():
