@@ -33,10 +33,12 @@ field; `--dry-run` prints the plan below with the sizes of the given config and 
    The cost model charges that many passes per layer and step.
 6. `bandwidth` (written by default): decoders of 8 layers with their last 0, 2 and 6 layers
    file-backed on cpu (`safe_open` views) and dispatched by accelerate, stepped alternately at a
-   64-token context; one streamed layer's cost is the slope from 2 to 6, and its bytes over that
-   cost less what the cost model already charges it (one latency per tensor from 1, one hook per
-   module from 3) is the rate accelerate sustains on real decode steps: copies of GiBs of cold
-   pages, each followed by the module's kernels.
+   64-token context; one streamed layer's cost is (t6 - t0) / 6, and its bytes over that cost
+   less what the cost model already charges it (one latency per tensor from 1, one hook per
+   module from 3) is the rate accelerate sustains on real decode steps from those pages. On the
+   lent VM a buffer's plain copy rate depends on the pages it got (4.7-8.3 GB/s between buffers,
+   steady within one), so the written rate is that streamed rate's ratio to a plain copy of the
+   same pages, times the median plain rate of 12 fresh 256 MiB buffers.
 
 Written: `gpus.<i>.pageable_host_link` (and `default_pageable_host_link` for GPU 0), `runtime`
 (`offload_memory`, `offload_hook_seconds`, `eager_module_seconds`, `kv_passes_per_step`,
@@ -67,6 +69,8 @@ STREAMED_LAYERS = 8  # layers of the decoder whose last k are streamed in measur
 STREAMED_COUNTS = (0, 2, 6)  # k: the slope between the last two is one streamed layer's cost
 STREAMED_STEPS = 8
 STREAMED_ROUNDS = 3
+RATE_SAMPLES = 12  # fresh host buffers whose plain copy rates give the machine's typical rate
+RATE_SAMPLE_BYTES = 256 << 20
 CAP_HEADROOM = 128 << 20  # above the prefill's reserved peak, for the capped KV measurement
 DEVICE = "cuda:0"  # the GPU measured (accelerate's main device); --device changes it
 
@@ -454,17 +458,48 @@ def streamed_decoder(config, streamed, scratch):
     return dispatch_model(model, device_map=device_map, main_device=device), handle
 
 
+def own_memory_rate(handle, latency):
+    """Plain `.to()` rate of the tensors behind `handle` (the streamed layers' own pages): bytes
+    over copy time less one latency per tensor."""
+    keys = list(handle.keys())
+    if not keys:
+        return None
+    tensors = [handle.get_tensor(k) for k in keys]
+    for t in tensors[:2]:
+        timed_copy(t)  # warm the driver's staging buffers
+    seconds = sum(timed_copy(t) for t in tensors) - latency * len(tensors)
+    return sum(t.numel() * t.element_size() for t in tensors) / seconds
+
+
+def fresh_memory_rates(samples=RATE_SAMPLES, size=RATE_SAMPLE_BYTES):
+    """Plain `.to()` rates of `samples` freshly allocated host buffers, 3 copies each, medians.
+
+    On the lent H200 machine (a VM whose RAM grows as it is used) the rate depends on the pages a
+    buffer gets: 4.7-8.3 GB/s between buffers, steady within one (docs/validation.md). A load of
+    a checkpoint is one such draw; these samples give the distribution the decode steps see."""
+    import torch
+
+    rates = []
+    for _ in range(samples):
+        host = torch.empty(size // 2, dtype=torch.bfloat16).fill_(0.5)
+        times = [timed_copy(host) for _ in range(3)]
+        rates.append(size / statistics.median(times))
+        del host
+    return rates
+
+
 def streamed_layer_bandwidth(config, latency, hook, scratch):
-    """The pageable rate accelerate sustains while it streams whole layers on decode steps:
-    decoders with 0, 2 and 6 file-backed layers streamed, stepped alternately, medians; one layer's
-    cost is the slope, and what the cost model charges a streamed layer besides its bytes (one
-    latency per tensor, one hook per module) is taken off before dividing its bytes by it."""
+    """The pageable rate accelerate sustains while it streams whole layers on decode steps, at
+    this machine's typical host memory: decoders with 0, 2 and 6 file-backed layers streamed,
+    stepped alternately, medians. One layer's streaming cost is (t6 - t0) / 6; what the cost model
+    charges it besides its bytes (one latency per tensor, one hook per module) is taken off, and
+    its bytes over the rest is the streamed rate of that decoder's own pages. Its ratio to a plain
+    copy of those same pages (accelerate's efficiency) times the median plain rate over fresh
+    buffers is written: the pages one file got are one draw of a wide distribution."""
     counts = STREAMED_COUNTS
-    models = {}
-    handles = []
+    models, handles = {}, {}
     for k in counts:
-        models[k], h = streamed_decoder(config, k, scratch)
-        handles.append(h)
+        models[k], handles[k] = streamed_decoder(config, k, scratch)
     times = {k: [] for k in counts}
     for _ in range(STREAMED_ROUNDS):
         for k in counts:
@@ -474,31 +509,39 @@ def streamed_layer_bandwidth(config, latency, hook, scratch):
     tensors = sum(1 for _ in layer.parameters())
     modules = sum(1 for m in layer.modules() if any(True for _ in m.parameters(recurse=False)))
     del models, layer
-    handles.clear()
     empty_cache()
+    most = counts[-1]
+    own_rate = own_memory_rate(handles[most], latency)
+    handles.clear()
+    fresh = fresh_memory_rates()
     median = {k: statistics.median(v) for k, v in times.items()}
-    lo, hi = counts[-2], counts[-1]
-    per_layer = (median[hi] - median[lo]) / (hi - lo)
-    # What streaming costs a step beyond its layers (a sync, the first hook): reported only.
-    fixed = median[lo] - lo * per_layer - median[counts[0]] if counts[0] == 0 else None
+    per_layer = (median[most] - median[0]) / most
     busy = per_layer - tensors * latency - modules * hook
-    if busy <= 0:
+    if busy <= 0 or not own_rate:
         raise RuntimeError(f"one streamed layer cost {per_layer:.6f} s, under its {tensors} latencies and {modules} hooks")
+    streamed_rate = layer_bytes / busy
+    efficiency = streamed_rate / own_rate
     raw = {
         "layers": STREAMED_LAYERS,
         "streamed": list(counts),
         "step_seconds": {str(k): v for k, v in times.items()},
         "median_step_seconds": {str(k): v for k, v in median.items()},
         "per_layer_seconds": per_layer,
-        "fixed_seconds": fixed,
+        # What streaming costs a step beyond its layers (a sync, the first hook): reported only.
+        "fixed_seconds": median[counts[1]] - counts[1] * per_layer - median[0],
         "layer_bytes": layer_bytes,
         "tensors_per_layer": tensors,
         "modules_per_layer": modules,
         "latency_subtracted": latency,
         "hook_subtracted": hook,
         "memory": "file-backed (safe_open views)",
+        "streamed_rate_own_pages": streamed_rate,
+        "plain_rate_own_pages": own_rate,
+        "efficiency": efficiency,
+        "fresh_buffer_rates": fresh,
+        "fresh_buffer_bytes": RATE_SAMPLE_BYTES,
     }
-    return layer_bytes / busy, raw
+    return efficiency * statistics.median(fresh), raw
 
 
 # ---------------------------------------------------------------- the plan and the file
@@ -524,7 +567,8 @@ def plan(config, copies=2, rounds=COPY_ROUNDS, kv_context=KV_CONTEXT):
         f"{CAP_HEADROOM >> 20} MiB (allocator retries counted), against 4.",
         f"6. streamed layers: {STREAMED_LAYERS}-layer decoders with the last {' and '.join(map(str, STREAMED_COUNTS))} layers "
         f"file-backed on cpu, dispatched by accelerate; {STREAMED_ROUNDS} alternating rounds x {STREAMED_STEPS} steps, "
-        f"medians; the slope per streamed layer less its latencies and hooks gives the written rate",
+        f"medians; (t6 - t0) / 6 per streamed layer less its latencies and hooks, over a plain copy of the same pages, "
+        f"times the median plain rate of {RATE_SAMPLES} fresh {RATE_SAMPLE_BYTES >> 20} MiB buffers, is written",
     ]
 
 
@@ -565,9 +609,10 @@ def measure(config, bandwidth, scratch, copy_from, fallback_latency):
         link["latency"], raw["latency"] = got
     latency = link.get("latency", fallback_latency)
     rates = attempt(raw, "pageable_copies", lambda: copy_rates(config, latency, scratch))
-    if rates and copy_from in rates:
-        link["bandwidth"] = rates[copy_from][0]
+    if rates:
         raw["pageable_copies"] = {kind: dict(r, bandwidth=bw) for kind, (bw, r) in rates.items()}
+        if copy_from in rates:
+            link["bandwidth"] = rates[copy_from][0]
     got = attempt(raw, "hook", lambda: offload_hook_seconds(latency))
     if got:
         runtime["offload_hook_seconds"], raw["hook"] = got
@@ -653,9 +698,13 @@ def report(link, runtime, raw, topo_path):
     st = raw.get("streamed", {})
     if "per_layer_seconds" in st:
         med = st["median_step_seconds"]
-        lines.append(f"streamed layers: {st['bandwidth'] / 1e9:.2f} GB/s sustained ({st['per_layer_seconds'] * 1e3:.1f} ms per "
-                     f"streamed layer of {st['layer_bytes'] / 2**20:.0f} MiB; fixed {(st['fixed_seconds'] or 0) * 1e3:.1f} ms; steps " +
-                     ", ".join(f"{k} streamed {v * 1e3:.1f} ms" for k, v in med.items()) + ")")
+        fresh = sorted(st["fresh_buffer_rates"])
+        lines.append(f"streamed layers: {st['bandwidth'] / 1e9:.2f} GB/s written = efficiency {st['efficiency']:.3f} "
+                     f"({st['streamed_rate_own_pages'] / 1e9:.2f} GB/s streamed vs {st['plain_rate_own_pages'] / 1e9:.2f} plain "
+                     f"from the same pages) x median of fresh buffers {statistics.median(fresh) / 1e9:.2f} GB/s "
+                     f"(range {fresh[0] / 1e9:.2f}-{fresh[-1] / 1e9:.2f}); {st['per_layer_seconds'] * 1e3:.1f} ms per streamed "
+                     f"layer of {st['layer_bytes'] / 2**20:.0f} MiB; fixed {st['fixed_seconds'] * 1e3:.1f} ms; steps " +
+                     ", ".join(f"{k} streamed {v * 1e3:.1f} ms" for k, v in med.items()))
     lines.append(f"written pageable rate: {link['bandwidth'] / 1e9:.2f} GB/s ({raw.get('written_copy_memory')})")
     lines.append(f"{raw['seconds']:.1f} s -> {topo_path}")
     print("\n".join(lines), flush=True)

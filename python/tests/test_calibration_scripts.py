@@ -109,3 +109,14 @@ def test_streamed_decoder_steps_on_cpu(tmp_path, monkeypatch):
     seconds, retries = cr.step_seconds(model, 8, repeats=2)
     assert seconds > 0 and retries == 0
     del handle
+
+
+def test_plain_rates_of_a_file_and_of_fresh_buffers_are_positive(tmp_path, monkeypatch):
+    monkeypatch.setattr(cr, "DEVICE", "cpu")
+    model = cr.build_decoder(TINY_LLAMA, 2)
+    handle = cr.file_backed_layers(model, ["model.layers.1"], str(tmp_path))
+    assert cr.own_memory_rate(handle, 0.0) > 0
+    empty = cr.file_backed_layers(model, [], str(tmp_path), tag="none")
+    assert cr.own_memory_rate(empty, 0.0) is None  # nothing streamed, nothing to time
+    rates = cr.fresh_memory_rates(samples=2, size=1 << 20)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
