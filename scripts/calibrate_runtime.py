@@ -42,7 +42,7 @@ field; `--dry-run` prints the plan below with the sizes of the given config and 
 
 Written: `gpus.<i>.pageable_host_link` (and `default_pageable_host_link` for GPU 0), `runtime`
 (`offload_memory`, `offload_hook_seconds`, `eager_module_seconds`, `kv_passes_per_step`,
-`source`), and the raw timings under `runtime_calibration` (which `--topology` ignores). About 20
+`source`), and the raw timings under `runtime_calibration` (which `--topology` ignores). About 50
 s on an H200 (`--dry-run` estimates it).
 
 Usage: python3 scripts/calibrate_runtime.py --topology topo.json [--config config.json]
