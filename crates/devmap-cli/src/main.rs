@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use devmap_core::cost::{CostModel, KvCacheSpec, Objective, OffloadMemory, Topology};
 use devmap_core::{
-    load_model_with, DType, Device, DeviceMap, MemoryBudgets, Model, Registry, Workload,
+    load_model_from, DType, Device, DeviceMap, MemoryBudgets, Model, Registry, RegistrySource, Workload,
     WorkloadMemory,
 };
 use devmap_solver::{
@@ -295,11 +295,11 @@ fn read_model(args: &ModelArgs) -> Result<Model> {
         Some(path) => {
             file_registry = Registry::read(path)
                 .with_context(|| format!("reading --arch-registry {}", path.display()))?;
-            &file_registry
+            RegistrySource::Opened(&file_registry)
         }
-        None => Registry::embedded()?,
+        None => RegistrySource::Embedded,
     };
-    let loaded = load_model_with(&args.model, registry)
+    let loaded = load_model_from(&args.model, registry)
         .with_context(|| format!("reading model {}", args.model.display()))?;
     for note in &loaded.notes {
         eprintln!("note: {note}");
