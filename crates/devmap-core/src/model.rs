@@ -501,9 +501,7 @@ impl Model {
             ..
         } = self;
         let hash = name_hash(node_name(modules, tensors, node));
-        by_name.insert_unique(hash, node, |&n| {
-            name_hash(node_name(modules, tensors, n))
-        });
+        by_name.insert_unique(hash, node, |&n| name_hash(node_name(modules, tensors, n)));
     }
 
     fn apply_no_split_classes(&mut self, classes: &[String]) {
