@@ -739,6 +739,50 @@ mod tests {
             .unwrap()
     }
 
+    /// Tensors only, so that every module is created implicitly and the name index grows far
+    /// past the capacity it was built with (each growth rehashes by the stored names).
+    #[test]
+    fn the_name_index_finds_every_module_and_tensor_after_growing() {
+        let mut b = ModelBuilder::new("t");
+        for layer in 0..300 {
+            for part in ["attn.q", "attn.k", "mlp.up"] {
+                b = b.param(format!("model.layers.{layer}.{part}.weight"), DType::F16, &[2]);
+            }
+        }
+        let m = b.param("lm_head.weight", DType::F16, &[2]).build().unwrap();
+        assert_eq!(m.tensors().len(), 901);
+        for (id, t) in m.tensors().iter().enumerate() {
+            assert_eq!(m.node(&t.name), Some(Node::Tensor(id)), "{}", t.name);
+        }
+        for (id, module) in m.modules().iter().enumerate() {
+            assert_eq!(m.node(&module.name), Some(Node::Module(id)), "{:?}", module.name);
+        }
+        let layer7 = match m.node("model.layers.7") {
+            Some(Node::Module(id)) => id,
+            other => panic!("{other:?}"),
+        };
+        let attn = m.module(m.module(layer7).children[0]);
+        assert_eq!(attn.name, "model.layers.7.attn");
+        assert_eq!(m.node("model.layers.300"), None);
+        assert_eq!(m.node("model.layers.7.attn.q.weigh"), None);
+    }
+
+    #[test]
+    fn names_with_an_empty_component_or_nul_are_refused() {
+        for bad in ["", ".", "a.", ".a", "a..b", "a.b."] {
+            let e = check_name(bad, "tensor").unwrap_err().to_string();
+            assert!(e.contains("empty component"), "{bad:?}: {e}");
+        }
+        let e = check_name("a.b\0c", "module").unwrap_err().to_string();
+        assert!(e.contains("contains NUL"), "{e}");
+        let deep = vec!["x"; MAX_NAME_COMPONENTS + 1].join(".");
+        let e = check_name(&deep, "tensor").unwrap_err().to_string();
+        assert!(e.contains("65 dotted components"), "{e}");
+        let deepest = vec!["x"; MAX_NAME_COMPONENTS].join(".");
+        assert!(check_name(&deepest, "tensor").is_ok());
+        assert!(check_name("model.layers.0.weight", "tensor").is_ok());
+    }
+
     #[test]
     fn sizes_match_accelerates_example() {
         let m = small();
