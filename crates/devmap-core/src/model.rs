@@ -746,7 +746,11 @@ mod tests {
         let mut b = ModelBuilder::new("t");
         for layer in 0..300 {
             for part in ["attn.q", "attn.k", "mlp.up"] {
-                b = b.param(format!("model.layers.{layer}.{part}.weight"), DType::F16, &[2]);
+                b = b.param(
+                    format!("model.layers.{layer}.{part}.weight"),
+                    DType::F16,
+                    &[2],
+                );
             }
         }
         let m = b.param("lm_head.weight", DType::F16, &[2]).build().unwrap();
@@ -755,7 +759,12 @@ mod tests {
             assert_eq!(m.node(&t.name), Some(Node::Tensor(id)), "{}", t.name);
         }
         for (id, module) in m.modules().iter().enumerate() {
-            assert_eq!(m.node(&module.name), Some(Node::Module(id)), "{:?}", module.name);
+            assert_eq!(
+                m.node(&module.name),
+                Some(Node::Module(id)),
+                "{:?}",
+                module.name
+            );
         }
         let layer7 = match m.node("model.layers.7") {
             Some(Node::Module(id)) => id,
