@@ -16,7 +16,9 @@
 //! - HiGHS' C++ static initialisers deferred to the first solve: the linker script fragment
 //!   `highs-init.ld` moves the `.init_array` entries of highs-sys' objects into a section of their
 //!   own that devmap-solver runs once before calling HiGHS (`devmap_solver::highs_init`).
-//!   The package then sees `DEVMAP_HIGHS_INIT_DEFERRED` (`env!`) set to `1` or `0`.
+//!
+//! The package then sees `DEVMAP_HIGHS_INIT_DEFERRED`, `DEVMAP_STATIC_UNWINDER` and
+//! `DEVMAP_LAZY_BINDING` (`env!`) set to `1` or `0`: what the binary was linked with.
 //!
 //! Each option but `-no-pie` is probed first: a small program is linked through the same rustc,
 //! target, linker and flags with the option and run (when the target is this host); when that
@@ -43,29 +45,30 @@ fn main() {
     let target = std::env::var("TARGET").unwrap_or_default();
     let linux_gnu = target.ends_with("linux-gnu");
     let defaults = !linux_gnu || std::env::var_os("DEVMAP_DYNAMIC_LINK").is_some();
+    let (mut static_unwinder, mut lazy) = (false, false);
     if !defaults {
         link_arg("-no-pie");
         match static_library_folder("static-libstdcxx", "libstdc++.a", "libstdc++.a") {
             Some(dir) => {
                 link_arg(&format!("-L{}", dir.display()));
-                if !opted_out("DEVMAP_DYNAMIC_UNWINDER") {
-                    static_unwinder(&dir);
-                }
+                static_unwinder = !opted_out("DEVMAP_DYNAMIC_UNWINDER") && link_unwinder(&dir);
             }
             None => println!(
                 "cargo:warning=libstdc++.a not found (`c++ -print-file-name=libstdc++.a`): the \
                  devmap binary links libstdc++ dynamically and starts about 1 ms slower"
             ),
         }
-        if !opted_out("DEVMAP_EAGER_BINDING") {
-            lazy_binding();
-        }
+        lazy = !opted_out("DEVMAP_EAGER_BINDING") && lazy_binding();
     }
     let deferred = !defaults && !opted_out("DEVMAP_EAGER_HIGHS_INIT") && defer_highs_init();
-    println!(
-        "cargo:rustc-env=DEVMAP_HIGHS_INIT_DEFERRED={}",
-        u8::from(deferred)
-    );
+    // What was applied, for tests/startup.rs to check in the binary's dynamic section.
+    for (var, applied) in [
+        ("DEVMAP_HIGHS_INIT_DEFERRED", deferred),
+        ("DEVMAP_STATIC_UNWINDER", static_unwinder),
+        ("DEVMAP_LAZY_BINDING", lazy),
+    ] {
+        println!("cargo:rustc-env={var}={}", u8::from(applied));
+    }
 }
 
 /// An argument for the `devmap` binary's link only.
@@ -98,14 +101,14 @@ fn static_library_folder(folder: &str, name: &str, archive: &str) -> Option<Path
 }
 
 /// Links the unwinder statically if a probe whose Rust panic and C++ exception are both caught
-/// links and runs with it (beside the static libstdc++ in `libstdcxx_dir`).
-fn static_unwinder(libstdcxx_dir: &Path) {
+/// links and runs with it (beside the static libstdc++ in `libstdcxx_dir`); whether it did.
+fn link_unwinder(libstdcxx_dir: &Path) -> bool {
     let Some(dir) = static_library_folder("static-libgcc", "libgcc_s.a", "libgcc_eh.a") else {
         println!(
             "cargo:warning=libgcc_eh.a not found (`c++ -print-file-name=libgcc_eh.a`): the \
              devmap binary loads libgcc_s.so.1 at start"
         );
-        return;
+        return false;
     };
     let probe = unwind_probe_archive().and_then(|archive| {
         let args = [
@@ -118,24 +121,36 @@ fn static_unwinder(libstdcxx_dir: &Path) {
         probe_program("unwind", UNWIND_PROBE_MAIN, &args)
     });
     match probe {
-        Ok(()) => link_arg(&format!("-L{}", dir.display())),
-        Err(why) => println!(
-            "cargo:warning=the devmap binary loads libgcc_s.so.1 at start: the static \
-             unwinder probe failed: {why}"
-        ),
+        Ok(()) => {
+            link_arg(&format!("-L{}", dir.display()));
+            true
+        }
+        Err(why) => {
+            println!(
+                "cargo:warning=the devmap binary loads libgcc_s.so.1 at start: the static \
+                 unwinder probe failed: {why}"
+            );
+            false
+        }
     }
 }
 
 /// Binds imported functions on first call (`-z lazy` overrides rustc's earlier `-z now`) if a
-/// probe links and runs with it.
-fn lazy_binding() {
+/// probe links and runs with it; whether it does.
+fn lazy_binding() -> bool {
     const FLAG: &str = "-Wl,-z,lazy";
     match probe_program("lazy", PLAIN_PROBE_MAIN, &[FLAG.to_string()]) {
-        Ok(()) => link_arg(FLAG),
-        Err(why) => println!(
-            "cargo:warning=the devmap binary binds all its imports at start: the {FLAG} probe \
-             failed: {why}"
-        ),
+        Ok(()) => {
+            link_arg(FLAG);
+            true
+        }
+        Err(why) => {
+            println!(
+                "cargo:warning=the devmap binary binds all its imports at start: the {FLAG} \
+                 probe failed: {why}"
+            );
+            false
+        }
     }
 }
 
