@@ -14,8 +14,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use devmap_core::cost::{CostModel, KvCacheSpec, Objective, OffloadMemory, Topology};
 use devmap_core::{
-    load_model_with, DType, Device, DeviceMap, MemoryBudgets, Model, Registry, Workload,
-    WorkloadMemory,
+    load_model_from, DType, Device, DeviceMap, MemoryBudgets, Model, Registry, RegistrySource,
+    Workload, WorkloadMemory,
 };
 use devmap_solver::{
     check_map, strategy_by_name, Auto, AutoOptions, Compat, Plan, PlanRequest, Strategy,
@@ -38,20 +38,94 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Compute a device map for a model.
+    #[command(about = PLAN_ABOUT)]
     Plan(PlanArgs),
-    /// Validate a hand-written device map against a model and budgets.
+    #[command(about = CHECK_ABOUT)]
     Check(CheckArgs),
-    /// Run every strategy on one model and budget set and print them side by side.
+    #[command(about = COMPARE_ABOUT)]
     Compare(CompareArgs),
-    /// Write the tensors a plan maps to disk as an accelerate offload folder, or verify one.
+    #[command(about = OFFLOAD_ABOUT)]
     Offload(offload_cmd::OffloadArgs),
-    /// List the GPUs the CUDA driver sees, their links, and the default budgets.
+    #[command(about = DEVICES_ABOUT)]
     Devices(devices_cmd::DevicesArgs),
-    /// Load a checkpoint onto the devices a plan names (GPUs, pinned RAM) and report GB/s.
+    #[command(about = LOAD_ABOUT)]
     Load(load_cmd::LoadArgs),
-    /// Measure this machine's copy rates and write a topology file for `plan --topology`.
+    #[command(about = CALIBRATE_ABOUT)]
     Calibrate(calibrate_cmd::CalibrateArgs),
+}
+
+const PLAN_ABOUT: &str = "Compute a device map for a model";
+const CHECK_ABOUT: &str = "Validate a hand-written device map against a model and budgets";
+const COMPARE_ABOUT: &str =
+    "Run every strategy on one model and budget set and print them side by side";
+const OFFLOAD_ABOUT: &str =
+    "Write the tensors a plan maps to disk as an accelerate offload folder, or verify one";
+const DEVICES_ABOUT: &str =
+    "List the GPUs the CUDA driver sees, their links, and the default budgets";
+const LOAD_ABOUT: &str =
+    "Load a checkpoint onto the devices a plan names (GPUs, pinned RAM) and report GB/s";
+const CALIBRATE_ABOUT: &str =
+    "Measure this machine's copy rates and write a topology file for `plan --topology`";
+
+/// [`Cli`]'s parser with each subcommand's arguments built only when that subcommand is the one
+/// invoked (`Command::defer`): clap's derive builds all seven subcommands' arguments, which was
+/// most of what a `plan` process spent before reading its model (docs/performance.md,
+/// "Start-up"). A unit test holds its help, every subcommand's included, equal to the derive's.
+fn command_line() -> clap::Command {
+    use clap::Args;
+    type AddArgs = fn(clap::Command) -> clap::Command;
+    // The arguments' own doc comments set `about` too: the subcommand's is applied after them,
+    // as the derive applies it.
+    macro_rules! add_args {
+        ($args:ty, $about:expr) => {
+            |command: clap::Command| <$args>::augment_args(command).about($about)
+        };
+    }
+    let subcommands: [(&str, &str, AddArgs); 7] = [
+        ("plan", PLAN_ABOUT, add_args!(PlanArgs, PLAN_ABOUT)),
+        ("check", CHECK_ABOUT, add_args!(CheckArgs, CHECK_ABOUT)),
+        (
+            "compare",
+            COMPARE_ABOUT,
+            add_args!(CompareArgs, COMPARE_ABOUT),
+        ),
+        (
+            "offload",
+            OFFLOAD_ABOUT,
+            add_args!(offload_cmd::OffloadArgs, OFFLOAD_ABOUT),
+        ),
+        (
+            "devices",
+            DEVICES_ABOUT,
+            add_args!(devices_cmd::DevicesArgs, DEVICES_ABOUT),
+        ),
+        (
+            "load",
+            LOAD_ABOUT,
+            add_args!(load_cmd::LoadArgs, LOAD_ABOUT),
+        ),
+        (
+            "calibrate",
+            CALIBRATE_ABOUT,
+            add_args!(calibrate_cmd::CalibrateArgs, CALIBRATE_ABOUT),
+        ),
+    ];
+    let mut command = clap::Command::new("devmap")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(env!("CARGO_PKG_DESCRIPTION"))
+        .subcommand_required(true)
+        .arg_required_else_help(true);
+    for (name, about, add_args) in subcommands {
+        command = command.subcommand(clap::Command::new(name).about(about).defer(add_args));
+    }
+    command
+}
+
+/// Parse `args` as [`Cli`] through [`command_line`].
+fn parse_cli(args: Vec<std::ffi::OsString>) -> Result<Cli, clap::Error> {
+    use clap::FromArgMatches;
+    let matches = command_line().try_get_matches_from(args)?;
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut command_line()))
 }
 
 #[derive(clap::Args, Debug)]
@@ -240,7 +314,7 @@ where
         let _ = std::io::stdout().flush();
         return 0;
     }
-    let code = match Cli::try_parse_from(args) {
+    let code = match parse_cli(args) {
         Ok(cli) => dispatch(cli.command),
         Err(e) => {
             let _ = e.print();
@@ -295,11 +369,11 @@ fn read_model(args: &ModelArgs) -> Result<Model> {
         Some(path) => {
             file_registry = Registry::read(path)
                 .with_context(|| format!("reading --arch-registry {}", path.display()))?;
-            &file_registry
+            RegistrySource::Opened(&file_registry)
         }
-        None => Registry::embedded()?,
+        None => RegistrySource::Embedded,
     };
-    let loaded = load_model_with(&args.model, registry)
+    let loaded = load_model_from(&args.model, registry)
         .with_context(|| format!("reading model {}", args.model.display()))?;
     for note in &loaded.notes {
         eprintln!("note: {note}");
@@ -610,6 +684,40 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    /// Every help text the derive's parser prints, top level and each subcommand, short and long.
+    fn help_texts(mut command: clap::Command) -> Vec<String> {
+        command.build();
+        let mut texts = vec![
+            command.render_help().to_string(),
+            command.render_long_help().to_string(),
+            command.render_usage().to_string(),
+        ];
+        for sub in command.get_subcommands_mut() {
+            let name = sub.get_name().to_string();
+            texts.push(format!("{name}: {}", sub.render_long_help()));
+            texts.push(format!("{name}: {}", sub.render_help()));
+            texts.push(format!("{name}: {}", sub.render_usage()));
+        }
+        texts
+    }
+
+    #[test]
+    fn the_deferred_parser_prints_the_derives_help() {
+        let derived = help_texts(Cli::command());
+        let deferred = help_texts(command_line());
+        assert_eq!(derived.len(), deferred.len());
+        for (d, e) in derived.iter().zip(&deferred) {
+            assert_eq!(d, e);
+        }
+        // Both parse the same command line to the same arguments.
+        let args: Vec<std::ffi::OsString> = ["devmap", "plan", "m.json", "--max-memory", "0=1GiB"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        let via_derive = format!("{:?}", Cli::try_parse_from(args.clone()).unwrap());
+        assert_eq!(via_derive, format!("{:?}", parse_cli(args).unwrap()));
+    }
 
     #[test]
     fn the_version_shortcut_prints_what_clap_prints() {

@@ -63,7 +63,7 @@ pub use cost::{CostModel, Estimate, Exec, KvCacheSpec, Objective, Topology};
 pub use device_map::DeviceMap;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use load::{load_model, load_model_with, Loaded};
+pub use load::{load_model, load_model_from, load_model_with, Loaded, RegistrySource};
 pub use manifest::Manifest;
 pub use memory::{Workload, WorkloadMemory};
 pub use model::{

@@ -25,7 +25,27 @@ pub struct Loaded {
 /// Load a model from `path` (see the module docs for what it may be) with the embedded
 /// architecture registry, dropping the notes ([`load_model_with`] returns them).
 pub fn load_model(path: &Path) -> Result<Model> {
-    Ok(load_model_with(path, Registry::embedded()?)?.model)
+    Ok(load_model_from(path, RegistrySource::Embedded)?.model)
+}
+
+/// The architecture registry a load rebuilds checkpoints with, opened only when the path is a
+/// checkpoint: a manifest needs none, and opening the embedded one indexes its ~1,000 classes.
+#[derive(Debug, Clone, Copy)]
+pub enum RegistrySource<'a> {
+    /// The embedded registry ([`Registry::embedded`]).
+    Embedded,
+    /// A registry the caller opened (`--arch-registry FILE`).
+    Opened(&'a Registry),
+}
+
+impl<'a> RegistrySource<'a> {
+    /// The registry, opening the embedded one on first use.
+    pub fn get(self) -> Result<&'a Registry> {
+        match self {
+            RegistrySource::Embedded => Registry::embedded(),
+            RegistrySource::Opened(registry) => Ok(registry),
+        }
+    }
 }
 
 /// Load a model from `path`, rebuilding checkpoints with `registry`.
@@ -37,6 +57,11 @@ pub fn load_model(path: &Path) -> Result<Model> {
 /// ([`Model::infer_no_split_blocks`]); a note says so. A shard given alone is read as the whole
 /// checkpoint its index (beside it) describes.
 pub fn load_model_with(path: &Path, registry: &Registry) -> Result<Loaded> {
+    load_model_from(path, RegistrySource::Opened(registry))
+}
+
+/// [`load_model_with`], opening the registry only if `path` is a checkpoint.
+pub fn load_model_from(path: &Path, registry: RegistrySource) -> Result<Loaded> {
     let mut loaded = load_unquantized(path, registry)?;
     loaded.model.quantization =
         crate::quant::Quantization::from_model_config(loaded.model.config.as_ref())?;
@@ -46,7 +71,7 @@ pub fn load_model_with(path: &Path, registry: &Registry) -> Result<Loaded> {
     Ok(loaded)
 }
 
-fn load_unquantized(path: &Path, registry: &Registry) -> Result<Loaded> {
+fn load_unquantized(path: &Path, registry: RegistrySource) -> Result<Loaded> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         let headers = read_folder(path)?;
@@ -186,9 +211,10 @@ fn from_checkpoint(
     origin: &Path,
     headers: Vec<Header>,
     config: Option<ModelConfig>,
-    registry: &Registry,
+    registry: RegistrySource,
     mut notes: Vec<String>,
 ) -> Result<Loaded> {
+    let registry = registry.get()?;
     let specs: Vec<TensorSpec> = headers.iter().flat_map(Header::tensor_specs).collect();
     let name = origin
         .file_name()

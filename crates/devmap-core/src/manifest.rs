@@ -116,6 +116,7 @@ impl Manifest {
         } else {
             self.name
         })
+        .reserve(self.modules.len(), self.tensors.len())
         .root_class(self.root_class.unwrap_or_default())
         .no_split_classes(self.no_split)
         .hidden_size(self.hidden_size);

@@ -4,7 +4,12 @@
 //! and children, direct parameters and direct buffers keep registration order. That order is what
 //! Hugging Face's planner walks, so parity depends on it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+use rustc_hash::FxBuildHasher;
 use std::path::PathBuf;
 
 use crate::config::ModelConfig;
@@ -124,7 +129,8 @@ pub struct Model {
     tied_duplicate: Vec<bool>,
     tied_target: Vec<bool>,
     non_persistent: Vec<bool>,
-    by_name: HashMap<String, Node>,
+    /// Every module and tensor, hashed by its name (see [`Model::node`]).
+    by_name: HashTable<Node>,
     /// Width of the activations passed between blocks, when known.
     pub hidden_size: Option<u64>,
     /// The model's `config.json`, when one was found.
@@ -172,6 +178,13 @@ impl ModelBuilder {
             name: name.into(),
             ..Default::default()
         }
+    }
+    /// Room for `modules` more modules and `tensors` more tensors (a caller that knows its table
+    /// sizes spares the builder's vectors their growth copies).
+    pub fn reserve(mut self, modules: usize, tensors: usize) -> Self {
+        self.modules.reserve(modules);
+        self.tensors.reserve(tensors);
+        self
     }
     /// Class of the root module.
     pub fn root_class(mut self, class: impl Into<String>) -> Self {
@@ -243,33 +256,33 @@ impl ModelBuilder {
     pub fn build(self) -> Result<Model> {
         let mut model = Model {
             name: self.name,
-            modules: vec![Module {
-                name: String::new(),
-                class: self.root_class,
-                parent: None,
-                children: Vec::new(),
-                params: Vec::new(),
-                buffers: Vec::new(),
-                no_split: false,
-            }],
+            modules: Vec::with_capacity(self.modules.len() + 1),
             tensors: Vec::with_capacity(self.tensors.len()),
             tied: Vec::new(),
             tied_duplicate: Vec::new(),
             tied_target: Vec::new(),
             non_persistent: Vec::new(),
-            by_name: HashMap::with_capacity(self.modules.len() + self.tensors.len() + 1),
+            by_name: HashTable::with_capacity(self.modules.len() + self.tensors.len() + 1),
             hidden_size: self.hidden_size,
             config: self.config,
             quantization: None,
             quant_meta: crate::quant::QuantMeta::default(),
         };
-        model.by_name.insert(String::new(), Node::Module(0));
+        model.modules.push(Module {
+            name: String::new(),
+            class: self.root_class,
+            parent: None,
+            children: Vec::new(),
+            params: Vec::new(),
+            buffers: Vec::new(),
+            no_split: false,
+        });
+        model.index_name(Node::Module(0));
         for (name, class) in self.modules {
             check_name(&name, "module")?;
-            match model.by_name.get(&name) {
-                Some(Node::Module(id)) if model.modules[*id].class.is_empty() => {
+            match model.node(&name) {
+                Some(Node::Module(id)) if model.modules[id].class.is_empty() => {
                     // Created implicitly by an earlier child: keep its place, give it its class.
-                    let id = *id;
                     model.modules[id].class = class;
                 }
                 Some(_) => return Err(Error::Model(format!("module {name:?} is listed twice"))),
@@ -280,9 +293,10 @@ impl ModelBuilder {
             }
         }
         let mut total_bytes = 0u64;
+        let mut last_module: Option<ModuleId> = None;
         for spec in self.tensors {
             check_name(&spec.name, "tensor")?;
-            if model.by_name.contains_key(&spec.name) {
+            if model.node(&spec.name).is_some() {
                 return Err(Error::Model(format!(
                     "tensor {:?} is listed twice or has the name of a module",
                     spec.name
@@ -308,13 +322,17 @@ impl ModelBuilder {
                 )));
             }
             let parent_name = spec.name.rsplit_once('.').map_or("", |(p, _)| p);
-            let module = model.ensure_module(parent_name)?;
+            // A module's tensors are usually listed together: reuse the previous one's parent.
+            let module = match last_module {
+                Some(id) if model.modules[id].name == parent_name => id,
+                _ => model.ensure_module(parent_name)?,
+            };
+            last_module = Some(module);
             let id = model.tensors.len();
             match spec.kind {
                 TensorKind::Param => model.modules[module].params.push(id),
                 TensorKind::Buffer => model.modules[module].buffers.push(id),
             }
-            model.by_name.insert(spec.name.clone(), Node::Tensor(id));
             model.tensors.push(Tensor {
                 name: spec.name,
                 dtype: spec.dtype,
@@ -324,15 +342,16 @@ impl ModelBuilder {
                 module,
                 source: spec.source,
             });
+            model.index_name(Node::Tensor(id));
         }
         model.tied_duplicate = vec![false; model.tensors.len()];
         for group in self.tied {
             let mut ids = Vec::with_capacity(group.len());
             for name in &group {
-                match model.by_name.get(name) {
+                match model.node(name) {
                     Some(Node::Tensor(id)) => {
-                        if !ids.contains(id) {
-                            ids.push(*id)
+                        if !ids.contains(&id) {
+                            ids.push(id)
                         }
                     }
                     _ => {
@@ -363,8 +382,8 @@ impl ModelBuilder {
         }
         model.tied_target = vec![false; model.tensors.len()];
         for name in &self.tied_targets {
-            match model.by_name.get(name) {
-                Some(Node::Tensor(id)) => model.tied_target[*id] = true,
+            match model.node(name) {
+                Some(Node::Tensor(id)) => model.tied_target[id] = true,
                 _ => {
                     return Err(Error::Model(format!(
                         "tied target {name:?} is not a tensor of the model"
@@ -374,9 +393,9 @@ impl ModelBuilder {
         }
         model.non_persistent = vec![false; model.tensors.len()];
         for name in &self.non_persistent {
-            match model.by_name.get(name) {
-                Some(Node::Tensor(id)) if model.tensors[*id].kind == TensorKind::Buffer => {
-                    model.non_persistent[*id] = true
+            match model.node(name) {
+                Some(Node::Tensor(id)) if model.tensors[id].kind == TensorKind::Buffer => {
+                    model.non_persistent[id] = true
                 }
                 _ => {
                     return Err(Error::Model(format!(
@@ -402,12 +421,22 @@ pub const MAX_MODEL_BYTES: u64 = 1 << 50;
 pub const MAX_NAME_COMPONENTS: usize = 64;
 
 fn check_name(name: &str, what: &str) -> Result<()> {
-    if name.is_empty() || name.split('.').any(str::is_empty) {
+    // One pass over the bytes: every module and tensor name of every model read is checked.
+    let (mut components, mut empty_component, mut nul) = (1usize, false, false);
+    let mut previous = b'.';
+    for &b in name.as_bytes() {
+        if b == b'.' {
+            components += 1;
+            empty_component |= previous == b'.';
+        }
+        nul |= b == 0;
+        previous = b;
+    }
+    if empty_component || previous == b'.' {
         return Err(Error::Model(format!(
             "{what} name {name:?} has an empty component"
         )));
     }
-    let components = name.split('.').count();
     if components > MAX_NAME_COMPONENTS {
         let shown: String = name.chars().take(80).collect();
         return Err(Error::Model(format!(
@@ -415,16 +444,30 @@ fn check_name(name: &str, what: &str) -> Result<()> {
             name.len()
         )));
     }
-    if name.contains('\0') {
+    if nul {
         return Err(Error::Model(format!("{what} name {name:?} contains NUL")));
     }
     Ok(())
 }
 
+/// The name a node of the index stands for.
+fn node_name<'a>(modules: &'a [Module], tensors: &'a [Tensor], node: Node) -> &'a str {
+    match node {
+        Node::Module(id) => &modules[id].name,
+        Node::Tensor(id) => &tensors[id].name,
+    }
+}
+
+/// The name index's hash (FxHash: deterministic and fast on short names; model names are not
+/// adversarial, and SipHash was a visible share of reading a manifest).
+fn name_hash(name: &str) -> u64 {
+    FxBuildHasher.hash_one(name)
+}
+
 impl Model {
     fn ensure_module(&mut self, name: &str) -> Result<ModuleId> {
-        match self.by_name.get(name) {
-            Some(Node::Module(id)) => return Ok(*id),
+        match self.node(name) {
+            Some(Node::Module(id)) => return Ok(id),
             Some(Node::Tensor(_)) => {
                 return Err(Error::Model(format!(
                     "{name:?} is both a tensor and a module"
@@ -445,8 +488,20 @@ impl Model {
             no_split: false,
         });
         self.modules[parent].children.push(id);
-        self.by_name.insert(name.to_string(), Node::Module(id));
+        self.index_name(Node::Module(id));
         Ok(id)
+    }
+
+    /// Adds `node`, already pushed and not yet indexed, to the name index.
+    fn index_name(&mut self, node: Node) {
+        let Model {
+            by_name,
+            modules,
+            tensors,
+            ..
+        } = self;
+        let hash = name_hash(node_name(modules, tensors, node));
+        by_name.insert_unique(hash, node, |&n| name_hash(node_name(modules, tensors, n)));
     }
 
     fn apply_no_split_classes(&mut self, classes: &[String]) {
@@ -550,7 +605,11 @@ impl Model {
     }
     /// Look a name up.
     pub fn node(&self, name: &str) -> Option<Node> {
-        self.by_name.get(name).copied()
+        self.by_name
+            .find(name_hash(name), |&n| {
+                node_name(&self.modules, &self.tensors, n) == name
+            })
+            .copied()
     }
     /// The classes of the no-split modules, in first-seen order.
     pub fn no_split_classes(&self) -> Vec<String> {
@@ -678,6 +737,59 @@ mod tests {
             .buffer("batchnorm.num_batches_tracked", DType::I64, &[])
             .build()
             .unwrap()
+    }
+
+    /// Tensors only, so that every module is created implicitly and the name index grows far
+    /// past the capacity it was built with (each growth rehashes by the stored names).
+    #[test]
+    fn the_name_index_finds_every_module_and_tensor_after_growing() {
+        let mut b = ModelBuilder::new("t");
+        for layer in 0..300 {
+            for part in ["attn.q", "attn.k", "mlp.up"] {
+                b = b.param(
+                    format!("model.layers.{layer}.{part}.weight"),
+                    DType::F16,
+                    &[2],
+                );
+            }
+        }
+        let m = b.param("lm_head.weight", DType::F16, &[2]).build().unwrap();
+        assert_eq!(m.tensors().len(), 901);
+        for (id, t) in m.tensors().iter().enumerate() {
+            assert_eq!(m.node(&t.name), Some(Node::Tensor(id)), "{}", t.name);
+        }
+        for (id, module) in m.modules().iter().enumerate() {
+            assert_eq!(
+                m.node(&module.name),
+                Some(Node::Module(id)),
+                "{:?}",
+                module.name
+            );
+        }
+        let layer7 = match m.node("model.layers.7") {
+            Some(Node::Module(id)) => id,
+            other => panic!("{other:?}"),
+        };
+        let attn = m.module(m.module(layer7).children[0]);
+        assert_eq!(attn.name, "model.layers.7.attn");
+        assert_eq!(m.node("model.layers.300"), None);
+        assert_eq!(m.node("model.layers.7.attn.q.weigh"), None);
+    }
+
+    #[test]
+    fn names_with_an_empty_component_or_nul_are_refused() {
+        for bad in ["", ".", "a.", ".a", "a..b", "a.b."] {
+            let e = check_name(bad, "tensor").unwrap_err().to_string();
+            assert!(e.contains("empty component"), "{bad:?}: {e}");
+        }
+        let e = check_name("a.b\0c", "module").unwrap_err().to_string();
+        assert!(e.contains("contains NUL"), "{e}");
+        let deep = vec!["x"; MAX_NAME_COMPONENTS + 1].join(".");
+        let e = check_name(&deep, "tensor").unwrap_err().to_string();
+        assert!(e.contains("65 dotted components"), "{e}");
+        let deepest = vec!["x"; MAX_NAME_COMPONENTS].join(".");
+        assert!(check_name(&deepest, "tensor").is_ok());
+        assert!(check_name("model.layers.0.weight", "tensor").is_ok());
     }
 
     #[test]
