@@ -19,6 +19,7 @@ use devmap_core::{format_bytes, Device, DeviceMap, KvCacheSpec, MemoryBudgets, M
 
 pub use crate::bound::lower_bound;
 use crate::bound::{lower_bound_with_packing, packing_start, Packing};
+use crate::classes;
 use crate::instance::{Instance, InstanceOptions, UnitTables};
 use crate::mip::{self, MipOptions};
 use crate::{dp, Compat, Error, HfGreedy, HfKind, Plan, PlanRequest, Strategy};
@@ -360,11 +361,18 @@ impl Auto {
         inst: &Instance,
         hf_maps: &OnceCell<Vec<(String, DeviceMap)>>,
         packing: Option<&Packing>,
-        lower: f64,
+        lower: &mut f64,
     ) -> Vec<Start> {
-        let own = self.own_starts(inst, packing);
-        if own.iter().any(|s| self.meets(s.2, lower)) {
+        let mut own = self.own_starts(inst, packing);
+        if own.iter().any(|s| self.meets(s.2, *lower)) {
             return own;
+        }
+        if let Some(class) = self.class_solve(inst) {
+            *lower = lower.max(class.bound);
+            own.extend(class.plan.map(|(a, c)| ("class model".to_string(), a, c)));
+            if own.iter().any(|s| self.meets(s.2, *lower)) {
+                return own;
+            }
         }
         let maps = hf_maps.get_or_init(|| {
             let t0 = Instant::now();
@@ -381,6 +389,30 @@ impl Auto {
         }
         out.extend(own);
         out
+    }
+
+    /// The class model of `inst` ([`classes`]) where it applies: a bound and often the optimum.
+    /// It gets a tenth of the time limit (and a node limit): it needs milliseconds.
+    fn class_solve(&self, inst: &Instance) -> Option<classes::ClassSolve> {
+        if !classes::applies(inst) {
+            return None;
+        }
+        let t0 = Instant::now();
+        // A quarter of the gap: the plan pays its transfers on top of the model's objective.
+        let gap = self.options.mip_rel_gap / 4.0;
+        let solved = classes::solve(inst, self.options.time_limit / 10, gap);
+        if std::env::var_os("DEVMAP_TRACE").is_some() {
+            if let Some(c) = &solved {
+                eprintln!(
+                    "trace:   class model {}: bound {:.6e}, plan {:?}",
+                    c.status,
+                    c.bound,
+                    c.plan.as_ref().map(|p| p.1)
+                );
+            }
+        }
+        trace_phase("class model", t0);
+        solved
     }
 
     /// The starts `auto` finds itself: the contiguous DP optimum and the packing bound's layout.
@@ -465,14 +497,14 @@ impl Auto {
             return Ok(WorldOutcome::without_plan(f64::INFINITY, false));
         }
         let t0 = Instant::now();
-        let (lower, packing) = lower_bound_with_packing(inst);
+        let (mut lower, packing) = lower_bound_with_packing(inst);
         trace_phase("bound", t0);
         // An infinite bound: no placement fits this world.
         if lower == f64::INFINITY || incumbent.is_some_and(|c| self.meets(c, lower)) {
             return Ok(WorldOutcome::without_plan(lower, false));
         }
         let t0 = Instant::now();
-        let starts = self.starts(req, inst, hf_maps, packing.as_ref(), lower);
+        let starts = self.starts(req, inst, hf_maps, packing.as_ref(), &mut lower);
         if std::env::var_os("DEVMAP_TRACE").is_some() {
             for s in &starts {
                 eprintln!("trace:   start {} {:.6e} (lower {lower:.6e})", s.0, s.2);
