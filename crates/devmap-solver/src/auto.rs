@@ -48,9 +48,9 @@ pub struct AutoOptions {
     /// Relative gap at which HiGHS stops.
     pub mip_rel_gap: f64,
     /// Let a streamed no-split block be split at module granularity between the main GPU and
-    /// cpu/disk ([`InstanceOptions::split_blocks`]; docs/strategies.md, "Split blocks"). Off by
-    /// default: the finer units find faster plans when layers are streamed, but the bound rarely
-    /// certifies them and HiGHS can run to the time limit. Off: every no-split block is one unit.
+    /// cpu/disk ([`InstanceOptions::split_blocks`]; docs/strategies.md, "Split blocks"). On by
+    /// default: the finer units find faster plans when layers are streamed, and the class model
+    /// ([`crate::classes`]) certifies them in milliseconds. Off: every no-split block is one unit.
     pub split_blocks: bool,
 }
 
@@ -64,7 +64,7 @@ impl Default for AutoOptions {
             pins: Vec::new(),
             time_limit: Duration::from_secs(10),
             mip_rel_gap: 5e-4,
-            split_blocks: false,
+            split_blocks: true,
         }
     }
 }
@@ -352,7 +352,8 @@ impl Auto {
     }
 
     /// Feasible starting points in `inst`: the contiguous DP optimum and the packing bound's own
-    /// layout, then, unless one of those meets `lower` already, the Hugging Face maps that keep
+    /// layout, and the class model's plan (first where blocks are split; its bound raises
+    /// `lower`), then, unless one of those meets `lower` already, the Hugging Face maps that keep
     /// units whole and fit (computed on first use, once per plan: six greedy runs take 0.3 s on a
     /// 170k-tensor model), listed first.
     fn starts(
@@ -363,13 +364,19 @@ impl Auto {
         packing: Option<&Packing>,
         lower: &mut f64,
     ) -> Vec<Start> {
-        let mut own = self.own_starts(inst, packing);
-        if own.iter().any(|s| self.meets(s.2, *lower)) {
-            return own;
-        }
-        if let Some(class) = self.class_solve(inst) {
-            *lower = lower.max(class.bound);
-            own.extend(class.plan.map(|(a, c)| ("class model".to_string(), a, c)));
+        // Split blocks leave the combinatorial bound loose and the class model is what
+        // certifies: it goes first there, after the own starts elsewhere.
+        let class_first = inst.split_blocks().next().is_some();
+        let mut own = Vec::new();
+        for class_step in [class_first, !class_first] {
+            if class_step {
+                if let Some(class) = self.class_solve(inst) {
+                    *lower = lower.max(class.bound);
+                    own.extend(class.plan.map(|(a, c)| ("class model".to_string(), a, c)));
+                }
+            } else {
+                own.extend(self.own_starts(inst, packing));
+            }
             if own.iter().any(|s| self.meets(s.2, *lower)) {
                 return own;
             }

@@ -45,18 +45,18 @@ const MAX_NODES: i32 = 20_000;
 
 /// What the class model gave: a lower bound of the world and, when it lays out, a plan.
 #[derive(Debug, Clone)]
-pub(crate) struct ClassSolve {
+pub struct ClassSolve {
     /// A valid lower bound on every feasible plan of the world, seconds.
-    pub(crate) bound: f64,
+    pub bound: f64,
     /// The model's optimum laid out along the chain, with its exact cost, when it is feasible.
-    pub(crate) plan: Option<(Vec<usize>, f64)>,
+    pub plan: Option<(Vec<usize>, f64)>,
     /// HiGHS' status, as text.
-    pub(crate) status: String,
+    pub status: String,
 }
 
 /// Whether the class model applies to `inst`: the latency objective (a sum over units) and a main
 /// GPU (the worlds that stream), with at least one block split or one class repeated.
-pub(crate) fn applies(inst: &Instance) -> bool {
+pub fn applies(inst: &Instance) -> bool {
     inst.cost_model.objective == Objective::Latency
         && inst.main.is_some()
         && (inst.blocks.iter().map(|r| r.len()).sum::<usize>() == inst.n())
@@ -65,7 +65,7 @@ pub(crate) fn applies(inst: &Instance) -> bool {
 /// Solve `inst`'s class model to relative gap `rel_gap` within `time_limit` (and
 /// [`MAX_NODES`]); `None` when HiGHS gives no usable answer (an error, or a status without a
 /// bound).
-pub(crate) fn solve(inst: &Instance, time_limit: Duration, rel_gap: f64) -> Option<ClassSolve> {
+pub fn solve(inst: &Instance, time_limit: Duration, rel_gap: f64) -> Option<ClassSolve> {
     let model = ClassModel::new(inst);
     model.solve(time_limit, rel_gap)
 }
@@ -179,11 +179,12 @@ impl<'a> ClassModel<'a> {
         model.set_option("mip_abs_gap", 1e-9);
         model.set_option("mip_feasibility_tolerance", 1e-9);
         model.set_option("threads", 1);
-        // The model is tiny: restarts and the sub-MIP heuristics cost more than they find (a
-        // 52-column model: 90 ms with them, 30–50 ms without).
+        // The model is tiny: restarts and most heuristics cost more than they find (fixture
+        // cases of 40–52 columns: 40–90 ms with them, 15–35 ms without).
         model.set_option("mip_allow_restart", false);
-        model.set_option("mip_heuristic_run_rins", false);
-        model.set_option("mip_heuristic_run_rens", false);
+        for heuristic in ["rins", "rens", "root_reduced_cost", "zi_round", "shifting"] {
+            model.set_option(format!("mip_heuristic_run_{heuristic}"), false);
+        }
         crate::mip::set_debug_options(&mut model);
         let t0 = std::time::Instant::now();
         let solved = model.try_solve().ok()?;

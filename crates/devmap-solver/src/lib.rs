@@ -55,7 +55,7 @@
 
 pub mod auto;
 pub mod bound;
-mod classes;
+pub mod classes;
 pub mod check;
 pub mod dp;
 pub mod error;
