@@ -505,6 +505,9 @@ impl Auto {
         }
         let t0 = Instant::now();
         let (mut lower, packing) = lower_bound_with_packing(inst);
+        // The MIP's floor cut stays the combinatorial bound: the class model's (higher) bound as a
+        // floor made HiGHS overrun its time limit 3-fold on tests/limits.rs' hard instance.
+        let floor = lower;
         trace_phase("bound", t0);
         // An infinite bound: no placement fits this world.
         if lower == f64::INFINITY || incumbent.is_some_and(|c| self.meets(c, lower)) {
@@ -522,7 +525,7 @@ impl Auto {
         let start = self.best_start(inst, starts, lower);
         trace_phase("best_start", t0);
         let t0 = Instant::now();
-        let (mip, bound, timed_out) = self.search(inst, start.as_ref(), lower, deadline)?;
+        let (mip, bound, timed_out) = self.search(inst, start.as_ref(), (lower, floor), deadline)?;
         trace_phase("search", t0);
         let chosen = match (mip, start) {
             (Some(m), Some(s)) if s.2 < m.objective => WorldSolve {
@@ -550,11 +553,12 @@ impl Auto {
 
     /// Certify the start by the bound, or return it with the bound when the MIP is out of reach,
     /// or run the MIP: (its plan, a valid bound, whether the time limit cut the search short).
+    /// `(lower, floor)`: the world's best bound, and the one the MIP gets as its floor cut.
     fn search(
         &self,
         inst: &Instance,
         start: Option<&Start>,
-        lower: f64,
+        (lower, floor): (f64, f64),
         deadline: Instant,
     ) -> Result<(Option<WorldSolve>, f64, bool), Error> {
         let from_start = |(label, a, c): &Start, detail: String| WorldSolve {
@@ -589,7 +593,7 @@ impl Auto {
             time_limit: left,
             mip_rel_gap: self.options.mip_rel_gap,
             contiguous: false,
-            objective_floor: Some(lower),
+            objective_floor: Some(floor),
         };
         let result = mip::solve(inst, start.map(|s| s.1.as_slice()), opts)?;
         // Both bounds are valid: keep the stronger (HiGHS may stop before reaching the floor).

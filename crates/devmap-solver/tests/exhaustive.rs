@@ -764,8 +764,11 @@ fn streaming_case(seed: u64) -> Case {
         (Device::Disk, frac(&mut rng, 100, 300)),
     ])
     .unwrap();
+    // Whole layers: split into modules, up to 20 units would be too many to enumerate (the
+    // split space is `random_case`'s).
     let mut options = AutoOptions {
         mip_rel_gap: 0.0,
+        split_blocks: false,
         ..AutoOptions::default()
     };
     let mut what = Vec::new();
