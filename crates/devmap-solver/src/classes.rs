@@ -163,70 +163,73 @@ impl<'a> ClassModel<'a> {
 
     fn solve(&self, time_limit: Duration, rel_gap: f64) -> Option<ClassSolve> {
         // HiGHS' static initialisers may be deferred to the first solve (highs_init.rs).
-        crate::highs_init::ensure_highs_initialised();
+        let deferred = crate::highs_init::ensure_highs_initialised();
+        trace(|| format!("highs static initialisers deferred to the first solve: {deferred}"));
         let built = self.build();
         let (n_col, m_col) = (built.n_col.clone(), built.m_col.clone());
-        let built_cols = built.cols;
+        let cols = built.cols;
         let mut problem = built.vars.minimise(built.objective).using(highs);
         for c in built.constraints {
             problem = problem.with(c);
         }
         let mut model = problem.try_into_inner().ok()?;
-        model.make_quiet();
-        model.set_option("time_limit", time_limit.as_secs_f64());
-        model.set_option("mip_max_nodes", MAX_NODES);
-        model.set_option("mip_rel_gap", rel_gap);
-        model.set_option("mip_abs_gap", 1e-9);
-        model.set_option("mip_feasibility_tolerance", 1e-9);
-        model.set_option("threads", 1);
-        // The model is tiny: restarts and most heuristics cost more than they find (fixture
-        // cases of 40–52 columns: 40–90 ms with them, 15–35 ms without).
-        model.set_option("mip_allow_restart", false);
-        for heuristic in ["rins", "rens", "root_reduced_cost", "zi_round", "shifting"] {
-            model.set_option(format!("mip_heuristic_run_{heuristic}"), false);
-        }
-        crate::mip::set_debug_options(&mut model);
-        let t0 = std::time::Instant::now();
+        set_options(&mut model, time_limit, rel_gap);
         let solved = model.try_solve().ok()?;
-        if std::env::var_os("DEVMAP_TRACE").is_some() {
-            eprintln!("trace:   class model: {} classes, {} block classes, {} columns, HiGHS {:?} nodes {:?}", self.classes.len(), self.block_classes.len(), built_cols, t0.elapsed(), solved.int_info_value(c"mip_node_count"));
-        }
         let status = format!("{:?}", solved.status());
         let dual = solved.double_info_value(c"mip_dual_bound").ok()?;
+        trace(|| {
+            format!(
+                "highs {status} (class model: {} unit classes, {} block classes, {cols} columns): \
+                 dual bound {dual}",
+                self.classes.len(),
+                self.block_classes.len()
+            )
+        });
         if !dual.is_finite() {
             return None;
         }
-        let bound = dual / SCALE * (1.0 - DUAL_BOUND_SLACK);
         let plan = matches!(
             solved.primal_solution_status(),
             highs::HighsSolutionStatus::Feasible
         )
         .then(|| self.read(&n_col, &m_col, solved.get_solution().columns()))
-        .and_then(|(n, m)| {
-            let a = self.lay_out(&n, &m);
-            if a.is_none() && std::env::var_os("DEVMAP_TRACE").is_some() {
-                eprintln!("trace:   class layout failed: n {n:?} m {m:?} counts {:?} blocks {:?}", (0..self.classes.len()).map(|c| self.count(c)).collect::<Vec<_>>(), self.block_classes.iter().map(|k| (k.blocks.len(), k.per_class.clone())).collect::<Vec<_>>());
-            }
-            a
-        })
-        .filter(|a| {
-            let ok = self.inst.feasible(a);
-            if !ok && std::env::var_os("DEVMAP_TRACE").is_some() {
-                let u = self.inst.usage(a);
-                eprintln!("trace:   class layout infeasible: main rule {} blocks {} over {:?}", self.inst.main_rule_holds(a), self.inst.blocks_hold(a),
-                    (0..self.inst.devices.len()).map(|b| u.total(b) as i64 - self.inst.caps[b] as i64).collect::<Vec<_>>());
-            }
-            ok
-        })
+        .and_then(|(n, m)| self.lay_out(&n, &m))
+        // Rounding may overflow a row by HiGHS' tolerance, and the main-GPU rule is not modelled.
+        .filter(|a| self.inst.feasible(a))
         .map(|a| {
             let cost = self.inst.evaluate(&a);
             (a, cost)
         });
         Some(ClassSolve {
-            bound,
+            bound: dual / SCALE * (1.0 - DUAL_BOUND_SLACK),
             plan,
             status,
         })
+    }
+}
+
+/// HiGHS' limits and tolerances for the class model.
+fn set_options(model: &mut highs::Model, time_limit: Duration, rel_gap: f64) {
+    model.make_quiet();
+    model.set_option("time_limit", time_limit.as_secs_f64());
+    model.set_option("mip_max_nodes", MAX_NODES);
+    model.set_option("mip_rel_gap", rel_gap);
+    model.set_option("mip_abs_gap", 1e-9);
+    model.set_option("mip_feasibility_tolerance", 1e-9);
+    model.set_option("threads", 1);
+    // The model is tiny: restarts and most heuristics cost more than they find (fixture cases of
+    // 40–52 columns: 40–90 ms with them, 15–35 ms without).
+    model.set_option("mip_allow_restart", false);
+    for heuristic in ["rins", "rens", "root_reduced_cost", "zi_round", "shifting"] {
+        model.set_option(format!("mip_heuristic_run_{heuristic}"), false);
+    }
+    crate::mip::set_debug_options(model);
+}
+
+/// A solver trace line (`DEVMAP_TRACE`), in the MIP's format.
+fn trace(line: impl FnOnce() -> String) {
+    if std::env::var_os("DEVMAP_TRACE").is_some() {
+        eprintln!("trace:   {}", line());
     }
 }
 
