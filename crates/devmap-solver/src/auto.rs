@@ -408,15 +408,9 @@ impl Auto {
         // A quarter of the gap: the plan pays its transfers on top of the model's objective.
         let gap = self.options.mip_rel_gap / 4.0;
         let solved = classes::solve(inst, self.options.time_limit / 10, gap);
-        if std::env::var_os("DEVMAP_TRACE").is_some() {
-            if let Some(c) = &solved {
-                eprintln!(
-                    "trace:   class model {}: bound {:.6e}, plan {:?}",
-                    c.status,
-                    c.bound,
-                    c.plan.as_ref().map(|p| p.1)
-                );
-            }
+        if let Some(c) = solved.as_ref().filter(|_| std::env::var_os("DEVMAP_TRACE").is_some()) {
+            let plan = c.plan.as_ref().map(|p| p.1);
+            eprintln!("trace:   class model bound {:.6e}, plan {plan:?}", c.bound);
         }
         trace_phase("class model", t0);
         solved

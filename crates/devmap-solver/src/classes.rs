@@ -54,8 +54,8 @@ pub struct ClassSolve {
     pub status: String,
 }
 
-/// Whether the class model applies to `inst`: the latency objective (a sum over units) and a main
-/// GPU (the worlds that stream), with at least one block split or one class repeated.
+/// Whether the class model applies to `inst`: the latency objective (a sum over units), a main
+/// GPU (cpu/disk execute on it) and blocks that cover the units (as `auto`'s instances do).
 pub fn applies(inst: &Instance) -> bool {
     inst.cost_model.objective == Objective::Latency
         && inst.main.is_some()
