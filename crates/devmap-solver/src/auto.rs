@@ -408,7 +408,10 @@ impl Auto {
         // A quarter of the gap: the plan pays its transfers on top of the model's objective.
         let gap = self.options.mip_rel_gap / 4.0;
         let solved = classes::solve(inst, self.options.time_limit / 10, gap);
-        if let Some(c) = solved.as_ref().filter(|_| std::env::var_os("DEVMAP_TRACE").is_some()) {
+        if let Some(c) = solved
+            .as_ref()
+            .filter(|_| std::env::var_os("DEVMAP_TRACE").is_some())
+        {
             let plan = c.plan.as_ref().map(|p| p.1);
             eprintln!("trace:   class model bound {:.6e}, plan {plan:?}", c.bound);
         }
@@ -519,7 +522,8 @@ impl Auto {
         let start = self.best_start(inst, starts, lower);
         trace_phase("best_start", t0);
         let t0 = Instant::now();
-        let (mip, bound, timed_out) = self.search(inst, start.as_ref(), (lower, floor), deadline)?;
+        let (mip, bound, timed_out) =
+            self.search(inst, start.as_ref(), (lower, floor), deadline)?;
         trace_phase("search", t0);
         let chosen = match (mip, start) {
             (Some(m), Some(s)) if s.2 < m.objective => WorldSolve {

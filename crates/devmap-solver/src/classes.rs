@@ -19,7 +19,7 @@
 //!
 //! It is a relaxation of the world: transfers (never negative) are left out, and so is the
 //! main-GPU rule; so HiGHS' dual bound is a lower bound of every plan of the world. Its optimum
-//! laid out along the chain ([`ClassModel::lay_out`]) is a plan whose cost is the model's
+//! laid out along the chain (`ClassModel::lay_out`) is a plan whose cost is the model's
 //! objective plus its transfers: with one execution device, none, so it is the world's optimum.
 
 // Index loops mirror the model's subscripts (n[c][b], m[k][g]).
@@ -63,7 +63,7 @@ pub fn applies(inst: &Instance) -> bool {
 }
 
 /// Solve `inst`'s class model to relative gap `rel_gap` within `time_limit` (and
-/// [`MAX_NODES`]); `None` when HiGHS gives no usable answer (an error, or a status without a
+/// `MAX_NODES`, 20,000); `None` when HiGHS gives no usable answer (an error, or a status without a
 /// bound).
 pub fn solve(inst: &Instance, time_limit: Duration, rel_gap: f64) -> Option<ClassSolve> {
     let model = ClassModel::new(inst);
@@ -106,9 +106,7 @@ impl<'a> ClassModel<'a> {
     fn new(inst: &'a Instance) -> ClassModel<'a> {
         let k = inst.devices.len();
         let tied: Vec<bool> = (0..inst.n())
-            .map(|i| {
-                (inst.ties.iter()).any(|t| t.owner == i || t.members.contains(&i))
-            })
+            .map(|i| (inst.ties.iter()).any(|t| t.owner == i || t.members.contains(&i)))
             .collect();
         let mut by_key: BTreeMap<UnitKey, usize> = BTreeMap::new();
         let mut classes: Vec<UnitClass> = Vec::new();

@@ -55,8 +55,8 @@
 
 pub mod auto;
 pub mod bound;
-pub mod classes;
 pub mod check;
+pub mod classes;
 pub mod dp;
 pub mod error;
 pub mod hf;

@@ -68,7 +68,9 @@ fn split_blocks_use_the_idle_gpu_room() {
     for cap in ["6GiB", "10GiB", "14GiB"] {
         let budgets = MemoryBudgets::parse(&format!("0={cap},cpu=100GiB")).unwrap();
         let req = PlanRequest::new(&m, &budgets);
-        let whole_opts = AutoOptions::default().workload(workload).split_blocks(false);
+        let whole_opts = AutoOptions::default()
+            .workload(workload)
+            .split_blocks(false);
         let split_opts = whole_opts.clone().split_blocks(true);
         let whole = Auto::new(whole_opts).plan(&req).unwrap();
         let split = Auto::new(split_opts.clone()).plan(&req).unwrap();
