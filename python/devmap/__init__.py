@@ -180,7 +180,8 @@ def _topology(topology) -> str | None:
 
 
 def _request(model, max_memory=None, strategy="auto", no_split=None, dtype=None, workload=None,
-             pins=None, topology=None, compat=None, time_limit=None, runtime=None, **extra) -> dict:
+             pins=None, topology=None, compat=None, time_limit=None, runtime=None, split_blocks=None,
+             **extra) -> dict:
     if not isinstance(strategy, str):
         raise ArgumentError(f"strategy must be a string, not {strategy!r}")
     if compat is not None and not isinstance(compat, str):
@@ -194,6 +195,10 @@ def _request(model, max_memory=None, strategy="auto", no_split=None, dtype=None,
            "topology": _topology(topology), "compat": compat, **_workload(workload), **extra}
     if time_limit is not None:
         req["time_limit"] = float(time_limit)
+    if split_blocks is not None:
+        if not isinstance(split_blocks, bool):
+            raise ArgumentError(f"split_blocks must be True, False or None, not {split_blocks!r}")
+        req["split_blocks"] = split_blocks
     if runtime is not None:
         if not isinstance(runtime, str):
             raise ArgumentError(f"runtime must be 'accelerate', 'pinned' or None, not {runtime!r}")
@@ -234,7 +239,7 @@ def plan(model, max_memory: MaxMemory | str | None = None, strategy: str = "auto
          no_split: str | Sequence[str] | None = None, dtype=None, workload=None,
          pins: Mapping[str, Device] | None = None, topology: PathLike | None = None,
          compat: str | None = None, *, time_limit: float | None = None,
-         runtime: str | None = None) -> dict:
+         runtime: str | None = None, split_blocks: bool | None = None) -> dict:
     """The device map for ``model``: a dict ``{module or tensor name: 0 | "cpu" | "disk"}`` that
     ``from_pretrained(device_map=...)`` and ``accelerate.dispatch_model`` take as is.
 
@@ -263,26 +268,30 @@ def plan(model, max_memory: MaxMemory | str | None = None, strategy: str = "auto
             ``"accelerate"`` (offloaded weights copied from pageable RAM every step, as accelerate
             ships) or ``"pinned"`` (page-locked RAM, as after :func:`pin_offloaded`). None: the
             topology's own setting (accelerate's unless the file says otherwise).
+        split_blocks: whether ``auto`` may split a streamed decoder layer by module between the
+            main GPU and cpu/disk (``devmap plan --split-blocks``). None: the default, True;
+            False keeps every no-split block on one device.
 
     Raises:
         ArgumentError, BudgetError, ModelError, DoesNotFitError, PlanError (all DevmapError).
     """
     return plan_report(model, max_memory, strategy, no_split, dtype, workload, pins, topology,
-                       compat, time_limit=time_limit, runtime=runtime)["device_map"]
+                       compat, time_limit=time_limit, runtime=runtime,
+                       split_blocks=split_blocks)["device_map"]
 
 
 def plan_report(model, max_memory: MaxMemory | str | None = None, strategy: str = "auto",
                 no_split: str | Sequence[str] | None = None, dtype=None, workload=None,
                 pins: Mapping[str, Device] | None = None, topology: PathLike | None = None,
                 compat: str | None = None, *, time_limit: float | None = None,
-                runtime: str | None = None) -> dict:
+                runtime: str | None = None, split_blocks: bool | None = None) -> dict:
     """Like :func:`plan`, with what the CLI's table shows: ``device_map``, ``strategy``, ``usage``
     (bytes per device), ``budgets`` (given), ``budgets_used`` (after balancing), ``offloaded_bytes``,
     ``estimate`` (``ms_per_token``, ``objective_seconds``, ``latency_seconds``, ``busiest_seconds``,
     ``device_changes``, ``streamed_bytes``), ``solve`` (``auto`` only: ``bound_seconds``, ``gap``,
     ``status``, ``start``, ``units``, ``overhead`` per device; else None) and ``elapsed_s``."""
     req = _request(model, max_memory, strategy, no_split, dtype, workload, pins, topology, compat,
-                   time_limit, runtime)
+                   time_limit, runtime, split_blocks)
     return _report(_call("plan", req))
 
 
@@ -303,12 +312,13 @@ def check(model, device_map: Mapping[str, Device], max_memory: MaxMemory | str |
 def compare(model, max_memory: MaxMemory | str | None = None,
             no_split: str | Sequence[str] | None = None, dtype=None, workload=None,
             pins: Mapping[str, Device] | None = None, topology: PathLike | None = None, *,
-            time_limit: float | None = None, runtime: str | None = None) -> list[dict]:
+            time_limit: float | None = None, runtime: str | None = None,
+            split_blocks: bool | None = None) -> list[dict]:
     """Every strategy on one model and budget set (``devmap compare``): one dict per strategy with
     ``label`` (``"balanced (transformers)"``, ..., ``"auto"``), ``error`` (None, or why it has no
     plan) and, when it has a plan, the fields of :func:`plan_report`."""
     req = _request(model, max_memory, "auto", no_split, dtype, workload, pins, topology, None,
-                   time_limit, runtime)
+                   time_limit, runtime, split_blocks)
     return [_report(row) if row.get("error") is None else row for row in _call("compare", req)]
 
 

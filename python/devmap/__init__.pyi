@@ -74,6 +74,7 @@ def plan(
     *,
     time_limit: float | None = None,
     runtime: str | None = None,
+    split_blocks: bool | None = None,
 ) -> DeviceMap: ...
 def plan_report(
     model: Model,
@@ -88,6 +89,7 @@ def plan_report(
     *,
     time_limit: float | None = None,
     runtime: str | None = None,
+    split_blocks: bool | None = None,
 ) -> PlanReport: ...
 def check(
     model: Model,
@@ -107,6 +109,7 @@ def compare(
     *,
     time_limit: float | None = None,
     runtime: str | None = None,
+    split_blocks: bool | None = None,
 ) -> list[dict[str, Any]]: ...
 def manifest(model: Any, name: str | None = None) -> dict[str, Any]: ...
 def pin_offloaded(model: Any, max_ram_share: float = 0.5, prefetch: bool = False) -> PinReport: ...

@@ -6,6 +6,9 @@ accelerate runs the cpu/disk modules on the main GPU the same way (AlignDevicesH
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from conftest import assert_loads_like_whole, real_model
 
@@ -42,3 +45,21 @@ def test_a_block_split_by_module_loads_and_runs(tmp_path):
     accelerate.utils.check_device_map(skeleton, device_map)
 
     assert_loads_like_whole(tmp_path / "ckpt", device_map, tmp_path / "offload")
+
+
+MEASURED = Path(__file__).resolve().parents[2] / "fixtures" / "measured" / "llama-3.1-8b-shaped.json"
+
+
+def test_auto_splits_streamed_layers_by_default_and_split_blocks_false_keeps_them_whole():
+    import devmap
+
+    args = dict(max_memory={0: "6GiB", "cpu": "100GiB"}, workload="batch=1,prompt=8,new=12")
+    split = devmap.plan_report(MEASURED, **args)
+    whole = devmap.plan_report(MEASURED, **args, split_blocks=False)
+    layer_module = re.compile(r"^model\.layers\.\d+\.")
+    assert any(layer_module.match(k) for k in split["device_map"])
+    assert not any(layer_module.match(k) for k in whole["device_map"])
+    assert split["solve"]["status"] == whole["solve"]["status"] == "optimal"
+    assert split["estimate"]["ms_per_token"] < whole["estimate"]["ms_per_token"]
+    with pytest.raises(devmap.ArgumentError, match="split_blocks"):
+        devmap.plan(MEASURED, **args, split_blocks="yes")

@@ -210,7 +210,8 @@ struct SolveArgs {
     #[arg(long = "time-limit", default_value_t = 10.0)]
     time_limit: f64,
     /// Let `auto` split a streamed no-split block at module granularity between the main GPU and
-    /// cpu/disk (`true`/`false`; docs/strategies.md, "Split blocks").
+    /// cpu/disk (`true`/`false`, default `true`; `false`: every no-split block is one unit;
+    /// docs/strategies.md, "Split blocks").
     #[arg(long = "split-blocks", value_name = "BOOL", action = clap::ArgAction::Set,
           default_value_t = AutoOptions::default().split_blocks)]
     split_blocks: bool,

@@ -11,9 +11,10 @@ use devmap_solver::{Auto, AutoOptions, PlanRequest, Strategy};
 mod common;
 use common::{devmap, path_str, repo, text};
 
-/// qwen3-30b-a3b with a 16 GiB GPU, 16 GiB of cpu and disk, the CLI's default workload: no start
-/// meets the bound here, so `auto` calls HiGHS (the trace says so; checked below). t5-11b on the
-/// same budgets was such a case until `auto` learnt its cheapest-streamed start.
+/// qwen3-30b-a3b with a 16 GiB GPU, 16 GiB of cpu and disk, the CLI's default workload: its
+/// layers are split, so `auto` solves the class model with HiGHS (the trace says so; checked
+/// below). t5-11b on the same budgets was such a case until `auto` learnt its cheapest-streamed
+/// start.
 const MODEL: &str = "fixtures/models/qwen3-30b-a3b.json";
 const BUDGETS: &str = "0=16GiB,cpu=16GiB,disk=1TB";
 const WORKLOAD: &str = "batch=1,prompt=2048,new=256";

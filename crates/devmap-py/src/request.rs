@@ -76,6 +76,10 @@ pub struct Request {
     /// `auto`'s time limit, seconds.
     #[serde(default)]
     pub time_limit: Option<f64>,
+    /// Whether `auto` may split streamed blocks by module (`None`: the default, on; the CLI's
+    /// `--split-blocks`).
+    #[serde(default)]
+    pub split_blocks: Option<bool>,
     /// The map to check (`check` only).
     #[serde(default)]
     pub device_map: Option<serde_json::Value>,
@@ -201,6 +205,9 @@ impl Request {
                 ));
             }
             o.time_limit = Duration::from_secs_f64(t);
+        }
+        if let Some(split) = self.split_blocks {
+            o.split_blocks = split;
         }
         Ok(o)
     }

@@ -19,6 +19,7 @@ use devmap_core::{format_bytes, Device, DeviceMap, KvCacheSpec, MemoryBudgets, M
 
 pub use crate::bound::lower_bound;
 use crate::bound::{lower_bound_with_packing, packing_start, Packing};
+use crate::classes;
 use crate::instance::{Instance, InstanceOptions, UnitTables};
 use crate::mip::{self, MipOptions};
 use crate::{dp, Compat, Error, HfGreedy, HfKind, Plan, PlanRequest, Strategy};
@@ -47,9 +48,9 @@ pub struct AutoOptions {
     /// Relative gap at which HiGHS stops.
     pub mip_rel_gap: f64,
     /// Let a streamed no-split block be split at module granularity between the main GPU and
-    /// cpu/disk ([`InstanceOptions::split_blocks`]; docs/strategies.md, "Split blocks"). Off by
-    /// default: the finer units find faster plans when layers are streamed, but the bound rarely
-    /// certifies them and HiGHS can run to the time limit. Off: every no-split block is one unit.
+    /// cpu/disk ([`InstanceOptions::split_blocks`]; docs/strategies.md, "Split blocks"). On by
+    /// default: the finer units find faster plans when layers are streamed, and the class model
+    /// ([`crate::classes`]) certifies them in milliseconds. Off: every no-split block is one unit.
     pub split_blocks: bool,
 }
 
@@ -63,7 +64,7 @@ impl Default for AutoOptions {
             pins: Vec::new(),
             time_limit: Duration::from_secs(10),
             mip_rel_gap: 5e-4,
-            split_blocks: false,
+            split_blocks: true,
         }
     }
 }
@@ -351,7 +352,8 @@ impl Auto {
     }
 
     /// Feasible starting points in `inst`: the contiguous DP optimum and the packing bound's own
-    /// layout, then, unless one of those meets `lower` already, the Hugging Face maps that keep
+    /// layout, and the class model's plan (first where blocks are split; its bound raises
+    /// `lower`), then, unless one of those meets `lower` already, the Hugging Face maps that keep
     /// units whole and fit (computed on first use, once per plan: six greedy runs take 0.3 s on a
     /// 170k-tensor model), listed first.
     fn starts(
@@ -360,11 +362,24 @@ impl Auto {
         inst: &Instance,
         hf_maps: &OnceCell<Vec<(String, DeviceMap)>>,
         packing: Option<&Packing>,
-        lower: f64,
+        lower: &mut f64,
     ) -> Vec<Start> {
-        let own = self.own_starts(inst, packing);
-        if own.iter().any(|s| self.meets(s.2, lower)) {
-            return own;
+        // Split blocks leave the combinatorial bound loose and the class model is what
+        // certifies: it goes first there, after the own starts elsewhere.
+        let class_first = inst.split_blocks().next().is_some();
+        let mut own = Vec::new();
+        for class_step in [class_first, !class_first] {
+            if class_step {
+                if let Some(class) = self.class_solve(inst) {
+                    *lower = lower.max(class.bound);
+                    own.extend(class.plan.map(|(a, c)| ("class model".to_string(), a, c)));
+                }
+            } else {
+                own.extend(self.own_starts(inst, packing));
+            }
+            if own.iter().any(|s| self.meets(s.2, *lower)) {
+                return own;
+            }
         }
         let maps = hf_maps.get_or_init(|| {
             let t0 = Instant::now();
@@ -381,6 +396,27 @@ impl Auto {
         }
         out.extend(own);
         out
+    }
+
+    /// The class model of `inst` ([`classes`]) where it applies: a bound and often the optimum.
+    /// It gets a tenth of the time limit (and a node limit): it needs milliseconds.
+    fn class_solve(&self, inst: &Instance) -> Option<classes::ClassSolve> {
+        if !classes::applies(inst) {
+            return None;
+        }
+        let t0 = Instant::now();
+        // A quarter of the gap: the plan pays its transfers on top of the model's objective.
+        let gap = self.options.mip_rel_gap / 4.0;
+        let solved = classes::solve(inst, self.options.time_limit / 10, gap);
+        if let Some(c) = solved
+            .as_ref()
+            .filter(|_| std::env::var_os("DEVMAP_TRACE").is_some())
+        {
+            let plan = c.plan.as_ref().map(|p| p.1);
+            eprintln!("trace:   class model bound {:.6e}, plan {plan:?}", c.bound);
+        }
+        trace_phase("class model", t0);
+        solved
     }
 
     /// The starts `auto` finds itself: the contiguous DP optimum and the packing bound's layout.
@@ -465,14 +501,17 @@ impl Auto {
             return Ok(WorldOutcome::without_plan(f64::INFINITY, false));
         }
         let t0 = Instant::now();
-        let (lower, packing) = lower_bound_with_packing(inst);
+        let (mut lower, packing) = lower_bound_with_packing(inst);
+        // The MIP's floor cut stays the combinatorial bound: the class model's (higher) bound as a
+        // floor made HiGHS overrun its time limit 3-fold on tests/limits.rs' hard instance.
+        let floor = lower;
         trace_phase("bound", t0);
         // An infinite bound: no placement fits this world.
         if lower == f64::INFINITY || incumbent.is_some_and(|c| self.meets(c, lower)) {
             return Ok(WorldOutcome::without_plan(lower, false));
         }
         let t0 = Instant::now();
-        let starts = self.starts(req, inst, hf_maps, packing.as_ref(), lower);
+        let starts = self.starts(req, inst, hf_maps, packing.as_ref(), &mut lower);
         if std::env::var_os("DEVMAP_TRACE").is_some() {
             for s in &starts {
                 eprintln!("trace:   start {} {:.6e} (lower {lower:.6e})", s.0, s.2);
@@ -483,7 +522,8 @@ impl Auto {
         let start = self.best_start(inst, starts, lower);
         trace_phase("best_start", t0);
         let t0 = Instant::now();
-        let (mip, bound, timed_out) = self.search(inst, start.as_ref(), lower, deadline)?;
+        let (mip, bound, timed_out) =
+            self.search(inst, start.as_ref(), (lower, floor), deadline)?;
         trace_phase("search", t0);
         let chosen = match (mip, start) {
             (Some(m), Some(s)) if s.2 < m.objective => WorldSolve {
@@ -511,11 +551,12 @@ impl Auto {
 
     /// Certify the start by the bound, or return it with the bound when the MIP is out of reach,
     /// or run the MIP: (its plan, a valid bound, whether the time limit cut the search short).
+    /// `(lower, floor)`: the world's best bound, and the one the MIP gets as its floor cut.
     fn search(
         &self,
         inst: &Instance,
         start: Option<&Start>,
-        lower: f64,
+        (lower, floor): (f64, f64),
         deadline: Instant,
     ) -> Result<(Option<WorldSolve>, f64, bool), Error> {
         let from_start = |(label, a, c): &Start, detail: String| WorldSolve {
@@ -550,7 +591,7 @@ impl Auto {
             time_limit: left,
             mip_rel_gap: self.options.mip_rel_gap,
             contiguous: false,
-            objective_floor: Some(lower),
+            objective_floor: Some(floor),
         };
         let result = mip::solve(inst, start.map(|s| s.1.as_slice()), opts)?;
         // Both bounds are valid: keep the stronger (HiGHS may stop before reaching the floor).

@@ -640,9 +640,14 @@ impl UnitTables {
     pub fn new(model: &Model, opts: &InstanceOptions) -> Result<UnitTables, Error> {
         let block_units = units(model);
         let whole = UnitSet::new(model, opts, &block_units, false)?;
-        let split = if opts.split_blocks {
+        // The split set only when some block splits: building a set is most of an instance's
+        // cost on a 170k-tensor model whose layers are too wide to split.
+        let splits = opts.split_blocks
+            && (refine_units(model, &block_units, true).1)
+                .iter()
+                .any(|r| r.len() > 1);
+        let split = if splits {
             Some(UnitSet::new(model, opts, &block_units, true)?)
-                .filter(|t| t.blocks.iter().any(|r| r.len() > 1))
         } else {
             None
         };

@@ -56,6 +56,7 @@
 pub mod auto;
 pub mod bound;
 pub mod check;
+pub mod classes;
 pub mod dp;
 pub mod error;
 pub mod hf;

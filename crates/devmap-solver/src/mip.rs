@@ -798,7 +798,7 @@ fn rounded_assignment(x_col: &[Vec<Option<usize>>], values: &[f64]) -> Vec<usize
 }
 
 /// Debugging aid: `DEVMAP_HIGHS_OPTIONS=name=value,...` passed to HiGHS as is.
-fn set_debug_options(model: &mut highs::Model) {
+pub(crate) fn set_debug_options(model: &mut highs::Model) {
     let Ok(extra) = std::env::var("DEVMAP_HIGHS_OPTIONS") else {
         return;
     };

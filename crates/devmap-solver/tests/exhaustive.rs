@@ -18,7 +18,41 @@ use devmap_core::{
 };
 use devmap_solver::auto::{bound_holds, lower_bound, main_candidates};
 use devmap_solver::instance::Instance;
-use devmap_solver::{check_map, dp, Auto, AutoOptions, PlanRequest, Strategy};
+use devmap_solver::{check_map, classes, dp, Auto, AutoOptions, PlanRequest, Strategy};
+use std::cell::Cell;
+use std::time::Duration;
+
+thread_local! {
+    /// Worlds of this test's thread where the class model's plan was the enumerated optimum.
+    static CLASS_OPTIMA: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The class model of one world against its enumerated optimum `opt`: its bound at most `opt`;
+/// its plan feasible and priced as `evaluate` prices it; with one execution device (no transfer
+/// to leave out) that plan is the optimum whenever the optimum holds a unit on the main GPU.
+fn check_class_model(inst: &Instance, opt: Option<f64>, fail: &mut impl FnMut(String)) {
+    if !classes::applies(inst) {
+        return;
+    }
+    let Some(class) = classes::solve(inst, Duration::from_secs(10), 0.0) else {
+        return;
+    };
+    if let Some(opt) = opt.filter(|o| !bound_holds(class.bound, *o)) {
+        fail(format!("class model bound {} > optimum {opt}", class.bound));
+    }
+    if let Some((a, c)) = &class.plan {
+        if !inst.feasible(a) || !close(*c, inst.evaluate(a)) {
+            fail(format!("class model plan {a:?} infeasible or mispriced"));
+        }
+        match opt {
+            Some(o) if inst.execs.len() == 1 && !close(*c, o) => fail(format!(
+                "class model plan {c} != optimum {o} with one execution device"
+            )),
+            Some(o) if close(*c, o) => CLASS_OPTIMA.with(|n| n.set(n.get() + 1)),
+            _ => {}
+        }
+    }
+}
 
 /// xorshift64*: a seeded generator, so a failure names its case and replays.
 struct Rng(u64);
@@ -508,6 +542,7 @@ fn check_case(case: &Case) -> (Vec<String>, bool) {
         splits_a_block(&case.model, inst, a)
     });
     for ((m, inst), opt) in worlds.iter().zip(&per_world) {
+        check_class_model(inst, *opt, &mut fail);
         // The combinatorial bound of every world is at most that world's optimum.
         let lb = lower_bound(inst);
         if let Some(opt) = opt {
@@ -677,6 +712,12 @@ fn auto_and_its_bound_match_exhaustive_enumeration() {
         split_optima as u64 * 40 >= cases,
         "only {split_optima} of {cases} optima split a block"
     );
+    // The class model is exercised: its plan is a world's optimum in one case in 10 at least.
+    let class_optima = CLASS_OPTIMA.with(Cell::get);
+    assert!(
+        class_optima * 10 >= cases,
+        "the class model's plan was an optimum in only {class_optima} of {cases} cases"
+    );
 }
 
 /// A decoder-only chain whose layers hold 1–6 tensors in 1–3 modules (so per-tensor copy latency
@@ -723,8 +764,11 @@ fn streaming_case(seed: u64) -> Case {
         (Device::Disk, frac(&mut rng, 100, 300)),
     ])
     .unwrap();
+    // Whole layers: split into modules, up to 20 units would be too many to enumerate (the
+    // split space is `random_case`'s).
     let mut options = AutoOptions {
         mip_rel_gap: 0.0,
+        split_blocks: false,
         ..AutoOptions::default()
     };
     let mut what = Vec::new();

@@ -55,7 +55,7 @@ fn the_streaming_reserve_is_the_largest_linear() {
     assert_eq!(14336 * 4096 * 2, 112 * MIB);
 }
 
-/// With `--split-blocks true` `auto` fills the main GPU's idle room with modules of the streamed
+/// With split blocks (the default) `auto` fills the main GPU's idle room with modules of the streamed
 /// layers (the whole-block plans left 0.11 / 0.05 / 0.40 GiB idle at 6 / 10 / 14 GiB on the H200
 /// grid's workload): each plan is at least as fast, strictly faster where a block is split, proven
 /// optimal over the finer units, and `devmap check` accepts and scores it the same. A layer gets
@@ -68,7 +68,9 @@ fn split_blocks_use_the_idle_gpu_room() {
     for cap in ["6GiB", "10GiB", "14GiB"] {
         let budgets = MemoryBudgets::parse(&format!("0={cap},cpu=100GiB")).unwrap();
         let req = PlanRequest::new(&m, &budgets);
-        let whole_opts = AutoOptions::default().workload(workload);
+        let whole_opts = AutoOptions::default()
+            .workload(workload)
+            .split_blocks(false);
         let split_opts = whole_opts.clone().split_blocks(true);
         let whole = Auto::new(whole_opts).plan(&req).unwrap();
         let split = Auto::new(split_opts.clone()).plan(&req).unwrap();
