@@ -339,6 +339,43 @@ fn unequal_topology(rng: &mut Rng) -> Topology {
     t
 }
 
+/// `options` with a KV cache of one layer between a tenth and twice a typical unit of a model of
+/// `s` bytes, named in `what`.
+fn with_random_kv(
+    rng: &mut Rng,
+    s: u64,
+    options: AutoOptions,
+    what: &mut Vec<String>,
+) -> AutoOptions {
+    let per_token = 2 * KV_HEADS * HEAD_DIM * 2;
+    let seq = (rng.size(s / 40 + 1, s / 3 + 2) / per_token).max(1);
+    what.push(format!("kv seq={seq}"));
+    options.kv_cache(Some(KvCacheSpec {
+        batch: 1,
+        seq,
+        dtype: None,
+    }))
+}
+
+/// How many random cases a test runs: `DEVMAP_EXHAUSTIVE_CASES`, else 400.
+fn case_count() -> u64 {
+    std::env::var("DEVMAP_EXHAUSTIVE_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400)
+}
+
+/// `check_case(case)`, a panic inside it (a debug assertion of `auto`, such as a bound above a
+/// feasible objective) turned into one failure that names the case.
+fn check_catching_panics(case: &Case) -> (Vec<String>, bool) {
+    std::panic::catch_unwind(|| check_case(case)).unwrap_or_else(|e| {
+        let why = (e.downcast_ref::<String>().cloned())
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        (vec![format!("{}: panicked: {why}", case.what)], false)
+    })
+}
+
 fn random_case(seed: u64) -> Case {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let model = random_model(&mut rng);
@@ -351,15 +388,7 @@ fn random_case(seed: u64) -> Case {
     };
     let mut what = Vec::new();
     if rng.chance(35) {
-        // A KV cache of one layer between a tenth and twice a typical unit.
-        let per_token = 2 * KV_HEADS * HEAD_DIM * 2;
-        let seq = (rng.size(s / 40 + 1, s / 3 + 2) / per_token).max(1);
-        options = options.kv_cache(Some(KvCacheSpec {
-            batch: 1,
-            seq,
-            dtype: None,
-        }));
-        what.push(format!("kv seq={seq}"));
+        options = with_random_kv(&mut rng, s, options, &mut what);
     }
     if rng.chance(30) {
         let with_budget: Vec<Device> = budgets
@@ -677,22 +706,13 @@ fn main_of(map: &DeviceMap) -> Option<u32> {
 
 #[test]
 fn auto_and_its_bound_match_exhaustive_enumeration() {
-    let cases: u64 = std::env::var("DEVMAP_EXHAUSTIVE_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+    let cases = case_count();
     let mut failures = Vec::new();
     let mut planned = 0;
     let mut split_optima = 0;
     for seed in 0..cases {
         let case = random_case(seed);
-        // A debug assertion inside `auto` (a bound above a feasible objective) names its case.
-        let (f, split) = std::panic::catch_unwind(|| check_case(&case)).unwrap_or_else(|e| {
-            let why = (e.downcast_ref::<String>().cloned())
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            (vec![format!("{}: panicked: {why}", case.what)], false)
-        });
+        let (f, split) = check_catching_panics(&case);
         split_optima += usize::from(split);
         if f.is_empty() {
             planned += 1;
@@ -773,14 +793,7 @@ fn streaming_case(seed: u64) -> Case {
     };
     let mut what = Vec::new();
     if rng.chance(25) {
-        let per_token = 2 * KV_HEADS * HEAD_DIM * 2;
-        let seq = (rng.size(s / 40 + 1, s / 3 + 2) / per_token).max(1);
-        options = options.kv_cache(Some(KvCacheSpec {
-            batch: 1,
-            seq,
-            dtype: None,
-        }));
-        what.push(format!("kv seq={seq}"));
+        options = with_random_kv(&mut rng, s, options, &mut what);
     }
     if rng.chance(50) {
         options.topology = unequal_topology(&mut rng);
@@ -814,21 +827,13 @@ fn streaming_case(seed: u64) -> Case {
 
 #[test]
 fn the_bound_holds_where_cpu_and_disk_stream_multi_tensor_layers() {
-    let cases: u64 = std::env::var("DEVMAP_EXHAUSTIVE_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+    let cases = case_count();
     let mut failures = Vec::new();
     // Cases where cpu and disk both stream in the optimum: the regime under test must occur.
     let mut both_streamed = 0;
     for seed in 0..cases {
         let case = streaming_case(seed);
-        let f = std::panic::catch_unwind(|| check_case(&case).0).unwrap_or_else(|e| {
-            let why = (e.downcast_ref::<String>().cloned())
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            vec![format!("{}: panicked: {why}", case.what)]
-        });
+        let f = check_catching_panics(&case).0;
         failures.extend(f);
         let req = PlanRequest::new(&case.model, &case.budgets);
         if let Ok(plan) = Auto::new(case.options.clone()).plan(&req) {
