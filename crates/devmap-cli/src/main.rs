@@ -76,39 +76,23 @@ fn command_line() -> clap::Command {
     type AddArgs = fn(clap::Command) -> clap::Command;
     // The arguments' own doc comments set `about` too: the subcommand's is applied after them,
     // as the derive applies it.
-    macro_rules! add_args {
-        ($args:ty, $about:expr) => {
-            |command: clap::Command| <$args>::augment_args(command).about($about)
+    macro_rules! subcommand {
+        ($name:literal, $args:ty, $about:expr) => {
+            (
+                $name,
+                $about,
+                (|command: clap::Command| <$args>::augment_args(command).about($about)) as AddArgs,
+            )
         };
     }
     let subcommands: [(&str, &str, AddArgs); 7] = [
-        ("plan", PLAN_ABOUT, add_args!(PlanArgs, PLAN_ABOUT)),
-        ("check", CHECK_ABOUT, add_args!(CheckArgs, CHECK_ABOUT)),
-        (
-            "compare",
-            COMPARE_ABOUT,
-            add_args!(CompareArgs, COMPARE_ABOUT),
-        ),
-        (
-            "offload",
-            OFFLOAD_ABOUT,
-            add_args!(offload_cmd::OffloadArgs, OFFLOAD_ABOUT),
-        ),
-        (
-            "devices",
-            DEVICES_ABOUT,
-            add_args!(devices_cmd::DevicesArgs, DEVICES_ABOUT),
-        ),
-        (
-            "load",
-            LOAD_ABOUT,
-            add_args!(load_cmd::LoadArgs, LOAD_ABOUT),
-        ),
-        (
-            "calibrate",
-            CALIBRATE_ABOUT,
-            add_args!(calibrate_cmd::CalibrateArgs, CALIBRATE_ABOUT),
-        ),
+        subcommand!("plan", PlanArgs, PLAN_ABOUT),
+        subcommand!("check", CheckArgs, CHECK_ABOUT),
+        subcommand!("compare", CompareArgs, COMPARE_ABOUT),
+        subcommand!("offload", offload_cmd::OffloadArgs, OFFLOAD_ABOUT),
+        subcommand!("devices", devices_cmd::DevicesArgs, DEVICES_ABOUT),
+        subcommand!("load", load_cmd::LoadArgs, LOAD_ABOUT),
+        subcommand!("calibrate", calibrate_cmd::CalibrateArgs, CALIBRATE_ABOUT),
     ];
     let mut command = clap::Command::new("devmap")
         .version(env!("CARGO_PKG_VERSION"))
