@@ -375,12 +375,7 @@ impl CostModel {
         topology: Topology,
         objective: Objective,
     ) -> CostModel {
-        let act_dtype = model
-            .tensors()
-            .iter()
-            .map(|t| t.dtype)
-            .find(|d| d.is_float())
-            .map_or(2, |d| d.size_bytes());
+        let act_dtype = model.float_dtype().map_or(2, |d| d.size_bytes());
         CostModel {
             topology,
             objective,

@@ -358,13 +358,7 @@ impl ModelGraph {
             }
         }
         let act = activation
-            .or_else(|| {
-                model
-                    .tensors()
-                    .iter()
-                    .map(|t| t.dtype)
-                    .find(|d| d.is_float())
-            })
+            .or_else(|| model.float_dtype())
             .unwrap_or(DType::F16);
         // Saturating: `hidden_size` comes from a manifest or config.json.
         let bytes_per_token = model

@@ -119,17 +119,9 @@ impl Workload {
 
     /// Bytes of one element of KV and activations.
     pub fn element_bytes(&self, model: &Model) -> u64 {
-        self.dtype.map_or_else(
-            || {
-                model
-                    .tensors()
-                    .iter()
-                    .map(|t| t.dtype)
-                    .find(|d| d.is_float())
-                    .map_or(2, |d| d.size_bytes())
-            },
-            |d| d.size_bytes(),
-        )
+        self.dtype
+            .or_else(|| model.float_dtype())
+            .map_or(2, |d| d.size_bytes())
     }
 }
 

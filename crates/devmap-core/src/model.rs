@@ -584,6 +584,11 @@ impl Model {
     pub fn tensor(&self, id: TensorId) -> &Tensor {
         &self.tensors[id]
     }
+    /// The dtype of the first floating-point tensor: what activations and the KV cache run in
+    /// when no `--dtype` says otherwise (`None` for a model without floating tensors).
+    pub fn float_dtype(&self) -> Option<DType> {
+        self.tensors.iter().map(|t| t.dtype).find(|d| d.is_float())
+    }
     /// Tied groups, each sorted by name.
     pub fn tied_groups(&self) -> &[Vec<TensorId>] {
         &self.tied

@@ -634,13 +634,7 @@ fn mxfp4_pre_quantized(
     let converted = mxfp4_converted(model, skip)?;
     let element = rules
         .target_dtype
-        .or_else(|| {
-            model
-                .tensors()
-                .iter()
-                .map(|t| t.dtype)
-                .find(|d| d.is_float())
-        })
+        .or_else(|| model.float_dtype())
         .map_or(2, |d| d.size_bytes());
     let mut on_gpu = full.to_vec();
     let mut quantized = vec![false; full.len()];
