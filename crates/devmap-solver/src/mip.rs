@@ -706,17 +706,9 @@ fn run_highs(
 
 /// HiGHS' limits, gaps and tolerances for one solve.
 fn set_options(model: &mut highs::Model, opts: MipOptions, started: Instant, presolve: bool) {
-    model.make_quiet();
     // The limit covers building the model too (1–3 s on a million columns).
     let left = opts.time_limit.saturating_sub(started.elapsed());
-    model.set_option("time_limit", left.as_secs_f64());
-    model.set_option("mip_rel_gap", opts.mip_rel_gap);
-    // HiGHS' default absolute gap (1e-6 µs) would stop short of small objectives' optima.
-    model.set_option("mip_abs_gap", 1e-9);
-    // HiGHS' dual bound is the optimum of the model relaxed by its integrality tolerance, and so is
-    // its "optimal" incumbent: see `MIP_FEASIBILITY_TOLERANCE`.
-    model.set_option("mip_feasibility_tolerance", MIP_FEASIBILITY_TOLERANCE);
-    model.set_option("threads", 1);
+    set_common_options(model, left, opts.mip_rel_gap);
     // HiGHS' presolve reads the clock only between its passes, and one pass over a split-block
     // MIP of ~7,000 columns took 0.88 s (tests/limits.rs: a 300 ms limit ran 1.2 s): with less
     // than that left, the root LP (which checks the clock as it iterates) gets the time instead.
@@ -779,6 +771,20 @@ fn read_solution(
         rounded_overflow,
         main_rule_broken,
     }
+}
+
+/// What every HiGHS solve of the solver sets: quiet, one thread, `time_limit`, `rel_gap`, and
+/// the absolute gap and integrality tolerance the bounds rely on.
+pub(crate) fn set_common_options(model: &mut highs::Model, time_limit: Duration, rel_gap: f64) {
+    model.make_quiet();
+    model.set_option("time_limit", time_limit.as_secs_f64());
+    model.set_option("mip_rel_gap", rel_gap);
+    // HiGHS' default absolute gap (1e-6 µs) would stop short of small objectives' optima.
+    model.set_option("mip_abs_gap", 1e-9);
+    // HiGHS' dual bound is the optimum of the model relaxed by its integrality tolerance, and so is
+    // its "optimal" incumbent: see `MIP_FEASIBILITY_TOLERANCE`.
+    model.set_option("mip_feasibility_tolerance", MIP_FEASIBILITY_TOLERANCE);
+    model.set_option("threads", 1);
 }
 
 /// Each unit on its device with the largest x value.
