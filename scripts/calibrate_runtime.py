@@ -151,20 +151,30 @@ def copy_pool(config, copies):
     return names
 
 
-def file_backed_pool(config, copies, scratch):
-    """The pool as memory-mapped views of a safetensors file in the page cache, read through
-    `safe_open` as transformers 5 reads cpu-mapped weights. Returns ({name: tensor}, path)."""
-    import torch
+def mapped_through_file(tensors, path):
+    """`tensors` ({name: tensor}) written to the safetensors file `path` and read back through
+    `safe_open` as memory-mapped views of the page cache, as transformers 5 reads cpu-mapped
+    weights, every page faulted in once (the decode steps after the first see them mapped).
+    Returns (the open handle, to keep as long as the views are used; {name: view})."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    shapes = copy_pool(config, copies)
-    path = os.path.join(scratch, "calibrate_runtime_copies.safetensors")
-    save_file({n: torch.full(s, 0.5, dtype=torch.bfloat16) for n, s in shapes.items()}, path)
+    save_file(tensors, path)
     handle = safe_open(path, framework="pt")
-    tensors = {n: handle.get_tensor(n) for n in shapes}
-    for t in tensors.values():  # fault every page in once: the decode steps after the first see them mapped
+    views = {n: handle.get_tensor(n) for n in tensors}
+    for t in views.values():
         t.sum()
+    return handle, views
+
+
+def file_backed_pool(config, copies, scratch):
+    """The pool as memory-mapped views of a safetensors file (`mapped_through_file`).
+    Returns ({name: tensor}, path)."""
+    import torch
+
+    path = os.path.join(scratch, "calibrate_runtime_copies.safetensors")
+    pool = {n: torch.full(s, 0.5, dtype=torch.bfloat16) for n, s in copy_pool(config, copies).items()}
+    handle, tensors = mapped_through_file(pool, path)
     tensors["__handle__"] = handle  # the open file, kept as long as its views are used
     return tensors, path
 
@@ -416,16 +426,11 @@ def file_backed_layers(model, names, scratch, tag="layers"):
     of them (page cache, `scratch/calibrate_runtime_<tag>.safetensors`: one file per model, as
     rewriting a mapped file would change the views), as transformers 5 leaves cpu-mapped weights.
     Returns the open handle."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     params = {f"{n}.{p}": t for n in names for p, t in model.get_submodule(n).named_parameters()}
     path = os.path.join(scratch, f"calibrate_runtime_{tag}.safetensors")
-    save_file({k: t.detach().cpu().contiguous() for k, t in params.items()}, path)
-    handle = safe_open(path, framework="pt")
+    handle, views = mapped_through_file({k: t.detach().cpu().contiguous() for k, t in params.items()}, path)
     for key, param in params.items():
-        param.data = handle.get_tensor(key)
-        param.data.sum()  # fault the pages in once, as the first decode step would
+        param.data = views[key]
     return handle
 
 
@@ -505,9 +510,8 @@ def streamed_layer_bandwidth(config, latency, hook, scratch):
         for k in counts:
             times[k].append(step_seconds(models[k], SHORT_CONTEXT, repeats=STREAMED_STEPS)[0])
     layer = models[counts[0]].model.layers[0]
-    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    layer_bytes, modules = weights_and_modules(layer)
     tensors = sum(1 for _ in layer.parameters())
-    modules = sum(1 for m in layer.modules() if any(True for _ in m.parameters(recurse=False)))
     del models, layer
     empty_cache()
     most = counts[-1]
@@ -578,8 +582,7 @@ def estimated_seconds(config, copies=2, rounds=COPY_ROUNDS):
     head = head_shape(config)[0] * head_shape(config)[1] * 2
     copies_s = 2 * (rounds + 1) * (copies * sizes + head) / 7e9 + (copies * sizes + head) / 1e9  # + file write
     decode_s = 2 * 2 * (DECODE_STEPS + 2) * 0.01 + 3 * (DECODE_STEPS + 2) * 0.012 + 3 * 0.3 + 4.0  # + prefills, builds
-    layer = sizes
-    streamed_s = STREAMED_ROUNDS * (STREAMED_STEPS + 2) * sum(STREAMED_COUNTS) * layer / 7e9 + sum(STREAMED_COUNTS) * layer / 1e9
+    streamed_s = STREAMED_ROUNDS * (STREAMED_STEPS + 2) * sum(STREAMED_COUNTS) * sizes / 7e9 + sum(STREAMED_COUNTS) * sizes / 1e9
     return 5.0 + copies_s + 0.5 + decode_s + streamed_s
 
 
