@@ -75,6 +75,42 @@ MIXTRAL_SMALL = {
 }
 
 
+# T5-3B's shape (t5 v1.0: ReLU feed-forward, tied embeddings): an encoder-decoder for
+# validate_gpu.py's `--shape t5`, ~5.7 GB of bf16.
+T5_3B = {
+    "architectures": ["T5ForConditionalGeneration"],
+    "model_type": "t5",
+    "is_encoder_decoder": True,
+    "d_model": 1024,
+    "d_ff": 16384,
+    "d_kv": 128,
+    "num_heads": 32,
+    "num_layers": 24,
+    "num_decoder_layers": 24,
+    "vocab_size": 32128,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "relu",
+    "tie_word_embeddings": True,
+    "decoder_start_token_id": 0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "torch_dtype": "bfloat16",
+}
+
+
+def meta_tensor_shapes(cfg):
+    """Every parameter of `cfg`'s model as transformers registers it (tied ones once), from the
+    model built on the meta device: the checkpoint `save_pretrained` would write."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
 def mixtral_layer_shapes(cfg, p):
     """One Mixtral layer's tensors as transformers writes them (`save_pretrained` keeps the
     per-expert names w1/w2/w3 and fuses them into `mlp.experts` when it loads)."""
@@ -96,6 +132,8 @@ def mixtral_layer_shapes(cfg, p):
 
 
 def tensor_shapes(cfg):
+    if cfg.get("is_encoder_decoder"):
+        return meta_tensor_shapes(cfg)
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     if cfg.get("model_type") == "mixtral":
         out = [("model.embed_tokens.weight", (v, h))]
@@ -138,7 +176,7 @@ def shard_layout(cfg):
 
 
 def make_checkpoint(path, cfg=LLAMA_31_8B):
-    """Random bf16 weights of `cfg`'s Llama (or Mixtral) shape (generated on the GPU) under
+    """Random bf16 weights of `cfg`'s Llama (or Mixtral, or T5) shape (generated on the GPU) under
     `path`, unless its index is there."""
     import torch
     from safetensors.torch import save_file

@@ -6,7 +6,8 @@ Runs on a machine with an NVIDIA GPU, PyTorch, transformers and accelerate (no R
 is a release binary built elsewhere). In one run it
 
 1. writes a random bf16 checkpoint under --work (scripts/bench_load.py's writer; `--shape
-   llama8b`: Llama-3.1-8B, ~16 GB; `--shape moe`: a small Mixtral, 8 experts, top 2, ~10.5 GB),
+   llama8b`: Llama-3.1-8B, ~16 GB; `--shape moe`: a small Mixtral, 8 experts, top 2, ~10.5 GB;
+   `--shape t5`: T5-3B, an encoder-decoder, ~5.7 GB, whose prompt is the encoder's input),
    unless it is there, and reads it once into the page cache;
 2. runs `devmap calibrate` and scripts/calibrate_runtime.py into WORK/topology.json (unless it
    is there, or --topology is given);
@@ -32,7 +33,7 @@ planner on a meta model), scored by devmap; nothing is loaded or measured.
 
 Usage:
   python3 scripts/validate_gpu.py --devmap PATH/devmap --out OUT [--work /tmp/devmap-validate]
-      [--caps 6,10,12,14] [--prompts 8,2000,6000,16000] [--new-tokens 16] [--rounds 1] [--shape llama8b|moe] [--resume]
+      [--caps 6,10,12,14] [--prompts 8,2000,6000,16000] [--new-tokens 16] [--rounds 1] [--shape llama8b|moe|t5] [--resume]
       [--deadline-s 540] [--one-map-per-cap] [--dry-run]
 """
 
@@ -99,7 +100,7 @@ def log(msg):
 # ---------------------------------------------------------------- setup
 
 
-SHAPES = {"llama8b": "LLAMA_31_8B", "moe": "MIXTRAL_SMALL"}  # names in bench_load.py
+SHAPES = {"llama8b": "LLAMA_31_8B", "moe": "MIXTRAL_SMALL", "t5": "T5_3B"}  # names in bench_load.py
 
 
 def shape_config(shape):
@@ -107,8 +108,15 @@ def shape_config(shape):
     import bench_load
 
     cfg = dict(getattr(bench_load, SHAPES[shape]))
-    cfg["max_position_embeddings"] = max(cfg.get("max_position_embeddings", 0), 131072)
+    if not cfg.get("is_encoder_decoder"):  # T5's relative positions have no such limit
+        cfg["max_position_embeddings"] = max(cfg.get("max_position_embeddings", 0), 131072)
     return cfg
+
+
+def calibration_config(cfg):
+    """The decoder calibrate_runtime.py times: the shape's own, or Llama-3.1-8B's for an
+    encoder-decoder (its constants are the machine's and accelerate's, not the model's)."""
+    return shape_config("llama8b") if cfg.get("is_encoder_decoder") else cfg
 
 
 def checkpoint_dir(work, shape):
@@ -124,7 +132,7 @@ def prepare_checkpoint(work, shape="llama8b"):
     cfg_path = os.path.join(ckpt, "config.json")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    if cfg.get("max_position_embeddings", 0) < 32768:
+    if cfg.get("max_position_embeddings", 0) < 32768 and not cfg.get("is_encoder_decoder"):
         # Llama-3.1's context, so 16k-token prompts are within the model's declared range.
         cfg["max_position_embeddings"] = 131072
         with open(cfg_path, "w") as f:
@@ -150,7 +158,7 @@ def prepare_topology(args, cfg):
         from calibrate_runtime import calibrate_runtime
 
         try:
-            calibrate_runtime(path, cfg)
+            calibrate_runtime(path, calibration_config(cfg))
         except Exception as e:  # the copy rates are still worth validating: keep the defaults
             log(f"scripts/calibrate_runtime.py failed, runtime keeps devmap's defaults: {e!r}")
     with open(path) as f:
@@ -272,10 +280,12 @@ def free_gpu():
 
 def load(ckpt, device_map, cap, cpu, work):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    seq2seq = AutoConfig.from_pretrained(ckpt).is_encoder_decoder
+    auto_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return auto_class.from_pretrained(
             ckpt,
             device_map=device_map,
             max_memory=max_memory_dict(cap, cpu),
@@ -303,6 +313,8 @@ def generate(model, prompt, new_tokens, counters=None):
 
     counters = {} if counters is None else counters
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda:0")
+    if model.config.is_encoder_decoder:
+        return generate_seq2seq(model, ids, new_tokens, counters)
     with torch.no_grad():
         torch.cuda.synchronize()
         before = alloc_retries()
@@ -323,6 +335,46 @@ def generate(model, prompt, new_tokens, counters=None):
             for _ in range(new_tokens):
                 t = time.perf_counter()
                 out = model(input_ids=tok, past_key_values=past, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1).to("cuda:0")
+                past = out.past_key_values
+                torch.cuda.synchronize()
+                steps.append(time.perf_counter() - t)
+        except torch.OutOfMemoryError as e:
+            raise OOM("OOM at decode") from e
+        finally:
+            counters["alloc_retries_decode"] = alloc_retries() - before
+    return prefill, steps
+
+
+def generate_seq2seq(model, ids, new_tokens, counters):
+    """An encoder-decoder's `generate`: the prefill encodes the prompt and runs the first decoder
+    step; each greedy step then runs the decoder alone on the cached encoder output (the encoder's
+    weights are not read again, which is why devmap streams them first)."""
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    start = torch.full((1, 1), model.config.decoder_start_token_id or 0, device="cuda:0")
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        before = alloc_retries()
+        t0 = time.perf_counter()
+        try:
+            out = model(input_ids=ids, decoder_input_ids=start, use_cache=True)
+            torch.cuda.synchronize()
+        except torch.OutOfMemoryError as e:
+            raise OOM("OOM at prefill") from e
+        finally:
+            counters["alloc_retries_prefill"] = alloc_retries() - before
+        prefill = time.perf_counter() - t0
+        encoded = BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1).to("cuda:0")
+        del out
+        steps = []
+        before = alloc_retries()
+        try:
+            for _ in range(new_tokens):
+                t = time.perf_counter()
+                out = model(encoder_outputs=encoded, decoder_input_ids=tok, past_key_values=past, use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1).to("cuda:0")
                 past = out.past_key_values
                 torch.cuda.synchronize()
@@ -609,7 +661,7 @@ def main():
     grid = Grid(args, ckpt, topo, features)
     rows = load_done(args)
     done = {row_key(r) for r in rows}
-    copy_now = None if args.dry_run else this_call_copy_link(cfg)
+    copy_now = None if args.dry_run else this_call_copy_link(calibration_config(cfg))
     for rnd in range(1, args.rounds + 1):
         for k, cap in enumerate(args.caps):
             if not args.dry_run:

@@ -61,3 +61,24 @@ def test_variants_add_their_split_flag_to_the_plan_command():
 def test_rows_without_a_round_count_as_round_one():
     # Rows of grids written before --rounds existed (docs/validation-data) resume as round 1.
     assert vg.row_key({"cap_gib": 6.0, "prompt": 8, "strategy": "hf"}) == (1, 6.0, 8, "hf")
+
+
+def test_the_t5_shape_is_the_checkpoint_transformers_would_save():
+    """`--shape t5`: names and shapes from the model transformers builds (tied embeddings once),
+    and the runtime calibration times Llama decoders, not the encoder-decoder."""
+    import bench_load
+
+    cfg = vg.shape_config("t5")
+    assert "max_position_embeddings" not in cfg
+    shapes = dict(bench_load.tensor_shapes(cfg))
+    assert shapes["shared.weight"] == (32128, 1024)
+    assert "lm_head.weight" not in shapes and "encoder.embed_tokens.weight" not in shapes
+    assert shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] == (32, 32)
+    assert shapes["decoder.block.23.layer.1.EncDecAttention.k.weight"] == (4096, 1024)
+    assert shapes["decoder.block.23.layer.2.DenseReluDense.wi.weight"] == (16384, 1024)
+    # 24 + 24 blocks: q, k, v, o, norm; wi, wo, norm (8), the decoder's with cross-attention's
+    # q, k, v, o, norm too (13); block 0 of each adds the relative attention bias.
+    assert sum(1 for n in shapes if n.startswith("encoder.block.")) == 24 * 8 + 1
+    assert sum(1 for n in shapes if n.startswith("decoder.block.")) == 24 * 13 + 1
+    assert vg.calibration_config(cfg)["model_type"] == "llama"
+    assert vg.calibration_config(vg.shape_config("moe"))["model_type"] == "mixtral"

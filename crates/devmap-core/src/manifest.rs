@@ -141,6 +141,7 @@ impl Manifest {
                 shape: t.shape,
                 kind: t.kind,
                 source: None,
+                converted: false,
             });
         }
         for g in self.tied {

@@ -57,6 +57,10 @@ pub struct Tensor {
     pub module: ModuleId,
     /// Where its bytes are, when the model was read from safetensors.
     pub source: Option<TensorSource>,
+    /// Built on load from several checkpoint tensors (transformers 5's fused MoE experts, which
+    /// it stacks from per-expert tensors on the target device): see
+    /// [`crate::memory::conversion_fragmentation`].
+    pub converted: bool,
 }
 
 impl Tensor {
@@ -154,6 +158,8 @@ pub struct TensorSpec {
     pub kind: TensorKind,
     /// Location in a file, if any.
     pub source: Option<TensorSource>,
+    /// Built on load from several checkpoint tensors (see [`Tensor::converted`]).
+    pub converted: bool,
 }
 
 /// Builds a [`Model`] from flat tables, creating missing intermediate modules on the way.
@@ -209,6 +215,7 @@ impl ModelBuilder {
             shape: shape.to_vec(),
             kind: TensorKind::Param,
             source: None,
+            converted: false,
         })
     }
     /// Add a buffer without a source file.
@@ -219,6 +226,7 @@ impl ModelBuilder {
             shape: shape.to_vec(),
             kind: TensorKind::Buffer,
             source: None,
+            converted: false,
         })
     }
     /// Declare a group of tensor names sharing one storage.
@@ -341,6 +349,7 @@ impl ModelBuilder {
                 kind: spec.kind,
                 module,
                 source: spec.source,
+                converted: spec.converted,
             });
             model.index_name(Node::Tensor(id));
         }

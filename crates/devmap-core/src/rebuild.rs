@@ -619,6 +619,7 @@ impl Walk<'_> {
             shape,
             kind,
             source: None,
+            converted: false,
         }))
     }
 
@@ -688,6 +689,7 @@ impl Walk<'_> {
             } else {
                 None
             },
+            converted: groups.iter().map(Vec::len).sum::<usize>() > 1,
         })
     }
 }

@@ -228,6 +228,7 @@ impl Header {
                 file: self.path.clone(),
                 byte_range: t.byte_range.clone(),
             }),
+            converted: false,
         })
     }
 }

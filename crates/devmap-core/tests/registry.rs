@@ -157,7 +157,12 @@ fn a_known_class_is_rebuilt_in_registration_order() {
     assert_eq!(fused.shape, vec![3, 12, 8]);
     assert_eq!(fused.dtype, DType::BF16);
     assert!(fused.source.is_none());
+    assert!(fused.converted, "built from six checkpoint tensors on load");
     assert!(tensor(m, "model.embed.weight").source.is_some());
+    assert!(!tensor(m, "model.embed.weight").converted);
+    // The GPU it loads on keeps 2.5 x the 576-byte fused tensor fragmented (any workload).
+    let w = devmap_core::memory::Workload::default();
+    assert_eq!(devmap_core::memory::conversion_fragmentation(m, &w), 1440);
     // head_dim = hidden / heads (derived), inv_freq has head_dim / 2 elements.
     let inv = tensor(m, "model.rotary.inv_freq");
     assert_eq!((inv.dtype, inv.shape.clone()), (DType::F32, vec![2]));
@@ -235,9 +240,14 @@ fn a_checkpoint_in_the_fused_layout_keeps_its_keys() {
     let path = folder(dir.path(), &refs, TINY_CONFIG);
     let loaded = load_model_with(&path, &registry()).unwrap();
     assert!(loaded.notes.is_empty(), "{:?}", loaded.notes);
-    assert!(tensor(&loaded.model, "model.layers.0.moe.gate_up")
-        .source
-        .is_some());
+    let fused = tensor(&loaded.model, "model.layers.0.moe.gate_up");
+    assert!(fused.source.is_some() && !fused.converted);
+    let w = devmap_core::memory::Workload::default();
+    assert_eq!(
+        devmap_core::memory::conversion_fragmentation(&loaded.model, &w),
+        0,
+        "nothing is converted on load"
+    );
 }
 
 #[test]
