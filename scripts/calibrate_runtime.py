@@ -40,6 +40,15 @@ field; `--dry-run` prints the plan below with the sizes of the given config and 
    steady within one), so the written rate is that streamed rate's ratio to a plain copy of the
    same pages, times the median plain rate of 12 fresh 256 MiB buffers.
 
+7. With an encoder-decoder's config (`--config` of a T5, `calibrate_encoder_decoder_eager`): the
+   eager constant of that architecture's decoder, measured on its own: decoders of 2 and 10
+   blocks (a 1-block encoder) decode one token at a time on a cached 64-token encoder output;
+   (t10 - t2) less the 8 blocks' bytes at the GPU's memory bandwidth, over the 8 blocks' modules
+   with weights that run per step (cross-attention's key and value projections do not: their
+   outputs are cached), is written to `runtime.eager_module_seconds_by_model_type.<model_type>`,
+   which devmap's cost model uses for models of that `model_type` (T5's decoder does more Python
+   per module than Llama's). Nothing else is measured with such a config.
+
 Written: `gpus.<i>.pageable_host_link` (and `default_pageable_host_link` for GPU 0), `runtime`
 (`offload_memory`, `offload_hook_seconds`, `eager_module_seconds`, `kv_passes_per_step`,
 `source`), and the raw timings under `runtime_calibration` (which `--topology` ignores). About 50
@@ -357,6 +366,93 @@ def weights_and_modules(module):
     total = sum(p.numel() * p.element_size() for p in module.parameters())
     owners = sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False)))
     return total, owners
+
+
+CROSS_KEY_VALUE = {"EncDecAttention": ("k", "v"), "encoder_attn": ("k_proj", "v_proj")}  # as devmap's decode.rs
+
+
+def runs_per_step(name):
+    """Whether the module `name` runs on a decode step of an encoder-decoder's decoder (not a
+    cross-attention key or value projection, whose output the cache holds)."""
+    parts = name.split(".")
+    return not (len(parts) >= 2 and parts[-1] in CROSS_KEY_VALUE.get(parts[-2], ()))
+
+
+def decoder_block_reads(block):
+    """(bytes, modules with weights) a decode step reads in one decoder block."""
+    owners = [(n, m) for n, m in block.named_modules() if any(True for _ in m.parameters(recurse=False)) and runs_per_step(n)]
+    read = sum(p.numel() * p.element_size() for _, m in owners for p in m.parameters(recurse=False))
+    return read, len(owners)
+
+
+def build_encoder_decoder(config, decoder_layers):
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    fields.update(num_layers=1, num_decoder_layers=decoder_layers)
+    cfg = AutoConfig.for_model(config["model_type"], **fields)
+    with torch.device(DEVICE):
+        return AutoModelForSeq2SeqLM.from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def encoder_decoder_step_seconds(model, context=SHORT_CONTEXT, repeats=DECODE_STEPS):
+    """Median seconds of one decoder step on a cached `context`-token encoder output."""
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
+    start = torch.full((1, 1), model.config.decoder_start_token_id or 0, device=DEVICE)
+    with torch.no_grad():
+        out = model(input_ids=ids, decoder_input_ids=start, use_cache=True)
+        encoded = BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        del out
+        seconds = timed_steps(lambda: model(encoder_outputs=encoded, decoder_input_ids=tok, past_key_values=past,
+                                            use_cache=True), repeats)
+    del past
+    empty_cache()
+    return seconds
+
+
+def encoder_decoder_eager(config, gpu_bandwidth, layers=DEFAULT_LAYERS, rounds=2):
+    """(eager seconds per module of the decoder, raw): see measurement 7 of the module docs."""
+    models = {n: build_encoder_decoder(config, n) for n in layers}
+    best = {}
+    for _ in range(rounds):
+        for n, model in models.items():
+            best[n] = min(best.get(n, float("inf")), encoder_decoder_step_seconds(model))
+    small, big = min(layers), max(layers)
+    block_bytes, block_modules = decoder_block_reads(models[big].get_decoder().block[1])
+    del models, model
+    empty_cache()
+    added = big - small
+    per_module = max(0.0, best[big] - best[small] - added * block_bytes / gpu_bandwidth) / (added * block_modules)
+    raw = {"model_type": config["model_type"], "decoder_layers": list(layers), "step_seconds": [best[n] for n in layers],
+           "block_bytes_read": block_bytes, "block_modules_run": block_modules, "gpu_bandwidth": gpu_bandwidth,
+           "per_module_seconds": per_module}
+    return per_module, raw
+
+
+def calibrate_encoder_decoder_eager(topo_path, config):
+    """Measurement 7: merge the encoder-decoder's own eager constant into the topology at
+    `topo_path` (`runtime.eager_module_seconds_by_model_type`), beside the machine's others."""
+    import torch
+
+    with open(topo_path) as f:
+        topo = json.load(f)
+    bandwidth = gpu_rates(topo, torch.device(DEVICE).index or 0)
+    per_module, raw = encoder_decoder_eager(config, bandwidth)
+    runtime = topo.setdefault("runtime", {})
+    runtime.setdefault("eager_module_seconds_by_model_type", {})[config["model_type"]] = per_module
+    topo.setdefault("runtime_calibration", {})[f"eager_{config['model_type']}"] = raw
+    with open(topo_path, "w") as f:
+        json.dump(topo, f, indent=2)
+    print(f"{config['model_type']} decoder: eager {per_module * 1e6:.1f} µs per module ({raw['block_modules_run']} modules "
+          f"and {raw['block_bytes_read'] / 2**20:.0f} MiB per block per step; steps "
+          + ", ".join(f"{n} blocks {t * 1e3:.2f} ms" for n, t in zip(raw["decoder_layers"], raw["step_seconds"])) + ")",
+          flush=True)
+    return per_module
 
 
 def kv_bytes_per_token(config, layers):
@@ -745,7 +841,10 @@ def main():
         return
     if not args.topology:
         ap.error("--topology is required (except with --dry-run)")
-    calibrate_runtime(args.topology, config, args.copy_from, args.scratch)
+    if config.get("is_encoder_decoder"):
+        calibrate_encoder_decoder_eager(args.topology, config)
+    else:
+        calibrate_runtime(args.topology, config, args.copy_from, args.scratch)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,13 @@ def prepare_topology(args, cfg):
             calibrate_runtime(path, calibration_config(cfg))
         except Exception as e:  # the copy rates are still worth validating: keep the defaults
             log(f"scripts/calibrate_runtime.py failed, runtime keeps devmap's defaults: {e!r}")
+        if cfg.get("is_encoder_decoder"):
+            from calibrate_runtime import calibrate_encoder_decoder_eager
+
+            try:
+                calibrate_encoder_decoder_eager(path, cfg)
+            except Exception as e:
+                log(f"the encoder-decoder's eager constant was not measured: {e!r}")
     with open(path) as f:
         return path, json.load(f)
 

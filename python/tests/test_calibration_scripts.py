@@ -120,3 +120,35 @@ def test_plain_rates_of_a_file_and_of_fresh_buffers_are_positive(tmp_path, monke
     assert cr.own_memory_rate(empty, 0.0) is None  # nothing streamed, nothing to time
     rates = cr.fresh_memory_rates(samples=2, size=1 << 20)
     assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+TINY_T5 = {"model_type": "t5", "is_encoder_decoder": True, "d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 4,
+           "num_layers": 2, "num_decoder_layers": 2, "vocab_size": 64, "decoder_start_token_id": 0,
+           "feed_forward_proj": "relu", "tie_word_embeddings": True}
+
+
+def test_a_t5_decoder_block_runs_eleven_modules_with_weights_per_step(monkeypatch):
+    """Measurement 7 counts what a decode step runs: self-attention's q, k, v, o and norm,
+    cross-attention's q, o and norm (its k and v are cached), the feed-forward's wi, wo, norm."""
+    monkeypatch.setattr(cr, "DEVICE", "cpu")
+    model = cr.build_encoder_decoder(TINY_T5, 3)
+    assert len(model.get_decoder().block) == 3 and len(model.get_encoder().block) == 1
+    read, modules = cr.decoder_block_reads(model.get_decoder().block[1])
+    assert modules == 11
+    d, inner, ff = 32, 4 * 8, 64
+    # bf16: q, k, v, o of self-attention, q and o of cross-attention, wi and wo, three norms.
+    assert read == 2 * (4 * d * inner + 2 * d * inner + 2 * d * ff + 3 * d)
+    assert not cr.runs_per_step("layer.1.EncDecAttention.k") and cr.runs_per_step("layer.1.EncDecAttention.q")
+    assert not cr.runs_per_step("encoder_attn.v_proj") and cr.runs_per_step("self_attn.v_proj")
+
+
+def test_the_encoder_decoder_eager_constant_is_merged_under_its_model_type(tmp_path, monkeypatch):
+    monkeypatch.setattr(cr, "DEVICE", "cpu")
+    topo = tmp_path / "t.json"
+    topo.write_text(json.dumps({"runtime": {"eager_module_seconds": 6e-5}, "gpus": {"0": {"memory_bandwidth": 1e11}}}))
+    monkeypatch.setattr(cr, "DECODE_STEPS", 3)
+    per_module = cr.calibrate_encoder_decoder_eager(str(topo), TINY_T5)
+    written = json.loads(topo.read_text())
+    assert written["runtime"]["eager_module_seconds"] == 6e-5, "the machine's constant is kept"
+    assert written["runtime"]["eager_module_seconds_by_model_type"] == {"t5": per_module}
+    assert per_module >= 0 and written["runtime_calibration"]["eager_t5"]["block_modules_run"] == 11

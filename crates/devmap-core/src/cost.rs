@@ -103,6 +103,11 @@ pub struct Runtime {
     /// Seconds per executed module and step that eager PyTorch spends beyond reading the weights
     /// (Python dispatch and kernel launches of batch-1 decode).
     pub eager_module_seconds: f64,
+    /// [`Runtime::eager_module_seconds`] for the architectures measured on their own, by
+    /// config.json's `model_type` (`scripts/calibrate_runtime.py` with that architecture's
+    /// config): a T5 decoder spends about twice a Llama decoder's time per module.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub eager_module_seconds_by_model_type: BTreeMap<String, f64>,
     /// Passes over a layer's KV cache per decode step at the executing GPU's memory bandwidth:
     /// the cache's growth and attention's reads, as measured (`scripts/calibrate_runtime.py`
     /// times a decode step at a long and a short context), [`KV_PASSES_PER_STEP`] by default.
@@ -120,6 +125,7 @@ impl Default for Runtime {
             offload_memory: OffloadMemory::Pageable,
             offload_hook_seconds: DEFAULT_OFFLOAD_HOOK_SECONDS,
             eager_module_seconds: DEFAULT_EAGER_MODULE_SECONDS,
+            eager_module_seconds_by_model_type: BTreeMap::new(),
             kv_passes_per_step: KV_PASSES_PER_STEP as f64,
             source: String::new(),
         }
@@ -218,6 +224,12 @@ impl Topology {
             "runtime.eager_module_seconds",
             self.runtime.eager_module_seconds,
         )?;
+        for (model_type, &v) in &self.runtime.eager_module_seconds_by_model_type {
+            non_negative(
+                &format!("runtime.eager_module_seconds_by_model_type.{model_type}"),
+                v,
+            )?;
+        }
         non_negative(
             "runtime.kv_passes_per_step",
             self.runtime.kv_passes_per_step,
@@ -376,6 +388,13 @@ impl CostModel {
         objective: Objective,
     ) -> CostModel {
         let act_dtype = model.float_dtype().map_or(2, |d| d.size_bytes());
+        let mut topology = topology;
+        let model_type = model.config.as_ref().and_then(|c| c.model_type());
+        if let Some(&own) =
+            model_type.and_then(|m| (topology.runtime.eager_module_seconds_by_model_type).get(m))
+        {
+            topology.runtime.eager_module_seconds = own;
+        }
         CostModel {
             topology,
             objective,
@@ -997,5 +1016,41 @@ mod tests {
         let e = Topology::read(&p).unwrap_err().to_string();
         assert!(e.contains("runtime.kv_passes_per_step"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_architecture_measured_on_its_own_gets_its_eager_constant() {
+        let mut topology = Topology::default();
+        topology.runtime.eager_module_seconds = 6e-5;
+        (topology.runtime.eager_module_seconds_by_model_type).insert("t5".into(), 1.2e-4);
+        topology.check().unwrap();
+        let model_of = |model_type: &str| {
+            ModelBuilder::new("m")
+                .module("l", "Linear")
+                .param("l.weight", DType::BF16, &[4, 4])
+                .config(Some(crate::config::ModelConfig {
+                    raw: serde_json::json!({ "model_type": model_type }),
+                }))
+                .build()
+                .unwrap()
+        };
+        let eager = |model_type: &str| {
+            let cm = CostModel::new(
+                &model_of(model_type),
+                &[Device::Gpu(0)],
+                topology.clone(),
+                Objective::Latency,
+            );
+            cm.topology.runtime.eager_module_seconds
+        };
+        assert_eq!(eager("t5"), 1.2e-4);
+        assert_eq!(eager("llama"), 6e-5);
+        let mut bad = Topology::default();
+        (bad.runtime.eager_module_seconds_by_model_type).insert("bart".into(), -1e-5);
+        let e = bad.check().unwrap_err();
+        assert!(
+            e.contains("runtime.eager_module_seconds_by_model_type.bart"),
+            "{e}"
+        );
     }
 }

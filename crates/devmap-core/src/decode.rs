@@ -9,7 +9,11 @@
 //!   expert, transformers 5) are copied whole when offloaded; experts that are modules of their
 //!   own (`experts.3.w1`) are hooked one by one, so only the `k` routed ones are copied.
 //! - Encoder weights of an encoder-decoder run once, at prefill: a decode step reads and copies
-//!   none of them, and runs none of their modules.
+//!   none of them, and runs none of their modules. So do the decoder's cross-attention key and
+//!   value projections (`EncDecAttention.k`/`.v` in T5, `encoder_attn.k_proj`/`.v_proj` in the
+//!   Bart family): their outputs over the encoder's states are cached at prefill, and transformers
+//!   skips the two Linears on every later step (accelerate's hook, which runs with the module's
+//!   forward, copies nothing).
 
 use crate::model::{Model, TensorId, TensorKind};
 
@@ -92,11 +96,32 @@ fn routed_share(model: &Model) -> Option<f64> {
     (e > 0 && k <= e).then(|| k as f64 / e as f64)
 }
 
+/// Cross-attention projections of keys and values, by the names transformers gives them.
+const CROSS_KEY_VALUE: [(&str, &[&str]); 2] = [
+    ("EncDecAttention", &["k", "v"]),
+    ("encoder_attn", &["k_proj", "v_proj"]),
+];
+
+/// Whether `name` is a tensor of a decoder's cross-attention key or value projection
+/// (`...layer.1.EncDecAttention.k.weight`, `...encoder_attn.v_proj.bias`).
+fn is_cross_key_value(name: &str) -> bool {
+    let mut parts = name.rsplit('.');
+    let (_tensor, projection, attention) = (parts.next(), parts.next(), parts.next());
+    let (Some(projection), Some(attention)) = (projection, attention) else {
+        return false;
+    };
+    CROSS_KEY_VALUE
+        .iter()
+        .any(|(module, names)| *module == attention && names.contains(&projection))
+}
+
 fn role(model: &Model, t: TensorId, share: Option<f64>, encoder_decoder: bool) -> Role {
     let tensor = model.tensor(t);
     let module = model.module(tensor.module);
     // Iterators, not a collected Vec: this runs once per tensor (170k on large MoE models).
-    if encoder_decoder && tensor.name.split('.').any(|s| s == "encoder") {
+    if encoder_decoder
+        && (tensor.name.split('.').any(|s| s == "encoder") || is_cross_key_value(&tensor.name))
+    {
         return Role::PrefillOnly;
     }
     let mut segments = tensor.name.split('.');
@@ -212,5 +237,59 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(reads_of(&m).resident[0], 40);
+    }
+
+    #[test]
+    fn cross_attention_keys_and_values_run_at_prefill_only() {
+        let m = ModelBuilder::new("t")
+            .module("decoder.block.0.layer.1.EncDecAttention.q", "Linear")
+            .param(
+                "decoder.block.0.layer.1.EncDecAttention.q.weight",
+                DType::F32,
+                &[10],
+            )
+            .module("decoder.block.0.layer.1.EncDecAttention.k", "Linear")
+            .param(
+                "decoder.block.0.layer.1.EncDecAttention.k.weight",
+                DType::F32,
+                &[10],
+            )
+            .module("decoder.layers.0.encoder_attn.v_proj", "Linear")
+            .param(
+                "decoder.layers.0.encoder_attn.v_proj.bias",
+                DType::F32,
+                &[10],
+            )
+            .module("decoder.layers.0.encoder_attn.out_proj", "Linear")
+            .param(
+                "decoder.layers.0.encoder_attn.out_proj.weight",
+                DType::F32,
+                &[10],
+            )
+            .module("decoder.layers.0.self_attn.k_proj", "Linear")
+            .param(
+                "decoder.layers.0.self_attn.k_proj.weight",
+                DType::F32,
+                &[10],
+            )
+            .config(config(r#"{"is_encoder_decoder": true}"#))
+            .build()
+            .unwrap();
+        let r = reads_of(&m);
+        let runs = |name: &str| r.runs[id(&m, name)];
+        assert_eq!(
+            runs("decoder.block.0.layer.1.EncDecAttention.k.weight"),
+            0.0
+        );
+        assert_eq!(runs("decoder.layers.0.encoder_attn.v_proj.bias"), 0.0);
+        // The query and output projections run every step; so does self-attention's key.
+        assert_eq!(
+            runs("decoder.block.0.layer.1.EncDecAttention.q.weight"),
+            1.0
+        );
+        assert_eq!(runs("decoder.layers.0.encoder_attn.out_proj.weight"), 1.0);
+        assert_eq!(runs("decoder.layers.0.self_attn.k_proj.weight"), 1.0);
+        let k = id(&m, "decoder.block.0.layer.1.EncDecAttention.k.weight");
+        assert_eq!((r.resident[k], r.copied[k]), (0, 0));
     }
 }
