@@ -80,6 +80,10 @@ pub struct ManifestTensor {
     /// `param` or `buffer` (default `param`).
     #[serde(default = "default_kind")]
     pub kind: TensorKind,
+    /// Built on load from several checkpoint tensors ([`crate::model::Tensor::converted`]);
+    /// written only when true, so a manifest dumped from a checkpoint folder keeps it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub converted: bool,
 }
 
 fn default_kind() -> TensorKind {
@@ -141,7 +145,7 @@ impl Manifest {
                 shape: t.shape,
                 kind: t.kind,
                 source: None,
-                converted: false,
+                converted: t.converted,
             });
         }
         for g in self.tied {
@@ -183,6 +187,7 @@ impl Manifest {
                     dtype: t.dtype.to_string(),
                     shape: t.shape.clone(),
                     kind: t.kind,
+                    converted: t.converted,
                 })
                 .collect(),
             tied: model

@@ -163,6 +163,19 @@ fn a_known_class_is_rebuilt_in_registration_order() {
     // The GPU it loads on keeps 2.5 x the 576-byte fused tensor fragmented (any workload).
     let w = devmap_core::memory::Workload::default();
     assert_eq!(devmap_core::memory::conversion_fragmentation(m, &w), 1440);
+    // A manifest dumped from the folder keeps the mark (and only the converted tensor has it).
+    let text = serde_json::to_string(&devmap_core::Manifest::from_model(m)).unwrap();
+    assert_eq!(text.matches("\"converted\":true").count(), 2, "{text}");
+    let origin = Path::new("dumped.json");
+    let back = devmap_core::Manifest::from_json(&text, origin)
+        .unwrap()
+        .into_model(origin)
+        .unwrap();
+    assert!(tensor(&back, "model.layers.1.moe.gate_up").converted);
+    assert_eq!(
+        devmap_core::memory::conversion_fragmentation(&back, &w),
+        1440
+    );
     // head_dim = hidden / heads (derived), inv_freq has head_dim / 2 elements.
     let inv = tensor(m, "model.rotary.inv_freq");
     assert_eq!((inv.dtype, inv.shape.clone()), (DType::F32, vec![2]));
