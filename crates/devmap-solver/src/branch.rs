@@ -90,9 +90,11 @@ struct Node<K> {
     parent: Option<Tableau>,
 }
 
-/// The nodes waiting: in push order (popped last first, for depth first) and by parent bound.
+/// The nodes waiting, each reachable in push order (popped last first, for depth first) and by
+/// parent bound; a node taken one way is left `None` for the other.
 struct Queue<K> {
     nodes: Vec<Option<Node<K>>>,
+    pushed: Vec<usize>,
     by_bound: BinaryHeap<(Reverse<OrderedBound>, usize)>,
 }
 
@@ -100,6 +102,7 @@ impl<K> Default for Queue<K> {
     fn default() -> Self {
         Queue {
             nodes: Vec::new(),
+            pushed: Vec::new(),
             by_bound: BinaryHeap::new(),
         }
     }
@@ -125,27 +128,24 @@ impl Ord for OrderedBound {
 
 impl<K> Queue<K> {
     fn push(&mut self, node: Node<K>) {
+        let i = self.nodes.len();
         self.by_bound
-            .push((Reverse(OrderedBound(node.parent_bound)), self.nodes.len()));
+            .push((Reverse(OrderedBound(node.parent_bound)), i));
+        self.pushed.push(i);
         self.nodes.push(Some(node));
     }
 
     /// The least-bound node when `best_first`, else the last pushed.
     fn pop(&mut self, best_first: bool) -> Option<Node<K>> {
-        if best_first {
-            while let Some((_, i)) = self.by_bound.pop() {
-                if let Some(node) = self.nodes[i].take() {
-                    return Some(node);
-                }
+        loop {
+            let i = if best_first {
+                self.by_bound.pop()?.1
+            } else {
+                self.pushed.pop()?
+            };
+            if let Some(node) = self.nodes[i].take() {
+                return Some(node);
             }
-            None
-        } else {
-            while let Some(slot) = self.nodes.pop() {
-                if let Some(node) = slot {
-                    return Some(node);
-                }
-            }
-            None
         }
     }
 }
