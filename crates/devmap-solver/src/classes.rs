@@ -308,7 +308,7 @@ impl<'m, 'a> Levels<'m, 'a> {
         let inst = model.inst;
         let mut p = model.program();
         model.symmetry_rows(&mut p);
-        model.block_count_rows(&mut p);
+        model.fill_rows(&mut p);
         let disk_row = inst.cpu.and(inst.disk);
         let buffers = |on: &dyn Fn(usize) -> bool| -> Vec<u64> {
             let may = |c: usize| {
@@ -426,24 +426,25 @@ impl branch::Family for Levels<'_, '_> {
 }
 
 impl ClassModel<'_> {
-    /// On each other GPU at most `⌊capacity / least block⌋` blocks of all classes together: the
-    /// memory row divided by the least block's bytes and rounded down (valid for integer counts,
-    /// and the cut that makes the relaxation see a GPU's unusable remainder when blocks are of
-    /// nearly one size).
-    fn block_count_rows(&self, p: &mut Program) {
+    /// Each other GPU's memory row at the most its blocks can fill (whole blocks of sizes that
+    /// do not add up to the capacity leave a remainder no integral point uses; without this the
+    /// relaxation filled it with fractions of blocks, 0.8% below the optimum on Llama-3.1-70B
+    /// 4x24G+cpu128). Only where the row holds nothing but blocks (no tied copy) and the counts
+    /// are few enough to enumerate.
+    fn fill_rows(&self, p: &mut Program) {
+        if !self.inst.ties.is_empty() {
+            return;
+        }
         for &g in &self.others {
-            let blocks: Vec<(usize, u64)> = (0..self.block_classes.len())
-                .filter_map(|k| Some((p.m_col[k][g]?, self.block_on(k, g)?.0)))
+            let items: Vec<(u64, u64)> = (0..self.block_classes.len())
+                .filter_map(|k| {
+                    p.m_col[k][g]?;
+                    Some((self.block_on(k, g)?.0, self.block_classes[k].blocks.len() as u64))
+                })
                 .collect();
-            let Some(least) = blocks.iter().map(|b| b.1).min().filter(|&l| l > 0) else {
-                continue;
-            };
-            let most = self.inst.caps[g] / least;
-            p.add_row(
-                blocks.iter().map(|&(v, _)| (v, 1.0)).collect(),
-                false,
-                most as f64,
-            );
+            if let Some(fill) = max_fill(&items, self.inst.caps[g]) {
+                p.lp.rows[p.mem_row[g]].rhs = (fill as f64 + 0.5) / GIB;
+            }
         }
     }
 
@@ -488,6 +489,31 @@ impl ClassModel<'_> {
         let usage = self.inst.usage(&a);
         (0..self.inst.devices.len()).all(|b| usage.total(b) <= self.inst.caps[b])
     }
+}
+
+/// The most bytes at most `cap` that whole items (`(bytes, count)`) add up to; `None` when there
+/// are too many combinations to enumerate.
+fn max_fill(items: &[(u64, u64)], cap: u64) -> Option<u64> {
+    const MAX_COMBINATIONS: u64 = 100_000;
+    let combinations = items
+        .iter()
+        .try_fold(1u64, |n, &(bytes, count)| {
+            n.checked_mul(count.min(cap / bytes.max(1)) + 1)
+        })?;
+    if combinations > MAX_COMBINATIONS {
+        return None;
+    }
+    fn best(items: &[(u64, u64)], room: u64) -> u64 {
+        let Some((&(bytes, count), rest)) = items.split_first() else {
+            return 0;
+        };
+        let most = if bytes == 0 { 0 } else { count.min(room / bytes) };
+        (0..=most)
+            .map(|n| n * bytes + best(rest, room - n * bytes))
+            .max()
+            .unwrap_or(0)
+    }
+    Some(best(items, cap))
 }
 
 /// The program as a HiGHS model (through good_lp).
