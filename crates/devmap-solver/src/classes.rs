@@ -308,7 +308,7 @@ impl<'m, 'a> Levels<'m, 'a> {
         let inst = model.inst;
         let mut p = model.program();
         model.symmetry_rows(&mut p);
-        model.fill_rows(&mut p);
+        model.pattern_rows(&mut p);
         let disk_row = inst.cpu.and(inst.disk);
         let buffers = |on: &dyn Fn(usize) -> bool| -> Vec<u64> {
             let may = |c: usize| {
@@ -358,7 +358,7 @@ impl<'m, 'a> Levels<'m, 'a> {
 fn split_range(levels: &[u64], (lo, hi): (usize, usize), need: u64) -> Option<[(usize, usize); 2]> {
     (need > levels[lo]).then(|| {
         let at = levels.partition_point(|&l| l < need);
-        [(at, hi), (lo, at - 1)]
+        [(lo, at - 1), (at, hi)]
     })
 }
 
@@ -426,25 +426,40 @@ impl branch::Family for Levels<'_, '_> {
 }
 
 impl ClassModel<'_> {
-    /// Each other GPU's memory row at the most its blocks can fill (whole blocks of sizes that
-    /// do not add up to the capacity leave a remainder no integral point uses; without this the
-    /// relaxation filled it with fractions of blocks, 0.8% below the optimum on Llama-3.1-70B
-    /// 4x24G+cpu128). Only where the row holds nothing but blocks (no tied copy) and the counts
-    /// are few enough to enumerate.
-    fn fill_rows(&self, p: &mut Program) {
+    /// Each other GPU's blocks within the hull of what fits it whole: `m[k][g] ≤ Σ_p count_pk λ_p`,
+    /// `Σ_p λ_p ≤ 1` over the maximal patterns `p` (block counts to which no block can be added).
+    /// Every integral point is under a pattern, so the optimum stays; without it the relaxation
+    /// filled a GPU's remainder with fractions of blocks (2% below the optimum on Llama-3.1-70B
+    /// 4x24G+cpu128: an embedding spread in thirds over three GPUs). Only where the row holds
+    /// nothing but blocks (no tied copy) and the patterns are few.
+    fn pattern_rows(&self, p: &mut Program) {
         if !self.inst.ties.is_empty() {
             return;
         }
         for &g in &self.others {
-            let items: Vec<(u64, u64)> = (0..self.block_classes.len())
+            let items: Vec<(usize, u64, u64)> = (0..self.block_classes.len())
                 .filter_map(|k| {
-                    p.m_col[k][g]?;
-                    Some((self.block_on(k, g)?.0, self.block_classes[k].blocks.len() as u64))
+                    let col = p.m_col[k][g]?;
+                    Some((
+                        col,
+                        self.block_on(k, g)?.0,
+                        self.block_classes[k].blocks.len() as u64,
+                    ))
                 })
                 .collect();
-            if let Some(fill) = max_fill(&items, self.inst.caps[g]) {
-                p.lp.rows[p.mem_row[g]].rhs = (fill as f64 + 0.5) / GIB;
+            let sizes: Vec<(u64, u64)> = items.iter().map(|&(_, b, n)| (b, n)).collect();
+            let Some(patterns) = maximal_patterns(&sizes, self.inst.caps[g]) else {
+                continue;
+            };
+            let lambdas: Vec<usize> = (patterns.iter())
+                .map(|_| p.add_col((0.0, 1.0), 0.0, false))
+                .collect();
+            for (i, &(col, _, _)) in items.iter().enumerate() {
+                let mut row = vec![(col, 1.0)];
+                row.extend((lambdas.iter().zip(&patterns)).map(|(&l, pat)| (l, -(pat[i] as f64))));
+                p.add_row(row, false, 0.0);
             }
+            p.add_row(lambdas.iter().map(|&l| (l, 1.0)).collect(), false, 1.0);
         }
     }
 
@@ -491,29 +506,44 @@ impl ClassModel<'_> {
     }
 }
 
-/// The most bytes at most `cap` that whole items (`(bytes, count)`) add up to; `None` when there
-/// are too many combinations to enumerate.
-fn max_fill(items: &[(u64, u64)], cap: u64) -> Option<u64> {
-    const MAX_COMBINATIONS: u64 = 100_000;
-    let combinations = items
-        .iter()
-        .try_fold(1u64, |n, &(bytes, count)| {
-            n.checked_mul(count.min(cap / bytes.max(1)) + 1)
-        })?;
-    if combinations > MAX_COMBINATIONS {
-        return None;
-    }
-    fn best(items: &[(u64, u64)], room: u64) -> u64 {
-        let Some((&(bytes, count), rest)) = items.split_first() else {
-            return 0;
+/// The maximal ways to fill `cap` with whole items (`(bytes, count)`): counts per item to which
+/// no item can be added; `None` when there are more than `MAX_PATTERNS`.
+fn maximal_patterns(items: &[(u64, u64)], cap: u64) -> Option<Vec<Vec<u64>>> {
+    const MAX_PATTERNS: usize = 32;
+    fn walk(
+        items: &[(u64, u64)],
+        cap: u64,
+        at: &mut Vec<u64>,
+        used: u64,
+        out: &mut Vec<Vec<u64>>,
+    ) -> bool {
+        let i = at.len();
+        if i == items.len() {
+            let room = cap - used;
+            let maximal = (items.iter().zip(at.iter())).all(|(&(b, n), &k)| k == n || b > room);
+            if maximal {
+                out.push(at.clone());
+            }
+            return out.len() <= MAX_PATTERNS;
+        }
+        let (bytes, count) = items[i];
+        let most = if bytes == 0 {
+            count
+        } else {
+            count.min((cap - used) / bytes)
         };
-        let most = if bytes == 0 { 0 } else { count.min(room / bytes) };
-        (0..=most)
-            .map(|n| n * bytes + best(rest, room - n * bytes))
-            .max()
-            .unwrap_or(0)
+        for k in (0..=most).rev() {
+            at.push(k);
+            let fine = walk(items, cap, at, used + k * bytes, out);
+            at.pop();
+            if !fine {
+                return false;
+            }
+        }
+        true
     }
-    Some(best(items, cap))
+    let mut out = Vec::new();
+    walk(items, cap, &mut Vec::new(), 0, &mut out).then_some(out)
 }
 
 /// The program as a HiGHS model (through good_lp).

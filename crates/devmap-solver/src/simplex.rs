@@ -46,8 +46,13 @@ pub enum LpOutcome {
     Unknown,
 }
 
-/// Reduced costs, pivots and bound violations below this are zero.
+/// Reduced costs below this are zero.
 const TOL: f64 = 1e-9;
+/// Pivots below this are zero (smaller ones blow the tableau up: a 512-byte unit is 5·10⁻⁷ GiB).
+const PIVOT_TOL: f64 = 1e-7;
+/// Bound violations below this are zero (the bounds hold whatever the point; an integral point is
+/// checked to the byte).
+const FEASIBILITY_TOL: f64 = 1e-7;
 /// A Farkas value above this proves infeasibility.
 const FARKAS_TOL: f64 = 1e-7;
 /// Consecutive degenerate pivots before Bland's rule (which cannot cycle) takes over.
@@ -256,9 +261,9 @@ impl Tableau {
         for i in 0..self.m {
             let alpha = dir * self.t[i * self.width + q];
             let b = self.basis[i];
-            let room = if alpha > TOL {
+            let room = if alpha > PIVOT_TOL {
                 (self.beta[i] - self.lo[b]).max(0.0) / alpha
-            } else if alpha < -TOL && self.hi[b].is_finite() {
+            } else if alpha < -PIVOT_TOL && self.hi[b].is_finite() {
                 (self.hi[b] - self.beta[i]).max(0.0) / -alpha
             } else {
                 continue;
@@ -315,7 +320,7 @@ impl Tableau {
             } else {
                 (above, false)
             };
-            if v > TOL && worst.is_none_or(|w| v > w.2) {
+            if v > FEASIBILITY_TOL && worst.is_none_or(|w| v > w.2) {
                 worst = Some((i, is_below, v));
             }
         }
@@ -334,7 +339,11 @@ impl Tableau {
             }
             // Raising x_j changes the basic column by −row[j].
             let a = if below { -row[j] } else { row[j] };
-            let moves = if self.at_upper[j] { a < -TOL } else { a > TOL };
+            let moves = if self.at_upper[j] {
+                a < -PIVOT_TOL
+            } else {
+                a > PIVOT_TOL
+            };
             if !moves {
                 continue;
             }
