@@ -198,7 +198,7 @@ struct State<'a, F> {
 impl<F: Family> State<'_, F> {
     /// The relaxation of `node`, re-solved from its parent's tableau where it has one (and from
     /// scratch if that fails).
-    fn relax(&mut self, node: &Node<F::Key>) -> Relaxed {
+    fn relax(&mut self, node: &mut Node<F::Key>) -> Relaxed {
         self.nodes += 1;
         let v = self.family.variant(&node.key);
         let mut lo: Vec<f64> = v.lo.iter().zip(&node.lo).map(|(a, b)| a.max(*b)).collect();
@@ -207,7 +207,7 @@ impl<F: Family> State<'_, F> {
         if !propagate(lp, self.family.integer(), &mut lo, &mut hi, &v.rhs) {
             return Relaxed::Infeasible;
         }
-        if let Some(mut t) = node.parent.clone() {
+        if let Some(mut t) = node.parent.take() {
             match t.resolve(lp, &lo, &hi, &v.rhs) {
                 LpOutcome::Optimal { x, bound } => return Relaxed::Solved(x, bound, t),
                 LpOutcome::Infeasible => return Relaxed::Infeasible,
@@ -245,14 +245,14 @@ impl<F: Family> State<'_, F> {
     fn run(&mut self, root: Node<F::Key>) -> Result<(), &'static str> {
         let mut queue = Queue::default();
         let mut next = Some(root);
-        while let Some(node) = next.take().or_else(|| queue.pop(self.best.is_some())) {
+        while let Some(mut node) = next.take().or_else(|| queue.pop(self.best.is_some())) {
             if self.prunes(node.parent_bound) {
                 continue;
             }
             if self.nodes >= self.limits.max_nodes || Instant::now() > self.limits.deadline {
                 return Err("the node or time limit");
             }
-            let (x, bound, t) = match self.relax(&node) {
+            let (x, bound, t) = match self.relax(&mut node) {
                 Relaxed::Solved(x, b, t) => (x, b, t),
                 Relaxed::Infeasible => continue,
                 Relaxed::Unknown => return Err("a relaxation was not solved"),
