@@ -87,7 +87,7 @@ struct Node<K> {
     lo: Vec<f64>,
     hi: Vec<f64>,
     parent_bound: f64,
-    parent: Option<Tableau>,
+    parent: Option<Box<Tableau>>,
 }
 
 /// The nodes waiting, each reachable in push order (popped last first, for depth first) and by
@@ -181,7 +181,7 @@ pub fn search<F: Family>(family: &F, limits: Limits) -> Search {
 
 /// A relaxation's outcome.
 enum Relaxed {
-    Solved(Vec<f64>, f64, Tableau),
+    Solved(Vec<f64>, f64, Box<Tableau>),
     Infeasible,
     Unknown,
 }
@@ -215,7 +215,7 @@ impl<F: Family> State<'_, F> {
             }
         }
         match simplex::solve(lp, &lo, &hi, &v.rhs) {
-            (LpOutcome::Optimal { x, bound }, Some(t)) => Relaxed::Solved(x, bound, t),
+            (LpOutcome::Optimal { x, bound }, Some(t)) => Relaxed::Solved(x, bound, Box::new(t)),
             (LpOutcome::Infeasible, _) => Relaxed::Infeasible,
             _ => Relaxed::Unknown,
         }
@@ -320,7 +320,7 @@ fn split_column<K: Clone>(
     j: usize,
     at: f64,
     bound: f64,
-    t: Tableau,
+    t: Box<Tableau>,
 ) -> [Node<K>; 2] {
     let mut down = Node {
         key: node.key.clone(),

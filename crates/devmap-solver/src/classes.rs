@@ -527,11 +527,9 @@ fn maximal_patterns(items: &[(u64, u64)], cap: u64) -> Option<Vec<Vec<u64>>> {
             return out.len() <= MAX_PATTERNS;
         }
         let (bytes, count) = items[i];
-        let most = if bytes == 0 {
-            count
-        } else {
-            count.min((cap - used) / bytes)
-        };
+        let most = (cap - used)
+            .checked_div(bytes)
+            .map_or(count, |n| n.min(count));
         for k in (0..=most).rev() {
             at.push(k);
             let fine = walk(items, cap, at, used + k * bytes, out);
