@@ -6,19 +6,22 @@
 //! buffer and pins. When the data flow costs nothing to choose (every device of the world executes
 //! on one GPU: one GPU with cpu and disk), or is only a lower-order term (several GPUs), the
 //! placement problem only asks *how many* units of each class go where. That model has a few dozen
-//! integer columns and HiGHS solves it exactly in milliseconds, where the unit model (one binary
-//! per unit and device) ran for seconds (docs/strategies.md, "Split blocks").
+//! integer columns, where the unit model (one binary per unit and device) ran for seconds
+//! (docs/strategies.md, "Split blocks"). It is solved by its buffer levels (`solve_by_levels`: an
+//! own branch and bound, `branch.rs`, over relaxations without binaries, `simplex.rs`) in about a
+//! millisecond, and by HiGHS where that search cannot settle it.
 //!
 //! Columns: `n[c][b]`, the units of class `c` on the main GPU, cpu and disk (any mix: the block
 //! rule lets a split block lie across them); `m[k][g]`, the blocks of block class `k` (same unit
 //! classes in the same order) whole on each other GPU `g`. Rows: every unit placed; memory per
 //! device exactly as [`Instance::usage`] charges it (a streamed unit's KV cache on the main GPU,
-//! the largest streaming buffer of a streamed class through a binary per class, the largest disk
-//! buffer on the cpu, tied storages on the devices holding a member but not the owner: tied units
-//! are classes of their own). Objective: the units' seconds.
+//! the largest streaming buffer of a streamed class and the largest disk buffer on the cpu, through
+//! a binary per class for HiGHS and as constants per buffer level for the level search, tied
+//! storages on the devices holding a member but not the owner: tied units are classes of their
+//! own). Objective: the units' seconds.
 //!
 //! It is a relaxation of the world: transfers (never negative) are left out, and so is the
-//! main-GPU rule; so HiGHS' dual bound is a lower bound of every plan of the world. Its optimum
+//! main-GPU rule; so its optimum (and any bound of it) is a lower bound of every plan of the world. Its optimum
 //! laid out along the chain (`ClassModel::lay_out`) is a plan whose cost is the model's
 //! objective plus its transfers: with one execution device, none, so it is the world's optimum.
 
