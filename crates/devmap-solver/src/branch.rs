@@ -13,6 +13,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::rc::Rc;
 use std::time::Instant;
 
 use crate::simplex::{self, Lp, LpOutcome, Tableau};
@@ -84,6 +85,8 @@ const INTEGRAL: f64 = 1e-6;
 /// relaxation's tableau (to re-solve from).
 struct Node<K> {
     key: K,
+    /// The key's relaxation (shared by the nodes that only split columns).
+    variant: Rc<Variant>,
     lo: Vec<f64>,
     hi: Vec<f64>,
     parent_bound: f64,
@@ -161,8 +164,10 @@ pub fn search<F: Family>(family: &F, limits: Limits) -> Search {
         pruned: f64::INFINITY,
         nodes: 0,
     };
+    let key = family.root();
     let root = Node {
-        key: family.root(),
+        variant: Rc::new(family.variant(&key)),
+        key,
         lo: vec![f64::NEG_INFINITY; n],
         hi: vec![f64::INFINITY; n],
         parent_bound: f64::NEG_INFINITY,
@@ -200,7 +205,7 @@ impl<F: Family> State<'_, F> {
     /// scratch if that fails).
     fn relax(&mut self, node: &mut Node<F::Key>) -> Relaxed {
         self.nodes += 1;
-        let v = self.family.variant(&node.key);
+        let v = Rc::clone(&node.variant);
         let mut lo: Vec<f64> = v.lo.iter().zip(&node.lo).map(|(a, b)| a.max(*b)).collect();
         let mut hi: Vec<f64> = v.hi.iter().zip(&node.hi).map(|(a, b)| a.min(*b)).collect();
         let lp = self.family.lp();
@@ -260,14 +265,17 @@ impl<F: Family> State<'_, F> {
             if self.prunes(bound) {
                 continue;
             }
-            let children = if let Some(keys) = self.family.split(&node.key, &x) {
-                keys.map(|key| Node {
+            let children = if let Some([a, b]) = self.family.split(&node.key, &x) {
+                let child = |key: F::Key, t: Box<Tableau>| Node {
+                    variant: Rc::new(self.family.variant(&key)),
                     key,
                     lo: node.lo.clone(),
                     hi: node.hi.clone(),
                     parent_bound: bound,
-                    parent: Some(t.clone()),
-                })
+                    parent: Some(t),
+                };
+                let copy = t.clone();
+                [child(a, t), child(b, copy)]
             } else if let Some(j) = self.fractional(&x) {
                 split_column(node, j, x[j], bound, t)
             } else {
@@ -324,6 +332,7 @@ fn split_column<K: Clone>(
 ) -> [Node<K>; 2] {
     let mut down = Node {
         key: node.key.clone(),
+        variant: Rc::clone(&node.variant),
         lo: node.lo.clone(),
         hi: node.hi.clone(),
         parent_bound: bound,
@@ -332,6 +341,7 @@ fn split_column<K: Clone>(
     down.hi[j] = at.floor();
     let mut up = Node {
         key: node.key,
+        variant: node.variant,
         lo: node.lo,
         hi: node.hi,
         parent_bound: bound,

@@ -78,8 +78,9 @@ pub fn applies(inst: &Instance) -> bool {
 /// `None` when the model is infeasible or HiGHS gives no usable answer (an error, or a status
 /// without a bound).
 pub fn solve(inst: &Instance, time_limit: Duration, rel_gap: f64) -> Option<ClassSolve> {
-    let model = ClassModel::new(inst);
     let started = Instant::now();
+    let model = ClassModel::new(inst);
+    trace(|| format!("class model built in {:?}", started.elapsed()));
     match model.solve_by_levels(rel_gap, started + time_limit) {
         Ok(solved) => solved,
         Err(Unsettled(why)) => {
@@ -254,7 +255,9 @@ impl ClassModel<'_> {
         rel_gap: f64,
         deadline: Instant,
     ) -> Result<Option<ClassSolve>, Unsettled> {
+        let t0 = Instant::now();
         let levels = Levels::new(self);
+        trace(|| format!("class model levels built in {:?}", t0.elapsed()));
         let limits = Limits {
             rel_gap,
             exact_nodes: EXACT_LEVEL_NODES,

@@ -174,16 +174,16 @@ impl Tableau {
     /// `β = B⁻¹ rhs − Σ_{j nonbasic} (B⁻¹A)_j x_j`.
     fn recompute_beta(&mut self, rhs: &[f64]) {
         let (w, n) = (self.width, self.n);
+        let off_zero: Vec<(usize, f64)> = (0..w)
+            .filter(|&j| !self.basic[j])
+            .map(|j| (j, self.nonbasic_value(j)))
+            .filter(|&(_, x)| x != 0.0)
+            .collect();
         for i in 0..self.m {
             let row = &self.t[i * w..(i + 1) * w];
-            let mut v: f64 = row[n..].iter().zip(rhs).map(|(b, r)| b * r).sum();
-            for j in (0..w).filter(|&j| !self.basic[j]) {
-                let x = self.nonbasic_value(j);
-                if x != 0.0 {
-                    v -= row[j] * x;
-                }
-            }
-            self.beta[i] = v;
+            let from_rhs: f64 = row[n..].iter().zip(rhs).map(|(b, r)| b * r).sum();
+            let from_bounds: f64 = off_zero.iter().map(|&(j, x)| row[j] * x).sum();
+            self.beta[i] = from_rhs - from_bounds;
         }
     }
 
@@ -369,20 +369,21 @@ impl Tableau {
         self.basis[r] = q;
         self.beta[r] = value;
         let p = self.t[r * w + q];
-        for v in &mut self.t[r * w..(r + 1) * w] {
+        let (before, rest) = self.t.split_at_mut(r * w);
+        let (pivot_row, after) = rest.split_at_mut(w);
+        for v in pivot_row.iter_mut() {
             *v /= p;
         }
-        let pivot_row: Vec<f64> = self.t[r * w..(r + 1) * w].to_vec();
-        for i in (0..self.m).filter(|&i| i != r) {
-            let f = self.t[i * w + q];
+        for row in before.chunks_exact_mut(w).chain(after.chunks_exact_mut(w)) {
+            let f = row[q];
             if f != 0.0 {
-                for (v, p) in self.t[i * w..(i + 1) * w].iter_mut().zip(&pivot_row) {
+                for (v, p) in row.iter_mut().zip(pivot_row.iter()) {
                     *v -= f * p;
                 }
             }
         }
         let f = self.d[q];
-        for (d, p) in self.d.iter_mut().zip(&pivot_row) {
+        for (d, p) in self.d.iter_mut().zip(pivot_row.iter()) {
             *d -= f * p;
         }
     }
