@@ -10,6 +10,7 @@
 
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use std::fmt;
@@ -542,8 +543,11 @@ impl Auto {
             },
             (None, None) => return Ok(WorldOutcome::without_plan(bound, timed_out)),
         };
+        let t0 = Instant::now();
+        let finished = self.finish(inst, chosen, deadline);
+        trace_phase("finish", t0);
         Ok(WorldOutcome {
-            solve: Some(self.finish(inst, chosen, deadline)),
+            solve: Some(finished),
             bound,
             timed_out,
         })
@@ -756,6 +760,7 @@ pub fn repair_offload(inst: &Instance, mut a: Vec<usize>, deadline: Instant) -> 
             .filter(|&i| !inst.devices[a[i]].is_gpu())
             .collect();
         streamed.sort_by_key(|&i| std::cmp::Reverse(inst.mem[i]));
+        let mut room = move_room(inst, &a);
         for i in streamed {
             if Instant::now() > deadline {
                 return a;
@@ -768,6 +773,11 @@ pub fn repair_offload(inst: &Instance, mut a: Vec<usize>, deadline: Instant) -> 
                 // Onto another GPU than the main one a split block moves whole (the block rule).
                 let moving = inst.moving_with(i, g);
                 if moving.clone().any(|j| !inst.allowed[j][g]) {
+                    continue;
+                }
+                // Surely too big for g: skip the exact check (the whole usage, O(units)).
+                let adds: u64 = moving.clone().map(|j| inst.weights_on(j, g)).sum();
+                if adds > room.free[g] + room.buffer_freed(inst, &a, moving.clone(), g) {
                     continue;
                 }
                 let from: Vec<usize> = a[moving.clone()].to_vec();
@@ -783,10 +793,54 @@ pub fn repair_offload(inst: &Instance, mut a: Vec<usize>, deadline: Instant) -> 
             if let Some((_, g)) = best.filter(|(c, _)| *c <= limit) {
                 a[inst.moving_with(i, g)].fill(g);
                 moved = true;
+                room = move_room(inst, &a);
             }
         }
         if !moved {
             return a;
+        }
+    }
+}
+
+/// What a move onto a device can use: per device its free bytes plus every tied copy (a move can
+/// free those), and the main GPU's streaming buffer with the streamed units that hold it (a move
+/// of all of them frees it).
+struct MoveRoom {
+    free: Vec<u64>,
+    buffer: u64,
+    holders: usize,
+}
+
+/// The room of assignment `a` ([`MoveRoom`]).
+fn move_room(inst: &Instance, a: &[usize]) -> MoveRoom {
+    let usage = inst.usage(a);
+    let ties: u64 = inst.ties.iter().map(|t| t.storage).sum();
+    let free = (0..inst.devices.len())
+        .map(|b| inst.caps[b].saturating_sub(usage.total(b)) + ties)
+        .collect();
+    let streamed = || (0..inst.n()).filter(|&j| inst.is_streamed(a[j]));
+    let buffer = streamed().map(|j| inst.stream_buffer(j)).max().unwrap_or(0);
+    let holders = streamed()
+        .filter(|&j| inst.stream_buffer(j) == buffer)
+        .count();
+    MoveRoom {
+        free,
+        buffer,
+        holders,
+    }
+}
+
+impl MoveRoom {
+    /// The buffer bytes moving `moving` onto `g` can free there: all of the main GPU's buffer
+    /// when the move takes every unit that holds it, else none.
+    fn buffer_freed(&self, inst: &Instance, a: &[usize], moving: Range<usize>, g: usize) -> u64 {
+        let takes = (moving.filter(|&j| inst.is_streamed(a[j])))
+            .filter(|&j| inst.stream_buffer(j) == self.buffer)
+            .count();
+        if Some(g) == inst.main && takes == self.holders {
+            self.buffer
+        } else {
+            0
         }
     }
 }

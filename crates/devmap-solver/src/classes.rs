@@ -6,34 +6,39 @@
 //! buffer and pins. When the data flow costs nothing to choose (every device of the world executes
 //! on one GPU: one GPU with cpu and disk), or is only a lower-order term (several GPUs), the
 //! placement problem only asks *how many* units of each class go where. That model has a few dozen
-//! integer columns and HiGHS solves it exactly in milliseconds, where the unit model (one binary
-//! per unit and device) ran for seconds (docs/strategies.md, "Split blocks").
+//! integer columns, where the unit model (one binary per unit and device) ran for seconds
+//! (docs/strategies.md, "Split blocks"). It is solved by its buffer levels (`solve_by_levels`: an
+//! own branch and bound, `branch.rs`, over relaxations without binaries, `simplex.rs`) in about a
+//! millisecond, and by HiGHS where that search cannot settle it.
 //!
 //! Columns: `n[c][b]`, the units of class `c` on the main GPU, cpu and disk (any mix: the block
 //! rule lets a split block lie across them); `m[k][g]`, the blocks of block class `k` (same unit
 //! classes in the same order) whole on each other GPU `g`. Rows: every unit placed; memory per
 //! device exactly as [`Instance::usage`] charges it (a streamed unit's KV cache on the main GPU,
-//! the largest streaming buffer of a streamed class through a binary per class, the largest disk
-//! buffer on the cpu, tied storages on the devices holding a member but not the owner: tied units
-//! are classes of their own). Objective: the units' seconds.
+//! the largest streaming buffer of a streamed class and the largest disk buffer on the cpu, through
+//! a binary per class for HiGHS and as constants per buffer level for the level search, tied
+//! storages on the devices holding a member but not the owner: tied units are classes of their
+//! own). Objective: the units' seconds.
 //!
 //! It is a relaxation of the world: transfers (never negative) are left out, and so is the
-//! main-GPU rule; so HiGHS' dual bound is a lower bound of every plan of the world. Its optimum
+//! main-GPU rule; so its optimum (and any bound of it) is a lower bound of every plan of the world. Its optimum
 //! laid out along the chain (`ClassModel::lay_out`) is a plan whose cost is the model's
 //! objective plus its transfers: with one execution device, none, so it is the world's optimum.
 
 // Index loops mirror the model's subscripts (n[c][b], m[k][g]).
 #![allow(clippy::needless_range_loop)]
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use devmap_core::cost::Objective;
 use good_lp::solvers::highs::highs;
 use good_lp::{constraint, variable, Expression, ProblemVariables, SolverModel, Variable};
 
+use crate::branch::{self, Limits, Search, Variant};
 use crate::instance::Instance;
 use crate::mip::DUAL_BOUND_SLACK;
+use crate::simplex::{Lp, Row};
 
 /// Seconds → microseconds (the objective's unit, as in the unit MIP).
 const SCALE: f64 = 1e6;
@@ -42,6 +47,12 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// At most this many branch-and-bound nodes: a deterministic work limit (the fixture cases need
 /// under a few hundred).
 const MAX_NODES: i32 = 20_000;
+/// At most this many relaxations in the level search before HiGHS takes over (the fixture cases
+/// it settles need under 400; one that needs more is faster left to HiGHS' cuts).
+const MAX_LEVEL_NODES: usize = 500;
+/// The level search looks for the optimum itself (a zero gap) for this many relaxations, then
+/// settles for the requested gap.
+const EXACT_LEVEL_NODES: usize = 100;
 
 /// What the class model gave: a lower bound of the world and, when it lays out, a plan.
 #[derive(Debug, Clone)]
@@ -62,12 +73,41 @@ pub fn applies(inst: &Instance) -> bool {
         && (inst.blocks.iter().map(|r| r.len()).sum::<usize>() == inst.n())
 }
 
-/// Solve `inst`'s class model to relative gap `rel_gap` within `time_limit` (and
-/// `MAX_NODES`, 20,000); `None` when HiGHS gives no usable answer (an error, or a status without a
-/// bound).
+/// Solve `inst`'s class model to relative gap `rel_gap` within `time_limit`: by its buffer levels
+/// (`solve_by_levels`) and, where that cannot settle it, by HiGHS (within `MAX_NODES`, 20,000);
+/// `None` when the model is infeasible or HiGHS gives no usable answer (an error, or a status
+/// without a bound).
 pub fn solve(inst: &Instance, time_limit: Duration, rel_gap: f64) -> Option<ClassSolve> {
+    let started = Instant::now();
     let model = ClassModel::new(inst);
-    model.solve(time_limit, rel_gap)
+    trace(|| format!("class model built in {:?}", started.elapsed()));
+    match model.solve_by_levels(rel_gap, started + time_limit) {
+        Ok(solved) => solved,
+        Err(Unsettled(why)) => {
+            trace(|| format!("class model levels unsettled ({why}): HiGHS"));
+            model.solve_highs(time_limit.saturating_sub(started.elapsed()), rel_gap)
+        }
+    }
+}
+
+/// Why the level search left a class model to HiGHS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsettled(pub &'static str);
+
+/// [`solve`] by the level search alone: `Ok(None)` when the model is infeasible, `Err` where the
+/// search could not settle it (what `solve` leaves to HiGHS).
+pub fn solve_by_levels(
+    inst: &Instance,
+    time_limit: Duration,
+    rel_gap: f64,
+) -> Result<Option<ClassSolve>, Unsettled> {
+    ClassModel::new(inst).solve_by_levels(rel_gap, Instant::now() + time_limit)
+}
+
+/// [`solve`] by HiGHS alone (the model with a binary per streamed class): what the level search
+/// falls back to, and what tests compare it with.
+pub fn solve_with_highs(inst: &Instance, time_limit: Duration, rel_gap: f64) -> Option<ClassSolve> {
+    ClassModel::new(inst).solve_highs(time_limit, rel_gap)
 }
 
 /// One class of interchangeable units.
@@ -159,51 +199,380 @@ impl<'a> ClassModel<'a> {
         })
     }
 
-    fn solve(&self, time_limit: Duration, rel_gap: f64) -> Option<ClassSolve> {
+    fn solve_highs(&self, time_limit: Duration, rel_gap: f64) -> Option<ClassSolve> {
         // HiGHS' static initialisers may be deferred to the first solve (highs_init.rs).
         let deferred = crate::highs_init::ensure_highs_initialised();
         trace(|| format!("highs static initialisers deferred to the first solve: {deferred}"));
-        let built = self.build();
-        let (n_col, m_col) = (built.n_col.clone(), built.m_col.clone());
-        let cols = built.cols;
-        let mut problem = built.vars.minimise(built.objective).using(highs);
-        for c in built.constraints {
-            problem = problem.with(c);
-        }
-        let mut model = problem.try_into_inner().ok()?;
+        let mut p = self.program();
+        self.buffer_binaries(&mut p);
+        let mut model = to_highs(&p)?;
         set_options(&mut model, time_limit, rel_gap);
         let solved = model.try_solve().ok()?;
         let status = format!("{:?}", solved.status());
         let dual = solved.double_info_value(c"mip_dual_bound").ok()?;
         trace(|| {
             format!(
-                "highs {status} (class model: {} unit classes, {} block classes, {cols} columns): \
+                "highs {status} (class model: {} unit classes, {} block classes, {} columns): \
                  dual bound {dual}",
                 self.classes.len(),
-                self.block_classes.len()
+                self.block_classes.len(),
+                p.lo.len()
             )
         });
         if !dual.is_finite() {
             return None;
         }
-        let plan = matches!(
+        let feasible = matches!(
             solved.primal_solution_status(),
             highs::HighsSolutionStatus::Feasible
-        )
-        .then(|| self.read(&n_col, &m_col, solved.get_solution().columns()))
-        .and_then(|(n, m)| self.lay_out(&n, &m))
-        // Rounding may overflow a row by HiGHS' tolerance, and the main-GPU rule is not modelled.
-        .filter(|a| self.inst.feasible(a))
-        .map(|a| {
-            let cost = self.inst.evaluate(&a);
-            (a, cost)
-        });
+        );
+        let values = feasible.then(|| solved.get_solution().columns().to_vec());
         Some(ClassSolve {
             bound: dual / SCALE * (1.0 - DUAL_BOUND_SLACK),
-            plan,
+            plan: values.and_then(|x| self.plan_of(&p, &x)),
             status,
         })
     }
+
+    /// The plan of the model's point `x`: laid out, checked (rounding may overflow a row by a
+    /// solver's tolerance, and the main-GPU rule is not modelled) and priced.
+    fn plan_of(&self, p: &Program, x: &[f64]) -> Option<(Vec<usize>, f64)> {
+        let (n, m) = self.read(&p.n_col, &p.m_col, x);
+        let a = self.lay_out(&n, &m).filter(|a| self.inst.feasible(a))?;
+        let cost = self.inst.evaluate(&a);
+        Some((a, cost))
+    }
+}
+
+impl ClassModel<'_> {
+    /// The model solved over its buffer levels (docs/strategies.md, "The class model"): a node of
+    /// the search fixes a range of levels for the main GPU's streaming buffer and the cpu's disk
+    /// buffer, charges the least of each and lets a class stream (lie on disk) only where its
+    /// buffer is within the range; with no binary left the relaxation is tight. `Err` when the
+    /// search cannot settle it (then HiGHS solves it).
+    fn solve_by_levels(
+        &self,
+        rel_gap: f64,
+        deadline: Instant,
+    ) -> Result<Option<ClassSolve>, Unsettled> {
+        let t0 = Instant::now();
+        let levels = Levels::new(self);
+        trace(|| format!("class model levels built in {:?}", t0.elapsed()));
+        let limits = Limits {
+            rel_gap,
+            exact_nodes: EXACT_LEVEL_NODES,
+            max_nodes: MAX_LEVEL_NODES,
+            deadline,
+        };
+        let (best, bound, nodes) = match branch::search(&levels, limits) {
+            Search::Settled { best, bound, nodes } => (best, bound, nodes),
+            Search::Unsettled(why) => return Err(Unsettled(why)),
+        };
+        trace(|| {
+            format!(
+                "class model by levels ({} unit classes, {} block classes, {} columns, {}×{} \
+                 levels, {nodes} relaxations): best {:?}, bound {bound}",
+                self.classes.len(),
+                self.block_classes.len(),
+                levels.p.lo.len(),
+                levels.stream.len(),
+                levels.disk.len(),
+                best.as_ref().map(|b| b.0)
+            )
+        });
+        let Some((_, x)) = best else {
+            return Ok(None);
+        };
+        Ok(Some(ClassSolve {
+            bound: bound / SCALE * (1.0 - DUAL_BOUND_SLACK),
+            plan: self.plan_of(&levels.p, &x),
+            status: "Optimal (by levels)".to_string(),
+        }))
+    }
+}
+
+/// The class model's buffer levels, as [`branch::Family`] keys: a key is an inclusive range of
+/// indices into `stream` (the main GPU's streaming buffer) and one into `disk` (the cpu's disk
+/// buffer).
+struct Levels<'m, 'a> {
+    model: &'m ClassModel<'a>,
+    /// The program without buffers.
+    p: Program,
+    /// 0 and the buffer of each class that may stream, ascending.
+    stream: Vec<u64>,
+    /// 0 and the buffer of each class that may lie on disk where the cpu holds that buffer.
+    disk: Vec<u64>,
+    /// The disk's row when the cpu holds a disk buffer (there are both).
+    disk_row: Option<usize>,
+}
+
+/// Ranges of buffer levels: `(stream_lo, stream_hi, disk_lo, disk_hi)`, indices, inclusive.
+type LevelRange = (usize, usize, usize, usize);
+
+impl<'m, 'a> Levels<'m, 'a> {
+    fn new(model: &'m ClassModel<'a>) -> Levels<'m, 'a> {
+        let inst = model.inst;
+        let mut p = model.program();
+        model.symmetry_rows(&mut p);
+        model.pattern_rows(&mut p);
+        let disk_row = inst.cpu.and(inst.disk);
+        let buffers = |on: &dyn Fn(usize) -> bool| -> Vec<u64> {
+            let may = |c: usize| {
+                model
+                    .domain
+                    .iter()
+                    .any(|&b| on(b) && p.n_col[c][b].is_some())
+            };
+            let set: BTreeSet<u64> = (0..model.classes.len())
+                .filter(|&c| may(c))
+                .map(|c| inst.stream_buffer(model.rep(c)))
+                .chain([0])
+                .collect();
+            set.into_iter().collect()
+        };
+        let stream = buffers(&|b| inst.is_streamed(b));
+        let disk = buffers(&|b| Some(b) == disk_row);
+        Levels {
+            model,
+            p,
+            stream,
+            disk,
+            disk_row,
+        }
+    }
+
+    /// The largest buffer of a class with a share of `x` on the rows `on` (0 when none).
+    fn needed(&self, x: &[f64], on: impl Fn(usize) -> bool) -> u64 {
+        let m = self.model;
+        (0..m.classes.len())
+            .filter(|&c| {
+                let cols = m
+                    .domain
+                    .iter()
+                    .filter(|&&b| on(b))
+                    .filter_map(|&b| self.p.n_col[c][b]);
+                cols.map(|v| x[v]).sum::<f64>() > 1e-9
+            })
+            .map(|c| m.inst.stream_buffer(m.rep(c)))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// `levels[lo..=hi]` split where `need` (one of them) begins, when it is above the least: the
+/// range from `need` first.
+fn split_range(levels: &[u64], (lo, hi): (usize, usize), need: u64) -> Option<[(usize, usize); 2]> {
+    (need > levels[lo]).then(|| {
+        let at = levels.partition_point(|&l| l < need);
+        [(lo, at - 1), (at, hi)]
+    })
+}
+
+impl branch::Family for Levels<'_, '_> {
+    type Key = LevelRange;
+
+    fn lp(&self) -> &Lp {
+        &self.p.lp
+    }
+
+    fn integer(&self) -> &[bool] {
+        &self.p.integer
+    }
+
+    fn root(&self) -> LevelRange {
+        (0, self.stream.len() - 1, 0, self.disk.len() - 1)
+    }
+
+    /// The least buffers of the ranges charged, and a class kept off the streamed rows (off disk)
+    /// when its buffer is above the stream (disk) range.
+    fn variant(&self, &(s_lo, s_hi, d_lo, d_hi): &LevelRange) -> Variant {
+        let (m, inst) = (self.model, self.model.inst);
+        let main = inst.main.expect("applies() checked");
+        let (mut hi, mut rhs) = (self.p.hi.clone(), self.p.rhs());
+        rhs[self.p.mem_row[main]] -= self.stream[s_lo] as f64 / GIB;
+        if let Some(cpu) = inst.cpu.filter(|_| self.disk_row.is_some()) {
+            rhs[self.p.mem_row[cpu]] -= self.disk[d_lo] as f64 / GIB;
+        }
+        for c in 0..m.classes.len() {
+            let buffer = inst.stream_buffer(m.rep(c));
+            for &b in m.domain.iter().filter(|&&b| inst.is_streamed(b)) {
+                let Some(v) = self.p.n_col[c][b] else {
+                    continue;
+                };
+                let disk_limit = (Some(b) == self.disk_row).then(|| self.disk[d_hi]);
+                if buffer > self.stream[s_hi] || disk_limit.is_some_and(|l| buffer > l) {
+                    hi[v] = 0.0;
+                }
+            }
+        }
+        Variant {
+            lo: self.p.lo.clone(),
+            hi,
+            rhs,
+        }
+    }
+
+    /// Split the stream range where the buffers `x` streams need more than it charges, else the
+    /// disk range likewise.
+    fn split(&self, &(s_lo, s_hi, d_lo, d_hi): &LevelRange, x: &[f64]) -> Option<[LevelRange; 2]> {
+        let inst = self.model.inst;
+        let stream_need = self.needed(x, |b| inst.is_streamed(b));
+        if let Some([a, b]) = split_range(&self.stream, (s_lo, s_hi), stream_need) {
+            return Some([(a.0, a.1, d_lo, d_hi), (b.0, b.1, d_lo, d_hi)]);
+        }
+        let row = self.disk_row?;
+        let disk_need = self.needed(x, |b| b == row);
+        let [a, b] = split_range(&self.disk, (d_lo, d_hi), disk_need)?;
+        Some([(s_lo, s_hi, a.0, a.1), (s_lo, s_hi, b.0, b.1)])
+    }
+
+    fn accept(&self, x: &[f64]) -> bool {
+        self.model.fits(&self.p, x)
+    }
+}
+
+impl ClassModel<'_> {
+    /// Each other GPU's blocks within the hull of what fits it whole: `m[k][g] ≤ Σ_p count_pk λ_p`,
+    /// `Σ_p λ_p ≤ 1` over the maximal patterns `p` (block counts to which no block can be added).
+    /// Every integral point is under a pattern, so the optimum stays; without it the relaxation
+    /// filled a GPU's remainder with fractions of blocks (2% below the optimum on Llama-3.1-70B
+    /// 4x24G+cpu128: an embedding spread in thirds over three GPUs). Only where the row holds
+    /// nothing but blocks (no tied copy) and the patterns are few.
+    fn pattern_rows(&self, p: &mut Program) {
+        if !self.inst.ties.is_empty() {
+            return;
+        }
+        for &g in &self.others {
+            let items: Vec<(usize, u64, u64)> = (0..self.block_classes.len())
+                .filter_map(|k| {
+                    let col = p.m_col[k][g]?;
+                    Some((
+                        col,
+                        self.block_on(k, g)?.0,
+                        self.block_classes[k].blocks.len() as u64,
+                    ))
+                })
+                .collect();
+            let sizes: Vec<(u64, u64)> = items.iter().map(|&(_, b, n)| (b, n)).collect();
+            let Some(patterns) = maximal_patterns(&sizes, self.inst.caps[g]) else {
+                continue;
+            };
+            let lambdas: Vec<usize> = (patterns.iter())
+                .map(|_| p.add_col((0.0, 1.0), 0.0, false))
+                .collect();
+            for (i, &(col, _, _)) in items.iter().enumerate() {
+                let mut row = vec![(col, 1.0)];
+                row.extend((lambdas.iter().zip(&patterns)).map(|(&l, pat)| (l, -(pat[i] as f64))));
+                p.add_row(row, false, 0.0);
+            }
+            p.add_row(lambdas.iter().map(|&l| (l, 1.0)).collect(), false, 1.0);
+        }
+    }
+
+    /// Of two other GPUs that are interchangeable (same capacity, and every block class the same
+    /// bytes and seconds on both), the later holds no more block bytes than the earlier: any
+    /// point permuted that way is one, so the optimum stays, and the search skips the permutations.
+    fn symmetry_rows(&self, p: &mut Program) {
+        let same = |g: usize, h: usize| {
+            self.inst.caps[g] == self.inst.caps[h]
+                && (0..self.block_classes.len()).all(|k| {
+                    let (a, b) = (self.block_on(k, g), self.block_on(k, h));
+                    a.map(|(bytes, secs)| (bytes, secs.to_bits()))
+                        == b.map(|(bytes, secs)| (bytes, secs.to_bits()))
+                })
+                && (self.inst.ties.is_empty())
+        };
+        for pair in self.others.windows(2) {
+            let (g, h) = (pair[0], pair[1]);
+            if !same(g, h) {
+                continue;
+            }
+            let mut terms = Vec::new();
+            for k in 0..self.block_classes.len() {
+                if let (Some(a), Some(b), Some((bytes, _))) =
+                    (p.m_col[k][g], p.m_col[k][h], self.block_on(k, g))
+                {
+                    terms.push((b, bytes as f64 / GIB));
+                    terms.push((a, -(bytes as f64) / GIB));
+                }
+            }
+            p.add_row(terms, false, 0.0);
+        }
+    }
+
+    /// Whether the model's integral point `x` lays out within every device's capacity, exactly
+    /// (the relaxation's rows are floating point; the main-GPU rule is not the model's).
+    fn fits(&self, p: &Program, x: &[f64]) -> bool {
+        let (n, m) = self.read(&p.n_col, &p.m_col, x);
+        let Some(a) = self.lay_out(&n, &m) else {
+            return false;
+        };
+        let usage = self.inst.usage(&a);
+        (0..self.inst.devices.len()).all(|b| usage.total(b) <= self.inst.caps[b])
+    }
+}
+
+/// The maximal ways to fill `cap` with whole items (`(bytes, count)`): counts per item to which
+/// no item can be added; `None` when there are more than `MAX_PATTERNS`.
+fn maximal_patterns(items: &[(u64, u64)], cap: u64) -> Option<Vec<Vec<u64>>> {
+    const MAX_PATTERNS: usize = 32;
+    fn walk(
+        items: &[(u64, u64)],
+        cap: u64,
+        at: &mut Vec<u64>,
+        used: u64,
+        out: &mut Vec<Vec<u64>>,
+    ) -> bool {
+        let i = at.len();
+        if i == items.len() {
+            let room = cap - used;
+            let maximal = (items.iter().zip(at.iter())).all(|(&(b, n), &k)| k == n || b > room);
+            if maximal {
+                out.push(at.clone());
+            }
+            return out.len() <= MAX_PATTERNS;
+        }
+        let (bytes, count) = items[i];
+        let most = (cap - used)
+            .checked_div(bytes)
+            .map_or(count, |n| n.min(count));
+        for k in (0..=most).rev() {
+            at.push(k);
+            let fine = walk(items, cap, at, used + k * bytes, out);
+            at.pop();
+            if !fine {
+                return false;
+            }
+        }
+        true
+    }
+    let mut out = Vec::new();
+    walk(items, cap, &mut Vec::new(), 0, &mut out).then_some(out)
+}
+
+/// The program as a HiGHS model (through good_lp).
+fn to_highs(p: &Program) -> Option<highs::Model> {
+    let mut vars = ProblemVariables::new();
+    let cols: Vec<Variable> = (0..p.lo.len())
+        .map(|j| {
+            let def = variable().min(p.lo[j]).max(p.hi[j]);
+            vars.add(if p.integer[j] { def.integer() } else { def })
+        })
+        .collect();
+    let objective: Expression = (cols.iter().zip(&p.lp.cost))
+        .filter(|(_, c)| **c != 0.0)
+        .map(|(v, c)| *c * *v)
+        .sum();
+    let mut problem = vars.minimise(objective).using(highs);
+    for row in &p.lp.rows {
+        let e: Expression = row.terms.iter().map(|&(j, a)| a * cols[j]).sum();
+        problem = problem.with(if row.equal {
+            constraint!(e == row.rhs)
+        } else {
+            constraint!(e <= row.rhs)
+        });
+    }
+    problem.try_into_inner().ok()
 }
 
 /// HiGHS' limits and tolerances for the class model.
@@ -248,166 +617,194 @@ fn block_classes(inst: &Instance, class_of: &[usize]) -> Vec<BlockClass> {
     out
 }
 
-/// The model's columns and rows.
-struct Built {
-    vars: ProblemVariables,
-    constraints: Vec<good_lp::Constraint>,
-    objective: Expression,
-    /// n[c][b] (b a row of `inst.devices`; `None` off the main domain or where not allowed).
-    n: Vec<Vec<Option<Variable>>>,
-    /// m[k][g] (g a row of `inst.devices`).
-    m: Vec<Vec<Option<Variable>>>,
-    /// The column of each n[c][b] and m[k][g] (creation rank).
+/// The model's columns and rows, for either solver: the linear program, each column's bounds and
+/// integrality, and where each n[c][b], m[k][g] and memory row is.
+#[derive(Debug, Clone, Default)]
+struct Program {
+    lp: Lp,
+    lo: Vec<f64>,
+    hi: Vec<f64>,
+    integer: Vec<bool>,
+    /// The column of each n[c][b] (b a row of `inst.devices`; `None` off the main domain or where
+    /// not allowed) and m[k][g] (g a row of `inst.devices`).
     n_col: Vec<Vec<Option<usize>>>,
     m_col: Vec<Vec<Option<usize>>>,
-    cols: usize,
+    /// Each device's memory row.
+    mem_row: Vec<usize>,
 }
 
-impl Built {
-    fn add(&mut self, def: good_lp::VariableDefinition) -> Variable {
-        self.cols += 1;
-        self.vars.add(def)
+impl Program {
+    fn add_col(&mut self, (lo, hi): (f64, f64), cost: f64, integer: bool) -> usize {
+        self.lp.cost.push(cost);
+        self.lo.push(lo);
+        self.hi.push(hi);
+        self.integer.push(integer);
+        self.lp.cost.len() - 1
+    }
+
+    fn add_row(&mut self, terms: Vec<(usize, f64)>, equal: bool, rhs: f64) -> usize {
+        self.lp.rows.push(Row { terms, equal, rhs });
+        self.lp.rows.len() - 1
+    }
+
+    /// The right-hand sides of the rows.
+    fn rhs(&self) -> Vec<f64> {
+        self.lp.rows.iter().map(|r| r.rhs).collect()
     }
 }
 
+/// Terms of a row: `(column, coefficient)`.
+type Terms = Vec<(usize, f64)>;
+
 impl ClassModel<'_> {
-    fn build(&self) -> Built {
+    /// The model without its streaming and disk buffers (which `buffer_binaries` or a level adds):
+    /// columns, placement rows, the unit terms of every memory row, tie rows.
+    fn program(&self) -> Program {
         let inst = self.inst;
         let k = inst.devices.len();
-        let mut built = Built {
-            vars: ProblemVariables::new(),
-            constraints: Vec::new(),
-            objective: Expression::default(),
-            n: vec![vec![None; k]; self.classes.len()],
-            m: vec![vec![None; k]; self.block_classes.len()],
+        let mut p = Program {
             n_col: vec![vec![None; k]; self.classes.len()],
             m_col: vec![vec![None; k]; self.block_classes.len()],
-            cols: 0,
+            ..Program::default()
         };
         for c in 0..self.classes.len() {
             for &b in &self.domain {
                 if inst.allowed[self.rep(c)][b] {
-                    built.n_col[c][b] = Some(built.cols);
-                    let v = built.add(variable().integer().min(0.0).max(self.count(c) as f64));
-                    built.objective += inst.cost[self.rep(c)][b] * SCALE * v;
-                    built.n[c][b] = Some(v);
+                    let cost = inst.cost[self.rep(c)][b] * SCALE;
+                    p.n_col[c][b] = Some(p.add_col((0.0, self.count(c) as f64), cost, true));
                 }
             }
         }
-        let mut mem: Vec<Expression> = vec![Expression::default(); k];
+        let mut mem: Vec<Terms> = vec![Vec::new(); k];
         for bk in 0..self.block_classes.len() {
             let count = self.block_classes[bk].blocks.len() as f64;
             for &g in &self.others {
                 if let Some((bytes, secs)) = self.block_on(bk, g) {
-                    built.m_col[bk][g] = Some(built.cols);
-                    let v = built.add(variable().integer().min(0.0).max(count));
-                    built.objective += secs * SCALE * v;
-                    mem[g] += bytes as f64 / GIB * v;
-                    built.m[bk][g] = Some(v);
+                    let v = p.add_col((0.0, count), secs * SCALE, true);
+                    mem[g].push((v, bytes as f64 / GIB));
+                    p.m_col[bk][g] = Some(v);
                 }
             }
         }
-        self.placement_rows(&mut built);
-        self.domain_memory(&mut built, &mut mem);
-        self.tie_rows(&mut built, &mut mem);
-        for (b, e) in mem.into_iter().enumerate() {
+        self.placement_rows(&mut p);
+        self.domain_memory(&p, &mut mem);
+        self.tie_rows(&mut p, &mut mem);
+        for (b, terms) in mem.into_iter().enumerate() {
             let cap = (inst.caps[b] as f64 + 0.5) / GIB;
-            built.constraints.push(constraint!(e <= cap));
+            let row = p.add_row(terms, false, cap);
+            p.mem_row.push(row);
         }
-        built
+        p
     }
 
     /// Every unit of a class placed: alone on the main domain, or in a block on another GPU; no
     /// more blocks of a class on the other GPUs than it has.
-    fn placement_rows(&self, built: &mut Built) {
+    fn placement_rows(&self, p: &mut Program) {
         for c in 0..self.classes.len() {
-            let mut placed: Expression = built.n[c].iter().flatten().map(|v| *v * 1.0).sum();
+            let mut placed: Terms = p.n_col[c].iter().flatten().map(|&v| (v, 1.0)).collect();
             for (bk, class) in self.block_classes.iter().enumerate() {
                 if let Some(&(_, per)) = class.per_class.iter().find(|(cc, _)| *cc == c) {
-                    for v in built.m[bk].iter().flatten() {
-                        placed += per as f64 * *v;
-                    }
+                    placed.extend(p.m_col[bk].iter().flatten().map(|&v| (v, per as f64)));
                 }
             }
-            let count = self.count(c) as f64;
-            built.constraints.push(constraint!(placed == count));
+            p.add_row(placed, true, self.count(c) as f64);
         }
         // At most the class's blocks on the other GPUs (the rest lie on the main domain).
         for (bk, class) in self.block_classes.iter().enumerate() {
-            let whole: Expression = built.m[bk].iter().flatten().map(|v| *v * 1.0).sum();
-            let count = class.blocks.len() as f64;
-            built.constraints.push(constraint!(whole <= count));
+            let whole: Terms = p.m_col[bk].iter().flatten().map(|&v| (v, 1.0)).collect();
+            p.add_row(whole, false, class.blocks.len() as f64);
         }
     }
 
-    /// The main GPU, cpu and disk rows' unit terms: bytes where placed, a streamed unit's KV cache
-    /// on the main GPU, the largest streamed buffer (`s`) on the main GPU and the largest disk
-    /// buffer (`r`) on the cpu, each through a binary per class ("some unit of it is there").
-    fn domain_memory(&self, built: &mut Built, mem: &mut [Expression]) {
+    /// The main GPU, cpu and disk rows' unit terms: bytes where placed, and a streamed unit's KV
+    /// cache on the main GPU.
+    fn domain_memory(&self, p: &Program, mem: &mut [Terms]) {
         let inst = self.inst;
         let main = inst.main.expect("applies() checked");
-        let s = built.add(variable().min(0.0));
-        let r = built.add(variable().min(0.0));
-        mem[main] += s;
-        if let Some(cpu) = inst.cpu {
-            mem[cpu] += r;
-        }
         for c in 0..self.classes.len() {
-            let (rep, count) = (self.rep(c), self.count(c) as f64);
-            let (mut streamed, mut streams) = (Expression::default(), false);
+            let rep = self.rep(c);
             for &b in &self.domain {
-                let Some(v) = built.n[c][b] else { continue };
-                mem[b] += inst.unit_bytes_on(rep, b) as f64 / GIB * v;
+                let Some(v) = p.n_col[c][b] else { continue };
+                mem[b].push((v, inst.unit_bytes_on(rep, b) as f64 / GIB));
                 if inst.is_streamed(b) {
-                    mem[main] += inst.streamed_bytes_on_main(rep) as f64 / GIB * v;
-                    streamed += v;
-                    streams = true;
-                }
-            }
-            let buffer = inst.stream_buffer(rep) as f64 / GIB;
-            if buffer > 0.0 && streams {
-                let y = built.add(variable().binary());
-                built.constraints.push(constraint!(count * y >= streamed));
-                built.constraints.push(constraint!(s >= buffer * y));
-            }
-            if let (Some(_), Some(d)) = (inst.cpu, inst.disk) {
-                if let Some(v) = built.n[c][d].filter(|_| buffer > 0.0) {
-                    let z = built.add(variable().binary());
-                    built.constraints.push(constraint!(count * z >= v));
-                    built.constraints.push(constraint!(r >= buffer * z));
+                    mem[main].push((v, inst.streamed_bytes_on_main(rep) as f64 / GIB));
                 }
             }
         }
     }
 
-    /// Whether unit `u` (alone in its class) is on row `b`: its class's column there, or, on a GPU
-    /// off the main domain, its block class's.
-    fn on(&self, built: &Built, u: usize, b: usize) -> Expression {
+    /// The buffers as HiGHS' model has them: the largest streamed buffer (`s`) on the main GPU and
+    /// the largest disk buffer (`r`) on the cpu, each through a binary per class ("some unit of it
+    /// is there").
+    fn buffer_binaries(&self, p: &mut Program) {
+        let inst = self.inst;
+        let main = inst.main.expect("applies() checked");
+        let s = p.add_col((0.0, f64::INFINITY), 0.0, false);
+        let r = p.add_col((0.0, f64::INFINITY), 0.0, false);
+        p.lp.rows[p.mem_row[main]].terms.push((s, 1.0));
+        if let Some(cpu) = inst.cpu {
+            p.lp.rows[p.mem_row[cpu]].terms.push((r, 1.0));
+        }
+        for c in 0..self.classes.len() {
+            let count = self.count(c) as f64;
+            let buffer = inst.stream_buffer(self.rep(c)) as f64 / GIB;
+            let streamed: Terms = (self.domain.iter())
+                .filter(|&&b| inst.is_streamed(b))
+                .filter_map(|&b| p.n_col[c][b])
+                .map(|v| (v, -1.0))
+                .collect();
+            if buffer > 0.0 && !streamed.is_empty() {
+                self.indicator(p, streamed, count, (s, buffer));
+            }
+            if let (Some(_), Some(d)) = (inst.cpu, inst.disk) {
+                if let Some(v) = p.n_col[c][d].filter(|_| buffer > 0.0) {
+                    self.indicator(p, vec![(v, -1.0)], count, (r, buffer));
+                }
+            }
+        }
+    }
+
+    /// A binary `y` with `count · y ≥ Σ columns` (`negated`: those columns, coefficient −1) and
+    /// `buffer_col ≥ buffer · y`.
+    fn indicator(&self, p: &mut Program, mut negated: Terms, count: f64, buffer: (usize, f64)) {
+        let y = p.add_col((0.0, 1.0), 0.0, true);
+        negated.push((y, count));
+        p.add_row(
+            negated.into_iter().map(|(v, a)| (v, -a)).collect(),
+            false,
+            0.0,
+        );
+        p.add_row(vec![(y, buffer.1), (buffer.0, -1.0)], false, 0.0);
+    }
+
+    /// The columns saying whether unit `u` (alone in its class) is on row `b`: its class's column
+    /// there, or, on a GPU off the main domain, its block class's.
+    fn on(&self, p: &Program, u: usize, b: usize) -> Terms {
         let c = self.class_of[u];
-        if let Some(v) = built.n[c][b] {
-            return v.into();
+        if let Some(v) = p.n_col[c][b] {
+            return vec![(v, 1.0)];
         }
         (self.block_classes.iter().enumerate())
             .filter(|(_, k)| k.per_class.iter().any(|(cc, _)| *cc == c))
-            .filter_map(|(bk, _)| built.m[bk][b])
-            .map(|v| v * 1.0)
-            .sum()
+            .filter_map(|(bk, _)| p.m_col[bk][b])
+            .map(|v| (v, 1.0))
+            .collect()
     }
 
     /// A tied storage on every row holding a member but not the owner (`w ≥ x[m] − x[o]`).
-    fn tie_rows(&self, built: &mut Built, mem: &mut [Expression]) {
+    fn tie_rows(&self, p: &mut Program, mem: &mut [Terms]) {
         let inst = self.inst;
         for tie in &inst.ties {
             for b in 0..inst.devices.len() {
-                let w = built.add(variable().min(0.0).max(1.0));
-                let owner = self.on(built, tie.owner, b);
+                let w = p.add_col((0.0, 1.0), 0.0, false);
+                let owner = self.on(p, tie.owner, b);
                 for &u in &tie.members {
-                    let member = self.on(built, u, b);
-                    built
-                        .constraints
-                        .push(constraint!(w >= member - owner.clone()));
+                    let mut row = self.on(p, u, b);
+                    row.extend(owner.iter().map(|&(v, a)| (v, -a)));
+                    row.push((w, -1.0));
+                    p.add_row(row, false, 0.0);
                 }
-                mem[b] += tie.storage as f64 / GIB * w;
+                mem[b].push((w, tie.storage as f64 / GIB));
             }
         }
     }

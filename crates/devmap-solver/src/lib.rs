@@ -55,6 +55,7 @@
 
 pub mod auto;
 pub mod bound;
+mod branch;
 pub mod check;
 pub mod classes;
 pub mod dp;
@@ -63,6 +64,7 @@ pub mod hf;
 pub mod highs_init;
 pub mod instance;
 pub mod mip;
+mod simplex;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

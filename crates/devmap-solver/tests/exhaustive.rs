@@ -25,6 +25,9 @@ use std::time::Duration;
 thread_local! {
     /// Worlds of this test's thread where the class model's plan was the enumerated optimum.
     static CLASS_OPTIMA: Cell<u64> = const { Cell::new(0) };
+    /// Worlds of this test's thread whose class model the level search settled, and left to HiGHS.
+    static LEVELS_SETTLED: Cell<u64> = const { Cell::new(0) };
+    static LEVELS_UNSETTLED: Cell<u64> = const { Cell::new(0) };
 }
 
 /// The class model of one world against its enumerated optimum `opt`: its bound at most `opt`;
@@ -34,6 +37,7 @@ fn check_class_model(inst: &Instance, opt: Option<f64>, fail: &mut impl FnMut(St
     if !classes::applies(inst) {
         return;
     }
+    check_levels_against_highs(inst, opt, fail);
     let Some(class) = classes::solve(inst, Duration::from_secs(10), 0.0) else {
         return;
     };
@@ -50,6 +54,71 @@ fn check_class_model(inst: &Instance, opt: Option<f64>, fail: &mut impl FnMut(St
             )),
             Some(o) if close(*c, o) => CLASS_OPTIMA.with(|n| n.set(n.get() + 1)),
             _ => {}
+        }
+    }
+}
+
+/// The class model solved by its buffer levels against HiGHS on the model with binaries, both at a
+/// zero gap: the levels' optimum between HiGHS' bound and HiGHS' plan (the same optimum, up to
+/// HiGHS' tolerances), and its plan that optimum with one execution device; the levels' bound at
+/// most the world's optimum `opt`; the same verdict when the model is infeasible. Counts the worlds the level search settles (the rest it leaves to HiGHS).
+fn check_levels_against_highs(inst: &Instance, opt: Option<f64>, fail: &mut impl FnMut(String)) {
+    let limit = Duration::from_secs(10);
+    let Ok(levels) = classes::solve_by_levels(inst, limit, 0.0) else {
+        LEVELS_UNSETTLED.with(|n| n.set(n.get() + 1));
+        return;
+    };
+    LEVELS_SETTLED.with(|n| n.set(n.get() + 1));
+    let highs = classes::solve_with_highs(inst, limit, 0.0);
+    let (l, h) = match (&levels, &highs) {
+        (None, None) => return,
+        (Some(l), Some(h)) => (l, h),
+        _ => {
+            return fail(format!(
+                "class model by levels {:?} but by HiGHS {:?}",
+                levels.as_ref().map(|l| l.bound),
+                highs.as_ref().map(|h| h.bound)
+            ))
+        }
+    };
+    // HiGHS' bound holds for the model; the levels' bound is the model's exact optimum (integral
+    // points checked to the byte), so it is at least HiGHS' bound, and at most any plan HiGHS
+    // found (with one execution device a plan costs its model objective). HiGHS' tolerances admit
+    // a byte or two of overflow, which on byte-sized budgets puts its bound a little lower.
+    let agree = |a: f64, b: f64| (a - b).abs() <= 1e-7 * a.abs().max(b.abs()) + 1e-15;
+    let at_most = |a: f64, b: f64| a <= b + 1e-7 * a.abs().max(b.abs()) + 1e-15;
+    if !at_most(h.bound, l.bound) {
+        fail(format!(
+            "class model optimum by levels {} < HiGHS' bound {} (gap 0)",
+            l.bound, h.bound
+        ));
+    }
+    if let Some(o) = opt.filter(|o| !bound_holds(l.bound, *o)) {
+        fail(format!(
+            "class model bound by levels {} > optimum {o}",
+            l.bound
+        ));
+    }
+    let one_exec = inst.execs.len() == 1;
+    if let Some((_, hc)) = h.plan.as_ref().filter(|_| one_exec) {
+        if !at_most(l.bound, *hc) {
+            fail(format!(
+                "class model optimum by levels {} > HiGHS' plan {hc}",
+                l.bound
+            ));
+        }
+    }
+    if let Some((a, lc)) = &l.plan {
+        if !inst.feasible(a) || !close(*lc, inst.evaluate(a)) {
+            fail(format!(
+                "class model plan by levels {a:?} infeasible or mispriced"
+            ));
+        }
+        if one_exec && !agree(*lc, l.bound) {
+            fail(format!(
+                "class model plan by levels {lc} != its optimum {}",
+                l.bound
+            ));
         }
     }
 }
@@ -738,6 +807,20 @@ fn auto_and_its_bound_match_exhaustive_enumeration() {
         class_optima * 10 >= cases,
         "the class model's plan was an optimum in only {class_optima} of {cases} cases"
     );
+    assert_levels_settle();
+}
+
+/// The level search settles the class model of nineteen worlds in twenty at least (so the
+/// comparison with HiGHS is not vacuous; the rest fall back to HiGHS).
+fn assert_levels_settle() {
+    let (settled, unsettled) = (
+        LEVELS_SETTLED.with(Cell::get),
+        LEVELS_UNSETTLED.with(Cell::get),
+    );
+    assert!(
+        settled > 0 && unsettled * 20 <= settled + unsettled,
+        "the level search settled {settled} class models and left {unsettled} to HiGHS"
+    );
 }
 
 /// A decoder-only chain whose layers hold 1–6 tensors in 1–3 modules (so per-tensor copy latency
@@ -851,4 +934,5 @@ fn the_bound_holds_where_cpu_and_disk_stream_multi_tensor_layers() {
         both_streamed as u64 >= cases / 10,
         "only {both_streamed} of {cases} cases stream from both cpu and disk"
     );
+    assert_levels_settle();
 }
