@@ -321,17 +321,61 @@ impl Auto {
 
     /// One instance per main device a plan can have (see [`main_candidates`]), all from one set
     /// of device-independent tables. The first one's errors are the request's; a later world that
-    /// cannot exist (a pin to a GPU it leaves out, no device at all) is skipped.
+    /// cannot exist (a pin to a GPU it leaves out, no device at all) is skipped, and so is one
+    /// the first world dominates ([`Auto::dominated_by_first`]).
     fn worlds(&self, req: &PlanRequest<'_>) -> Result<Vec<Instance>, Error> {
         let candidates = main_candidates(req.budgets);
         let tables = UnitTables::new(req.model, &self.instance_options(req, candidates[0]))?;
         let mut worlds = vec![self.world_instance(req, &tables, candidates[0])?];
         for &main in &candidates[1..] {
+            if self.dominated_by_first(req, main) {
+                continue;
+            }
             if let Ok(inst) = self.world_instance(req, &tables, main) {
                 worlds.push(inst);
             }
         }
         Ok(worlds)
+    }
+
+    /// Whether the world of main GPU `main` can be skipped: the first world holds a copy of each
+    /// of its plans that costs the same. So it is when the GPUs from `main` on, shifted down to
+    /// the first GPUs, land on GPUs with at least their room and the same profile (memory
+    /// bandwidth, host links, peer links pairwise), and no pin names a GPU. Skipping it keeps
+    /// the reported bound valid: its optimum is at least the first world's.
+    fn dominated_by_first(&self, req: &PlanRequest<'_>, main: Option<u32>) -> bool {
+        let Some(main) = main else { return false };
+        if (self.options.pins.iter()).any(|(_, d)| d.is_gpu()) {
+            return false;
+        }
+        let room = |g: u32| {
+            let reserve: u64 = (self.options.reserve.iter())
+                .filter(|(d, _)| *d == Device::Gpu(g))
+                .map(|(_, r)| *r)
+                .sum();
+            req.budgets
+                .get(Device::Gpu(g))
+                .unwrap_or(0)
+                .saturating_sub(reserve)
+        };
+        let gpus: Vec<u32> = (main_candidates(req.budgets).into_iter().flatten()).collect();
+        let Some(k) = gpus.iter().position(|&g| g == main) else {
+            return false;
+        };
+        let t = &self.options.topology;
+        let same_profile = |a: u32, b: u32| {
+            t.gpu_bandwidth(a) == t.gpu_bandwidth(b)
+                && t.host_link(a) == t.host_link(b)
+                && t.pageable_host_link(a) == t.pageable_host_link(b)
+        };
+        let shifted = &gpus[k..];
+        (shifted.iter().zip(&gpus))
+            .all(|(&from, &to)| room(to) >= room(from) && same_profile(from, to))
+            && (0..shifted.len()).all(|i| {
+                (0..shifted.len()).all(|j| {
+                    i == j || t.peer_link(shifted[i], shifted[j]) == t.peer_link(gpus[i], gpus[j])
+                })
+            })
     }
 
     /// Hugging Face's greedy maps (both compat paths, three kinds), each a possible start.
