@@ -396,20 +396,35 @@ def build_encoder_decoder(config, decoder_layers):
         return AutoModelForSeq2SeqLM.from_config(cfg, dtype=torch.bfloat16).eval()
 
 
-def encoder_decoder_step_seconds(model, context=SHORT_CONTEXT, repeats=DECODE_STEPS):
-    """Median seconds of one decoder step on a cached `context`-token encoder output."""
+def seq2seq_inputs(model, ids):
+    """An encoder-decoder's decode inputs, as `generate` gives them: the prefill's (the prompt
+    `ids` for the encoder, the start token for the decoder's first step), and a function of the
+    prefill's output giving each later step's for a token (the decoder alone on the cached
+    encoder output: the encoder's weights are not read again)."""
     import torch
     from transformers.modeling_outputs import BaseModelOutput
 
+    start = torch.full((1, 1), model.config.decoder_start_token_id or 0, device=ids.device)
+
+    def step_inputs(prefilled):
+        encoded = BaseModelOutput(last_hidden_state=prefilled.encoder_last_hidden_state)
+        return lambda tok: dict(encoder_outputs=encoded, decoder_input_ids=tok)
+
+    return dict(input_ids=ids, decoder_input_ids=start), step_inputs
+
+
+def encoder_decoder_step_seconds(model, context=SHORT_CONTEXT, repeats=DECODE_STEPS):
+    """Median seconds of one decoder step on a cached `context`-token encoder output."""
+    import torch
+
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
-    start = torch.full((1, 1), model.config.decoder_start_token_id or 0, device=DEVICE)
+    prefill_inputs, step_inputs = seq2seq_inputs(model, ids)
     with torch.no_grad():
-        out = model(input_ids=ids, decoder_input_ids=start, use_cache=True)
-        encoded = BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
+        out = model(**prefill_inputs, use_cache=True)
+        step_of = step_inputs(out)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
         del out
-        seconds = timed_steps(lambda: model(encoder_outputs=encoded, decoder_input_ids=tok, past_key_values=past,
-                                            use_cache=True), repeats)
+        seconds = timed_steps(lambda: model(**step_of(tok), past_key_values=past, use_cache=True), repeats)
     del past
     empty_cache()
     return seconds

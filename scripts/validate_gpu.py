@@ -318,62 +318,35 @@ def generate(model, prompt, new_tokens, counters=None):
     step. `counters`, if given, receives the allocator retries of each phase."""
     import torch
 
-    counters = {} if counters is None else counters
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda:0")
     if model.config.is_encoder_decoder:
-        return generate_seq2seq(model, ids, new_tokens, counters)
-    with torch.no_grad():
-        torch.cuda.synchronize()
-        before = alloc_retries()
-        t0 = time.perf_counter()
-        try:
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            torch.cuda.synchronize()
-        except torch.OutOfMemoryError as e:
-            raise OOM("OOM at prefill") from e
-        finally:
-            counters["alloc_retries_prefill"] = alloc_retries() - before
-        prefill = time.perf_counter() - t0
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1).to("cuda:0")
-        del out
-        steps = []
-        before = alloc_retries()
-        try:
-            for _ in range(new_tokens):
-                t = time.perf_counter()
-                out = model(input_ids=tok, past_key_values=past, use_cache=True)
-                tok = out.logits[:, -1:].argmax(-1).to("cuda:0")
-                past = out.past_key_values
-                torch.cuda.synchronize()
-                steps.append(time.perf_counter() - t)
-        except torch.OutOfMemoryError as e:
-            raise OOM("OOM at decode") from e
-        finally:
-            counters["alloc_retries_decode"] = alloc_retries() - before
-    return prefill, steps
+        from calibrate_runtime import seq2seq_inputs
+
+        prefill_inputs, step_inputs = seq2seq_inputs(model, ids)
+    else:
+        prefill_inputs, step_inputs = dict(input_ids=ids, logits_to_keep=1), lambda out: lambda tok: dict(input_ids=tok)
+    return timed_decode(model, prefill_inputs, step_inputs, new_tokens, {} if counters is None else counters)
 
 
-def generate_seq2seq(model, ids, new_tokens, counters):
-    """An encoder-decoder's `generate`: the prefill encodes the prompt and runs the first decoder
-    step; each greedy step then runs the decoder alone on the cached encoder output (the encoder's
-    weights are not read again, which is why devmap streams them first)."""
+def timed_decode(model, prefill_inputs, step_inputs, new_tokens, counters):
+    """The prefill (`model(**prefill_inputs)`) and `new_tokens` greedy steps (`step_inputs(the
+    prefill's output)(token)` each, with the cache), each timed with a CUDA synchronisation; the
+    allocator retries of each phase into `counters`; an OOM names its phase."""
     import torch
-    from transformers.modeling_outputs import BaseModelOutput
 
-    start = torch.full((1, 1), model.config.decoder_start_token_id or 0, device="cuda:0")
     with torch.no_grad():
         torch.cuda.synchronize()
         before = alloc_retries()
         t0 = time.perf_counter()
         try:
-            out = model(input_ids=ids, decoder_input_ids=start, use_cache=True)
+            out = model(**prefill_inputs, use_cache=True)
             torch.cuda.synchronize()
         except torch.OutOfMemoryError as e:
             raise OOM("OOM at prefill") from e
         finally:
             counters["alloc_retries_prefill"] = alloc_retries() - before
         prefill = time.perf_counter() - t0
-        encoded = BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
+        step_of = step_inputs(out)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1).to("cuda:0")
         del out
         steps = []
@@ -381,7 +354,7 @@ def generate_seq2seq(model, ids, new_tokens, counters):
         try:
             for _ in range(new_tokens):
                 t = time.perf_counter()
-                out = model(encoder_outputs=encoded, decoder_input_ids=tok, past_key_values=past, use_cache=True)
+                out = model(**step_of(tok), past_key_values=past, use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1).to("cuda:0")
                 past = out.past_key_values
                 torch.cuda.synchronize()
