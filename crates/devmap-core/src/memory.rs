@@ -17,7 +17,7 @@ use crate::cost::KvCacheSpec;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::graph::Unit;
-use crate::model::{Model, TensorId, MAX_MODEL_BYTES};
+use crate::model::{Model, SizeRules, TensorId, MAX_MODEL_BYTES};
 
 /// cuBLAS's workspace on Hopper (PyTorch allocates it through its caching allocator on the first
 /// matmul of a device: 4096 KiB × 8 on sm90), part of every executing device's working set.
@@ -478,14 +478,15 @@ pub fn main_device(used: impl IntoIterator<Item = Device>) -> Option<Device> {
 /// cache and split by the next loads; the free pieces stay reserved for the rest of the run, too
 /// small for the next large copy. Charged on every executing device, as
 /// [`CONVERSION_FRAGMENTATION_FACTOR`] × the largest converted tensor at the workload's dtype
-/// (never above its stored size); 0 when nothing is converted (manifests never say so).
+/// ([`crate::model::Tensor::bytes`]: floats never upcast); 0 when nothing is converted.
 pub fn conversion_fragmentation(model: &Model, w: &Workload) -> u64 {
     let largest = (model.tensors().iter())
         .filter(|t| t.converted)
         .map(|t| {
-            let stored = t.dtype.size_bytes();
-            let element = w.dtype.map_or(stored, |d| d.size_bytes().min(stored));
-            t.numel.saturating_mul(element)
+            t.bytes(SizeRules {
+                target_dtype: w.dtype,
+                bool_as_bits: false,
+            })
         })
         .max()
         .unwrap_or(0);
