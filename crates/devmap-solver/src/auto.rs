@@ -21,7 +21,7 @@ use devmap_core::{format_bytes, Device, DeviceMap, KvCacheSpec, MemoryBudgets, M
 pub use crate::bound::lower_bound;
 use crate::bound::{lower_bound_with_packing, packing_start, Packing};
 use crate::classes;
-use crate::instance::{Instance, InstanceOptions, UnitTables};
+use crate::instance::{candidate_devices, Instance, InstanceOptions, UnitTables};
 use crate::mip::{self, MipOptions};
 use crate::{dp, Compat, Error, HfGreedy, HfKind, Plan, PlanRequest, Strategy};
 
@@ -348,17 +348,15 @@ impl Auto {
         if (self.options.pins.iter()).any(|(_, d)| d.is_gpu()) {
             return false;
         }
-        let room = |g: u32| {
-            let reserve: u64 = (self.options.reserve.iter())
-                .filter(|(d, _)| *d == Device::Gpu(g))
-                .map(|(_, r)| *r)
-                .sum();
-            req.budgets
-                .get(Device::Gpu(g))
-                .unwrap_or(0)
-                .saturating_sub(reserve)
+        let Ok((devices, rooms)) = candidate_devices(req.budgets, &self.options.reserve) else {
+            return false;
         };
-        let gpus: Vec<u32> = (main_candidates(req.budgets).into_iter().flatten()).collect();
+        let (gpus, room): (Vec<u32>, Vec<u64>) = (devices.iter().zip(rooms))
+            .filter_map(|(d, r)| match d {
+                Device::Gpu(g) => Some((*g, r)),
+                _ => None,
+            })
+            .unzip();
         let Some(k) = gpus.iter().position(|&g| g == main) else {
             return false;
         };
@@ -369,8 +367,7 @@ impl Auto {
                 && t.pageable_host_link(a) == t.pageable_host_link(b)
         };
         let shifted = &gpus[k..];
-        (shifted.iter().zip(&gpus))
-            .all(|(&from, &to)| room(to) >= room(from) && same_profile(from, to))
+        (0..shifted.len()).all(|i| room[i] >= room[k + i] && same_profile(shifted[i], gpus[i]))
             && (0..shifted.len()).all(|i| {
                 (0..shifted.len()).all(|j| {
                     i == j || t.peer_link(shifted[i], shifted[j]) == t.peer_link(gpus[i], gpus[j])

@@ -289,7 +289,7 @@ fn splits_can_pay(devices: &[Device]) -> bool {
 }
 
 /// The devices with a budget, in budget order, and each one's budget minus `--reserve`.
-fn candidate_devices(
+pub(crate) fn candidate_devices(
     budgets: &MemoryBudgets,
     reserve: &[(Device, u64)],
 ) -> Result<(Vec<Device>, Vec<u64>), Error> {
